@@ -1,1 +1,81 @@
-//! ferry-vmm
+//! ferry-vmm: Ferry's QEMU driver.
+//!
+//! * [`spec`]: the closed, validated description of a VM ([`VmSpec`]) that
+//!   may travel between hosts.
+//! * [`accel`]: KVM-or-TCG, refusing to mistake `kvm_pvm` for hardware KVM.
+//! * [`process`]: launching QEMU detached (`-daemonize`) so VMs outlive an
+//!   agent crash, and adopting them again after a restart.
+//! * [`qmp`]: a small QMP client for status, run control and migration.
+
+pub mod accel;
+pub mod process;
+pub mod qmp;
+pub mod spec;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice};
+pub use process::{adopt, launch, list, qemu_args, LaunchMode, QemuConfig, QemuProcess};
+pub use qmp::{
+    MigrationState, MigrationStatus, Qmp, QmpEvent, RamStats, RunState, MAX_QMP_LINE,
+};
+pub use spec::{Boot, DiskFormat, ImageName, MachineType, SpecError, VmSpec};
+
+/// Everything that can go wrong driving QEMU.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("invalid VM spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("KVM was requested but /dev/kvm does not exist")]
+    KvmUnavailable,
+    #[error("path {path:?} is too long for a unix socket ({len} > {max} bytes)")]
+    SocketPathTooLong { path: PathBuf, len: usize, max: usize },
+    #[error("VM {name} already has a live QEMU (pid {pid})")]
+    AlreadyRunning { name: String, pid: u32 },
+    #[error("QEMU failed to start ({status}): {stderr}")]
+    LaunchFailed { status: String, stderr: String },
+    #[error("QEMU started but its pid file {path:?} is unusable: {why}")]
+    PidFile { path: PathBuf, why: String },
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Qmp {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP protocol error: {0}")]
+    QmpProtocol(String),
+    #[error("QMP connection closed")]
+    QmpClosed,
+    #[error("QMP line longer than {max} bytes")]
+    QmpLineTooLong { max: usize },
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+    #[error("migration failed: {}", desc.as_deref().unwrap_or("QEMU gave no reason"))]
+    MigrationFailed { desc: Option<String> },
+    #[error("migration was cancelled")]
+    MigrationCancelled,
+    #[error("refusing migration capabilities: {0}")]
+    UnsafeCapabilities(&'static str),
+    #[error("could not signal QEMU pid {pid}: {source}")]
+    Signal {
+        pid: u32,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+impl VmmError {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        VmmError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}

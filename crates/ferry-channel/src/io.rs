@@ -1,0 +1,262 @@
+//! A thin tokio driver for the codec: every read and write has a timeout,
+//! and a reader's buffer never grows past [`MAX_DATA_LEN`].
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::codec::{FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN, MAX_DATA_LEN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("connection failed while {doing}")]
+    Io {
+        doing: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out after {after:?} while {doing}")]
+    Timeout { doing: &'static str, after: Duration },
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("malformed frame")]
+    Frame(#[from] FrameError),
+    #[error("malformed control message")]
+    Json(#[source] serde_json::Error),
+    #[error("control message of {0} bytes exceeds the maximum")]
+    ControlTooLong(usize),
+    #[error("expected a {expected} frame, got {got:?}")]
+    UnexpectedFrame { expected: &'static str, got: FrameKind },
+}
+
+impl ChannelError {
+    /// The underlying I/O error, if any (for TLS diagnostics).
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        match self {
+            ChannelError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// One frame as read. Data borrows the reader's buffer until the next read.
+#[derive(Debug)]
+pub enum Incoming<'a> {
+    Control(&'a [u8]),
+    Data(&'a [u8]),
+    DataEnd,
+}
+
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    timeout: Duration,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R, timeout: Duration) -> Self {
+        Self { inner, buf: Vec::new(), timeout }
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    async fn read_exact_timed(&mut self, n: usize, doing: &'static str) -> Result<(), ChannelError> {
+        self.buf.clear();
+        self.buf.resize(n, 0);
+        let read = self.inner.read_exact(&mut self.buf[..n]);
+        match tokio::time::timeout(self.timeout, read).await {
+            Err(_) => Err(ChannelError::Timeout { doing, after: self.timeout }),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ChannelError::Closed),
+            Ok(Err(source)) => Err(ChannelError::Io { doing, source }),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// Read one frame, waiting at most the reader's timeout for each part.
+    pub async fn read_frame(&mut self) -> Result<Incoming<'_>, ChannelError> {
+        self.read_exact_timed(HEADER_LEN, "reading a frame header").await?;
+        let mut head = [0u8; HEADER_LEN];
+        head.copy_from_slice(&self.buf[..HEADER_LEN]);
+        // SECURITY: the header check bounds `len` by the kind's maximum
+        // before the payload buffer is sized.
+        let h = FrameHeader::decode(&head)?;
+        self.read_exact_timed(h.len as usize, "reading a frame payload").await?;
+        Ok(match h.kind {
+            FrameKind::Control => Incoming::Control(&self.buf),
+            FrameKind::Data => Incoming::Data(&self.buf),
+            FrameKind::DataEnd => Incoming::DataEnd,
+        })
+    }
+
+    /// Read a frame that must be a control message of type `T`.
+    pub async fn read_control<T: DeserializeOwned>(&mut self) -> Result<T, ChannelError> {
+        match self.read_frame().await? {
+            Incoming::Control(bytes) => serde_json::from_slice(bytes).map_err(ChannelError::Json),
+            Incoming::Data(_) => Err(ChannelError::UnexpectedFrame { expected: "control", got: FrameKind::Data }),
+            Incoming::DataEnd => Err(ChannelError::UnexpectedFrame { expected: "control", got: FrameKind::DataEnd }),
+        }
+    }
+}
+
+async fn timed<F>(timeout: Duration, doing: &'static str, fut: F) -> Result<(), ChannelError>
+where
+    F: std::future::Future<Output = std::io::Result<()>>,
+{
+    match tokio::time::timeout(timeout, fut).await {
+        Err(_) => Err(ChannelError::Timeout { doing, after: timeout }),
+        Ok(Err(source)) => Err(ChannelError::Io { doing, source }),
+        Ok(Ok(())) => Ok(()),
+    }
+}
+
+pub struct FrameWriter<W> {
+    inner: W,
+    timeout: Duration,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(inner: W, timeout: Duration) -> Self {
+        Self { inner, timeout }
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+
+    pub async fn write_control<T: Serialize>(&mut self, msg: &T) -> Result<(), ChannelError> {
+        let body = serde_json::to_vec(msg).map_err(ChannelError::Json)?;
+        if body.len() > MAX_CONTROL_LEN as usize {
+            return Err(ChannelError::ControlTooLong(body.len()));
+        }
+        let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
+        frame.extend_from_slice(&FrameHeader::new(FrameKind::Control, body.len() as u32)?.encode());
+        frame.extend_from_slice(&body);
+        let inner = &mut self.inner;
+        timed(self.timeout, "writing a control message", async move {
+            inner.write_all(&frame).await?;
+            inner.flush().await
+        })
+        .await
+    }
+
+    /// Write VM state, split into frames of at most [`MAX_DATA_LEN`]. Not
+    /// flushed: the caller flushes at the end of a burst.
+    pub async fn write_data(&mut self, mut data: &[u8]) -> Result<(), ChannelError> {
+        while !data.is_empty() {
+            let n = data.len().min(MAX_DATA_LEN as usize);
+            let head = FrameHeader::new(FrameKind::Data, n as u32)?.encode();
+            let inner = &mut self.inner;
+            let chunk = &data[..n];
+            timed(self.timeout, "writing VM state", async move {
+                inner.write_all(&head).await?;
+                inner.write_all(chunk).await
+            })
+            .await?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    pub async fn write_data_end(&mut self) -> Result<(), ChannelError> {
+        let head = FrameHeader::new(FrameKind::DataEnd, 0)?.encode();
+        let inner = &mut self.inner;
+        timed(self.timeout, "ending VM state", async move {
+            inner.write_all(&head).await?;
+            inner.flush().await
+        })
+        .await
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ChannelError> {
+        let inner = &mut self.inner;
+        timed(self.timeout, "flushing", async move { inner.flush().await }).await
+    }
+
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Ping {
+        n: u32,
+    }
+
+    #[tokio::test]
+    async fn frames_cross_a_pipe() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut w = FrameWriter::new(a, Duration::from_secs(5));
+        let mut r = FrameReader::new(b, Duration::from_secs(5));
+        let big = vec![7u8; MAX_DATA_LEN as usize + 10];
+        let writer = tokio::spawn(async move {
+            w.write_control(&Ping { n: 3 }).await.unwrap();
+            w.write_data(&big).await.unwrap();
+            w.write_data_end().await.unwrap();
+        });
+        assert_eq!(r.read_control::<Ping>().await.unwrap(), Ping { n: 3 });
+        let mut got = 0;
+        loop {
+            match r.read_frame().await.unwrap() {
+                Incoming::Data(d) => got += d.len(),
+                Incoming::DataEnd => break,
+                Incoming::Control(_) => panic!("unexpected control"),
+            }
+        }
+        assert_eq!(got, MAX_DATA_LEN as usize + 10);
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_out() {
+        let (_a, b) = tokio::io::duplex(64);
+        let mut r = FrameReader::new(b, Duration::from_millis(50));
+        let err = r.read_frame().await.unwrap_err();
+        assert!(matches!(err, ChannelError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_hostile_length_is_refused_without_reading_on() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(&[2, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff]).await.unwrap();
+        let mut r = FrameReader::new(b, Duration::from_secs(1));
+        let err = r.read_frame().await.unwrap_err();
+        assert!(matches!(err, ChannelError::Frame(FrameError::TooLong { .. })), "{err}");
+    }
+
+    #[tokio::test]
+    async fn truncation_is_reported_as_closed() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(&[1, 0, 0, 0, 0, 0, 0, 9, b'{']).await.unwrap();
+        drop(a);
+        let mut r = FrameReader::new(b, Duration::from_secs(1));
+        assert!(matches!(r.read_frame().await.unwrap_err(), ChannelError::Closed));
+    }
+
+    #[tokio::test]
+    async fn data_where_control_was_expected_is_refused() {
+        let (a, b) = tokio::io::duplex(64);
+        let mut w = FrameWriter::new(a, Duration::from_secs(1));
+        w.write_data(b"xyz").await.unwrap();
+        w.flush().await.unwrap();
+        let mut r = FrameReader::new(b, Duration::from_secs(1));
+        let err = r.read_control::<Ping>().await.unwrap_err();
+        assert!(matches!(err, ChannelError::UnexpectedFrame { .. }), "{err}");
+    }
+}
