@@ -1,1 +1,213 @@
-//! ferry-guest
+//! A tiny multiboot test guest for exercising live migration under QEMU.
+//!
+//! [`IMAGE`] is a 32-bit multiboot kernel (built from `guest/` by `build.rs`)
+//! that fills guest RAM with verifiable, incompressible pages, keeps dirtying
+//! them at a fixed rate, verifies them continuously and prints one line per
+//! event on COM1. Boot it with
+//!
+//! ```text
+//! qemu-system-x86_64 -machine q35 -accel tcg -m 256 -display none -serial stdio \
+//!     -kernel ferry-guest.elf -append "fill_mib=64 dirty=64 hb_ms=10"
+//! ```
+//!
+//! and read its serial output with [`parse_line`]. See the crate README for
+//! the memory layout and the exact line formats.
+
+use std::path::Path;
+
+mod line;
+
+pub use line::{parse_line, GuestLine};
+
+/// The guest kernel: an ELF32 multiboot image for QEMU's `-kernel`.
+pub const IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry-guest.elf"));
+
+/// Physical address of page 0 of the filled area (pages follow densely;
+/// the marker page, if any, is page `fill_mib * 256`).
+pub const FILL_BASE: u64 = 0x40_0000;
+
+/// Word 0 of filled page `p` is `p ^ PAGE_MAGIC` (see the README for the
+/// rest of the page layout).
+pub const PAGE_MAGIC: u32 = 0xFE44_A5E7;
+
+/// Longest marker the guest accepts (it keeps it in a fixed buffer).
+pub const MARKER_MAX: usize = 64;
+
+/// Writes [`IMAGE`] to `path`, because QEMU wants the kernel as a file.
+pub fn write_image(path: &Path) -> std::io::Result<()> {
+    std::fs::write(path, IMAGE)
+}
+
+/// The guest's parameters, rendered by [`GuestParams::cmdline`] into the
+/// multiboot command line (QEMU's `-append`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestParams {
+    /// MiB of RAM to fill, starting at 4 MiB; the guest reports `ERROR` and
+    /// halts if that (plus one marker page) does not fit in its RAM.
+    pub fill_mib: u32,
+    /// Pages dirtied per millisecond of guest (virtual) time.
+    pub dirty_pages_per_ms: u32,
+    /// Interval between `HB` lines, in ms of guest time (at least 1).
+    pub heartbeat_ms: u32,
+    /// A string written repeatedly into a page after the filled area, so a
+    /// capture of an unencrypted migration stream contains it in clear text.
+    /// 1..=64 printable ASCII characters, no spaces.
+    pub marker: Option<String>,
+}
+
+impl Default for GuestParams {
+    fn default() -> Self {
+        Self {
+            fill_mib: 64,
+            dirty_pages_per_ms: 64,
+            heartbeat_ms: 10,
+            marker: None,
+        }
+    }
+}
+
+impl GuestParams {
+    /// Checks what the guest would otherwise reject at boot (and a marker the
+    /// command line could not carry), so callers can fail early.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.fill_mib == 0 {
+            return Err("fill_mib must be at least 1".into());
+        }
+        if self.heartbeat_ms == 0 {
+            return Err("heartbeat_ms must be at least 1".into());
+        }
+        if let Some(m) = &self.marker {
+            if m.is_empty() || m.len() > MARKER_MAX {
+                return Err(format!("marker must be 1..={MARKER_MAX} bytes"));
+            }
+            // The command line is split on spaces and has no quoting.
+            if !m.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err("marker must be printable ASCII without spaces".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The multiboot command line for these parameters.
+    ///
+    /// # Panics
+    /// If [`GuestParams::validate`] fails: such a command line would make the
+    /// guest halt with `ERROR` (or silently change the marker).
+    pub fn cmdline(&self) -> String {
+        if let Err(e) = self.validate() {
+            panic!("invalid GuestParams: {e}");
+        }
+        let mut s = format!(
+            "fill_mib={} dirty={} hb_ms={}",
+            self.fill_mib, self.dirty_pages_per_ms, self.heartbeat_ms
+        );
+        if let Some(m) = &self.marker {
+            s.push_str(" marker=");
+            s.push_str(m);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_cmdline() {
+        assert_eq!(
+            GuestParams::default().cmdline(),
+            "fill_mib=64 dirty=64 hb_ms=10"
+        );
+    }
+
+    #[test]
+    fn cmdline_with_marker() {
+        let p = GuestParams {
+            fill_mib: 512,
+            dirty_pages_per_ms: 0,
+            heartbeat_ms: 5,
+            marker: Some("FERRY-SECRET-42".into()),
+        };
+        assert_eq!(
+            p.cmdline(),
+            "fill_mib=512 dirty=0 hb_ms=5 marker=FERRY-SECRET-42"
+        );
+    }
+
+    #[test]
+    fn rejects_what_the_guest_would_reject() {
+        let bad = |f: fn(&mut GuestParams)| {
+            let mut p = GuestParams::default();
+            f(&mut p);
+            p.validate().expect_err("should be invalid")
+        };
+        bad(|p| p.fill_mib = 0);
+        bad(|p| p.heartbeat_ms = 0);
+        bad(|p| p.marker = Some(String::new()));
+        bad(|p| p.marker = Some("two words".into()));
+        bad(|p| p.marker = Some("é".into()));
+        bad(|p| p.marker = Some("x".repeat(MARKER_MAX + 1)));
+        let ok = GuestParams {
+            marker: Some("x".repeat(MARKER_MAX)),
+            ..GuestParams::default()
+        };
+        assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid GuestParams")]
+    fn cmdline_panics_on_invalid() {
+        let p = GuestParams {
+            marker: Some("a b".into()),
+            ..GuestParams::default()
+        };
+        let _ = p.cmdline();
+    }
+
+    fn le16(b: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes([b[at], b[at + 1]])
+    }
+
+    fn le32(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    }
+
+    #[test]
+    fn image_is_elf32_i386_executable() {
+        assert_eq!(&IMAGE[..4], b"\x7fELF");
+        assert_eq!(
+            IMAGE[4], 1,
+            "ELFCLASS32: QEMU's multiboot loader refuses ELF64"
+        );
+        assert_eq!(IMAGE[5], 1, "little endian");
+        assert_eq!(le16(IMAGE, 16), 2, "ET_EXEC");
+        assert_eq!(le16(IMAGE, 18), 3, "EM_386");
+        let entry = le32(IMAGE, 24);
+        assert!((0x10_0000..0x20_0000).contains(&entry), "entry {entry:#x}");
+    }
+
+    #[test]
+    fn image_has_multiboot_header_in_first_8k() {
+        const MAGIC: u32 = 0x1BAD_B002;
+        let window = &IMAGE[..IMAGE.len().min(8192)];
+        let at = (0..window.len().saturating_sub(11))
+            .step_by(4)
+            .find(|&i| le32(window, i) == MAGIC)
+            .expect("no multiboot magic in the first 8 KiB");
+        let flags = le32(window, at + 4);
+        let sum = MAGIC.wrapping_add(flags).wrapping_add(le32(window, at + 8));
+        assert_eq!(sum, 0, "multiboot checksum");
+        // Bit 16 would make QEMU use the a.out fields instead of the ELF.
+        assert_eq!(flags & (1 << 16), 0);
+        assert_ne!(flags & 2, 0, "the guest needs the memory size");
+    }
+
+    #[test]
+    fn write_image_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("g.elf");
+        write_image(&path).expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), IMAGE);
+    }
+}
