@@ -1,1 +1,151 @@
-//! ferry-agent
+//! The Ferry agent: one per hypervisor host. It serves the operator API and
+//! the peer migration protocol on one mTLS listener, runs the migration
+//! state machine on both sides, and keeps durable records of every
+//! migration so that a restart never leaves a VM running twice or lost.
+//!
+//! * [`server`]: accept, TLS, and dispatch by the peer's certified identity.
+//! * [`api`]: operator requests.
+//! * [`outgoing`] / [`incoming`]: the source and destination halves of a migration.
+//! * [`recovery`]: reconciling VMs and records after a restart.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod incoming;
+pub mod outgoing;
+pub mod protocol;
+pub mod records;
+pub mod recovery;
+pub mod server;
+pub mod vms;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferry_identity::{Identity, TlsConfigs};
+use ferry_types::{HostName, MigrationId, TrustDomain};
+use ferry_vmm::{Accel, QemuConfig};
+use tokio::sync::{watch, Mutex};
+
+pub use config::AgentConfig;
+pub use protocol::{ApiRequest, ApiResponse, ErrorKind};
+pub use records::{MigrationRecord, MigrationState, Role};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("TLS identity")]
+    Identity(#[from] ferry_identity::IdentityError),
+    #[error("certificate {cert:?} is for {actual}, but the config names this host {expected}")]
+    IdentityMismatch { cert: std::path::PathBuf, expected: HostName, actual: String },
+    #[error("migration records")]
+    Records(#[from] records::RecordError),
+    #[error("QEMU")]
+    Vmm(#[from] ferry_vmm::VmmError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A failure reported to an operator or a peer: who is at fault, and what
+/// happened, in one line.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Fault {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Render an error with its whole source chain, once.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+pub struct Agent {
+    pub cfg: AgentConfig,
+    pub host: HostName,
+    pub domain: TrustDomain,
+    pub tls: TlsConfigs,
+    pub qemu: QemuConfig,
+    pub accel: Accel,
+    pub vms: vms::VmTable,
+    pub records: records::RecordStore,
+    /// Progress of migrations this host is sending, for operators watching.
+    pub active: Mutex<HashMap<MigrationId, watch::Receiver<protocol::Progress>>>,
+}
+
+impl Agent {
+    /// Load identity and state, adopt surviving VMs and settle interrupted
+    /// migrations. The returned agent is ready to serve.
+    pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+        let identity = Identity::load(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.ca, cfg.tls.crl.as_deref())?;
+        match identity.spiffe() {
+            ferry_types::SpiffeId::Host { name, .. } if *name == cfg.host.name => {}
+            other => {
+                return Err(AgentError::IdentityMismatch {
+                    cert: cfg.tls.cert.clone(),
+                    expected: cfg.host.name.clone(),
+                    actual: other.to_string(),
+                })
+            }
+        }
+        let domain = identity.domain().clone();
+        let tls = TlsConfigs::new(identity)?;
+        let qemu = QemuConfig {
+            binary: cfg.qemu.binary.clone(),
+            accel: cfg.qemu.accel,
+            images_dir: cfg.qemu.images_dir.clone(),
+            run_dir: cfg.vms_dir(),
+            max_bandwidth_bytes_per_s: match cfg.qemu.max_bandwidth_mib_s {
+                // QEMU needs some cap; 0 in our config means "no practical limit".
+                0 => 64 << 30,
+                mib => mib << 20,
+            },
+            downtime_limit_ms: cfg.qemu.downtime_limit_ms,
+        };
+        let accel = ferry_vmm::resolve_accel(qemu.accel)?;
+        std::fs::create_dir_all(cfg.vms_dir()).map_err(|source| ferry_vmm::VmmError::Io {
+            what: format!("creating {}", cfg.vms_dir().display()),
+            source,
+        })?;
+        let records = records::RecordStore::open(&cfg.records_dir())?;
+        let agent = Arc::new(Agent {
+            host: cfg.host.name.clone(),
+            domain,
+            tls,
+            qemu,
+            accel,
+            vms: Mutex::new(Default::default()),
+            records,
+            active: Mutex::new(HashMap::new()),
+            cfg,
+        });
+        recovery::recover(&agent).await?;
+        Ok(agent)
+    }
+}

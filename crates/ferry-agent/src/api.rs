@@ -1,0 +1,152 @@
+//! Operator requests. One request per connection; a `migrate` with `wait`
+//! streams progress until the migration ends. The migration itself runs in
+//! its own task, so an operator who disconnects does not abort it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_types::OperatorName;
+use ferry_vmm::LaunchMode;
+
+use crate::protocol::{ApiRequest, ApiResponse, ErrorKind, HostStatus};
+use crate::server::{Reader, Writer};
+use crate::{outgoing, vms, Agent, Fault};
+
+pub async fn handle(agent: Arc<Agent>, operator: OperatorName, role: String, mut reader: Reader, mut writer: Writer) {
+    let request: ApiRequest = match reader.read_control().await {
+        Ok(r) => r,
+        Err(e) => {
+            let message = format!("malformed request: {}", crate::chain(&e));
+            let _ = writer.write_control(&ApiResponse::Error { kind: ErrorKind::Request, message }).await;
+            return;
+        }
+    };
+    tracing::info!(%operator, %role, request = ?request_name(&request), "operator request");
+    let result = dispatch(&agent, &operator, &role, request, &mut writer).await;
+    let response = result.unwrap_or_else(|f| ApiResponse::Error { kind: f.kind, message: f.message });
+    let _ = writer.write_control(&response).await;
+}
+
+fn request_name(r: &ApiRequest) -> &'static str {
+    match r {
+        ApiRequest::Status => "status",
+        ApiRequest::VmStart { .. } => "vm_start",
+        ApiRequest::VmList => "vm_list",
+        ApiRequest::VmStop { .. } => "vm_stop",
+        ApiRequest::Migrate { .. } => "migrate",
+        ApiRequest::MigrationList => "migration_list",
+        ApiRequest::MigrationShow { .. } => "migration_show",
+        ApiRequest::MigrationResolve { .. } => "migration_resolve",
+    }
+}
+
+fn require_role(agent: &Agent, operator: &OperatorName, role: &str, what: &str) -> Result<(), Fault> {
+    if agent.cfg.migration.operator_roles.iter().any(|r| r == role) {
+        Ok(())
+    } else {
+        Err(Fault::new(
+            ErrorKind::Denied,
+            format!("operator {operator} (role {role}) may not {what}: allowed roles are {:?}", agent.cfg.migration.operator_roles),
+        ))
+    }
+}
+
+async fn dispatch(
+    agent: &Arc<Agent>,
+    operator: &OperatorName,
+    role: &str,
+    request: ApiRequest,
+    writer: &mut Writer,
+) -> Result<ApiResponse, Fault> {
+    match request {
+        ApiRequest::Status => Ok(ApiResponse::Status(HostStatus {
+            host: agent.host.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol: crate::protocol::PROTOCOL_VERSION,
+            accel: agent.accel.qemu_name().to_owned(),
+            vms: agent.vms.lock().await.len(),
+            peers: agent.cfg.peers.keys().cloned().collect(),
+            active_migrations: agent.active.lock().await.len(),
+        })),
+        ApiRequest::VmList => {
+            let vms = agent.vms.lock().await;
+            let mut out = Vec::with_capacity(vms.len());
+            for entry in vms.values() {
+                out.push(entry.info().await);
+            }
+            Ok(ApiResponse::Vms { vms: out })
+        }
+        ApiRequest::VmStart { spec } => {
+            require_role(agent, operator, role, "start VMs")?;
+            let mut table = agent.vms.lock().await;
+            if table.contains_key(&spec.name) {
+                return Err(Fault::new(ErrorKind::Request, format!("VM {} already exists on {}", spec.name, agent.host)));
+            }
+            let entry = vms::launch(&agent.qemu, &spec, LaunchMode::Run)
+                .await
+                .map_err(|e| Fault::new(ErrorKind::Backend, format!("cannot start VM {}: {}", spec.name, crate::chain(&e))))?;
+            let info = entry.info().await;
+            table.insert(spec.name.clone(), entry);
+            Ok(ApiResponse::Vm(info))
+        }
+        ApiRequest::VmStop { vm } => {
+            require_role(agent, operator, role, "stop VMs")?;
+            let mut table = agent.vms.lock().await;
+            let entry = table
+                .get(&vm)
+                .ok_or_else(|| Fault::new(ErrorKind::Request, format!("no VM {vm} on {}", agent.host)))?;
+            if let Some(id) = entry.busy {
+                return Err(Fault::new(ErrorKind::Request, format!("VM {vm} is held by migration {id}")));
+            }
+            vms::kill(&entry.proc)
+                .await
+                .map_err(|e| Fault::new(ErrorKind::Backend, format!("cannot stop VM {vm}: {}", crate::chain(&e))))?;
+            let _ = std::fs::remove_dir_all(&entry.proc.dir);
+            table.remove(&vm);
+            Ok(ApiResponse::Stopped { vm })
+        }
+        ApiRequest::Migrate { vm, to, wait } => {
+            require_role(agent, operator, role, "migrate VMs")?;
+            let (id, mut progress, done) = outgoing::start(agent.clone(), vm, to).await?;
+            if !wait {
+                let rec = agent.records.get(&id).ok().flatten();
+                return rec.map(ApiResponse::Migration).ok_or_else(|| Fault::new(ErrorKind::Backend, "record missing"));
+            }
+            let mut done = std::pin::pin!(done);
+            loop {
+                tokio::select! {
+                    result = &mut done => {
+                        return match result {
+                            Ok(Ok(rec)) => Ok(ApiResponse::Migration(rec)),
+                            Ok(Err(fault)) => Err(fault),
+                            Err(_) => Err(Fault::new(ErrorKind::Backend, "migration task ended unexpectedly")),
+                        };
+                    }
+                    changed = progress.changed() => {
+                        if changed.is_err() { continue; }
+                        let p = progress.borrow_and_update().clone();
+                        // The operator may have gone away; the migration goes on regardless.
+                        let _ = writer.write_control(&ApiResponse::Progress(p)).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+        ApiRequest::MigrationList => {
+            let migrations = agent
+                .records
+                .all()
+                .map_err(|e| Fault::new(ErrorKind::Backend, crate::chain(&e)))?;
+            Ok(ApiResponse::Migrations { migrations })
+        }
+        ApiRequest::MigrationShow { id } => match agent.records.get(&id) {
+            Ok(Some(r)) => Ok(ApiResponse::Migration(r)),
+            Ok(None) => Err(Fault::new(ErrorKind::Request, format!("no migration {id} on {}", agent.host))),
+            Err(e) => Err(Fault::new(ErrorKind::Backend, crate::chain(&e))),
+        },
+        ApiRequest::MigrationResolve { id } => {
+            require_role(agent, operator, role, "resolve migrations")?;
+            outgoing::resolve(agent, id).await.map(ApiResponse::Migration)
+        }
+    }
+}

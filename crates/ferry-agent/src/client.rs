@@ -1,0 +1,115 @@
+//! Opening mTLS connections to agents: used by the source agent to reach a
+//! destination and by the `ferry` CLI to reach an agent's operator API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_channel::{FrameReader, FrameWriter};
+use ferry_types::HostName;
+use rustls::ClientConfig;
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::protocol::{Hello, PROTOCOL_VERSION};
+
+pub type ClientStream = TlsStream<TcpStream>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to {host} at {addr}")]
+    Tcp {
+        host: HostName,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to {host} at {addr}")]
+    Timeout { host: HostName, addr: SocketAddr },
+    #[error("TLS handshake with {host} at {addr} refused: {reason}")]
+    Handshake { host: HostName, addr: SocketAddr, reason: String },
+    #[error("{host} is not who it claims to be")]
+    Identity {
+        host: HostName,
+        #[source]
+        source: ferry_identity::IdentityError,
+    },
+    #[error("protocol greeting with {host} failed")]
+    Hello {
+        host: HostName,
+        #[source]
+        source: ferry_channel::ChannelError,
+    },
+    #[error("{host} speaks protocol version {theirs}, this agent {ours}")]
+    Version { host: HostName, theirs: u32, ours: u32 },
+}
+
+/// TCP connect, TLS 1.3 handshake (mutual: both sides present certificates)
+/// and a check that the peer's certificate names exactly `host`.
+pub async fn connect(
+    addr: SocketAddr,
+    host: &HostName,
+    config: Arc<ClientConfig>,
+    domain: &ferry_types::TrustDomain,
+    timeout: Duration,
+) -> Result<(ClientStream, ferry_identity::PeerAuthenticated), ConnectError> {
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => return Err(ConnectError::Timeout { host: host.clone(), addr }),
+        Ok(Err(source)) => return Err(ConnectError::Tcp { host: host.clone(), addr, source }),
+        Ok(Ok(t)) => t,
+    };
+    let _ = tcp.set_nodelay(true);
+    let name = ferry_identity::server_name(host)
+        .map_err(|source| ConnectError::Identity { host: host.clone(), source })?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let tls = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+        Err(_) => return Err(ConnectError::Timeout { host: host.clone(), addr }),
+        Ok(Err(e)) => {
+            return Err(ConnectError::Handshake {
+                host: host.clone(),
+                addr,
+                reason: ferry_identity::describe_tls_error(&e),
+            })
+        }
+        Ok(Ok(t)) => t,
+    };
+    // SECURITY: a certificate that chains to our CA is not enough; it must
+    // name the host the operator asked for (spoofed destination, threat table).
+    let proof = ferry_identity::authenticate_host(tls.get_ref().1, domain, host)
+        .map_err(|source| ConnectError::Identity { host: host.clone(), source })?;
+    Ok((tls, proof))
+}
+
+pub type Reader = FrameReader<ReadHalf<ClientStream>>;
+pub type Writer = FrameWriter<WriteHalf<ClientStream>>;
+
+/// Split a connection into framed halves and exchange protocol greetings.
+///
+/// A server that refuses our client certificate only says so when we first
+/// read (TLS 1.3 sends its alert after the client's Finished), so the alert
+/// is decoded here too.
+pub async fn greet(
+    stream: ClientStream,
+    host: &HostName,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(Reader, Writer), ConnectError> {
+    let (r, w) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(r, timeout);
+    let mut writer = FrameWriter::new(w, timeout);
+    let hello_err = |source: ferry_channel::ChannelError| match source.io_error() {
+        Some(io) if io.get_ref().is_some() => ConnectError::Handshake {
+            host: host.clone(),
+            addr,
+            reason: ferry_identity::describe_tls_error(io),
+        },
+        _ => ConnectError::Hello { host: host.clone(), source },
+    };
+    writer.write_control(&Hello { protocol: PROTOCOL_VERSION }).await.map_err(hello_err)?;
+    let theirs: Hello = reader.read_control().await.map_err(hello_err)?;
+    if theirs.protocol != PROTOCOL_VERSION {
+        return Err(ConnectError::Version { host: host.clone(), theirs: theirs.protocol, ours: PROTOCOL_VERSION });
+    }
+    Ok((reader, writer))
+}

@@ -1,0 +1,196 @@
+//! The agent's configuration file (TOML). Parsed once in `main`, typed, and
+//! passed down; unknown keys are refused so a typo cannot silently weaken a
+//! setting. `docs/agent.sample.toml` is the commented sample.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_types::HostName;
+use ferry_vmm::AccelChoice;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path:?}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path:?} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path:?}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub host: HostSection,
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub qemu: QemuSection,
+    #[serde(default)]
+    pub migration: MigrationSection,
+    /// Peer agents by host name: where to reach them. A migration may only
+    /// target a host listed here, and the peer must prove that name.
+    #[serde(default)]
+    pub peers: BTreeMap<HostName, SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSection {
+    /// This host's name; must equal the name in its certificate.
+    pub name: HostName,
+    /// Address of the operator API and the peer protocol (both mTLS).
+    pub listen: SocketAddr,
+    /// VM directories, migration records and the console logs live here.
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// Certificate revocation list from the cluster CA; re-read when it changes.
+    pub crl: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuSection {
+    pub binary: PathBuf,
+    pub accel: AccelChoice,
+    /// Kernel and disk images that VM specs may name; nothing outside it.
+    pub images_dir: PathBuf,
+    /// QEMU's migration bandwidth cap in MiB/s; 0 means as fast as possible
+    /// (QEMU 7.2's own default is 32 MiB/s, which makes every migration crawl).
+    pub max_bandwidth_mib_s: u64,
+    pub downtime_limit_ms: u64,
+}
+
+impl Default for QemuSection {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel: AccelChoice::Auto,
+            images_dir: PathBuf::from("/var/lib/ferry/images"),
+            max_bandwidth_mib_s: 0,
+            downtime_limit_ms: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationSection {
+    pub connect_timeout_ms: u64,
+    /// Longest silence tolerated on a migration connection.
+    pub io_timeout_ms: u64,
+    /// How long a destination waits for its QEMU to finish loading after commit.
+    pub commit_timeout_ms: u64,
+    /// How long an offer stays valid after its id was made.
+    pub offer_validity_ms: u64,
+    /// Operator roles (from the certificate) allowed to start, stop and migrate VMs.
+    pub operator_roles: Vec<String>,
+}
+
+impl Default for MigrationSection {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 5_000,
+            io_timeout_ms: 15_000,
+            commit_timeout_ms: 60_000,
+            offer_validity_ms: 60_000,
+            operator_roles: vec!["admin".into(), "operator".into()],
+        }
+    }
+}
+
+impl MigrationSection {
+    pub fn io_timeout(&self) -> Duration {
+        Duration::from_millis(self.io_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn commit_timeout(&self) -> Duration {
+        Duration::from_millis(self.commit_timeout_ms)
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: AgentConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
+        if cfg.peers.contains_key(&cfg.host.name) {
+            return Err(invalid(format!("[peers] lists this host ({}) itself", cfg.host.name)));
+        }
+        if cfg.migration.io_timeout_ms == 0 || cfg.migration.connect_timeout_ms == 0 {
+            return Err(invalid("[migration] timeouts must be greater than 0".into()));
+        }
+        Ok(cfg)
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.host.state_dir.join("vms")
+    }
+    pub fn records_dir(&self) -> PathBuf {
+        self.host.state_dir.join("migrations")
+    }
+    pub fn departed_dir(&self) -> PathBuf {
+        self.host.state_dir.join("departed")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [host]
+        name = "host1"
+        listen = "127.0.0.1:7101"
+        state_dir = "/tmp/ferry"
+        [tls]
+        cert = "h.pem"
+        key = "h.key"
+        ca = "ca.pem"
+        [peers]
+        host2 = "127.0.0.1:7102"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let c = AgentConfig::parse(MINIMAL, Path::new("a.toml")).unwrap();
+        assert_eq!(c.host.name.as_str(), "host1");
+        assert_eq!(c.qemu.accel, AccelChoice::Auto);
+        assert_eq!(c.migration.operator_roles, ["admin", "operator"]);
+        assert_eq!(c.peers.len(), 1);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_named() {
+        let typo = MINIMAL.replace("state_dir", "statedir");
+        let e = AgentConfig::parse(&typo, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(e.contains("a.toml") && e.contains("statedir"), "{e}");
+        let bad_name = MINIMAL.replace("host2 =", "Host_2 =");
+        let e = AgentConfig::parse(&bad_name, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(e.contains("host name"), "{e}");
+        let self_peer = MINIMAL.replace("host2 =", "host1 =");
+        let e = AgentConfig::parse(&self_peer, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(e.contains("itself"), "{e}");
+    }
+}

@@ -1,0 +1,422 @@
+//! The source half of a migration (DESIGN.md steps 1, 2, 4–7).
+//!
+//! The one rule: the source copy is kept until the destination has signed
+//! for it. Before Commit is sent, any failure resumes the source copy.
+//! After Commit, only a Receipt lets the source quit its copy and only an
+//! Abort lets it resume; anything else leaves it paused and "in doubt"
+//! until [`resolve`] asks the destination.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_types::{Digest32, HostName, MigrationId, VmName};
+use ferry_vmm::{MigrationState as QemuMigration, Qmp, RunState, VmSpec};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::client::{self, Reader};
+use crate::protocol::{offer_binding, DestinationOutcome, Offer, PeerMessage, Progress};
+use crate::records::{MigrationRecord, MigrationState, Role};
+use crate::{Agent, ErrorKind, Fault};
+
+/// Bytes read from QEMU per frame: large reads keep per-frame cost low.
+const PUMP_CHUNK: usize = 1024 * 1024;
+/// How long the destination may take to launch QEMU and accept.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Ctx {
+    agent: Arc<Agent>,
+    id: MigrationId,
+    vm: VmName,
+    to: HostName,
+    addr: std::net::SocketAddr,
+    spec: VmSpec,
+    qmp: Arc<Mutex<Qmp>>,
+    vm_dir: PathBuf,
+    progress: watch::Sender<Progress>,
+    bytes: Arc<AtomicU64>,
+    started: Instant,
+}
+
+/// How a transfer ended, sorted by what the source must do with its copy.
+enum Failure {
+    /// Commit was never sent: resume the source copy.
+    BeforeCommit(Fault),
+    /// Commit was sent and no answer came: keep the copy paused.
+    InDoubt(Fault),
+}
+
+type Done = JoinHandle<Result<MigrationRecord, Fault>>;
+
+/// Reserve the VM, write the first record and start the migration task.
+pub async fn start(agent: Arc<Agent>, vm: VmName, to: HostName) -> Result<(MigrationId, watch::Receiver<Progress>, Done), Fault> {
+    if to == agent.host {
+        return Err(Fault::new(ErrorKind::Request, format!("VM {vm} is already on {to}")));
+    }
+    let addr = *agent.cfg.peers.get(&to).ok_or_else(|| {
+        Fault::new(ErrorKind::Request, format!("unknown destination {to}: not in this agent's [peers] table"))
+    })?;
+    let id = MigrationId::new();
+    let (spec, qmp, vm_dir) = {
+        let mut table = agent.vms.lock().await;
+        let entry = table
+            .get_mut(&vm)
+            .ok_or_else(|| Fault::new(ErrorKind::Request, format!("no VM {vm} on {}", agent.host)))?;
+        if let Some(other) = entry.busy {
+            return Err(Fault::new(ErrorKind::Request, format!("VM {vm} is already held by migration {other}")));
+        }
+        entry.busy = Some(id);
+        (entry.spec.clone(), entry.qmp.clone(), entry.proc.dir.clone())
+    };
+    let mut rec = MigrationRecord::new(id, Role::Source, vm.clone(), agent.host.clone(), to.clone());
+    if let Err(e) = agent.records.create(&mut rec) {
+        release(&agent, &vm).await;
+        // Fail closed: a migration without a durable record must not start.
+        return Err(Fault::new(ErrorKind::Backend, format!("cannot record migration: {}", crate::chain(&e))));
+    }
+    let (tx, rx) = watch::channel(Progress { id: Some(id), phase: "connect".into(), ..Default::default() });
+    agent.active.lock().await.insert(id, rx.clone());
+    let ctx = Ctx {
+        agent: agent.clone(),
+        id,
+        vm,
+        to,
+        addr,
+        spec,
+        qmp,
+        vm_dir,
+        progress: tx,
+        bytes: Arc::new(AtomicU64::new(0)),
+        started: Instant::now(),
+    };
+    let span = tracing::info_span!("migration", migration_id = %id, vm = %ctx.vm, peer = %ctx.to, role = "source");
+    let done = tokio::spawn(tracing::Instrument::instrument(run(ctx, rec), span));
+    Ok((id, rx, done))
+}
+
+async fn release(agent: &Agent, vm: &VmName) {
+    if let Some(e) = agent.vms.lock().await.get_mut(vm) {
+        e.busy = None;
+    }
+}
+
+async fn run(ctx: Ctx, mut rec: MigrationRecord) -> Result<MigrationRecord, Fault> {
+    tracing::info!("migration started");
+    let outcome = transfer(&ctx, &mut rec).await;
+    let result = match outcome {
+        Ok(digest) => finish_completed(&ctx.agent, &mut rec, digest).await,
+        Err(Failure::BeforeCommit(fault)) => {
+            tracing::warn!(error = %fault, "migration failed before commit; resuming the source copy");
+            let resumed = resume_source(&ctx.qmp).await;
+            rec.state = MigrationState::Aborted;
+            rec.error = Some(match resumed {
+                Ok(()) => format!("{fault}; the VM runs on {} again", ctx.agent.host),
+                Err(e) => format!("{fault}; resuming the source copy also failed: {e}"),
+            });
+            save(&ctx.agent, &mut rec);
+            release(&ctx.agent, &ctx.vm).await;
+            Err(Fault::new(fault.kind, rec.error.clone().unwrap_or_default()))
+        }
+        Err(Failure::InDoubt(fault)) => {
+            tracing::error!(error = %fault, "migration in doubt; the source copy stays paused");
+            rec.state = MigrationState::InDoubt;
+            rec.error = Some(format!(
+                "{fault}; the VM is paused on {} until `ferry migrations resolve {}` asks {}",
+                ctx.agent.host, ctx.id, ctx.to
+            ));
+            save(&ctx.agent, &mut rec);
+            Err(Fault::new(ErrorKind::InDoubt, rec.error.clone().unwrap_or_default()))
+        }
+    };
+    set_phase(&ctx, match rec.state {
+        MigrationState::Completed => "completed",
+        MigrationState::InDoubt => "in_doubt",
+        _ => "aborted",
+    });
+    ctx.agent.active.lock().await.remove(&ctx.id);
+    result
+}
+
+fn save(agent: &Agent, rec: &mut MigrationRecord) {
+    if let Err(e) = agent.records.save(rec) {
+        tracing::error!(error = %crate::chain(&e), "cannot write migration record");
+    }
+}
+
+fn set_phase(ctx: &Ctx, phase: &str) {
+    ctx.progress.send_modify(|p| {
+        p.phase = phase.to_owned();
+        p.elapsed_ms = ctx.started.elapsed().as_millis() as u64;
+    });
+}
+
+fn peer_fault(ctx: &Ctx, e: impl std::error::Error) -> Fault {
+    Fault::new(ErrorKind::Peer, format!("connection to {}: {}", ctx.to, crate::chain(&e)))
+}
+
+fn backend(what: &str, e: impl std::error::Error) -> Fault {
+    Fault::new(ErrorKind::Backend, format!("{what}: {}", crate::chain(&e)))
+}
+
+/// Steps 2 to 6. Returns the stream digest once the destination signed for it.
+async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Failure> {
+    use Failure::BeforeCommit as Before;
+    let agent = &ctx.agent;
+    let mig = &agent.cfg.migration;
+    let config = agent.tls.client().map_err(|e| Before(backend("TLS configuration", e)))?;
+    let (stream, _proof) = client::connect(ctx.addr, &ctx.to, config, &agent.domain, mig.connect_timeout())
+        .await
+        .map_err(|e| Before(Fault::new(ErrorKind::Peer, crate::chain(&e))))?;
+    let exporter = ferry_identity::channel_binding(stream.get_ref().1, crate::protocol::BINDING_LABEL, b"")
+        .map_err(|e| Before(backend("channel binding", e)))?;
+    let (mut reader, mut writer) = client::greet(stream, &ctx.to, ctx.addr, mig.io_timeout())
+        .await
+        .map_err(|e| Before(Fault::new(ErrorKind::Peer, crate::chain(&e))))?;
+
+    set_phase(ctx, "offer");
+    let offer = Offer {
+        migration_id: ctx.id,
+        source: agent.host.clone(),
+        destination: ctx.to.clone(),
+        vm: ctx.spec.clone(),
+        not_after_unix_ms: ctx.id.created_unix_ms() + mig.offer_validity_ms,
+        channel_binding: offer_binding(&exporter, &ctx.id),
+    };
+    writer.write_control(&PeerMessage::Offer(offer)).await.map_err(|e| Before(peer_fault(ctx, e)))?;
+    reader.set_timeout(ACCEPT_TIMEOUT);
+    match reader.read_control::<PeerMessage>().await.map_err(|e| Before(peer_fault(ctx, e)))? {
+        PeerMessage::Accept { migration_id } if migration_id == ctx.id => {}
+        PeerMessage::Refuse { reason, .. } => {
+            return Err(Before(Fault::new(ErrorKind::Peer, format!("{} refused the migration: {reason}", ctx.to))))
+        }
+        other => return Err(Before(Fault::new(ErrorKind::Peer, format!("{} answered the offer with {}", ctx.to, other.name())))),
+    }
+    reader.set_timeout(mig.io_timeout());
+
+    // From here the peer may send Abort at any time: a task watches for it.
+    let (peer_tx, mut peer_rx) = mpsc::channel::<Result<PeerMessage, String>>(4);
+    let watcher = tokio::spawn(watch_peer(reader, peer_tx));
+    let _watcher_guard = AbortOnDrop(watcher);
+
+    set_phase(ctx, "transfer");
+    rec.state = MigrationState::Transferring;
+    ctx.agent.records.save(rec).map_err(|e| Before(backend("recording the transfer", e)))?;
+
+    let sock = ctx.vm_dir.join("migrate-out.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| Before(backend("listening for QEMU's stream", e)))?;
+    {
+        let mut q = ctx.qmp.lock().await;
+        q.set_migration_parameters(agent.qemu.max_bandwidth_bytes_per_s, agent.qemu.downtime_limit_ms)
+            .await
+            .map_err(|e| Before(backend("setting migration parameters", e)))?;
+        q.migrate(&format!("unix:{}", sock.display())).await.map_err(|e| Before(backend("starting QEMU's migration", e)))?;
+    }
+    let mut qemu = match tokio::time::timeout(Duration::from_secs(10), listener.accept()).await {
+        Ok(Ok((s, _))) => s,
+        Ok(Err(e)) => return Err(Before(backend("accepting QEMU's stream", e))),
+        Err(_) => return Err(Before(Fault::new(ErrorKind::Backend, "QEMU did not connect its migration stream within 10 s"))),
+    };
+    let _ = std::fs::remove_file(&sock);
+    let ticker = tokio::spawn(progress_ticker(ctx.qmp.clone(), ctx.progress.clone(), ctx.bytes.clone(), ctx.started));
+    let _ticker_guard = AbortOnDrop(ticker);
+
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; PUMP_CHUNK];
+    let mut total: u64 = 0;
+    loop {
+        tokio::select! {
+            msg = peer_rx.recv() => {
+                let why = match msg {
+                    Some(Ok(PeerMessage::Abort { reason, .. })) => format!("{} aborted: {reason}", ctx.to),
+                    Some(Ok(m)) => format!("{} sent {} during the transfer", ctx.to, m.name()),
+                    Some(Err(e)) => e,
+                    None => format!("lost the connection to {}", ctx.to),
+                };
+                return Err(Before(Fault::new(ErrorKind::Peer, why)));
+            }
+            n = qemu.read(&mut buf) => {
+                let n = n.map_err(|e| Before(backend("reading QEMU's stream", e)))?;
+                if n == 0 { break; }
+                hasher.update(&buf[..n]);
+                total += n as u64;
+                ctx.bytes.store(total, Ordering::Relaxed);
+                writer.write_data(&buf[..n]).await.map_err(|e| Before(peer_fault(ctx, e)))?;
+            }
+        }
+    }
+    // QEMU closed its stream: it must also say the migration completed,
+    // otherwise the stream is incomplete and the destination must not run it.
+    let status = wait_qemu_terminal(&ctx.qmp, Duration::from_secs(30)).await.map_err(Before)?;
+    if status.status != QemuMigration::Completed {
+        let why = status.error_desc.unwrap_or_else(|| format!("{:?}", status.status));
+        let _ = writer.write_control(&PeerMessage::Abort { migration_id: ctx.id, reason: format!("source QEMU: {why}") }).await;
+        return Err(Before(Fault::new(ErrorKind::Backend, format!("source QEMU's migration failed: {why}"))));
+    }
+    rec.qemu_downtime_ms = status.downtime;
+    writer.write_data_end().await.map_err(|e| Before(peer_fault(ctx, e)))?;
+
+    let digest = Digest32(*hasher.finalize().as_bytes());
+    rec.bytes = total;
+    rec.digest = Some(digest);
+    rec.state = MigrationState::Committed;
+    // SECURITY: the commit is recorded durably before it is sent, so after
+    // a crash this host knows it may no longer resume its copy on its own.
+    ctx.agent.records.save(rec).map_err(|e| Before(backend("recording the commit", e)))?;
+    set_phase(ctx, "commit");
+    let commit = PeerMessage::Commit { migration_id: ctx.id, bytes: total, digest };
+    if let Err(e) = writer.write_control(&commit).await {
+        return Err(Failure::InDoubt(peer_fault(ctx, e)));
+    }
+    let wait = mig.commit_timeout() + mig.io_timeout();
+    match tokio::time::timeout(wait, peer_rx.recv()).await {
+        Ok(Some(Ok(PeerMessage::Receipt { migration_id, bytes, digest: d })))
+            if migration_id == ctx.id && bytes == total && d == digest => Ok(digest),
+        Ok(Some(Ok(PeerMessage::Abort { reason, .. }))) => {
+            // The destination promises never to run this VM: resuming is safe.
+            Err(Before(Fault::new(ErrorKind::Peer, format!("{} aborted at commit: {reason}", ctx.to))))
+        }
+        Ok(Some(Ok(m))) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("{} answered the commit with a mismatching {}", ctx.to, m.name())))),
+        Ok(Some(Err(e))) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, e))),
+        Ok(None) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("lost the connection to {} after commit", ctx.to)))),
+        Err(_) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("no receipt from {} within {wait:?}", ctx.to)))),
+    }
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn watch_peer(mut reader: Reader, tx: mpsc::Sender<Result<PeerMessage, String>>) {
+    // The destination may stay silent for the whole transfer.
+    reader.set_timeout(Duration::from_secs(24 * 3600));
+    loop {
+        let msg = reader.read_control::<PeerMessage>().await.map_err(|e| crate::chain(&e));
+        let stop = msg.is_err();
+        if tx.send(msg).await.is_err() || stop {
+            return;
+        }
+    }
+}
+
+async fn progress_ticker(qmp: Arc<Mutex<Qmp>>, tx: watch::Sender<Progress>, bytes: Arc<AtomicU64>, started: Instant) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let status = qmp.lock().await.query_migrate().await;
+        tx.send_modify(|p| {
+            p.bytes = bytes.load(Ordering::Relaxed);
+            p.elapsed_ms = started.elapsed().as_millis() as u64;
+            if let Ok(s) = &status {
+                if let Some(ram) = &s.ram {
+                    p.ram_total = ram.total;
+                    p.ram_remaining = ram.remaining;
+                    p.dirty_pages_rate = ram.dirty_pages_rate;
+                    p.iterations = ram.dirty_sync_count;
+                }
+            }
+        });
+    }
+}
+
+async fn wait_qemu_terminal(qmp: &Mutex<Qmp>, timeout: Duration) -> Result<ferry_vmm::MigrationStatus, Fault> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = qmp.lock().await.query_migrate().await.map_err(|e| backend("query-migrate", e))?;
+        if s.status.is_terminal() {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            return Err(Fault::new(ErrorKind::Backend, format!("QEMU's migration did not finish within {timeout:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Make the source copy run again: cancel QEMU's migration if it is still
+/// going, then `cont` if the VM is paused.
+async fn resume_source(qmp: &Mutex<Qmp>) -> Result<(), String> {
+    let status = qmp.lock().await.query_migrate().await.map_err(|e| crate::chain(&e))?;
+    if !status.status.is_terminal() && status.status != QemuMigration::None {
+        let _ = qmp.lock().await.migrate_cancel().await;
+        let _ = wait_qemu_terminal(qmp, Duration::from_secs(10)).await;
+    }
+    let mut q = qmp.lock().await;
+    let run = q.status().await.map_err(|e| crate::chain(&e))?;
+    if run != RunState::Running {
+        q.cont().await.map_err(|e| crate::chain(&e))?;
+    }
+    Ok(())
+}
+
+/// The destination signed for the VM: quit the paused source copy and keep
+/// its directory (console log) under `departed/`.
+async fn finish_completed(agent: &Arc<Agent>, rec: &mut MigrationRecord, digest: Digest32) -> Result<MigrationRecord, Fault> {
+    let entry = agent.vms.lock().await.remove(&rec.vm);
+    if let Some(entry) = entry {
+        let _ = entry.qmp.lock().await.quit().await;
+        let _ = crate::vms::kill(&entry.proc).await;
+        let departed = agent.cfg.departed_dir();
+        let _ = std::fs::create_dir_all(&departed);
+        let _ = std::fs::rename(&entry.proc.dir, departed.join(rec.id.to_string()));
+    }
+    rec.state = MigrationState::Completed;
+    rec.digest = Some(digest);
+    rec.error = None;
+    rec.total_ms = Some(crate::records::now_unix_ms().saturating_sub(rec.created_unix_ms));
+    save(agent, rec);
+    tracing::info!(bytes = rec.bytes, total_ms = rec.total_ms, "migration completed");
+    Ok(rec.clone())
+}
+
+/// Settle an in-doubt migration by asking its destination what happened.
+pub async fn resolve(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRecord, Fault> {
+    let mut rec = agent
+        .records
+        .get(&id)
+        .map_err(|e| backend("reading the record", e))?
+        .ok_or_else(|| Fault::new(ErrorKind::Request, format!("no migration {id} on {}", agent.host)))?;
+    if rec.role != Role::Source || !matches!(rec.state, MigrationState::InDoubt | MigrationState::Committed) {
+        return Err(Fault::new(ErrorKind::Request, format!("migration {id} is {:?}, not in doubt", rec.state)));
+    }
+    let to = rec.destination.clone();
+    let addr = *agent.cfg.peers.get(&to).ok_or_else(|| Fault::new(ErrorKind::Request, format!("{to} is no longer in [peers]")))?;
+    let mig = &agent.cfg.migration;
+    let config = agent.tls.client().map_err(|e| backend("TLS configuration", e))?;
+    let (stream, _) = client::connect(addr, &to, config, &agent.domain, mig.connect_timeout())
+        .await
+        .map_err(|e| Fault::new(ErrorKind::InDoubt, format!("still in doubt: {}", crate::chain(&e))))?;
+    let (mut reader, mut writer) = client::greet(stream, &to, addr, mig.io_timeout())
+        .await
+        .map_err(|e| Fault::new(ErrorKind::InDoubt, format!("still in doubt: {}", crate::chain(&e))))?;
+    writer.write_control(&PeerMessage::Query { migration_id: id }).await.map_err(|e| Fault::new(ErrorKind::InDoubt, crate::chain(&e)))?;
+    let outcome = match reader.read_control::<PeerMessage>().await.map_err(|e| Fault::new(ErrorKind::InDoubt, crate::chain(&e)))? {
+        PeerMessage::QueryReply { migration_id, outcome } if migration_id == id => outcome,
+        other => return Err(Fault::new(ErrorKind::Peer, format!("{to} answered the query with {}", other.name()))),
+    };
+    tracing::info!(migration_id = %id, ?outcome, "destination answered the in-doubt query");
+    let qmp = agent.vms.lock().await.get(&rec.vm).map(|e| e.qmp.clone());
+    match outcome {
+        DestinationOutcome::Completed => {
+            let digest = rec.digest.unwrap_or(Digest32([0; 32]));
+            finish_completed(agent, &mut rec, digest).await
+        }
+        DestinationOutcome::Aborted | DestinationOutcome::Unknown => {
+            let Some(qmp) = qmp else {
+                return Err(Fault::new(ErrorKind::Backend, format!("VM {} has no QEMU on {} any more", rec.vm, agent.host)));
+            };
+            resume_source(&qmp).await.map_err(|e| Fault::new(ErrorKind::Backend, format!("resuming the source copy: {e}")))?;
+            rec.state = MigrationState::Aborted;
+            rec.error = Some(format!("{to} reports the migration {outcome:?}; the VM runs on {} again", agent.host).to_lowercase());
+            save(agent, &mut rec);
+            release(agent, &rec.vm).await;
+            Ok(rec)
+        }
+        DestinationOutcome::InProgress => Err(Fault::new(ErrorKind::InDoubt, format!("{to} is still completing migration {id}; ask again"))),
+    }
+}

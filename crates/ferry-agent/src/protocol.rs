@@ -1,0 +1,204 @@
+//! Ferry protocol v1: the control messages carried in `ferry-channel` control
+//! frames, for the operator API and the peer migration protocol. Both run on
+//! the same mTLS listener; the peer's certificate (host or operator) decides
+//! which side of this file it may speak.
+//!
+//! Peer migration (source = TLS client, destination = TLS server):
+//!
+//! ```text
+//! source agent                                   destination agent
+//!   |-- Hello{protocol} ------------------------------>|
+//!   |<------------------------------ Hello{protocol} --|
+//!   |-- Offer{id, vm spec, hosts, window, binding} --->|  replay, window, binding,
+//!   |                                                  |  spec checks; QEMU -incoming
+//!   |<----------------------- Accept{id} | Refuse ------|
+//!   |== Data frames (QEMU's stream, BLAKE3-hashed) ===>|  hashed, fed to QEMU
+//!   |-- DataEnd -------------------------------------->|
+//!   |-- Commit{id, bytes, digest} -------------------->|  QEMU complete + counts and
+//!   |                                                  |  digest equal => cont
+//!   |<---------------- Receipt{id, bytes, digest} | Abort
+//!   source quits its paused copy only on Receipt
+//! ```
+//! Either side may send Abort before Commit; the source then resumes its copy.
+
+use ferry_types::{Digest32, HostName, MigrationId, VmName};
+use ferry_vmm::VmSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::records::MigrationRecord;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Exporter label binding offers (and later quotes) to this TLS connection.
+pub const BINDING_LABEL: &[u8] = b"EXPORTER-ferry-attestation";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub protocol: u32,
+}
+
+// ---------------------------------------------------------------- operator API
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ApiRequest {
+    Status,
+    VmStart { spec: VmSpec },
+    VmList,
+    VmStop { vm: VmName },
+    /// Migrate `vm` to `to`. With `wait`, progress messages follow until the end.
+    Migrate { vm: VmName, to: HostName, wait: bool },
+    MigrationList,
+    MigrationShow { id: MigrationId },
+    /// Settle an in-doubt migration by asking its destination.
+    MigrationResolve { id: MigrationId },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ApiResponse {
+    Status(HostStatus),
+    Vms { vms: Vec<VmInfo> },
+    Vm(VmInfo),
+    Stopped { vm: VmName },
+    Progress(Progress),
+    Migration(MigrationRecord),
+    Migrations { migrations: Vec<MigrationRecord> },
+    Error { kind: ErrorKind, message: String },
+}
+
+/// Who is at fault, so scripts can tell an attack from a typo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request itself is wrong (unknown VM, bad spec).
+    Request,
+    /// The caller may not do this.
+    Denied,
+    /// The peer refused or misbehaved.
+    Peer,
+    /// QEMU or the host failed.
+    Backend,
+    /// The migration's outcome is not known yet; the VM stays paused on the source.
+    InDoubt,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub host: HostName,
+    pub version: String,
+    pub protocol: u32,
+    pub accel: String,
+    pub vms: usize,
+    pub peers: Vec<HostName>,
+    pub active_migrations: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: VmName,
+    pub state: String,
+    pub pid: u32,
+    pub accel: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// The migration holding this VM, if any.
+    pub migration: Option<MigrationId>,
+    pub console_log: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub id: Option<MigrationId>,
+    pub phase: String,
+    pub bytes: u64,
+    pub elapsed_ms: u64,
+    pub ram_total: u64,
+    pub ram_remaining: u64,
+    pub dirty_pages_rate: u64,
+    pub iterations: u64,
+}
+
+// ---------------------------------------------------------------- peer protocol
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Offer {
+    pub migration_id: MigrationId,
+    pub source: HostName,
+    pub destination: HostName,
+    pub vm: VmSpec,
+    /// The offer is void after this instant (UNIX ms).
+    pub not_after_unix_ms: u64,
+    /// TLS exporter of the connection the offer was made on.
+    pub channel_binding: Digest32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DestinationOutcome {
+    /// The destination resumed the VM: the source must quit its copy.
+    Completed,
+    /// The destination will never resume the VM: the source must resume.
+    Aborted,
+    /// Still running on the destination side; ask again.
+    InProgress,
+    /// Never seen: the destination cannot resume it either.
+    Unknown,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PeerMessage {
+    Offer(Offer),
+    Accept { migration_id: MigrationId },
+    Refuse { migration_id: MigrationId, reason: String },
+    Commit { migration_id: MigrationId, bytes: u64, digest: Digest32 },
+    Receipt { migration_id: MigrationId, bytes: u64, digest: Digest32 },
+    Abort { migration_id: MigrationId, reason: String },
+    Query { migration_id: MigrationId },
+    QueryReply { migration_id: MigrationId, outcome: DestinationOutcome },
+}
+
+impl PeerMessage {
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeerMessage::Offer(_) => "offer",
+            PeerMessage::Accept { .. } => "accept",
+            PeerMessage::Refuse { .. } => "refuse",
+            PeerMessage::Commit { .. } => "commit",
+            PeerMessage::Receipt { .. } => "receipt",
+            PeerMessage::Abort { .. } => "abort",
+            PeerMessage::Query { .. } => "query",
+            PeerMessage::QueryReply { .. } => "query_reply",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_and_types_are_refused() {
+        let ok = r#"{"type":"abort","migration_id":"019ac0b2-6b8e-7c3a-9d1e-2f3a4b5c6d7e","reason":"x"}"#;
+        assert!(serde_json::from_str::<PeerMessage>(ok).is_ok());
+        let extra = ok.replace("\"reason\"", "\"evil\":1,\"reason\"");
+        assert!(serde_json::from_str::<PeerMessage>(&extra).is_err());
+        let unknown = ok.replace("abort", "launch_qemu");
+        assert!(serde_json::from_str::<PeerMessage>(&unknown).is_err());
+        let req = r#"{"op":"migrate","vm":"../x","to":"host2","wait":true}"#;
+        assert!(serde_json::from_str::<ApiRequest>(req).is_err(), "VM names are validated");
+    }
+}
+
+/// The binding carried in an offer: the connection's TLS exporter (label
+/// [`BINDING_LABEL`], empty context) hashed with the migration id, so the
+/// offer is valid on this connection, for this migration, only.
+pub fn offer_binding(exporter: &[u8; 32], id: &MigrationId) -> Digest32 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"ferry offer binding v1");
+    h.update(exporter);
+    h.update(id.as_bytes());
+    Digest32(*h.finalize().as_bytes())
+}

@@ -1,0 +1,261 @@
+//! Durable migration records: one JSON file per migration, replaced
+//! atomically (write, fsync, rename, fsync the directory) at every state
+//! change, so an agent that restarts knows exactly where each migration was.
+//! A destination's records double as its seen-set of migration ids.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ferry_types::{Digest32, HostName, MigrationId, VmName};
+use serde::{Deserialize, Serialize};
+
+/// Largest record file read back; records are small.
+const MAX_RECORD_LEN: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Source,
+    Destination,
+}
+
+/// Where a migration stands. Source: preparing → transferring → committed →
+/// completed | in_doubt; destination: preparing → transferring → resuming →
+/// completed. Either may end in aborted, which on the source means its copy
+/// runs again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    Preparing,
+    Transferring,
+    /// Source: commit sent; the copy is paused and must not run until the
+    /// destination answers.
+    Committed,
+    /// Source: commit sent and no answer; the operator resolves it.
+    InDoubt,
+    /// Destination: checks passed; about to resume the VM.
+    Resuming,
+    Completed,
+    Aborted,
+}
+
+impl MigrationState {
+    pub fn is_final(self) -> bool {
+        matches!(self, MigrationState::Completed | MigrationState::Aborted)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub id: MigrationId,
+    pub role: Role,
+    pub vm: VmName,
+    pub source: HostName,
+    pub destination: HostName,
+    pub state: MigrationState,
+    pub created_unix_ms: u64,
+    pub updated_unix_ms: u64,
+    pub bytes: u64,
+    pub digest: Option<Digest32>,
+    /// Why it was aborted or is in doubt.
+    pub error: Option<String>,
+    /// Source only: QEMU's own figure for the VM's downtime.
+    pub qemu_downtime_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+}
+
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl MigrationRecord {
+    pub fn new(id: MigrationId, role: Role, vm: VmName, source: HostName, destination: HostName) -> Self {
+        let now = now_unix_ms();
+        Self {
+            id,
+            role,
+            vm,
+            source,
+            destination,
+            state: MigrationState::Preparing,
+            created_unix_ms: now,
+            updated_unix_ms: now,
+            bytes: 0,
+            digest: None,
+            error: None,
+            qemu_downtime_ms: None,
+            total_ms: None,
+        }
+    }
+
+    pub fn peer(&self) -> &HostName {
+        match self.role {
+            Role::Source => &self.destination,
+            Role::Destination => &self.source,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot write migration record {path:?}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read migration records in {path:?}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("migration record {path:?} is corrupt: {why}")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+pub struct RecordStore {
+    dir: PathBuf,
+}
+
+impl RecordStore {
+    pub fn open(dir: &Path) -> Result<Self, RecordError> {
+        std::fs::create_dir_all(dir).map_err(|source| RecordError::Write { path: dir.to_owned(), source })?;
+        Ok(Self { dir: dir.to_owned() })
+    }
+
+    fn path(&self, id: &MigrationId) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    /// Durably replace the record. When this returns Ok the state survives a
+    /// crash; callers move the migration on only after that.
+    pub fn save(&self, rec: &mut MigrationRecord) -> Result<(), RecordError> {
+        rec.updated_unix_ms = now_unix_ms();
+        let path = self.path(&rec.id);
+        let werr = |source| RecordError::Write { path: path.clone(), source };
+        let body = serde_json::to_vec_pretty(rec).map_err(|e| werr(std::io::Error::other(e)))?;
+        write_durably(&path, &body).map_err(werr)
+    }
+
+    /// Create a record that must not exist yet: the seen-set check and the
+    /// insert are one `create_new`, so two offers with one id cannot both pass.
+    pub fn create(&self, rec: &mut MigrationRecord) -> Result<bool, RecordError> {
+        let path = self.path(&rec.id);
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(source) => return Err(RecordError::Write { path, source }),
+        }
+        self.save(rec)?;
+        Ok(true)
+    }
+
+    pub fn get(&self, id: &MigrationId) -> Result<Option<MigrationRecord>, RecordError> {
+        let path = self.path(id);
+        if !path.exists() {
+            return Ok(None);
+        }
+        read_record(&path).map(Some)
+    }
+
+    pub fn contains(&self, id: &MigrationId) -> bool {
+        self.path(id).exists()
+    }
+
+    /// All records, oldest first (UUIDv7 ids sort by time).
+    pub fn all(&self) -> Result<Vec<MigrationRecord>, RecordError> {
+        let rerr = |source| RecordError::Read { path: self.dir.clone(), source };
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(rerr)? {
+            let path = entry.map_err(rerr)?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                match read_record(&path) {
+                    Ok(r) => out.push(r),
+                    // A record created but not yet written (crash between
+                    // create_new and save) is empty: it still marks the id seen.
+                    Err(RecordError::Corrupt { .. }) if file_len(&path) == 0 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        out.sort_by_key(|r| r.id);
+        Ok(out)
+    }
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+fn read_record(path: &Path) -> Result<MigrationRecord, RecordError> {
+    let len = file_len(path);
+    if len > MAX_RECORD_LEN {
+        return Err(RecordError::Corrupt { path: path.to_owned(), why: format!("{len} bytes is too large") });
+    }
+    let bytes = std::fs::read(path).map_err(|source| RecordError::Read { path: path.to_owned(), source })?;
+    serde_json::from_slice(&bytes).map_err(|e| RecordError::Corrupt { path: path.to_owned(), why: e.to_string() })
+}
+
+/// Write `body` to `path` atomically and durably.
+pub fn write_durably(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("path has no parent"))?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(body)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec() -> MigrationRecord {
+        MigrationRecord::new(
+            MigrationId::new(),
+            Role::Destination,
+            "vm1".parse().unwrap(),
+            "host1".parse().unwrap(),
+            "host2".parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path()).unwrap();
+        let mut r = rec();
+        assert!(store.create(&mut r).unwrap());
+        r.state = MigrationState::Completed;
+        store.save(&mut r).unwrap();
+        let again = RecordStore::open(dir.path()).unwrap();
+        let back = again.get(&r.id).unwrap().unwrap();
+        assert_eq!(back.state, MigrationState::Completed);
+        assert_eq!(again.all().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_id_can_be_created_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path()).unwrap();
+        let mut r = rec();
+        assert!(store.create(&mut r).unwrap());
+        let mut replay = r.clone();
+        assert!(!store.create(&mut replay).unwrap(), "a seen id was accepted again");
+    }
+
+    #[test]
+    fn a_corrupt_record_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path()).unwrap();
+        let r = rec();
+        std::fs::write(dir.path().join(format!("{}.json", r.id)), b"{not json").unwrap();
+        let e = store.all().unwrap_err().to_string();
+        assert!(e.contains(&r.id.to_string()), "{e}");
+    }
+}

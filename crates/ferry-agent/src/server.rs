@@ -1,0 +1,97 @@
+//! The agent's one listener: TLS 1.3 with client certificates required, then
+//! dispatch by who the certificate says the peer is. An unauthenticated
+//! peer never reaches a parser beyond the TLS handshake.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_channel::{FrameReader, FrameWriter};
+use ferry_identity::PeerIdentity;
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+
+use crate::protocol::{ApiResponse, ErrorKind, Hello, PROTOCOL_VERSION};
+use crate::{api, incoming, Agent};
+
+pub type ServerStream = TlsStream<TcpStream>;
+pub type Reader = FrameReader<ReadHalf<ServerStream>>;
+pub type Writer = FrameWriter<WriteHalf<ServerStream>>;
+
+/// Time allowed for a TLS handshake and the greeting.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serve until `shutdown` resolves. Connections already running finish on
+/// their own (a migration in flight is never cut by a shutdown).
+pub async fn serve(agent: Arc<Agent>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down: no new connections");
+                return;
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, addr)) => {
+                    let agent = agent.clone();
+                    tokio::spawn(async move {
+                        if let Err(why) = handle_connection(agent, tcp).await {
+                            tracing::info!(%addr, %why, "connection refused");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), String> {
+    let _ = tcp.set_nodelay(true);
+    let config = agent.tls.server().map_err(|e| crate::chain(&e))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Err(_) => return Err("TLS handshake timed out".into()),
+        Ok(Err(e)) => return Err(format!("TLS handshake failed: {}", ferry_identity::describe_tls_error(&e))),
+        Ok(Ok(t)) => t,
+    };
+    let peer = ferry_identity::peer_identity(tls.get_ref().1, &agent.domain).map_err(|e| crate::chain(&e))?;
+    let proof = match &peer {
+        PeerIdentity::Host(name) => {
+            Some(ferry_identity::authenticate_host(tls.get_ref().1, &agent.domain, name).map_err(|e| crate::chain(&e))?)
+        }
+        PeerIdentity::Operator { .. } => None,
+    };
+    let binding = ferry_identity::channel_binding(tls.get_ref().1, crate::protocol::BINDING_LABEL, b"")
+        .map_err(|e| crate::chain(&e))?;
+    let timeout = agent.cfg.migration.io_timeout();
+    let (r, w) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(r, HANDSHAKE_TIMEOUT);
+    let mut writer = FrameWriter::new(w, timeout);
+    let hello: Hello = reader.read_control().await.map_err(|e| crate::chain(&e))?;
+    writer.write_control(&Hello { protocol: PROTOCOL_VERSION }).await.map_err(|e| crate::chain(&e))?;
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(format!("peer speaks protocol {}, we speak {PROTOCOL_VERSION}", hello.protocol));
+    }
+    reader.set_timeout(timeout);
+    match (peer, proof) {
+        (PeerIdentity::Operator { name, role }, _) => {
+            api::handle(agent, name, role, reader, writer).await;
+            Ok(())
+        }
+        (PeerIdentity::Host(name), Some(proof)) => {
+            if !agent.cfg.peers.contains_key(&name) {
+                let msg = format!("host {name} is not in this agent's [peers] table");
+                let _ = writer.write_control(&ApiResponse::Error { kind: ErrorKind::Denied, message: msg.clone() }).await;
+                return Err(msg);
+            }
+            incoming::handle(agent, proof, binding, reader, writer).await;
+            Ok(())
+        }
+        (PeerIdentity::Host(_), None) => Err("host peer without proof".into()),
+    }
+}

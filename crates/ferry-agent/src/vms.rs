@@ -1,0 +1,180 @@
+//! The VMs this host runs: launched from validated specs, adopted again after
+//! an agent restart, each with a console logger that timestamps the guest's
+//! serial output (operators read it; tests measure the guest's blackout
+//! from it).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_types::{MigrationId, VmName};
+use ferry_vmm::{LaunchMode, QemuConfig, QemuProcess, Qmp, VmSpec, VmmError};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::Mutex;
+
+use crate::protocol::VmInfo;
+use crate::records::{now_unix_ms, write_durably};
+
+pub const SPEC_FILE: &str = "spec.json";
+pub const CONSOLE_LOG: &str = "console.log";
+/// Longest console line kept; longer lines are cut (a guest controls them).
+const MAX_CONSOLE_LINE: usize = 4096;
+/// Largest spec file read back.
+const MAX_SPEC_FILE: u64 = 64 * 1024;
+
+/// One VM and the single QMP connection the agent keeps to it (QEMU serves
+/// one QMP client at a time, so every user goes through this mutex).
+pub struct VmEntry {
+    pub spec: VmSpec,
+    pub proc: QemuProcess,
+    pub qmp: Arc<Mutex<Qmp>>,
+    /// The migration that owns this VM; no other operation may touch it.
+    pub busy: Option<MigrationId>,
+    console: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for VmEntry {
+    fn drop(&mut self) {
+        self.console.abort();
+    }
+}
+
+impl VmEntry {
+    pub async fn info(&self) -> VmInfo {
+        let state = match self.qmp.try_lock() {
+            Ok(mut q) => match q.status().await {
+                Ok(s) => String::from(s),
+                Err(e) => format!("unknown ({e})"),
+            },
+            Err(_) => "busy".into(),
+        };
+        VmInfo {
+            name: self.spec.name.clone(),
+            state,
+            pid: self.proc.pid,
+            accel: self.proc.accel.qemu_name().to_owned(),
+            memory_mib: self.spec.memory_mib,
+            vcpus: self.spec.vcpus,
+            migration: self.busy,
+            console_log: self.proc.dir.join(CONSOLE_LOG).display().to_string(),
+        }
+    }
+}
+
+pub type VmTable = Mutex<BTreeMap<VmName, VmEntry>>;
+
+/// Launch QEMU for `spec`, persist the spec beside it and start its console logger.
+pub async fn launch(cfg: &QemuConfig, spec: &VmSpec, mode: LaunchMode) -> Result<VmEntry, VmmError> {
+    let proc = ferry_vmm::launch(cfg, spec, mode).await?;
+    match attach(spec.clone(), proc.clone()).await {
+        Ok(entry) => Ok(entry),
+        Err(e) => {
+            // Never leave a QEMU behind that nobody tracks.
+            let _ = tokio::task::spawn_blocking(move || proc.kill()).await;
+            Err(e)
+        }
+    }
+}
+
+async fn attach(spec: VmSpec, proc: QemuProcess) -> Result<VmEntry, VmmError> {
+    let body = serde_json::to_vec_pretty(&spec).map_err(|e| VmmError::Io {
+        what: "encoding the VM spec".into(),
+        source: std::io::Error::other(e),
+    })?;
+    let spec_path = proc.dir.join(SPEC_FILE);
+    write_durably(&spec_path, &body)
+        .map_err(|source| VmmError::Io { what: format!("writing {}", spec_path.display()), source })?;
+    let console = tokio::spawn(console_logger(proc.serial_path(), proc.dir.join(CONSOLE_LOG)));
+    let qmp = proc.qmp().await?;
+    Ok(VmEntry { spec, proc, qmp: Arc::new(Mutex::new(qmp)), busy: None, console })
+}
+
+/// Adopt every VM whose QEMU is still alive under `vms_dir`; directories
+/// whose QEMU is gone are returned separately for the caller to clean up.
+pub async fn adopt_all(vms_dir: &Path) -> Result<(Vec<VmEntry>, Vec<PathBuf>), VmmError> {
+    let mut live = Vec::new();
+    let mut dead = Vec::new();
+    let entries = match std::fs::read_dir(vms_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((live, dead)),
+        Err(source) => return Err(VmmError::Io { what: format!("reading {}", vms_dir.display()), source }),
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let spec = match read_spec(&dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "VM directory without a usable spec");
+                dead.push(dir);
+                continue;
+            }
+        };
+        match ferry_vmm::adopt(&dir).await? {
+            Some(proc) => live.push(attach(spec, proc).await?),
+            None => dead.push(dir),
+        }
+    }
+    Ok((live, dead))
+}
+
+fn read_spec(dir: &Path) -> Result<VmSpec, String> {
+    let path = dir.join(SPEC_FILE);
+    let len = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
+    if len > MAX_SPEC_FILE {
+        return Err(format!("{} is {len} bytes", path.display()));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
+/// Kill a VM's QEMU without blocking the runtime.
+pub async fn kill(proc: &QemuProcess) -> Result<(), VmmError> {
+    let p = proc.clone();
+    tokio::task::spawn_blocking(move || p.kill())
+        .await
+        .map_err(|e| VmmError::Io { what: "joining the kill task".into(), source: std::io::Error::other(e) })?
+}
+
+/// Copy the guest's serial output to `log`, one `<unix_ms> <line>` per line.
+/// Reconnects while QEMU lives (its socket chardev takes one client).
+async fn console_logger(socket: PathBuf, log: PathBuf) {
+    let mut out = match tokio::fs::OpenOptions::new().create(true).append(true).open(&log).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(log = %log.display(), error = %e, "cannot open console log");
+            return;
+        }
+    };
+    for _ in 0..50 {
+        let Ok(stream) = tokio::net::UnixStream::connect(&socket).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut reader = tokio::io::BufReader::new(stream);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = match (&mut reader).take(MAX_CONSOLE_LINE as u64).read_until(b'\n', &mut line).await {
+                Ok(n) => n,
+                Err(_) => break,
+            };
+            if n == 0 {
+                break;
+            }
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end_matches(['\r', '\n']);
+            let entry = format!("{} {}\n", now_unix_ms(), text.replace('\n', " "));
+            if out.write_all(entry.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        // QEMU closed the socket: it is quitting, or will accept us again.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
