@@ -20,7 +20,6 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
     SerialNumber,
 };
-use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
@@ -124,10 +123,15 @@ impl CaDir {
         let key = new_key("the CA key")?;
         let validity = Validity::days(validity_days);
 
+        let serial = random_serial()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.distinguished_name.push(DnType::OrganizationName, "Ferry");
-        params.distinguished_name.push(DnType::CommonName, format!("Ferry CA {domain}"));
+        // A unique subject per CA: webpki picks candidate issuers by name, so
+        // a foreign CA with the *same* name makes a foreign certificate fail
+        // as "bad signature" instead of the clearer "unknown issuer".
+        let tag: String = x509::serial_hex(serial.as_ref()).chars().take(12).collect();
+        params.distinguished_name.push(DnType::CommonName, format!("Ferry CA {domain} {tag}"));
         // pathlen 0: this CA signs leaves only. A leaf key that leaks can
         // then never mint further certificates that chain to it.
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -141,7 +145,7 @@ impl CaDir {
         params.subject_alt_names = vec![uri_san(&format!("spiffe://{domain}"))?];
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
-        params.serial_number = Some(random_serial()?);
+        params.serial_number = Some(serial);
         params.key_identifier_method = KeyIdMethod::Sha256;
         let cert = params.self_signed(&key).map_err(gen("the CA certificate"))?;
 
@@ -206,6 +210,9 @@ impl CaDir {
     /// can match, since webpki ignores URI SANs). EKU serverAuth and
     /// clientAuth: an agent both accepts and opens connections.
     pub fn issue_host(&self, name: &HostName, validity: Validity, out_dir: &Path) -> Result<IssuedCert, IdentityError> {
+        // A name rustls cannot verify as a server name would yield a
+        // certificate no client could ever connect to.
+        crate::tls::server_name(name)?;
         let domain = self.trust_domain()?;
         let spiffe = SpiffeId::Host { domain, name: name.clone() };
         let mut params = leaf_params(name.as_str(), &spiffe, validity)?;

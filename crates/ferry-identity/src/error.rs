@@ -66,6 +66,15 @@ pub enum IdentityError {
         expected: TrustDomain,
         actual: TrustDomain,
     },
+    #[error("key {key} does not belong to certificate {cert}")]
+    KeyMismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("host name {host} cannot be a TLS server name: it looks like an IP address")]
+    UnusableHostName { host: HostName },
     #[error("cannot build the TLS {side} configuration")]
     TlsConfig {
         side: &'static str,

@@ -28,7 +28,7 @@ pub(crate) struct LeafInfo {
 
 pub(crate) fn parse(der: &[u8]) -> Result<X509Certificate<'_>, String> {
     match x509_parser::parse_x509_certificate(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err("trailing bytes after the certificate".into()),
         Err(e) => Err(format!("not an X.509 certificate: {e}")),
     }
@@ -140,8 +140,49 @@ pub fn normalize_serial(s: &str) -> Option<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn cert(sans: Vec<rcgen::SanType>, ou: Option<&str>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = sans;
+        if let Some(ou) = ou {
+            p.distinguished_name.push(rcgen::DnType::OrganizationalUnitName, ou);
+        }
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+    fn uri(s: &str) -> rcgen::SanType {
+        rcgen::SanType::URI(s.try_into().unwrap())
+    }
+    fn dns(s: &str) -> rcgen::SanType {
+        rcgen::SanType::DnsName(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn leaf_identity_is_read_strictly() {
+        let ok = leaf_info(&cert(vec![uri("spiffe://f.test/host/h1"), dns("h1")], None)).unwrap();
+        assert_eq!(ok.spiffe.to_string(), "spiffe://f.test/host/h1");
+        let op = leaf_info(&cert(vec![uri("spiffe://f.test/operator/al")], Some("ops"))).unwrap();
+        assert_eq!(op.role.as_deref(), Some("ops"));
+
+        let cases = [
+            (cert(vec![dns("h1")], None), "no URI SAN"),
+            (
+                cert(vec![uri("spiffe://f.test/host/h1"), uri("spiffe://f.test/host/h2"), dns("h1")], None),
+                "2 URI SANs",
+            ),
+            (cert(vec![uri("spiffe://f.test/host/h1"), dns("h2")], None), "lacks the DNS SAN"),
+            (cert(vec![uri("spiffe://f.test/operator/al")], None), "0 subject OUs"),
+            (cert(vec![uri("spiffe://f.test/operator/al")], Some("Root")), "role"),
+            (cert(vec![uri("https://f.test/host/h1")], None), "spiffe://"),
+        ];
+        for (der, want) in cases {
+            let err = leaf_info(&der).unwrap_err();
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+        }
+    }
 
     #[test]
     fn serials_normalize() {

@@ -17,9 +17,7 @@ use std::time::Duration;
 
 pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice};
 pub use process::{adopt, launch, list, qemu_args, LaunchMode, QemuConfig, QemuProcess};
-pub use qmp::{
-    MigrationState, MigrationStatus, Qmp, QmpEvent, RamStats, RunState, MAX_QMP_LINE,
-};
+pub use qmp::{MigrationState, MigrationStatus, Qmp, QmpEvent, RamStats, RunState, MAX_QMP_LINE};
 pub use spec::{Boot, DiskFormat, ImageName, MachineType, SpecError, VmSpec};
 
 /// Everything that can go wrong driving QEMU.
@@ -36,7 +34,11 @@ pub enum VmmError {
     #[error("KVM was requested but /dev/kvm does not exist")]
     KvmUnavailable,
     #[error("path {path:?} is too long for a unix socket ({len} > {max} bytes)")]
-    SocketPathTooLong { path: PathBuf, len: usize, max: usize },
+    SocketPathTooLong {
+        path: PathBuf,
+        len: usize,
+        max: usize,
+    },
     #[error("VM {name} already has a live QEMU (pid {pid})")]
     AlreadyRunning { name: String, pid: u32 },
     #[error("QEMU failed to start ({status}): {stderr}")]

@@ -172,7 +172,9 @@ pub enum Boot {
 
 fn check_cmdline(s: &str) -> Result<(), SpecError> {
     if s.len() > MAX_KERNEL_CMDLINE {
-        return Err(SpecError::Cmdline { why: "longer than 2047 bytes" });
+        return Err(SpecError::Cmdline {
+            why: "longer than 2047 bytes",
+        });
     }
     // Printable ASCII only: the kernel parses bytes, and newlines or NULs
     // would let a peer smuggle structure into logs and the kernel parser.
@@ -227,7 +229,9 @@ impl VmSpec {
     /// already valid by construction of their types.
     pub fn validate(&self) -> Result<(), SpecError> {
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
-            return Err(SpecError::Memory { got: self.memory_mib });
+            return Err(SpecError::Memory {
+                got: self.memory_mib,
+            });
         }
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(SpecError::Vcpus { got: self.vcpus });
@@ -274,9 +278,14 @@ mod tests {
         let disk = r#"{"name":"d","memory_mib":64,"vcpus":1,"machine":"pc",
                        "boot":{"type":"disk","image":"root.qcow2"}}"#;
         let spec: VmSpec = serde_json::from_str(disk).unwrap();
-        let Boot::Disk { image } = &spec.boot else { panic!("not disk") };
+        let Boot::Disk { image } = &spec.boot else {
+            panic!("not disk")
+        };
         assert_eq!(image.disk_format(), DiskFormat::Qcow2);
-        assert_eq!("a.img".parse::<ImageName>().unwrap().disk_format(), DiskFormat::Raw);
+        assert_eq!(
+            "a.img".parse::<ImageName>().unwrap().disk_format(),
+            DiskFormat::Raw
+        );
     }
 
     #[test]
@@ -291,13 +300,22 @@ mod tests {
 
     #[test]
     fn limits_are_enforced() {
-        for (mem, cpus) in [(0, 1), (MAX_MEMORY_MIB + 1, 1), (MIN_MEMORY_MIB - 1, 1), (64, 0), (64, MAX_VCPUS + 1)] {
+        for (mem, cpus) in [
+            (0, 1),
+            (MAX_MEMORY_MIB + 1, 1),
+            (MIN_MEMORY_MIB - 1, 1),
+            (64, 0),
+            (64, MAX_VCPUS + 1),
+        ] {
             let mut s = kernel_spec("");
             s.memory_mib = mem;
             s.vcpus = cpus;
             assert!(s.validate().is_err(), "{mem} MiB / {cpus} vcpus accepted");
             let json = serde_json::to_string(&s).unwrap();
-            assert!(serde_json::from_str::<VmSpec>(&json).is_err(), "deserialized {json}");
+            assert!(
+                serde_json::from_str::<VmSpec>(&json).is_err(),
+                "deserialized {json}"
+            );
         }
         let mut s = kernel_spec("");
         s.memory_mib = MAX_MEMORY_MIB;
@@ -311,7 +329,19 @@ mod tests {
             assert!(good.parse::<ImageName>().is_ok(), "{good:?} refused");
         }
         let long = "x".repeat(MAX_IMAGE_NAME + 1);
-        for bad in ["", "a/b", "/etc/passwd", "..", "a..b", ".hidden", "-drive", "a,b", "a b", "a\0", &long] {
+        for bad in [
+            "",
+            "a/b",
+            "/etc/passwd",
+            "..",
+            "a..b",
+            ".hidden",
+            "-drive",
+            "a,b",
+            "a b",
+            "a\0",
+            &long,
+        ] {
             assert!(bad.parse::<ImageName>().is_err(), "{bad:?} accepted");
         }
         let err = serde_json::from_str::<ImageName>(r#""../../etc/shadow""#).unwrap_err();
@@ -320,11 +350,17 @@ mod tests {
 
     #[test]
     fn cmdline_is_printable_and_bounded() {
-        assert!(kernel_spec("console=ttyS0 quiet init=/bin/sh").validate().is_ok());
+        assert!(kernel_spec("console=ttyS0 quiet init=/bin/sh")
+            .validate()
+            .is_ok());
         for bad in ["a\nb", "a\0b", "a\tb", "\x1b[31m", "caf\u{e9}"] {
             assert!(kernel_spec(bad).validate().is_err(), "{bad:?} accepted");
         }
-        assert!(kernel_spec(&"x".repeat(MAX_KERNEL_CMDLINE)).validate().is_ok());
-        assert!(kernel_spec(&"x".repeat(MAX_KERNEL_CMDLINE + 1)).validate().is_err());
+        assert!(kernel_spec(&"x".repeat(MAX_KERNEL_CMDLINE))
+            .validate()
+            .is_ok());
+        assert!(kernel_spec(&"x".repeat(MAX_KERNEL_CMDLINE + 1))
+            .validate()
+            .is_err());
     }
 }

@@ -1,0 +1,616 @@
+//! Launching, adopting and killing detached QEMU processes.
+//!
+//! QEMU runs with `-daemonize`, so it is re-parented away from the agent and
+//! a crashed or restarted agent does not take its VMs down. Each VM owns one
+//! directory, `run_dir/NAME/`, holding `qmp.sock`, `serial.sock`, `qemu.pid`,
+//! `qemu.log` (QEMU's own `-D` log, which after daemonizing is also where
+//! its error messages go) and `launch.err` (the pre-daemonize stderr).
+//!
+//! A pid from a pid file is only trusted after `/proc/PID/cmdline` shows it
+//! is the QEMU that was started with *this* directory's pid file: pids are
+//! reused, and signalling a stranger's process would be a serious bug.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use ferry_types::VmName;
+use nix::sys::signal::{kill as send_signal, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::accel::{resolve_accel, Accel, AccelChoice};
+use crate::qmp::Qmp;
+use crate::spec::{Boot, VmSpec};
+use crate::VmmError;
+
+/// The QEMU parent process returns once the daemon is initialised; guest RAM
+/// preallocation can make that slow on big guests, hence a generous bound.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `kill` waits after SIGTERM before escalating to SIGKILL, and
+/// after SIGKILL before giving up.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+const KILL_GRACE: Duration = Duration::from_secs(2);
+/// `sun_path` is 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// QEMU 7.2's default is 32 MiB/s, which makes any real migration crawl.
+const DEFAULT_MAX_BANDWIDTH: u64 = 10 << 30;
+/// QEMU's own default downtime limit.
+const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
+
+const QMP_SOCK: &str = "qmp.sock";
+const SERIAL_SOCK: &str = "serial.sock";
+const PID_FILE: &str = "qemu.pid";
+const LOG_FILE: &str = "qemu.log";
+const LAUNCH_ERR: &str = "launch.err";
+
+/// Host-side QEMU configuration (from the agent's config file, never from a peer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    pub binary: PathBuf,
+    pub accel: AccelChoice,
+    /// Where [`crate::ImageName`]s are resolved.
+    pub images_dir: PathBuf,
+    /// Parent of the per-VM directories.
+    pub run_dir: PathBuf,
+    /// Applied by the caller with [`Qmp::set_migration_parameters`].
+    pub max_bandwidth_bytes_per_s: u64,
+    pub downtime_limit_ms: u64,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel: AccelChoice::Auto,
+            images_dir: PathBuf::from("/var/lib/ferry/images"),
+            run_dir: PathBuf::from("/run/ferry/vms"),
+            max_bandwidth_bytes_per_s: DEFAULT_MAX_BANDWIDTH,
+            downtime_limit_ms: DEFAULT_DOWNTIME_LIMIT_MS,
+        }
+    }
+}
+
+/// How to start QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchMode {
+    /// Boot the guest now.
+    Run,
+    /// Migration destination: `-incoming defer -S`. QEMU waits for
+    /// `migrate-incoming`, and after the state arrives stays paused until
+    /// the agent decides to `cont` (autostart off).
+    Incoming,
+}
+
+/// A running QEMU this host is responsible for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuProcess {
+    pub name: VmName,
+    pub pid: u32,
+    /// Canonical per-VM directory.
+    pub dir: PathBuf,
+    pub accel: Accel,
+}
+
+impl QemuProcess {
+    pub fn qmp_path(&self) -> PathBuf {
+        self.dir.join(QMP_SOCK)
+    }
+    pub fn serial_path(&self) -> PathBuf {
+        self.dir.join(SERIAL_SOCK)
+    }
+    pub fn pid_path(&self) -> PathBuf {
+        self.dir.join(PID_FILE)
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(LOG_FILE)
+    }
+
+    /// Connects a QMP client. QEMU serves one QMP client per socket at a
+    /// time: a second connect waits until the first client disconnects.
+    pub async fn qmp(&self) -> Result<Qmp, VmmError> {
+        Qmp::connect(&self.qmp_path()).await
+    }
+
+    /// The pid is alive (not a zombie) and is still this VM's QEMU.
+    pub fn is_alive(&self) -> bool {
+        owned_qemu(self.pid, &self.dir).is_some()
+    }
+
+    /// Stops QEMU: SIGTERM (QEMU exits cleanly and removes its sockets),
+    /// then SIGKILL if it lingers, then removes leftover sockets and the pid
+    /// file. Blocks for at most a few seconds, so async callers with many
+    /// VMs may prefer `spawn_blocking`. Killing a dead VM is not an error.
+    pub fn kill(&self) -> Result<(), VmmError> {
+        for (signal, grace) in [(Signal::SIGTERM, TERM_GRACE), (Signal::SIGKILL, KILL_GRACE)] {
+            // Re-check ownership right before each signal: the pid may have
+            // died and been reused since the handle was made.
+            if !self.is_alive() {
+                break;
+            }
+            tracing::debug!(vm = %self.name, pid = self.pid, ?signal, "signalling QEMU");
+            let pid = i32::try_from(self.pid).map_err(|_| VmmError::PidFile {
+                path: self.pid_path(),
+                why: format!("pid {} out of range", self.pid),
+            })?;
+            match send_signal(Pid::from_raw(pid), signal) {
+                Ok(()) | Err(nix::Error::ESRCH) => {}
+                Err(source) => {
+                    return Err(VmmError::Signal {
+                        pid: self.pid,
+                        source,
+                    })
+                }
+            }
+            let deadline = Instant::now() + grace;
+            while self.is_alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if self.is_alive() {
+            return Err(VmmError::Timeout {
+                what: format!("QEMU pid {} to die after SIGKILL", self.pid),
+                after: TERM_GRACE + KILL_GRACE,
+            });
+        }
+        for f in [QMP_SOCK, SERIAL_SOCK, PID_FILE] {
+            remove_if_exists(&self.dir.join(f))?;
+        }
+        Ok(())
+    }
+}
+
+/// The argument list for `spec` (never a shell string). `dir` is the VM's
+/// directory. Everything guest-visible derives from `spec` alone, so both
+/// ends of a migration build compatible machines; only the accelerator and
+/// host paths may differ.
+pub fn qemu_args(
+    cfg: &QemuConfig,
+    spec: &VmSpec,
+    mode: LaunchMode,
+    accel: Accel,
+    dir: &Path,
+) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::with_capacity(48);
+    let mut push = |parts: &[&dyn AsRef<std::ffi::OsStr>]| {
+        for p in parts {
+            a.push(p.as_ref().to_owned());
+        }
+    };
+    let sock_opt = |prefix: &str, file: &str, suffix: &str| -> OsString {
+        let mut s = OsString::from(prefix);
+        s.push(dir.join(file));
+        s.push(suffix);
+        s
+    };
+    push(&[&"-name", &format!("guest={}", spec.name)]);
+    push(&[&"-no-user-config", &"-nodefaults", &"-display", &"none"]);
+    push(&[&"-machine", &spec.machine.qemu_name()]);
+    push(&[&"-accel", &accel.qemu_name(), &"-cpu", &accel.cpu_model()]);
+    push(&[
+        &"-m",
+        &format!("{}M", spec.memory_mib),
+        &"-smp",
+        &spec.vcpus.to_string(),
+    ]);
+    push(&[&"-qmp", &sock_opt("unix:", QMP_SOCK, ",server=on,wait=off")]);
+    push(&[
+        &"-chardev",
+        &sock_opt(
+            "socket,id=serial0,path=",
+            SERIAL_SOCK,
+            ",server=on,wait=off",
+        ),
+        &"-serial",
+        &"chardev:serial0",
+    ]);
+    push(&[
+        &"-pidfile",
+        &dir.join(PID_FILE),
+        &"-D",
+        &dir.join(LOG_FILE),
+        &"-daemonize",
+    ]);
+    match &spec.boot {
+        Boot::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            push(&[&"-kernel", &cfg.images_dir.join(kernel.as_str())]);
+            if let Some(initrd) = initrd {
+                push(&[&"-initrd", &cfg.images_dir.join(initrd.as_str())]);
+            }
+            push(&[&"-append", cmdline]);
+        }
+        Boot::Disk { image } => {
+            let mut drive = OsString::from("file=");
+            drive.push(cfg.images_dir.join(image.as_str()));
+            drive.push(format!(
+                ",if=virtio,format={}",
+                image.disk_format().qemu_name()
+            ));
+            push(&[&"-drive", &drive]);
+        }
+    }
+    if mode == LaunchMode::Incoming {
+        push(&[&"-incoming", &"defer", &"-S"]);
+    }
+    a
+}
+
+/// QEMU option strings use ',' as a separator (and -initrd for multiboot
+/// splits on it), so host paths containing one are refused outright rather
+/// than escaped inconsistently.
+fn check_host_path(path: &Path) -> Result<(), VmmError> {
+    if path.as_os_str().as_bytes().contains(&b',') {
+        return Err(VmmError::io(
+            format!("host path {path:?}"),
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "contains ','"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_socket_path(path: &Path) -> Result<(), VmmError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(VmmError::SocketPathTooLong {
+            path: path.to_owned(),
+            len,
+            max: MAX_SOCKET_PATH,
+        });
+    }
+    Ok(())
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), VmmError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(VmmError::io(format!("removing {path:?}"), e)),
+    }
+}
+
+/// Starts QEMU for `spec`, detached. Refuses if the VM's directory already
+/// has a live QEMU. Does not apply migration parameters: connect with
+/// [`QemuProcess::qmp`] and call [`Qmp::set_migration_parameters`].
+pub async fn launch(
+    cfg: &QemuConfig,
+    spec: &VmSpec,
+    mode: LaunchMode,
+) -> Result<QemuProcess, VmmError> {
+    spec.validate()?;
+    let accel = resolve_accel(cfg.accel)?;
+    check_host_path(&cfg.images_dir)?;
+
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.run_dir)
+        .map_err(|e| VmmError::io(format!("creating {:?}", cfg.run_dir), e))?;
+    // Canonical, so that adopt() (which canonicalises too) matches the
+    // pid-file path recorded in QEMU's command line byte for byte.
+    let run_dir = std::fs::canonicalize(&cfg.run_dir)
+        .map_err(|e| VmmError::io(format!("resolving {:?}", cfg.run_dir), e))?;
+    check_host_path(&run_dir)?;
+    let dir = run_dir.join(spec.name.as_str());
+    // 0700: whoever can reach qmp.sock fully controls the VM.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| VmmError::io(format!("creating {dir:?}"), e))?;
+    check_socket_path(&dir.join(SERIAL_SOCK))?;
+
+    if let Some(existing) = adopt(&dir).await? {
+        return Err(VmmError::AlreadyRunning {
+            name: spec.name.to_string(),
+            pid: existing.pid,
+        });
+    }
+    // Leftovers of a QEMU that was SIGKILLed; stale pid files must not be
+    // mistaken for the new process's.
+    for f in [QMP_SOCK, SERIAL_SOCK, PID_FILE] {
+        remove_if_exists(&dir.join(f))?;
+    }
+
+    let args = qemu_args(cfg, spec, mode, accel, &dir);
+    let log_path = dir.join(LOG_FILE);
+    let log_start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
+    let err_path = dir.join(LAUNCH_ERR);
+    let err_file = std::fs::File::create(&err_path)
+        .map_err(|e| VmmError::io(format!("creating {err_path:?}"), e))?;
+    tracing::info!(vm = %spec.name, ?mode, ?accel, "launching QEMU");
+    tracing::debug!(binary = ?cfg.binary, ?args, "QEMU command line");
+    // stderr goes to a file, not a pipe: the daemon inherits the parent's
+    // descriptors and a pipe would only see EOF when the daemon closes it.
+    let mut child = tokio::process::Command::new(&cfg.binary)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(err_file))
+        .spawn()
+        .map_err(|e| VmmError::io(format!("spawning {:?}", cfg.binary), e))?;
+    let status = match tokio::time::timeout(LAUNCH_TIMEOUT, child.wait()).await {
+        Ok(status) => status.map_err(|e| VmmError::io("waiting for QEMU", e))?,
+        Err(_) => {
+            // The parent never reported readiness; do not leave it behind.
+            let _ = child.start_kill();
+            return Err(VmmError::Timeout {
+                what: format!("QEMU for {} to daemonize", spec.name),
+                after: LAUNCH_TIMEOUT,
+            });
+        }
+    };
+    if !status.success() {
+        // With -D, QEMU 7.2 sends even its start-up errors to the log file
+        // rather than stderr, so report both.
+        let stderr = format!(
+            "{}\n{}",
+            read_from(&err_path, 0),
+            read_from(&log_path, log_start)
+        );
+        return Err(VmmError::LaunchFailed {
+            status: status.to_string(),
+            stderr: stderr.trim().chars().take(4096).collect(),
+        });
+    }
+
+    let pid_path = dir.join(PID_FILE);
+    let pid = read_pid(&pid_path)?.ok_or_else(|| VmmError::PidFile {
+        path: pid_path.clone(),
+        why: "missing or not a number".into(),
+    })?;
+    let proc = QemuProcess {
+        name: spec.name.clone(),
+        pid,
+        dir,
+        accel,
+    };
+    if !proc.is_alive() {
+        let log = read_from(&log_path, log_start);
+        return Err(VmmError::LaunchFailed {
+            status: format!("daemon pid {pid} exited right after start"),
+            stderr: log.trim().chars().take(4096).collect(),
+        });
+    }
+    tracing::info!(vm = %proc.name, pid, "QEMU running");
+    Ok(proc)
+}
+
+/// Best-effort diagnostics: the text of `path` from byte `offset` (from the
+/// start if the file was truncated since), lossily decoded, at most 64 KiB.
+fn read_from(path: &Path, offset: u64) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let start = usize::try_from(offset).unwrap_or(0);
+    let tail = bytes.get(start..).unwrap_or(&bytes);
+    let tail = &tail[tail.len().saturating_sub(64 << 10)..];
+    String::from_utf8_lossy(tail).into_owned()
+}
+
+/// Ok(None) when the pid file is absent or not a pid.
+fn read_pid(path: &Path) -> Result<Option<u32>, VmmError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s.trim().parse::<u32>().ok().filter(|&p| p > 0)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(VmmError::io(format!("reading {path:?}"), e)),
+    }
+}
+
+/// If `pid` is a live (non-zombie) process started with `-pidfile
+/// DIR/qemu.pid`, returns its arguments. Zombies count as dead: a killed
+/// daemon's parent is init, which on some hosts never reaps.
+fn owned_qemu(pid: u32, dir: &Path) -> Option<Vec<Vec<u8>>> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the last ')' (the command name may contain one).
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    match stat.get(close + 2) {
+        Some(b'Z' | b'X' | b'x') | None => return None,
+        Some(_) => {}
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<Vec<u8>> = cmdline.split(|&b| b == 0).map(<[u8]>::to_vec).collect();
+    let want = dir.join(PID_FILE);
+    let want = want.as_os_str().as_bytes();
+    args.windows(2)
+        .any(|w| w[0] == b"-pidfile" && w[1] == want)
+        .then_some(args)
+}
+
+/// After an agent restart: the QEMU recorded in `dir/qemu.pid`, if that pid
+/// is alive and really is this directory's QEMU; otherwise `None`.
+pub async fn adopt(dir: &Path) -> Result<Option<QemuProcess>, VmmError> {
+    let dir = match std::fs::canonicalize(dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(VmmError::io(format!("resolving {dir:?}"), e)),
+    };
+    let Some(name) = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse::<VmName>().ok())
+    else {
+        return Ok(None);
+    };
+    let Some(pid) = read_pid(&dir.join(PID_FILE))? else {
+        return Ok(None);
+    };
+    let Some(args) = owned_qemu(pid, &dir) else {
+        tracing::debug!(vm = %name, pid, "pid file does not name a live QEMU of this VM");
+        return Ok(None);
+    };
+    let accel = match args
+        .windows(2)
+        .find(|w| w[0] == b"-accel")
+        .map(|w| w[1].as_slice())
+    {
+        Some(b"kvm") => Accel::Kvm,
+        _ => Accel::Tcg,
+    };
+    Ok(Some(QemuProcess {
+        name,
+        pid,
+        dir,
+        accel,
+    }))
+}
+
+/// Every live QEMU under `cfg.run_dir`, e.g. to re-adopt after a restart.
+pub async fn list(cfg: &QemuConfig) -> Result<Vec<QemuProcess>, VmmError> {
+    let entries = match std::fs::read_dir(&cfg.run_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(VmmError::io(format!("listing {:?}", cfg.run_dir), e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| VmmError::io(format!("listing {:?}", cfg.run_dir), e))?;
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            if let Some(p) = adopt(&entry.path()).await? {
+                out.push(p);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::spec::MachineType;
+
+    fn cfg() -> QemuConfig {
+        QemuConfig {
+            images_dir: PathBuf::from("/srv/images"),
+            ..QemuConfig::default()
+        }
+    }
+
+    fn spec(boot: Boot) -> VmSpec {
+        VmSpec {
+            name: "vm1".parse().unwrap(),
+            memory_mib: 256,
+            vcpus: 2,
+            machine: MachineType::Q35,
+            boot,
+        }
+    }
+
+    fn strs(args: &[OsString]) -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn value_of<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+        args.windows(2)
+            .find(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+    }
+
+    #[test]
+    fn disk_args_resolve_in_images_dir() {
+        let s = spec(Boot::Disk {
+            image: "root.qcow2".parse().unwrap(),
+        });
+        let args = strs(&qemu_args(
+            &cfg(),
+            &s,
+            LaunchMode::Run,
+            Accel::Tcg,
+            Path::new("/run/f/vm1"),
+        ));
+        assert_eq!(
+            value_of(&args, "-drive"),
+            Some("file=/srv/images/root.qcow2,if=virtio,format=qcow2")
+        );
+        assert_eq!(value_of(&args, "-m"), Some("256M"));
+        assert_eq!(value_of(&args, "-smp"), Some("2"));
+        assert_eq!(value_of(&args, "-machine"), Some("q35"));
+        assert_eq!(value_of(&args, "-cpu"), Some("max"));
+        assert_eq!(value_of(&args, "-pidfile"), Some("/run/f/vm1/qemu.pid"));
+        assert_eq!(
+            value_of(&args, "-qmp"),
+            Some("unix:/run/f/vm1/qmp.sock,server=on,wait=off")
+        );
+        assert!(!args.iter().any(|a| a == "-incoming" || a == "-S"));
+    }
+
+    #[test]
+    fn cmdline_is_one_argument_and_incoming_adds_defer() {
+        let cmdline = "console=ttyS0 x=$(rm -rf /); `id` | & ; > \"'";
+        let s = spec(Boot::Kernel {
+            kernel: "vmlinuz".parse().unwrap(),
+            initrd: Some("initrd.img".parse().unwrap()),
+            cmdline: cmdline.into(),
+        });
+        let args = strs(&qemu_args(
+            &cfg(),
+            &s,
+            LaunchMode::Incoming,
+            Accel::Kvm,
+            Path::new("/d"),
+        ));
+        assert_eq!(value_of(&args, "-append"), Some(cmdline));
+        assert_eq!(value_of(&args, "-kernel"), Some("/srv/images/vmlinuz"));
+        assert_eq!(value_of(&args, "-initrd"), Some("/srv/images/initrd.img"));
+        assert_eq!(value_of(&args, "-cpu"), Some("host"));
+        assert_eq!(value_of(&args, "-incoming"), Some("defer"));
+        assert!(args.iter().any(|a| a == "-S"));
+    }
+
+    #[test]
+    fn both_ends_get_the_same_machine() {
+        let s = spec(Boot::Disk {
+            image: "d.raw".parse().unwrap(),
+        });
+        let src = strs(&qemu_args(
+            &cfg(),
+            &s,
+            LaunchMode::Run,
+            Accel::Tcg,
+            Path::new("/a/vm1"),
+        ));
+        let dst = strs(&qemu_args(
+            &cfg(),
+            &s,
+            LaunchMode::Incoming,
+            Accel::Tcg,
+            Path::new("/b/vm1"),
+        ));
+        let strip = |v: Vec<String>| -> Vec<String> {
+            v.into_iter()
+                .filter(|a| !a.contains("/vm1") && a != "-incoming" && a != "defer" && a != "-S")
+                .collect()
+        };
+        assert_eq!(strip(src), strip(dst));
+    }
+
+    #[test]
+    fn bad_host_paths_are_refused() {
+        assert!(check_host_path(Path::new("/srv/a,b")).is_err());
+        assert!(check_host_path(Path::new("/srv/ab")).is_ok());
+        let long = PathBuf::from(format!("/{}/serial.sock", "x".repeat(100)));
+        assert!(matches!(
+            check_socket_path(&long),
+            Err(VmmError::SocketPathTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn config_defaults_raise_bandwidth() {
+        let c: QemuConfig = serde_json::from_str(r#"{"accel":"tcg"}"#).unwrap();
+        assert_eq!(c.accel, AccelChoice::Tcg);
+        assert!(c.max_bandwidth_bytes_per_s > 32 << 20);
+        assert!(serde_json::from_str::<QemuConfig>(r#"{"bogus":1}"#).is_err());
+    }
+}
