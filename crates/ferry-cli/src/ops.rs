@@ -1,0 +1,263 @@
+//! Operator commands: status, vm, migrate, migrations. Each turns its
+//! arguments into one typed API request.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use ferry_agent::protocol::{ApiRequest, ApiResponse, ErrorKind, Progress};
+use ferry_agent::MigrationRecord;
+use ferry_types::{HostName, MigrationId, VmName};
+use ferry_vmm::VmSpec;
+
+use crate::opclient::OpClient;
+
+/// Exit status of a migration whose outcome is not known yet.
+pub const EXIT_IN_DOUBT: u8 = 4;
+
+#[derive(Debug, Args, Clone)]
+pub struct Target {
+    /// Operator client config (credentials and agent addresses).
+    #[arg(long, env = "FERRY_CLIENT_CONFIG")]
+    pub client_config: PathBuf,
+    /// The agent to ask; defaults to the client config's default_host.
+    #[arg(long)]
+    pub host: Option<HostName>,
+}
+
+impl Target {
+    pub fn open(&self) -> Result<(OpClient, HostName)> {
+        let c = OpClient::load(&self.client_config)?;
+        let h = c.host(self.host.as_ref())?;
+        Ok((c, h))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Start a VM from a spec: a JSON file (--spec) or flags.
+    Start(VmStartArgs),
+    /// List the VMs on a host.
+    List(Target),
+    /// Stop (kill) a VM.
+    Stop {
+        vm: VmName,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct VmStartArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// A JSON VM spec; the flags below are ignored when given.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    #[arg(long)]
+    pub name: Option<VmName>,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u32,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// q35 or pc.
+    #[arg(long, default_value = "q35")]
+    pub machine: String,
+    /// Kernel image name, from the host's images directory.
+    #[arg(long, conflicts_with = "disk")]
+    pub kernel: Option<String>,
+    #[arg(long)]
+    pub initrd: Option<String>,
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Disk image name, from the host's images directory.
+    #[arg(long)]
+    pub disk: Option<String>,
+}
+
+impl VmStartArgs {
+    fn spec(&self) -> Result<VmSpec> {
+        if let Some(path) = &self.spec {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            return serde_json::from_str(&text).with_context(|| format!("VM spec {} is invalid", path.display()));
+        }
+        let name = self.name.as_ref().ok_or_else(|| anyhow!("give --spec or --name"))?;
+        let boot = match (&self.kernel, &self.disk) {
+            (Some(k), _) => serde_json::json!({"type": "kernel", "kernel": k, "initrd": self.initrd, "cmdline": self.cmdline}),
+            (None, Some(d)) => serde_json::json!({"type": "disk", "image": d}),
+            (None, None) => bail!("give --kernel or --disk"),
+        };
+        let v = serde_json::json!({"name": name, "memory_mib": self.memory, "vcpus": self.vcpus, "machine": self.machine, "boot": boot});
+        serde_json::from_value(v).context("invalid VM spec")
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The VM to move.
+    pub vm: VmName,
+    /// The destination host (its certificate must name it).
+    #[arg(long)]
+    pub to: HostName,
+    /// Return once the migration has started instead of waiting for its end.
+    #[arg(long)]
+    pub no_wait: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrationsCommand {
+    /// All migrations this host took part in, oldest first.
+    List(Target),
+    /// One migration's record.
+    Show {
+        id: MigrationId,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Settle an in-doubt migration by asking its destination what happened.
+    Resolve {
+        id: MigrationId,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+}
+
+/// Turn an `Error` answer into an exit status (printing it once).
+fn finish(resp: ApiResponse, json: bool, text: impl FnOnce(&ApiResponse)) -> Result<ExitCode> {
+    if let ApiResponse::Error { kind, message } = &resp {
+        if json {
+            print_json(&resp);
+        } else {
+            eprintln!("error: {message}");
+        }
+        return Ok(ExitCode::from(if *kind == ErrorKind::InDoubt { EXIT_IN_DOUBT } else { 1 }));
+    }
+    if json {
+        print_json(&resp);
+    } else {
+        text(&resp);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn status(t: Target, json: bool) -> Result<ExitCode> {
+    let (c, host) = t.open()?;
+    let resp = c.request(&host, &ApiRequest::Status, |_| {}).await?;
+    finish(resp, json, |r| {
+        if let ApiResponse::Status(s) = r {
+            println!("host {}  version {}  protocol {}  accel {}", s.host, s.version, s.protocol, s.accel);
+            println!("vms {}  active migrations {}  peers {:?}", s.vms, s.active_migrations, s.peers);
+        }
+    })
+}
+
+pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
+    match cmd {
+        VmCommand::Start(args) => {
+            let spec = args.spec()?;
+            let (c, host) = args.target.open()?;
+            let resp = c.request(&host, &ApiRequest::VmStart { spec }, |_| {}).await?;
+            finish(resp, json, |r| {
+                if let ApiResponse::Vm(v) = r {
+                    println!("started {} on {host} (pid {}, {})", v.name, v.pid, v.accel);
+                }
+            })
+        }
+        VmCommand::List(t) => {
+            let (c, host) = t.open()?;
+            let resp = c.request(&host, &ApiRequest::VmList, |_| {}).await?;
+            finish(resp, json, |r| {
+                if let ApiResponse::Vms { vms } = r {
+                    println!("{:<20} {:<12} {:>8} {:>6} {:>5}  MIGRATION", "NAME", "STATE", "PID", "MiB", "CPUS");
+                    for v in vms {
+                        let m = v.migration.map(|m| m.to_string()).unwrap_or_default();
+                        println!("{:<20} {:<12} {:>8} {:>6} {:>5}  {m}", v.name.as_str(), v.state, v.pid, v.memory_mib, v.vcpus);
+                    }
+                }
+            })
+        }
+        VmCommand::Stop { vm, target } => {
+            let (c, host) = target.open()?;
+            let resp = c.request(&host, &ApiRequest::VmStop { vm }, |_| {}).await?;
+            finish(resp, json, |r| {
+                if let ApiResponse::Stopped { vm } = r {
+                    println!("stopped {vm} on {host}");
+                }
+            })
+        }
+    }
+}
+
+fn progress_line(p: &Progress) {
+    let mib = p.bytes as f64 / (1 << 20) as f64;
+    let secs = (p.elapsed_ms as f64 / 1000.0).max(0.001);
+    let mut err = std::io::stderr();
+    let _ = write!(
+        err,
+        "\r{:<9} {:>9.1} MiB  {:>8.1} MiB/s  remaining {:>7.1} MiB  iteration {:<3}",
+        p.phase,
+        mib,
+        mib / secs,
+        p.ram_remaining as f64 / (1 << 20) as f64,
+        p.iterations
+    );
+    let _ = err.flush();
+}
+
+pub async fn migrate(args: MigrateArgs, json: bool) -> Result<ExitCode> {
+    let (c, host) = args.target.open()?;
+    let req = ApiRequest::Migrate { vm: args.vm.clone(), to: args.to.clone(), wait: !args.no_wait };
+    let show = !json && !args.no_wait;
+    let resp = c.request(&host, &req, |p| if show { progress_line(p) }).await?;
+    if show {
+        eprintln!();
+    }
+    finish(resp, json, |r| {
+        if let ApiResponse::Migration(m) = r {
+            print_record(m);
+        }
+    })
+}
+
+pub fn print_record(m: &MigrationRecord) {
+    println!("migration {}: {} {} -> {}: {:?}", m.id, m.vm, m.source, m.destination, m.state);
+    println!("  bytes {}  total {} ms  QEMU downtime {} ms", m.bytes, opt(m.total_ms), opt(m.qemu_downtime_ms));
+    if let Some(d) = m.digest {
+        println!("  digest {d}");
+    }
+    if let Some(e) = &m.error {
+        println!("  {e}");
+    }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+pub async fn migrations(cmd: MigrationsCommand, json: bool) -> Result<ExitCode> {
+    let (req, target) = match cmd {
+        MigrationsCommand::List(t) => (ApiRequest::MigrationList, t),
+        MigrationsCommand::Show { id, target } => (ApiRequest::MigrationShow { id }, target),
+        MigrationsCommand::Resolve { id, target } => (ApiRequest::MigrationResolve { id }, target),
+    };
+    let (c, host) = target.open()?;
+    let resp = c.request(&host, &req, |_| {}).await?;
+    finish(resp, json, |r| match r {
+        ApiResponse::Migration(m) => print_record(m),
+        ApiResponse::Migrations { migrations } => {
+            for m in migrations {
+                println!("{}  {:<11?} {:<11?} {} {} -> {}", m.id, m.role, m.state, m.vm, m.source, m.destination);
+            }
+        }
+        _ => {}
+    })
+}
