@@ -1,0 +1,153 @@
+//! DESIGN.md step 7 with real faults: whatever breaks during a migration,
+//! the VM runs exactly once and is never lost.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A lab whose migrations are slowed to ~64 MiB/s so a fault can land mid-transfer.
+fn slow_lab() -> (TestLab, PathBuf) {
+    let lab = TestLab::up(2, 64);
+    let vm = lab.start_guest("host1", "g", 512, "fill_mib=384 dirty=64 hb_ms=10");
+    let log = PathBuf::from(vm["console_log"].as_str().expect("log"));
+    (lab, log)
+}
+
+fn spawn_migrate(lab: &TestLab) -> std::process::Child {
+    Command::new(FERRY)
+        .args(["migrate", "g", "--to", "host2", "--host", "host1", "--json"])
+        .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn migrate")
+}
+
+/// Wait until the destination has launched its incoming QEMU and some
+/// state has flowed; returns that QEMU's pid.
+fn wait_transfer_started(lab: &TestLab) -> i32 {
+    let mut pid = 0;
+    wait_until(Duration::from_secs(30), "the incoming VM on host2", || {
+        let vms = lab.vms("host2");
+        pid = vms.iter().find(|v| v["name"] == "g").and_then(|v| v["pid"].as_i64()).unwrap_or(0) as i32;
+        pid != 0
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    pid
+}
+
+fn finish(child: std::process::Child) -> (bool, String) {
+    let o = child.wait_with_output().expect("wait migrate");
+    (o.status.success(), text(&o))
+}
+
+/// After a failed migration: the source copy runs (its heartbeat moves on)
+/// and no QEMU for the VM is left on the destination.
+fn assert_rolled_back(lab: &TestLab, log: &std::path::Path) {
+    let started = Instant::now();
+    wait_until(Duration::from_secs(10), "the source copy to run again", || lab.vm_state("host1", "g").as_deref() == Some("running"));
+    eprintln!("source running again {} ms after the failure was reported", started.elapsed().as_millis());
+    assert_guest_runs(log);
+    assert_eq!(lab.running_on("g"), ["host1"]);
+    wait_until(Duration::from_secs(10), "no QEMU left on host2", || live_qemus_under(&lab.host("host2").state_dir).is_empty());
+    let lines = ferry_cli::console::read_console(log).expect("console");
+    assert!(!lines.iter().any(|l| matches!(l.line, ferry_guest::GuestLine::Corrupt { .. })), "guest memory corrupted");
+}
+
+#[test]
+fn destination_agent_killed_mid_transfer() {
+    let (lab, log) = slow_lab();
+    let child = spawn_migrate(&lab);
+    wait_transfer_started(&lab);
+    lab.kill_agent("host2");
+    let t = Instant::now();
+    let (ok, out) = finish(child);
+    assert!(!ok, "migration reported success: {out}");
+    eprintln!("failure reported {} ms after the kill: {out}", t.elapsed().as_millis());
+    assert!(t.elapsed() < Duration::from_secs(20), "took too long to notice");
+    // The destination's QEMU is orphaned (paused, never resumed): host2 runs
+    // nothing until its agent restarts and cleans it up.
+    wait_until(Duration::from_secs(10), "source running", || lab.vm_state("host1", "g").as_deref() == Some("running"));
+    assert_eq!(lab.running_on("g"), ["host1"]);
+    lab.start_agent("host2");
+    assert!(lab.vms("host2").is_empty(), "restarted host2 still lists the incoming VM");
+    assert_rolled_back(&lab, &log);
+    // The destination's record says it never ran the VM.
+    let (_, list) = lab.ferry_json(&["migrations", "list", "--host", "host2"]);
+    let states: Vec<_> = list["migrations"].as_array().expect("list").iter().map(|m| m["state"].clone()).collect();
+    assert_eq!(states, [serde_json::json!("aborted")], "{list}");
+}
+
+#[test]
+fn destination_qemu_killed_mid_transfer() {
+    let (lab, log) = slow_lab();
+    let child = spawn_migrate(&lab);
+    let qemu = wait_transfer_started(&lab);
+    let _ = Command::new("kill").args(["-9", &qemu.to_string()]).status();
+    let (ok, out) = finish(child);
+    assert!(!ok, "migration reported success: {out}");
+    assert!(out.contains("host2"), "error does not name the destination: {out}");
+    assert_rolled_back(&lab, &log);
+    assert!(lab.vms("host2").is_empty());
+}
+
+#[test]
+fn connection_cut_mid_transfer() {
+    let (lab, log) = slow_lab();
+    let target = lab.host("host2").addr;
+    let proxy = Proxy::start(target, ProxyMode::CutAfter(64 << 20));
+    lab.edit_config("host1", &format!("host2 = \"{target}\""), &format!("host2 = \"{}\"", proxy.addr));
+    lab.restart_agent("host1");
+    let (ok, out) = finish(spawn_migrate(&lab));
+    assert!(!ok, "migration reported success: {out}");
+    assert_rolled_back(&lab, &log);
+    assert!(lab.vms("host2").is_empty());
+}
+
+/// After Commit, no Receipt: the source copy stays paused ("in doubt") and
+/// only the destination's answer settles it. Here the destination did run
+/// the VM, so resolving quits the source copy.
+#[test]
+fn lost_receipt_leaves_the_migration_in_doubt_until_resolved() {
+    let lab = TestLab::up(2, 0);
+    lab.start_guest("host1", "g", 256, "fill_mib=128 dirty=64 hb_ms=10");
+    let target = lab.host("host2").addr;
+    // Everything the destination says after the bulk of the state passed is swallowed.
+    let proxy = Proxy::start(target, ProxyMode::MuteDownstreamAfter(100 << 20));
+    lab.edit_config("host1", &format!("host2 = \"{target}\""), &format!("host2 = \"{}\"", proxy.addr));
+    let cfg = &lab.host("host1").config;
+    let mut s = std::fs::read_to_string(cfg).expect("cfg");
+    s.push_str("\n[migration]\ncommit_timeout_ms = 1000\nio_timeout_ms = 2000\n");
+    std::fs::write(cfg, s).expect("cfg");
+    lab.restart_agent("host1");
+
+    let o = lab.ferry(&["migrate", "g", "--to", "host2", "--host", "host1", "--json"]);
+    assert_eq!(o.status.code(), Some(4), "expected the in-doubt exit status: {}", text(&o));
+    assert!(text(&o).contains("resolve"), "{}", text(&o));
+    let id = {
+        let (_, list) = lab.ferry_json(&["migrations", "list", "--host", "host1"]);
+        let m = &list["migrations"][0];
+        assert_eq!(m["state"], "in_doubt", "{list}");
+        m["id"].as_str().expect("id").to_owned()
+    };
+    // At most one copy runs: the destination's; the source's is paused.
+    assert_eq!(lab.running_on("g"), ["host2"]);
+    assert_ne!(lab.vm_state("host1", "g").as_deref(), Some("running"));
+    // The network heals (the proxy goes) and the source agent restarts: the
+    // migration is still in doubt and the source copy still paused.
+    lab.edit_config("host1", &format!("host2 = \"{}\"", proxy.addr), &format!("host2 = \"{target}\""));
+    drop(proxy);
+    lab.restart_agent("host1");
+    assert_ne!(lab.vm_state("host1", "g").as_deref(), Some("running"));
+
+    let (ok, rec) = lab.ferry_json(&["migrations", "resolve", &id, "--host", "host1"]);
+    assert!(ok, "resolve failed: {rec}");
+    assert_eq!(rec["state"], "completed", "{rec}");
+    assert!(lab.vm_state("host1", "g").is_none(), "source copy not removed");
+    assert_eq!(lab.running_on("g"), ["host2"]);
+    assert!(live_qemus_under(&lab.host("host1").state_dir).is_empty());
+}
