@@ -194,3 +194,18 @@ mod tests {
         assert!(e.contains("itself"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod sample {
+    use super::*;
+
+    /// The commented sample in docs/ must stay a valid, complete config.
+    #[test]
+    fn the_sample_config_parses() {
+        let text = include_str!("../../../docs/agent.sample.toml");
+        let c = AgentConfig::parse(text, Path::new("docs/agent.sample.toml")).unwrap();
+        assert_eq!(c.host.name.as_str(), "host1");
+        assert!(c.tls.crl.is_some());
+        assert_eq!(c.peers.len(), 1);
+    }
+}
