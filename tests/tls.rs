@@ -69,7 +69,8 @@ fn a_source_refuses_destinations_with_bad_certificates() {
 
     // The destination presents a bad certificate: the source refuses it
     // before any VM byte moves.
-    for side in ["host2"] {
+    {
+        let side = "host2";
         // A certificate for the right name from another CA.
         let c = issue(&lab, &foreign, &["host", side], &format!("foreign-{side}"), &[]);
         with_identity(&lab, side, &c, || assert_refused(&lab, &log, &["unknown ca", "not issued by this cluster"]));

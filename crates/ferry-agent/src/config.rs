@@ -193,11 +193,6 @@ mod tests {
         let e = AgentConfig::parse(&self_peer, Path::new("a.toml")).unwrap_err().to_string();
         assert!(e.contains("itself"), "{e}");
     }
-}
-
-#[cfg(test)]
-mod sample {
-    use super::*;
 
     /// The commented sample in docs/ must stay a valid, complete config.
     #[test]

@@ -175,6 +175,17 @@ impl PeerMessage {
     }
 }
 
+/// The binding carried in an offer: the connection's TLS exporter (label
+/// [`BINDING_LABEL`], empty context) hashed with the migration id, so the
+/// offer is valid on this connection, for this migration, only.
+pub fn offer_binding(exporter: &[u8; 32], id: &MigrationId) -> Digest32 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"ferry offer binding v1");
+    h.update(exporter);
+    h.update(id.as_bytes());
+    Digest32(*h.finalize().as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,15 +201,4 @@ mod tests {
         let req = r#"{"op":"migrate","vm":"../x","to":"host2","wait":true}"#;
         assert!(serde_json::from_str::<ApiRequest>(req).is_err(), "VM names are validated");
     }
-}
-
-/// The binding carried in an offer: the connection's TLS exporter (label
-/// [`BINDING_LABEL`], empty context) hashed with the migration id, so the
-/// offer is valid on this connection, for this migration, only.
-pub fn offer_binding(exporter: &[u8; 32], id: &MigrationId) -> Digest32 {
-    let mut h = blake3::Hasher::new();
-    h.update(b"ferry offer binding v1");
-    h.update(exporter);
-    h.update(id.as_bytes());
-    Digest32(*h.finalize().as_bytes())
 }

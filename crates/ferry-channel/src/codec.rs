@@ -73,9 +73,12 @@ impl FrameHeader {
     }
 }
 
+/// A whole frame found at the front of a buffer: header, payload, bytes used.
+pub type SplitFrame<'a> = (FrameHeader, &'a [u8], usize);
+
 /// Split one whole frame off the front of `buf`: `Ok(None)` if more bytes
 /// are needed. The entry point for fuzzing the codec.
-pub fn split_frame(buf: &[u8]) -> Result<Option<(FrameHeader, &[u8], usize)>, FrameError> {
+pub fn split_frame(buf: &[u8]) -> Result<Option<SplitFrame<'_>>, FrameError> {
     let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
         return Ok(None);
     };
@@ -133,7 +136,7 @@ mod tests {
                     x ^= x >> 17;
                     x ^= x << 5;
                     // Bias towards small kinds so valid headers occur too.
-                    if x % 3 == 0 { (x % 4) as u8 } else { (x >> 8) as u8 }
+                    if x.is_multiple_of(3) { (x % 4) as u8 } else { (x >> 8) as u8 }
                 })
                 .collect();
             let _ = split_frame(&bytes);

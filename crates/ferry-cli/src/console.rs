@@ -92,7 +92,7 @@ pub fn analyze(source: &[ConsoleLine], dest: &[ConsoleLine]) -> Continuity {
         GuestLine::Heartbeat { seq, .. } => Some((seq, l.unix_ms)),
         _ => None,
     };
-    let last_src = source.iter().filter_map(hb).last();
+    let last_src = source.iter().rev().find_map(hb);
     let first_dst = dest.iter().find_map(hb);
     let mut sweep_errors = 0u64;
     let mut sweeps = 0;

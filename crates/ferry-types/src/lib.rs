@@ -274,6 +274,7 @@ impl FromStr for SpiffeId {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
