@@ -253,6 +253,7 @@ static void report_corrupt(u32 p)
 struct params {
     u32 fill_mib, dirty, hb_ms;
     u32 corrupt_after_ms; /* 0: never */
+    u32 tlbflush;         /* 1: invlpg before each dirtying write (see README) */
     char marker[MARKER_MAX + 1];
     u32 marker_len;
 };
@@ -294,6 +295,11 @@ static u32 parse_u32(const char *tok, const char *s, u32 len)
 
 /* Tokens are space separated key=value pairs. Tokens without '=' are
  * skipped: QEMU puts the kernel's file name first on the command line. */
+static inline void invlpg(const volatile void *addr)
+{
+    __asm__ volatile("invlpg (%0)" : : "r"(addr) : "memory");
+}
+
 static void parse_cmdline(struct params *pr)
 {
     char *s = cmdline;
@@ -320,6 +326,8 @@ static void parse_cmdline(struct params *pr)
             pr->dirty = parse_u32(tok, val, vlen);
         else if (key_is(tok, klen, "hb_ms"))
             pr->hb_ms = parse_u32(tok, val, vlen);
+        else if (key_is(tok, klen, "tlbflush"))
+            pr->tlbflush = parse_u32(tok, val, vlen);
         else if (key_is(tok, klen, "corrupt_after_ms"))
             pr->corrupt_after_ms = parse_u32(tok, val, vlen);
         else if (key_is(tok, klen, "marker")) {
@@ -421,6 +429,12 @@ void kmain(u32 magic, const struct mb_info *mbi)
                 u32 *w = page_ptr(p);
                 if (!header_ok(p, w))
                     report_corrupt(p);
+                if (pr.tlbflush) {
+                    /* Drop the TLB entries first so the writes below take
+                     * QEMU's slow path, which records them for migration. */
+                    invlpg(w);
+                    invlpg(&GEN_TABLE[p]);
+                }
                 u32 gen = GEN_TABLE[p] + 1;
                 GEN_TABLE[p] = gen;
                 w[1] = gen;

@@ -161,6 +161,7 @@ fn boots_fills_sweeps_and_heartbeats() {
         dirty_pages_per_ms: 64,
         heartbeat_ms: 10,
         marker: None,
+        tlb_flush: false,
     };
     let mut q = Qemu::boot(&params.cmdline(), 256);
     assert_eq!(q.ready(), (32, 32 * 256));
@@ -318,6 +319,7 @@ fn host_sees_documented_page_layout_and_marker() {
         dirty_pages_per_ms: 0, // pages stay at generation 0
         heartbeat_ms: 100,
         marker: Some("FERRY-MARKER-7f3a".into()),
+        tlb_flush: false,
     };
     let mut q = Qemu::boot(&params.cmdline(), 64);
     let (_, pages) = q.ready();
