@@ -63,6 +63,8 @@ fn destination_agent_killed_mid_transfer() {
     let (lab, log) = slow_lab();
     let child = spawn_migrate(&lab);
     wait_transfer_started(&lab);
+    // Scraped during the transfer: one migration in flight.
+    assert_eq!(metric(&scrape(lab.host("host1").metrics), "ferry_active_migrations"), 1);
     lab.kill_agent("host2");
     let t = Instant::now();
     let (ok, out) = finish(child);
@@ -80,6 +82,9 @@ fn destination_agent_killed_mid_transfer() {
     let (_, list) = lab.ferry_json(&["migrations", "list", "--host", "host2"]);
     let states: Vec<_> = list["migrations"].as_array().expect("list").iter().map(|m| m["state"].clone()).collect();
     assert_eq!(states, [serde_json::json!("aborted")], "{list}");
+    let m = scrape(lab.host("host1").metrics);
+    assert_eq!(metric(&m, "ferry_migrations_total{role=\"source\",outcome=\"aborted\"}"), 1, "{m}");
+    assert_eq!(metric(&m, "ferry_active_migrations"), 0, "{m}");
 }
 
 #[test]

@@ -16,8 +16,17 @@ fn a_dirtying_guest_migrates_keeps_running_and_runs_once() {
     let src = lab.start_guest("host1", "g1", 512, "fill_mib=256 dirty=256 hb_ms=10");
     let src_pid = src["pid"].as_i64().expect("pid") as i32;
 
+    let completed = "ferry_migrations_total{role=\"source\",outcome=\"completed\"}";
+    let received = "ferry_migrations_total{role=\"destination\",outcome=\"completed\"}";
+    assert_eq!(metric(&scrape(lab.host("host1").metrics), completed), 0);
+
     let (ok, rec) = lab.ferry_json(&["migrate", "g1", "--to", "host2", "--host", "host1"]);
     assert!(ok, "migration failed: {rec}");
+    // The counters moved on both sides.
+    let m1 = scrape(lab.host("host1").metrics);
+    assert_eq!(metric(&m1, completed), 1, "{m1}");
+    assert!(metric(&m1, "ferry_migration_bytes_total{role=\"source\"}") > 256 << 20, "{m1}");
+    assert_eq!(metric(&scrape(lab.host("host2").metrics), received), 1);
     assert_eq!(rec["state"], "completed", "{rec}");
     assert!(rec["bytes"].as_u64().unwrap_or(0) > 256 << 20, "less than the filled memory moved: {rec}");
     let id = rec["id"].as_str().expect("id").to_owned();

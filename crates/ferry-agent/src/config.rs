@@ -34,10 +34,19 @@ pub struct AgentConfig {
     pub qemu: QemuSection,
     #[serde(default)]
     pub migration: MigrationSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
     /// Peer agents by host name: where to reach them. A migration may only
     /// target a host listed here, and the peer must prove that name.
     #[serde(default)]
     pub peers: BTreeMap<HostName, SocketAddr>,
+}
+
+/// Prometheus metrics over plain HTTP; off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

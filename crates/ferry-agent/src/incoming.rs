@@ -56,48 +56,49 @@ fn query_outcome(agent: &Agent, peer: &PeerAuthenticated, id: &MigrationId) -> D
 }
 
 /// Why an offer is refused, checked before anything is launched.
-fn check_offer(agent: &Agent, peer: &PeerAuthenticated, exporter: &[u8; 32], offer: &Offer) -> Result<(), String> {
+fn check_offer(agent: &Agent, peer: &PeerAuthenticated, exporter: &[u8; 32], offer: &Offer) -> Result<(), (&'static str, String)> {
     if offer.destination != agent.host {
-        return Err(format!("offer is addressed to {}, this is {}", offer.destination, agent.host));
+        return Err(("misaddressed", format!("offer is addressed to {}, this is {}", offer.destination, agent.host)));
     }
     if &offer.source != peer.host() {
-        return Err(format!("offer claims source {} but the connection is from {}", offer.source, peer.host()));
+        return Err(("source_mismatch", format!("offer claims source {} but the connection is from {}", offer.source, peer.host())));
     }
     // SECURITY: the binding ties the offer to this TLS connection; a
     // recorded offer replayed on another connection cannot match.
     if offer.channel_binding != offer_binding(exporter, &offer.migration_id) {
-        return Err("offer is not bound to this connection (replayed or relayed)".into());
+        return Err(("binding", "offer is not bound to this connection (replayed or relayed)".into()));
     }
     let now = now_unix_ms();
     let created = offer.migration_id.created_unix_ms();
     if created > now + CLOCK_SKEW_MS {
-        return Err("migration id is from the future".into());
+        return Err(("window", "migration id is from the future".into()));
     }
     let not_after = offer.not_after_unix_ms.min(created + agent.cfg.migration.offer_validity_ms);
     if now > not_after + CLOCK_SKEW_MS {
-        return Err(format!("offer expired {} ms ago", now - not_after));
+        return Err(("window", format!("offer expired {} ms ago", now - not_after)));
     }
-    offer.vm.validate().map_err(|e| format!("invalid VM spec: {e}"))?;
+    offer.vm.validate().map_err(|e| ("spec", format!("invalid VM spec: {e}")))?;
     Ok(())
 }
 
-async fn refuse(writer: &mut Writer, id: MigrationId, reason: String) {
-    tracing::warn!(%reason, "refusing migration");
+async fn refuse(agent: &Agent, writer: &mut Writer, id: MigrationId, code: &str, reason: String) {
+    tracing::warn!(%reason, code, "refusing migration");
+    agent.metrics.refused(code);
     let _ = writer.write_control(&PeerMessage::Refuse { migration_id: id, reason }).await;
 }
 
 async fn receive(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32], offer: Offer, mut reader: Reader, mut writer: Writer) {
     let id = offer.migration_id;
-    if let Err(reason) = check_offer(&agent, &peer, &exporter, &offer) {
-        return refuse(&mut writer, id, reason).await;
+    if let Err((code, reason)) = check_offer(&agent, &peer, &exporter, &offer) {
+        return refuse(&agent, &mut writer, id, code, reason).await;
     }
     let mut rec = MigrationRecord::new(id, Role::Destination, offer.vm.name.clone(), offer.source.clone(), agent.host.clone());
     // SECURITY: the record doubles as the seen-set; create() fails if this
     // id was ever offered before, across restarts.
     match agent.records.create(&mut rec) {
         Ok(true) => {}
-        Ok(false) => return refuse(&mut writer, id, format!("migration id {id} was already used (replay)")).await,
-        Err(e) => return refuse(&mut writer, id, format!("cannot record the migration: {}", crate::chain(&e))).await,
+        Ok(false) => return refuse(&agent, &mut writer, id, "replay", format!("migration id {id} was already used (replay)")).await,
+        Err(e) => return refuse(&agent, &mut writer, id, "record", format!("cannot record the migration: {}", crate::chain(&e))).await,
     }
     let started = Instant::now();
     let vm = offer.vm.name.clone();
@@ -108,7 +109,7 @@ async fn receive(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32],
         if table.contains_key(&vm) {
             drop(table);
             abort_record(&agent, &mut rec, format!("a VM named {vm} already exists here"));
-            return refuse(&mut writer, id, format!("a VM named {vm} already exists on {}", agent.host)).await;
+            return refuse(&agent, &mut writer, id, "name_conflict", format!("a VM named {vm} already exists on {}", agent.host)).await;
         }
         match vms::launch(&agent.qemu, &offer.vm, LaunchMode::Incoming).await {
             Ok(mut entry) => {
@@ -121,7 +122,7 @@ async fn receive(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32],
                 drop(table);
                 let why = format!("cannot start the destination QEMU: {}", crate::chain(&e));
                 abort_record(&agent, &mut rec, why.clone());
-                return refuse(&mut writer, id, why).await;
+                return refuse(&agent, &mut writer, id, "launch", why).await;
             }
         }
     };
@@ -175,6 +176,7 @@ async fn receive(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32],
         entry.busy = None;
     }
     tracing::info!(bytes, "VM resumed here; sending receipt");
+    agent.metrics.migration_finished(Role::Destination, "completed", bytes, started.elapsed());
     let _ = writer.write_control(&PeerMessage::Receipt { migration_id: id, bytes, digest }).await;
 }
 
@@ -256,5 +258,7 @@ async fn abort(agent: &Agent, rec: &mut MigrationRecord, proc: &QemuProcess, wri
     drop(entry);
     let _ = std::fs::remove_dir_all(&proc.dir);
     abort_record(agent, rec, why.clone());
+    let since = Duration::from_millis(now_unix_ms().saturating_sub(rec.created_unix_ms));
+    agent.metrics.migration_finished(Role::Destination, "aborted", rec.bytes, since);
     let _ = writer.write_control(&PeerMessage::Abort { migration_id: rec.id, reason: why }).await;
 }

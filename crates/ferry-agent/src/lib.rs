@@ -12,6 +12,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod incoming;
+pub mod metrics;
 pub mod outgoing;
 pub mod protocol;
 pub mod records;
@@ -97,6 +98,7 @@ pub struct Agent {
     pub records: records::RecordStore,
     /// Progress of migrations this host is sending, for operators watching.
     pub active: Mutex<HashMap<MigrationId, watch::Receiver<protocol::Progress>>>,
+    pub metrics: metrics::Metrics,
 }
 
 impl Agent {
@@ -143,6 +145,7 @@ impl Agent {
             vms: Mutex::new(Default::default()),
             records,
             active: Mutex::new(HashMap::new()),
+            metrics: metrics::Metrics::default(),
             cfg,
         });
         recovery::recover(&agent).await?;

@@ -137,6 +137,12 @@ async fn run(ctx: Ctx, mut rec: MigrationRecord) -> Result<MigrationRecord, Faul
         _ => "aborted",
     });
     ctx.agent.active.lock().await.remove(&ctx.id);
+    let outcome = match rec.state {
+        MigrationState::Completed => "completed",
+        MigrationState::InDoubt => "in_doubt",
+        _ => "aborted",
+    };
+    ctx.agent.metrics.migration_finished(Role::Source, outcome, rec.bytes, ctx.started.elapsed());
     result
 }
 

@@ -56,7 +56,10 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Err(_) => return Err("TLS handshake timed out".into()),
-        Ok(Err(e)) => return Err(format!("TLS handshake failed: {}", ferry_identity::describe_tls_error(&e))),
+        Ok(Err(e)) => {
+            agent.metrics.tls_failure();
+            return Err(format!("TLS handshake failed: {}", ferry_identity::describe_tls_error(&e)));
+        }
         Ok(Ok(t)) => t,
     };
     let peer = ferry_identity::peer_identity(tls.get_ref().1, &agent.domain).map_err(|e| crate::chain(&e))?;
@@ -85,6 +88,7 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
         }
         (PeerIdentity::Host(name), Some(proof)) => {
             if !agent.cfg.peers.contains_key(&name) {
+                agent.metrics.refused("unknown_peer");
                 let msg = format!("host {name} is not in this agent's [peers] table");
                 let _ = writer.write_control(&ApiResponse::Error { kind: ErrorKind::Denied, message: msg.clone() }).await;
                 return Err(msg);

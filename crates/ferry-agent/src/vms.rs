@@ -165,9 +165,13 @@ async fn console_logger(socket: PathBuf, log: PathBuf) {
             if n == 0 {
                 break;
             }
+            // A line cut short (QEMU quit mid-line, or the line is over the
+            // cap) is marked, so nobody mistakes its prefix for a whole line.
+            let complete = line.ends_with(b"\n");
             let text = String::from_utf8_lossy(&line);
             let text = text.trim_end_matches(['\r', '\n']);
-            let entry = format!("{} {}\n", now_unix_ms(), text.replace('\n', " "));
+            let mark = if complete { "" } else { "[partial] " };
+            let entry = format!("{} {mark}{}\n", now_unix_ms(), text.replace('\n', " "));
             if out.write_all(entry.as_bytes()).await.is_err() {
                 return;
             }

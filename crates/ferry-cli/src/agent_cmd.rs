@@ -37,6 +37,11 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    if let Some(addr) = agent.cfg.metrics.listen {
+        let l = ferry_agent::metrics::bind(addr).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tokio::spawn(ferry_agent::metrics::serve(agent.clone(), l));
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
     tracing::info!(host = %agent.host, %listen, accel = agent.accel.qemu_name(), "agent ready");
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
