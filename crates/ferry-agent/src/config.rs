@@ -36,10 +36,58 @@ pub struct AgentConfig {
     pub migration: MigrationSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// TPM platform attestation (R1). Required unless explicitly disabled.
+    pub attestation: AttestationSection,
     /// Peer agents by host name: where to reach them. A migration may only
     /// target a host listed here, and the peer must prove that name.
     #[serde(default)]
     pub peers: BTreeMap<HostName, SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationSection {
+    /// TCTI of this host's TPM: "device:/dev/tpmrm0" in production,
+    /// "swtpm:host=127.0.0.1,port=P" for a software TPM (tests, lab).
+    pub tcti: Option<String>,
+    /// This host's enrolled attestation key (`ferry attest enroll`).
+    pub ak: Option<PathBuf>,
+    /// Directory of enrolled AKs, one file per host: only these are trusted.
+    pub registry: Option<PathBuf>,
+    /// Reference PCR values per host class.
+    pub reference_values: Option<PathBuf>,
+    /// INSECURE: neither quote nor require quotes. Warned at start-up and
+    /// recorded on every migration this host takes part in.
+    #[serde(default)]
+    pub insecure_disabled: bool,
+}
+
+/// Where attestation material lives, once checked to be complete.
+#[derive(Debug, Clone)]
+pub struct AttestationPaths {
+    pub tcti: String,
+    pub ak: PathBuf,
+    pub registry: PathBuf,
+    pub reference_values: PathBuf,
+}
+
+impl AttestationSection {
+    /// None when attestation is (insecurely) disabled.
+    pub fn paths(&self, path: &Path) -> Result<Option<AttestationPaths>, ConfigError> {
+        if self.insecure_disabled {
+            return Ok(None);
+        }
+        let missing = |k: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            message: format!("[attestation] {k} is required (or set insecure_disabled = true, which is insecure)"),
+        };
+        Ok(Some(AttestationPaths {
+            tcti: self.tcti.clone().ok_or_else(|| missing("tcti"))?,
+            ak: self.ak.clone().ok_or_else(|| missing("ak"))?,
+            registry: self.registry.clone().ok_or_else(|| missing("registry"))?,
+            reference_values: self.reference_values.clone().ok_or_else(|| missing("reference_values"))?,
+        }))
+    }
 }
 
 /// Prometheus metrics over plain HTTP; off unless `listen` is set.
@@ -150,6 +198,7 @@ impl AgentConfig {
         if cfg.migration.io_timeout_ms == 0 || cfg.migration.connect_timeout_ms == 0 {
             return Err(invalid("[migration] timeouts must be greater than 0".into()));
         }
+        cfg.attestation.paths(path)?;
         Ok(cfg)
     }
 
@@ -177,6 +226,11 @@ mod tests {
         cert = "h.pem"
         key = "h.key"
         ca = "ca.pem"
+        [attestation]
+        tcti = "swtpm:host=127.0.0.1,port=2321"
+        ak = "ak.json"
+        registry = "aks"
+        reference_values = "refs.toml"
         [peers]
         host2 = "127.0.0.1:7102"
     "#;
@@ -201,6 +255,9 @@ mod tests {
         let self_peer = MINIMAL.replace("host2 =", "host1 =");
         let e = AgentConfig::parse(&self_peer, Path::new("a.toml")).unwrap_err().to_string();
         assert!(e.contains("itself"), "{e}");
+        let no_ak = MINIMAL.replace("ak = \"ak.json\"", "");
+        let e = AgentConfig::parse(&no_ak, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(e.contains("[attestation] ak is required"), "{e}");
     }
 
     /// The commented sample in docs/ must stay a valid, complete config.

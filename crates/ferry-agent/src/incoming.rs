@@ -15,6 +15,7 @@ use ferry_vmm::{LaunchMode, MigrationState as QemuMigration, QemuProcess};
 use tokio::io::AsyncWriteExt;
 
 use crate::protocol::{offer_binding, DestinationOutcome, Offer, PeerMessage};
+use ferry_attest::QuoteRole;
 use crate::records::{now_unix_ms, MigrationRecord, MigrationState, Role};
 use crate::server::{Reader, Writer};
 use crate::{vms, Agent};
@@ -31,15 +32,60 @@ pub async fn handle(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 3
         }
     };
     match first {
+        PeerMessage::Attest { migration_id, evidence } => {
+            let span = tracing::info_span!("migration", migration_id = %migration_id, peer = %peer.host(), role = "destination");
+            tracing::Instrument::instrument(attest_then_receive(agent, peer, exporter, migration_id, evidence, reader, writer), span).await
+        }
         PeerMessage::Offer(offer) => {
-            let span = tracing::info_span!("migration", migration_id = %offer.migration_id, vm = %offer.vm.name, peer = %peer.host(), role = "destination");
-            tracing::Instrument::instrument(receive(agent, peer, exporter, offer, reader, writer), span).await
+            // SECURITY: no offer is considered before both platforms attested.
+            let why = "an offer must follow mutual attestation".to_owned();
+            refuse(&agent, &mut writer, offer.migration_id, "protocol", why).await
         }
         PeerMessage::Query { migration_id } => {
             let outcome = query_outcome(&agent, &peer, &migration_id);
             let _ = writer.write_control(&PeerMessage::QueryReply { migration_id, outcome }).await;
         }
         other => tracing::info!(peer = %peer.host(), message = other.name(), "unexpected first message"),
+    }
+}
+
+/// Step 3, destination side: verify the source's quote first (an
+/// unattested source learns nothing but the refusal), then quote back, then
+/// take the offer, which must name the attested migration.
+async fn attest_then_receive(
+    agent: Arc<Agent>,
+    peer: PeerAuthenticated,
+    exporter: [u8; 32],
+    id: MigrationId,
+    evidence: Option<ferry_attest::Evidence>,
+    mut reader: Reader,
+    mut writer: Writer,
+) {
+    let started = Instant::now();
+    let quoting = agent.attestation.enabled();
+    let outcome = match agent.attestation.verify_peer(peer.host(), evidence.as_ref(), &exporter, &id, QuoteRole::Source, started, quoting) {
+        Ok(o) => o,
+        Err(why) => {
+            agent.metrics.attestation_failure();
+            return refuse(&agent, &mut writer, id, "attestation", format!("source {} failed attestation: {why}", peer.host())).await;
+        }
+    };
+    let ours = match agent.attestation.quote(&exporter, &id, QuoteRole::Destination).await {
+        Ok(e) => e,
+        Err(why) => return refuse(&agent, &mut writer, id, "tpm", why).await,
+    };
+    if writer.write_control(&PeerMessage::Attest { migration_id: id, evidence: ours }).await.is_err() {
+        return;
+    }
+    match reader.read_control::<PeerMessage>().await {
+        Ok(PeerMessage::Offer(offer)) if offer.migration_id == id => receive(agent, peer, exporter, offer, outcome, reader, writer).await,
+        Ok(PeerMessage::Offer(offer)) => {
+            let why = format!("offer for {} on a connection attested for {id}", offer.migration_id);
+            refuse(&agent, &mut writer, id, "binding", why).await
+        }
+        Ok(PeerMessage::Abort { reason, .. }) => tracing::warn!(%reason, "source aborted after attestation"),
+        Ok(other) => refuse(&agent, &mut writer, id, "protocol", format!("expected an offer, got {}", other.name())).await,
+        Err(e) => tracing::info!(error = %crate::chain(&e), "no offer after attestation"),
     }
 }
 
@@ -87,12 +133,28 @@ async fn refuse(agent: &Agent, writer: &mut Writer, id: MigrationId, code: &str,
     let _ = writer.write_control(&PeerMessage::Refuse { migration_id: id, reason }).await;
 }
 
-async fn receive(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32], offer: Offer, mut reader: Reader, mut writer: Writer) {
+async fn receive(
+    agent: Arc<Agent>,
+    peer: PeerAuthenticated,
+    exporter: [u8; 32],
+    offer: Offer,
+    attestation: crate::attestation::AttestationOutcome,
+    mut reader: Reader,
+    mut writer: Writer,
+) {
     let id = offer.migration_id;
     if let Err((code, reason)) = check_offer(&agent, &peer, &exporter, &offer) {
         return refuse(&agent, &mut writer, id, code, reason).await;
     }
     let mut rec = MigrationRecord::new(id, Role::Destination, offer.vm.name.clone(), offer.source.clone(), agent.host.clone());
+    if !attestation.peer_verified {
+        rec.insecure.push(format!("attestation disabled on {}: {} not verified", agent.host, offer.source));
+    }
+    if !attestation.quoted {
+        rec.insecure.push(format!("{} sent no quote", agent.host));
+    }
+    rec.setup_ms = Some(attestation.ms);
+    rec.attestation = Some(attestation);
     // SECURITY: the record doubles as the seen-set; create() fails if this
     // id was ever offered before, across restarts.
     match agent.records.create(&mut rec) {

@@ -9,6 +9,7 @@
 //! * [`recovery`]: reconciling VMs and records after a restart.
 
 pub mod api;
+pub mod attestation;
 pub mod client;
 pub mod config;
 pub mod incoming;
@@ -99,6 +100,7 @@ pub struct Agent {
     /// Progress of migrations this host is sending, for operators watching.
     pub active: Mutex<HashMap<MigrationId, watch::Receiver<protocol::Progress>>>,
     pub metrics: metrics::Metrics,
+    pub attestation: attestation::Attestation,
 }
 
 impl Agent {
@@ -136,6 +138,8 @@ impl Agent {
             source,
         })?;
         let records = records::RecordStore::open(&cfg.records_dir())?;
+        // The config was checked when parsed; this cannot fail here.
+        let attest_paths = cfg.attestation.paths(std::path::Path::new("config"))?;
         let agent = Arc::new(Agent {
             host: cfg.host.name.clone(),
             domain,
@@ -146,6 +150,7 @@ impl Agent {
             records,
             active: Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::default(),
+            attestation: attestation::Attestation::new(cfg.host.name.clone(), attest_paths),
             cfg,
         });
         recovery::recover(&agent).await?;

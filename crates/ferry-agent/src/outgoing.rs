@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::client::{self, Reader};
+use ferry_attest::QuoteRole;
 use crate::protocol::{offer_binding, DestinationOutcome, Offer, PeerMessage, Progress};
 use crate::records::{MigrationRecord, MigrationState, Role};
 use crate::{Agent, ErrorKind, Fault};
@@ -173,6 +174,7 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     let agent = &ctx.agent;
     let mig = &agent.cfg.migration;
     let config = agent.tls.client().map_err(|e| Before(backend("TLS configuration", e)))?;
+    let setup_started = Instant::now();
     let (stream, _proof) = client::connect(ctx.addr, &ctx.to, config, &agent.domain, mig.connect_timeout())
         .await
         .map_err(|e| Before(Fault::new(ErrorKind::Peer, crate::chain(&e))))?;
@@ -181,6 +183,9 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     let (mut reader, mut writer) = client::greet(stream, &ctx.to, ctx.addr, mig.io_timeout())
         .await
         .map_err(|e| Before(Fault::new(ErrorKind::Peer, crate::chain(&e))))?;
+
+    set_phase(ctx, "attest");
+    attest(ctx, rec, &exporter, &mut reader, &mut writer, setup_started).await.map_err(Before)?;
 
     set_phase(ctx, "offer");
     let offer = Offer {
@@ -289,6 +294,56 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
         Ok(Some(Err(e))) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, e))),
         Ok(None) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("lost the connection to {} after commit", ctx.to)))),
         Err(_) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("no receipt from {} within {wait:?}", ctx.to)))),
+    }
+}
+
+/// Step 3, source side: send our quote, verify the destination's. Nothing
+/// about the VM has been sent yet, so a refusal here moves no VM byte.
+async fn attest(
+    ctx: &Ctx,
+    rec: &mut MigrationRecord,
+    exporter: &[u8; 32],
+    reader: &mut Reader,
+    writer: &mut client::Writer,
+    setup_started: Instant,
+) -> Result<(), Fault> {
+    let agent = &ctx.agent;
+    let started = Instant::now();
+    let evidence = agent
+        .attestation
+        .quote(exporter, &ctx.id, QuoteRole::Source)
+        .await
+        .map_err(|e| Fault::new(ErrorKind::Backend, e))?;
+    let quoted = evidence.is_some();
+    writer
+        .write_control(&PeerMessage::Attest { migration_id: ctx.id, evidence })
+        .await
+        .map_err(|e| peer_fault(ctx, e))?;
+    let theirs = match reader.read_control::<PeerMessage>().await.map_err(|e| peer_fault(ctx, e))? {
+        PeerMessage::Attest { migration_id, evidence } if migration_id == ctx.id => evidence,
+        PeerMessage::Refuse { reason, .. } => {
+            return Err(Fault::new(ErrorKind::Peer, format!("{} refused the migration: {reason}", ctx.to)))
+        }
+        other => return Err(Fault::new(ErrorKind::Peer, format!("{} answered our quote with {}", ctx.to, other.name()))),
+    };
+    match agent.attestation.verify_peer(&ctx.to, theirs.as_ref(), exporter, &ctx.id, QuoteRole::Destination, started, quoted) {
+        Ok(outcome) => {
+            if !outcome.peer_verified {
+                rec.insecure.push(format!("attestation disabled on {}: {} not verified", agent.host, ctx.to));
+            }
+            if !quoted {
+                rec.insecure.push(format!("{} sent no quote", agent.host));
+            }
+            rec.attestation = Some(outcome);
+            rec.setup_ms = Some(setup_started.elapsed().as_millis() as u64);
+            Ok(())
+        }
+        Err(why) => {
+            agent.metrics.attestation_failure();
+            let reason = format!("destination {} failed attestation: {why}", ctx.to);
+            let _ = writer.write_control(&PeerMessage::Abort { migration_id: ctx.id, reason: reason.clone() }).await;
+            Err(Fault::new(ErrorKind::Peer, reason))
+        }
     }
 }
 

@@ -9,6 +9,8 @@
 //! source agent                                   destination agent
 //!   |-- Hello{protocol} ------------------------------>|
 //!   |<------------------------------ Hello{protocol} --|
+//!   |-- Attest{id, source quote} --------------------->|  verify: enrolled AK, binding,
+//!   |<----------------- Attest{id, destination quote} --|  PCRs vs reference values
 //!   |-- Offer{id, vm spec, hosts, window, binding} --->|  replay, window, binding,
 //!   |                                                  |  spec checks; QEMU -incoming
 //!   |<----------------------- Accept{id} | Refuse ------|
@@ -150,6 +152,9 @@ pub enum DestinationOutcome {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PeerMessage {
+    /// A TPM quote bound to this connection, this migration and the sender's
+    /// role; `None` only from a host whose attestation is (insecurely) off.
+    Attest { migration_id: MigrationId, evidence: Option<ferry_attest::Evidence> },
     Offer(Offer),
     Accept { migration_id: MigrationId },
     Refuse { migration_id: MigrationId, reason: String },
@@ -163,6 +168,7 @@ pub enum PeerMessage {
 impl PeerMessage {
     pub fn name(&self) -> &'static str {
         match self {
+            PeerMessage::Attest { .. } => "attest",
             PeerMessage::Offer(_) => "offer",
             PeerMessage::Accept { .. } => "accept",
             PeerMessage::Refuse { .. } => "refuse",

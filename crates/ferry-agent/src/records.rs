@@ -62,6 +62,14 @@ pub struct MigrationRecord {
     /// Source only: QEMU's own figure for the VM's downtime.
     pub qemu_downtime_ms: Option<u64>,
     pub total_ms: Option<u64>,
+    /// Connect to "both platforms attested", in ms.
+    #[serde(default)]
+    pub setup_ms: Option<u64>,
+    #[serde(default)]
+    pub attestation: Option<crate::attestation::AttestationOutcome>,
+    /// Protections that were off for this migration (insecure settings).
+    #[serde(default)]
+    pub insecure: Vec<String>,
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -85,6 +93,9 @@ impl MigrationRecord {
             error: None,
             qemu_downtime_ms: None,
             total_ms: None,
+            setup_ms: None,
+            attestation: None,
+            insecure: Vec::new(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! prints a result accepts `--json` for scripts.
 
 pub mod agent_cmd;
+pub mod attest;
 pub mod ca;
 pub mod console;
 pub mod demo;
@@ -36,6 +37,9 @@ pub enum Command {
     /// Manage the cluster certificate authority (init, issue, revoke).
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// TPM attestation: enrol a host's AK, measure PCRs, (tests) extend a PCR.
+    #[command(subcommand)]
+    Attest(attest::AttestCommand),
     /// Run the per-host agent daemon.
     Agent(agent_cmd::AgentArgs),
     /// Show an agent's status.
@@ -73,6 +77,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Ca(c) => ca::run(c, json),
+            Command::Attest(c) => attest::run(c, json),
             Command::Agent(a) => agent_cmd::run(a).await,
             Command::Status(t) => ops::status(t, json).await,
             Command::Vm(c) => ops::vm(c, json).await,
