@@ -76,13 +76,17 @@ async fn dispatch(
             }
             Ok(ApiResponse::Vms { vms: out })
         }
-        ApiRequest::VmStart { spec } => {
+        ApiRequest::VmStart { spec, labels } => {
             require_role(agent, operator, role, "start VMs")?;
+            let labels = labels.unwrap_or_else(|| ferry_policy::VmLabels { tenant: "default".into(), ..Default::default() });
+            if let Some(problem) = labels.problem() {
+                return Err(Fault::new(ErrorKind::Request, format!("VM labels: {problem}")));
+            }
             let mut table = agent.vms.lock().await;
             if table.contains_key(&spec.name) {
                 return Err(Fault::new(ErrorKind::Request, format!("VM {} already exists on {}", spec.name, agent.host)));
             }
-            let entry = vms::launch(&agent.qemu, &spec, LaunchMode::Run)
+            let entry = vms::launch(&agent.qemu, &spec, &labels, LaunchMode::Run)
                 .await
                 .map_err(|e| Fault::new(ErrorKind::Backend, format!("cannot start VM {}: {}", spec.name, crate::chain(&e))))?;
             let info = entry.info().await;

@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub metrics: MetricsSection,
     /// TPM platform attestation (R1). Required unless explicitly disabled.
     pub attestation: AttestationSection,
+    #[serde(default)]
+    pub audit: AuditSection,
     /// Peer agents by host name: where to reach them. A migration may only
     /// target a host listed here, and the peer must prove that name.
     #[serde(default)]
@@ -88,6 +90,14 @@ impl AttestationSection {
             reference_values: self.reference_values.clone().ok_or_else(|| missing("reference_values"))?,
         }))
     }
+}
+
+/// The signed, hash-chained audit log.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Default: `<state_dir>/audit.log`.
+    pub log: Option<PathBuf>,
 }
 
 /// Prometheus metrics over plain HTTP; off unless `listen` is set.
@@ -207,6 +217,9 @@ impl AgentConfig {
     }
     pub fn records_dir(&self) -> PathBuf {
         self.host.state_dir.join("migrations")
+    }
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.audit.log.clone().unwrap_or_else(|| self.host.state_dir.join("audit.log"))
     }
     pub fn departed_dir(&self) -> PathBuf {
         self.host.state_dir.join("departed")

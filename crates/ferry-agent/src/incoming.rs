@@ -14,7 +14,9 @@ use ferry_types::{Digest32, MigrationId};
 use ferry_vmm::{LaunchMode, MigrationState as QemuMigration, QemuProcess};
 use tokio::io::AsyncWriteExt;
 
-use crate::protocol::{offer_binding, DestinationOutcome, Offer, PeerMessage};
+use crate::evidence::{self, AbortBody, AcceptBody, Expect, OfferBody, StreamBody};
+use crate::protocol::{offer_binding, DestinationOutcome, PeerMessage};
+use ferry_audit::Signed;
 use ferry_attest::QuoteRole;
 use crate::records::{now_unix_ms, MigrationRecord, MigrationState, Role};
 use crate::server::{Reader, Writer};
@@ -36,14 +38,14 @@ pub async fn handle(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 3
             let span = tracing::info_span!("migration", migration_id = %migration_id, peer = %peer.host(), role = "destination");
             tracing::Instrument::instrument(attest_then_receive(agent, peer, exporter, migration_id, evidence, reader, writer), span).await
         }
-        PeerMessage::Offer(offer) => {
+        PeerMessage::Offer { .. } => {
             // SECURITY: no offer is considered before both platforms attested.
-            let why = "an offer must follow mutual attestation".to_owned();
-            refuse(&agent, &mut writer, offer.migration_id, "protocol", why).await
+            agent.metrics.refused("protocol");
+            tracing::warn!(peer = %peer.host(), "offer without attestation refused");
         }
         PeerMessage::Query { migration_id } => {
-            let outcome = query_outcome(&agent, &peer, &migration_id);
-            let _ = writer.write_control(&PeerMessage::QueryReply { migration_id, outcome }).await;
+            let (outcome, receipt) = query_outcome(&agent, &peer, &migration_id);
+            let _ = writer.write_control(&PeerMessage::QueryReply { migration_id, outcome, receipt }).await;
         }
         other => tracing::info!(peer = %peer.host(), message = other.name(), "unexpected first message"),
     }
@@ -78,10 +80,19 @@ async fn attest_then_receive(
         return;
     }
     match reader.read_control::<PeerMessage>().await {
-        Ok(PeerMessage::Offer(offer)) if offer.migration_id == id => receive(agent, peer, exporter, offer, outcome, reader, writer).await,
-        Ok(PeerMessage::Offer(offer)) => {
-            let why = format!("offer for {} on a connection attested for {id}", offer.migration_id);
-            refuse(&agent, &mut writer, id, "binding", why).await
+        Ok(PeerMessage::Offer { signed }) => {
+            // The signature is checked before any field is trusted; the
+            // fields are checked against this connection in `check_offer`.
+            let body = match signed.verify::<OfferBody>(evidence::OFFER, &agent.ca_trust) {
+                Ok((body, signer)) if signer == format!("spiffe://{}/host/{}", agent.domain, peer.host()) => body,
+                Ok((_, signer)) => return refuse(&agent, &mut writer, id, "signature", format!("offer signed by {signer}, not by {}", peer.host())).await,
+                Err(e) => return refuse(&agent, &mut writer, id, "signature", format!("offer signature: {}", crate::chain(&e))).await,
+            };
+            if body.migration_id != id {
+                let why = format!("offer for {} on a connection attested for {id}", body.migration_id);
+                return refuse(&agent, &mut writer, id, "binding", why).await;
+            }
+            receive(agent, peer, exporter, body, signed, outcome, reader, writer).await
         }
         Ok(PeerMessage::Abort { reason, .. }) => tracing::warn!(%reason, "source aborted after attestation"),
         Ok(other) => refuse(&agent, &mut writer, id, "protocol", format!("expected an offer, got {}", other.name())).await,
@@ -89,20 +100,20 @@ async fn attest_then_receive(
     }
 }
 
-fn query_outcome(agent: &Agent, peer: &PeerAuthenticated, id: &MigrationId) -> DestinationOutcome {
+fn query_outcome(agent: &Agent, peer: &PeerAuthenticated, id: &MigrationId) -> (DestinationOutcome, Option<Signed>) {
     match agent.records.get(id) {
         // Only the migration's own source may learn its outcome.
         Ok(Some(r)) if r.role == Role::Destination && &r.source == peer.host() => match r.state {
-            MigrationState::Completed => DestinationOutcome::Completed,
-            MigrationState::Aborted => DestinationOutcome::Aborted,
-            _ => DestinationOutcome::InProgress,
+            MigrationState::Completed => (DestinationOutcome::Completed, r.receipt),
+            MigrationState::Aborted => (DestinationOutcome::Aborted, None),
+            _ => (DestinationOutcome::InProgress, None),
         },
-        _ => DestinationOutcome::Unknown,
+        _ => (DestinationOutcome::Unknown, None),
     }
 }
 
 /// Why an offer is refused, checked before anything is launched.
-fn check_offer(agent: &Agent, peer: &PeerAuthenticated, exporter: &[u8; 32], offer: &Offer) -> Result<(), (&'static str, String)> {
+fn check_offer(agent: &Agent, peer: &PeerAuthenticated, exporter: &[u8; 32], offer: &OfferBody) -> Result<(), (&'static str, String)> {
     if offer.destination != agent.host {
         return Err(("misaddressed", format!("offer is addressed to {}, this is {}", offer.destination, agent.host)));
     }
@@ -123,7 +134,13 @@ fn check_offer(agent: &Agent, peer: &PeerAuthenticated, exporter: &[u8; 32], off
     if now > not_after + CLOCK_SKEW_MS {
         return Err(("window", format!("offer expired {} ms ago", now - not_after)));
     }
-    offer.vm.validate().map_err(|e| ("spec", format!("invalid VM spec: {e}")))?;
+    offer.spec.validate().map_err(|e| ("spec", format!("invalid VM spec: {e}")))?;
+    if offer.spec.name != offer.vm {
+        return Err(("spec", format!("offer is for VM {} but carries the spec of {}", offer.vm, offer.spec.name)));
+    }
+    if let Some(problem) = offer.labels.problem() {
+        return Err(("labels", format!("VM labels: {problem}")));
+    }
     Ok(())
 }
 
@@ -133,11 +150,46 @@ async fn refuse(agent: &Agent, writer: &mut Writer, id: MigrationId, code: &str,
     let _ = writer.write_control(&PeerMessage::Refuse { migration_id: id, reason }).await;
 }
 
+/// One incoming migration after a verified, attested offer.
+struct Receiving<'a> {
+    agent: &'a Agent,
+    offer: &'a OfferBody,
+    rec: MigrationRecord,
+}
+
+impl Receiving<'_> {
+    fn expect(&self) -> Expect<'_> {
+        let o = self.offer;
+        Expect { id: &o.migration_id, source: &o.source, destination: &o.destination, vm: &o.vm, binding: Some(&o.channel_binding) }
+    }
+
+    async fn audit(&self, kind: &str, detail: serde_json::Value, signed: Option<Signed>) -> Result<u64, String> {
+        let o = self.offer;
+        self.agent.audit(evidence::event(kind, &o.migration_id, &o.vm, &o.source, detail, signed)).await
+    }
+
+    fn stream_body(&self, bytes: u64, digest: Digest32) -> StreamBody {
+        let o = self.offer;
+        StreamBody {
+            migration_id: o.migration_id,
+            source: o.source.clone(),
+            destination: o.destination.clone(),
+            vm: o.vm.clone(),
+            channel_binding: o.channel_binding,
+            log_head: self.agent.log_head(),
+            bytes,
+            digest,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn receive(
     agent: Arc<Agent>,
     peer: PeerAuthenticated,
     exporter: [u8; 32],
-    offer: Offer,
+    offer: OfferBody,
+    signed_offer: Signed,
     attestation: crate::attestation::AttestationOutcome,
     mut reader: Reader,
     mut writer: Writer,
@@ -146,7 +198,7 @@ async fn receive(
     if let Err((code, reason)) = check_offer(&agent, &peer, &exporter, &offer) {
         return refuse(&agent, &mut writer, id, code, reason).await;
     }
-    let mut rec = MigrationRecord::new(id, Role::Destination, offer.vm.name.clone(), offer.source.clone(), agent.host.clone());
+    let mut rec = MigrationRecord::new(id, Role::Destination, offer.vm.clone(), offer.source.clone(), agent.host.clone());
     if !attestation.peer_verified {
         rec.insecure.push(format!("attestation disabled on {}: {} not verified", agent.host, offer.source));
     }
@@ -155,25 +207,31 @@ async fn receive(
     }
     rec.setup_ms = Some(attestation.ms);
     rec.attestation = Some(attestation);
-    // SECURITY: the record doubles as the seen-set; create() fails if this
-    // id was ever offered before, across restarts.
+    // SECURITY (R5): the record doubles as the seen-set; create() fails if
+    // this id was ever offered before, across restarts.
     match agent.records.create(&mut rec) {
         Ok(true) => {}
         Ok(false) => return refuse(&agent, &mut writer, id, "replay", format!("migration id {id} was already used (replay)")).await,
         Err(e) => return refuse(&agent, &mut writer, id, "record", format!("cannot record the migration: {}", crate::chain(&e))).await,
     }
+    let mut m = Receiving { agent: &agent, offer: &offer, rec };
+    // SECURITY (R6): what was received is logged before it is acted on.
+    if let Err(e) = m.audit("offer_received", serde_json::json!({ "attestation": m.rec.attestation }), Some(signed_offer)).await {
+        abort_record(&agent, &mut m.rec, e.clone());
+        return refuse(&agent, &mut writer, id, "audit", format!("{e}; migration refused")).await;
+    }
     let started = Instant::now();
-    let vm = offer.vm.name.clone();
+    let vm = offer.vm.clone();
     // Reserve the name and launch under the table lock: two offers for one
     // VM name cannot both launch.
     let (proc, qmp) = {
         let mut table = agent.vms.lock().await;
         if table.contains_key(&vm) {
             drop(table);
-            abort_record(&agent, &mut rec, format!("a VM named {vm} already exists here"));
+            abort_record(&agent, &mut m.rec, format!("a VM named {vm} already exists here"));
             return refuse(&agent, &mut writer, id, "name_conflict", format!("a VM named {vm} already exists on {}", agent.host)).await;
         }
-        match vms::launch(&agent.qemu, &offer.vm, LaunchMode::Incoming).await {
+        match vms::launch(&agent.qemu, &offer.spec, &offer.labels, LaunchMode::Incoming).await {
             Ok(mut entry) => {
                 entry.busy = Some(id);
                 let out = (entry.proc.clone(), entry.qmp.clone());
@@ -183,7 +241,7 @@ async fn receive(
             Err(e) => {
                 drop(table);
                 let why = format!("cannot start the destination QEMU: {}", crate::chain(&e));
-                abort_record(&agent, &mut rec, why.clone());
+                abort_record(&agent, &mut m.rec, why.clone());
                 return refuse(&agent, &mut writer, id, "launch", why).await;
             }
         }
@@ -191,55 +249,90 @@ async fn receive(
     let sock = proc.dir.join("incoming.sock");
     let result = async {
         qmp.lock().await.migrate_incoming(&format!("unix:{}", sock.display())).await.map_err(|e| crate::chain(&e))?;
-        rec.state = MigrationState::Transferring;
-        agent.records.save(&mut rec).map_err(|e| crate::chain(&e))?;
-        writer.write_control(&PeerMessage::Accept { migration_id: id }).await.map_err(|e| crate::chain(&e))?;
+        m.rec.state = MigrationState::Transferring;
+        agent.records.save(&mut m.rec).map_err(|e| crate::chain(&e))?;
+        let accept = AcceptBody {
+            migration_id: id,
+            source: offer.source.clone(),
+            destination: offer.destination.clone(),
+            vm: vm.clone(),
+            channel_binding: offer.channel_binding,
+            log_head: agent.log_head(),
+        };
+        let signed = agent.sign(evidence::ACCEPT, &accept)?;
+        m.audit("accept_sent", serde_json::Value::Null, Some(signed.clone())).await?;
+        writer.write_control(&PeerMessage::Accept { signed }).await.map_err(|e| crate::chain(&e))?;
         tracing::info!("accepted; receiving VM state");
         receive_stream(&agent, &mut reader, &sock).await
     }
     .await;
     let (bytes, digest) = match result {
         Ok(v) => v,
-        Err(why) => return abort(&agent, &mut rec, &proc, &mut writer, why).await,
+        Err(why) => return abort(&mut m, &proc, &mut writer, why).await,
     };
-    rec.bytes = bytes;
-    rec.digest = Some(digest);
+    m.rec.bytes = bytes;
+    m.rec.digest = Some(digest);
     // Wait for the source's commit, then for our QEMU to finish loading.
     let commit = match reader.read_control::<PeerMessage>().await {
-        Ok(PeerMessage::Commit { migration_id, bytes, digest }) if migration_id == id => (bytes, digest),
-        Ok(PeerMessage::Abort { reason, .. }) => return abort(&agent, &mut rec, &proc, &mut writer, format!("source aborted: {reason}")).await,
-        Ok(other) => return abort(&agent, &mut rec, &proc, &mut writer, format!("expected commit, got {}", other.name())).await,
-        Err(e) => return abort(&agent, &mut rec, &proc, &mut writer, format!("no commit: {}", crate::chain(&e))).await,
+        Ok(PeerMessage::Commit { signed }) => match agent.verify_from::<StreamBody>(&signed, evidence::COMMIT, &offer.source, &m.expect()) {
+            Ok(body) => match m.audit("commit_received", serde_json::Value::Null, Some(signed)).await {
+                Ok(_) => body,
+                Err(e) => return abort(&mut m, &proc, &mut writer, e).await,
+            },
+            Err(e) => return abort(&mut m, &proc, &mut writer, format!("invalid commit: {e}")).await,
+        },
+        Ok(PeerMessage::Abort { reason, signed, .. }) => {
+            let _ = m.audit("abort_received", serde_json::json!({ "reason": reason }), signed).await;
+            return abort(&mut m, &proc, &mut writer, format!("source aborted: {reason}")).await;
+        }
+        Ok(other) => return abort(&mut m, &proc, &mut writer, format!("expected commit, got {}", other.name())).await,
+        Err(e) => return abort(&mut m, &proc, &mut writer, format!("no commit: {}", crate::chain(&e))).await,
     };
     let loaded = wait_incoming(&qmp, agent.cfg.migration.commit_timeout()).await;
     // SECURITY: all three must agree before the VM may run here.
     let verdict = match loaded {
         Err(why) => Err(format!("destination QEMU did not complete the incoming migration: {why}")),
-        Ok(()) if commit.0 != bytes => Err(format!("byte count mismatch: source sent {} bytes, {} arrived", commit.0, bytes)),
-        Ok(()) if commit.1 != digest => Err(format!("digest mismatch: source committed to {}, received stream hashes to {}", commit.1, digest)),
+        Ok(()) if commit.bytes != bytes => Err(format!("byte count mismatch: source sent {} bytes, {} arrived", commit.bytes, bytes)),
+        Ok(()) if commit.digest != digest => Err(format!("digest mismatch: source committed to {}, received stream hashes to {}", commit.digest, digest)),
         Ok(()) => Ok(()),
     };
     if let Err(why) = verdict {
-        return abort(&agent, &mut rec, &proc, &mut writer, why).await;
+        return abort(&mut m, &proc, &mut writer, why).await;
     }
-    rec.state = MigrationState::Resuming;
-    if let Err(e) = agent.records.save(&mut rec) {
-        return abort(&agent, &mut rec, &proc, &mut writer, format!("cannot record the resume: {}", crate::chain(&e))).await;
+    m.rec.state = MigrationState::Resuming;
+    if let Err(e) = agent.records.save(&mut m.rec) {
+        return abort(&mut m, &proc, &mut writer, format!("cannot record the resume: {}", crate::chain(&e))).await;
+    }
+    // Fail closed: a resume that cannot be audited does not happen.
+    if let Err(e) = m.audit("resuming", serde_json::json!({ "bytes": bytes, "digest": digest }), None).await {
+        return abort(&mut m, &proc, &mut writer, e).await;
     }
     if let Err(e) = qmp.lock().await.cont().await {
-        return abort(&agent, &mut rec, &proc, &mut writer, format!("destination QEMU refused to resume: {}", crate::chain(&e))).await;
+        return abort(&mut m, &proc, &mut writer, format!("destination QEMU refused to resume: {}", crate::chain(&e))).await;
     }
-    rec.state = MigrationState::Completed;
-    rec.total_ms = Some(started.elapsed().as_millis() as u64);
-    if let Err(e) = agent.records.save(&mut rec) {
+    let receipt = agent.sign(evidence::RECEIPT, &m.stream_body(bytes, digest));
+    m.rec.state = MigrationState::Completed;
+    m.rec.total_ms = Some(started.elapsed().as_millis() as u64);
+    m.rec.receipt = receipt.as_ref().ok().cloned();
+    if let Err(e) = agent.records.save(&mut m.rec) {
         tracing::error!(error = %crate::chain(&e), "cannot record completion (recovery will find the VM running)");
     }
     if let Some(entry) = agent.vms.lock().await.get_mut(&vm) {
         entry.busy = None;
     }
-    tracing::info!(bytes, "VM resumed here; sending receipt");
     agent.metrics.migration_finished(Role::Destination, "completed", bytes, started.elapsed());
-    let _ = writer.write_control(&PeerMessage::Receipt { migration_id: id, bytes, digest }).await;
+    match receipt {
+        Ok(signed) => {
+            if let Err(e) = m.audit("receipt_sent", serde_json::Value::Null, Some(signed.clone())).await {
+                tracing::error!(error = %e, "receipt not in the audit log");
+            }
+            tracing::info!(bytes, "VM resumed here; sending receipt");
+            let _ = writer.write_control(&PeerMessage::Receipt { signed }).await;
+        }
+        // The VM runs here; without a receipt the source stays in doubt
+        // and resolves by query, which reports completion.
+        Err(e) => tracing::error!(error = %e, "cannot sign the receipt"),
+    }
 }
 
 /// Feed the data frames to QEMU's incoming socket, hashing them.
@@ -309,18 +402,31 @@ fn abort_record(agent: &Agent, rec: &mut MigrationRecord, why: String) {
     }
 }
 
-/// Kill the incoming QEMU, record the abort, tell the source. From here on
-/// this host never runs the VM for this migration.
-async fn abort(agent: &Agent, rec: &mut MigrationRecord, proc: &QemuProcess, writer: &mut Writer, why: String) {
+/// Kill the incoming QEMU, record the abort, tell the source (signed). From
+/// here on this host never runs the VM for this migration.
+async fn abort(m: &mut Receiving<'_>, proc: &QemuProcess, writer: &mut Writer, why: String) {
+    let agent = m.agent;
     tracing::warn!(reason = %why, "aborting incoming migration");
-    let entry = agent.vms.lock().await.remove(&rec.vm);
+    let entry = agent.vms.lock().await.remove(&m.rec.vm);
     if let Err(e) = vms::kill(proc).await {
         tracing::error!(error = %crate::chain(&e), "cannot kill the incoming QEMU");
     }
     drop(entry);
     let _ = std::fs::remove_dir_all(&proc.dir);
-    abort_record(agent, rec, why.clone());
-    let since = Duration::from_millis(now_unix_ms().saturating_sub(rec.created_unix_ms));
-    agent.metrics.migration_finished(Role::Destination, "aborted", rec.bytes, since);
-    let _ = writer.write_control(&PeerMessage::Abort { migration_id: rec.id, reason: why }).await;
+    abort_record(agent, &mut m.rec, why.clone());
+    let since = Duration::from_millis(now_unix_ms().saturating_sub(m.rec.created_unix_ms));
+    agent.metrics.migration_finished(Role::Destination, "aborted", m.rec.bytes, since);
+    let o = m.offer;
+    let body = AbortBody {
+        migration_id: o.migration_id,
+        source: o.source.clone(),
+        destination: o.destination.clone(),
+        vm: o.vm.clone(),
+        channel_binding: o.channel_binding,
+        log_head: agent.log_head(),
+        reason: why.clone(),
+    };
+    let signed = agent.sign(evidence::ABORT, &body).ok();
+    let _ = m.audit("abort_sent", serde_json::json!({ "reason": why }), signed.clone()).await;
+    let _ = writer.write_control(&PeerMessage::Abort { migration_id: m.rec.id, reason: why, signed }).await;
 }

@@ -12,6 +12,7 @@ pub mod api;
 pub mod attestation;
 pub mod client;
 pub mod config;
+pub mod evidence;
 pub mod incoming;
 pub mod metrics;
 pub mod outgoing;
@@ -43,6 +44,8 @@ pub enum AgentError {
     IdentityMismatch { cert: std::path::PathBuf, expected: HostName, actual: String },
     #[error("migration records")]
     Records(#[from] records::RecordError),
+    #[error("audit log")]
+    Audit(#[from] ferry_audit::AuditError),
     #[error("QEMU")]
     Vmm(#[from] ferry_vmm::VmmError),
     #[error("cannot listen on {addr}")]
@@ -101,6 +104,10 @@ pub struct Agent {
     pub active: Mutex<HashMap<MigrationId, watch::Receiver<protocol::Progress>>>,
     pub metrics: metrics::Metrics,
     pub attestation: attestation::Attestation,
+    /// This host's signed, hash-chained audit log (its signer is the host key).
+    pub audit: Arc<std::sync::Mutex<ferry_audit::AuditLog>>,
+    /// The cluster CA, to verify peers' signed messages.
+    pub ca_trust: ferry_audit::CaTrust,
 }
 
 impl Agent {
@@ -140,6 +147,13 @@ impl Agent {
         let records = records::RecordStore::open(&cfg.records_dir())?;
         // The config was checked when parsed; this cannot fail here.
         let attest_paths = cfg.attestation.paths(std::path::Path::new("config"))?;
+        let signer = ferry_audit::Signer::load(&cfg.tls.cert, &cfg.tls.key)?;
+        let audit_path = cfg.audit_log_path();
+        if let Some(dir) = audit_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| ferry_vmm::VmmError::Io { what: format!("creating {}", dir.display()), source })?;
+        }
+        let audit = ferry_audit::AuditLog::open(&audit_path, signer)?;
+        let ca_trust = ferry_audit::CaTrust::load(&cfg.tls.ca)?;
         let agent = Arc::new(Agent {
             host: cfg.host.name.clone(),
             domain,
@@ -151,6 +165,8 @@ impl Agent {
             active: Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::default(),
             attestation: attestation::Attestation::new(cfg.host.name.clone(), attest_paths),
+            audit: Arc::new(std::sync::Mutex::new(audit)),
+            ca_trust,
             cfg,
         });
         recovery::recover(&agent).await?;

@@ -19,7 +19,8 @@ use tokio::task::JoinHandle;
 
 use crate::client::{self, Reader};
 use ferry_attest::QuoteRole;
-use crate::protocol::{offer_binding, DestinationOutcome, Offer, PeerMessage, Progress};
+use crate::evidence::{self, AbortBody, AcceptBody, Expect, OfferBody, StreamBody};
+use crate::protocol::{offer_binding, DestinationOutcome, PeerMessage, Progress};
 use crate::records::{MigrationRecord, MigrationState, Role};
 use crate::{Agent, ErrorKind, Fault};
 
@@ -35,6 +36,7 @@ struct Ctx {
     to: HostName,
     addr: std::net::SocketAddr,
     spec: VmSpec,
+    labels: ferry_policy::VmLabels,
     qmp: Arc<Mutex<Qmp>>,
     vm_dir: PathBuf,
     progress: watch::Sender<Progress>,
@@ -61,7 +63,7 @@ pub async fn start(agent: Arc<Agent>, vm: VmName, to: HostName) -> Result<(Migra
         Fault::new(ErrorKind::Request, format!("unknown destination {to}: not in this agent's [peers] table"))
     })?;
     let id = MigrationId::new();
-    let (spec, qmp, vm_dir) = {
+    let (spec, labels, qmp, vm_dir) = {
         let mut table = agent.vms.lock().await;
         let entry = table
             .get_mut(&vm)
@@ -70,7 +72,7 @@ pub async fn start(agent: Arc<Agent>, vm: VmName, to: HostName) -> Result<(Migra
             return Err(Fault::new(ErrorKind::Request, format!("VM {vm} is already held by migration {other}")));
         }
         entry.busy = Some(id);
-        (entry.spec.clone(), entry.qmp.clone(), entry.proc.dir.clone())
+        (entry.spec.clone(), entry.labels.clone(), entry.qmp.clone(), entry.proc.dir.clone())
     };
     let mut rec = MigrationRecord::new(id, Role::Source, vm.clone(), agent.host.clone(), to.clone());
     if let Err(e) = agent.records.create(&mut rec) {
@@ -87,6 +89,7 @@ pub async fn start(agent: Arc<Agent>, vm: VmName, to: HostName) -> Result<(Migra
         to,
         addr,
         spec,
+        labels,
         qmp,
         vm_dir,
         progress: tx,
@@ -132,11 +135,16 @@ async fn run(ctx: Ctx, mut rec: MigrationRecord) -> Result<MigrationRecord, Faul
             Err(Fault::new(ErrorKind::InDoubt, rec.error.clone().unwrap_or_default()))
         }
     };
-    set_phase(&ctx, match rec.state {
-        MigrationState::Completed => "completed",
-        MigrationState::InDoubt => "in_doubt",
-        _ => "aborted",
-    });
+    let (phase, event) = match rec.state {
+        MigrationState::Completed => ("completed", "completed"),
+        MigrationState::InDoubt => ("in_doubt", "in_doubt"),
+        _ => ("aborted", "rolled_back"),
+    };
+    // The outcome is decided; a record that cannot be written now is logged.
+    if let Err(e) = audit(&ctx, event, serde_json::json!({ "error": rec.error, "bytes": rec.bytes }), None).await {
+        tracing::error!(error = %e, "outcome not in the audit log");
+    }
+    set_phase(&ctx, phase);
     ctx.agent.active.lock().await.remove(&ctx.id);
     let outcome = match rec.state {
         MigrationState::Completed => "completed",
@@ -188,20 +196,34 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     attest(ctx, rec, &exporter, &mut reader, &mut writer, setup_started).await.map_err(Before)?;
 
     set_phase(ctx, "offer");
-    let offer = Offer {
+    let binding = offer_binding(&exporter, &ctx.id);
+    let offer = OfferBody {
         migration_id: ctx.id,
         source: agent.host.clone(),
         destination: ctx.to.clone(),
-        vm: ctx.spec.clone(),
+        vm: ctx.vm.clone(),
+        channel_binding: binding,
+        log_head: agent.log_head(),
+        spec: ctx.spec.clone(),
+        labels: ctx.labels.clone(),
         not_after_unix_ms: ctx.id.created_unix_ms() + mig.offer_validity_ms,
-        channel_binding: offer_binding(&exporter, &ctx.id),
     };
-    writer.write_control(&PeerMessage::Offer(offer)).await.map_err(|e| Before(peer_fault(ctx, e)))?;
+    let signed = agent.sign(evidence::OFFER, &offer).map_err(|e| Before(Fault::new(ErrorKind::Backend, e)))?;
+    // SECURITY (R6): logged before it is sent; no record, no offer.
+    audit(ctx, "offer_sent", serde_json::json!({ "attestation": rec.attestation }), Some(signed.clone())).await.map_err(Before)?;
+    writer.write_control(&PeerMessage::Offer { signed }).await.map_err(|e| Before(peer_fault(ctx, e)))?;
     reader.set_timeout(ACCEPT_TIMEOUT);
+    let expect = ctx.expect(Some(&binding));
     match reader.read_control::<PeerMessage>().await.map_err(|e| Before(peer_fault(ctx, e)))? {
-        PeerMessage::Accept { migration_id } if migration_id == ctx.id => {}
+        PeerMessage::Accept { signed } => {
+            agent
+                .verify_from::<AcceptBody>(&signed, evidence::ACCEPT, &ctx.to, &expect)
+                .map_err(|e| Before(Fault::new(ErrorKind::Peer, e)))?;
+            audit(ctx, "accept_received", serde_json::Value::Null, Some(signed)).await.map_err(Before)?;
+        }
         PeerMessage::Refuse { reason, .. } => {
-            return Err(Before(Fault::new(ErrorKind::Peer, format!("{} refused the migration: {reason}", ctx.to))))
+            let _ = audit(ctx, "refused_by_peer", serde_json::json!({ "reason": reason }), None).await;
+            return Err(Before(Fault::new(ErrorKind::Peer, format!("{} refused the migration: {reason}", ctx.to))));
         }
         other => return Err(Before(Fault::new(ErrorKind::Peer, format!("{} answered the offer with {}", ctx.to, other.name())))),
     }
@@ -264,7 +286,7 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     let status = wait_qemu_terminal(&ctx.qmp, Duration::from_secs(30)).await.map_err(Before)?;
     if status.status != QemuMigration::Completed {
         let why = status.error_desc.unwrap_or_else(|| format!("{:?}", status.status));
-        let _ = writer.write_control(&PeerMessage::Abort { migration_id: ctx.id, reason: format!("source QEMU: {why}") }).await;
+        send_abort(ctx, &mut writer, &binding, format!("source QEMU: {why}")).await;
         return Err(Before(Fault::new(ErrorKind::Backend, format!("source QEMU's migration failed: {why}"))));
     }
     rec.qemu_downtime_ms = status.downtime;
@@ -273,28 +295,91 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     let digest = Digest32(*hasher.finalize().as_bytes());
     rec.bytes = total;
     rec.digest = Some(digest);
+    let commit = StreamBody {
+        migration_id: ctx.id,
+        source: agent.host.clone(),
+        destination: ctx.to.clone(),
+        vm: ctx.vm.clone(),
+        channel_binding: binding,
+        log_head: agent.log_head(),
+        bytes: total,
+        digest,
+    };
+    let signed = agent.sign(evidence::COMMIT, &commit).map_err(|e| Before(Fault::new(ErrorKind::Backend, e)))?;
+    // SECURITY (R6): the commit is in the audit log before it leaves; if it
+    // cannot be written, the migration is aborted and the source resumes.
+    if let Err(e) = audit(ctx, "commit_sent", serde_json::Value::Null, Some(signed.clone())).await {
+        send_abort(ctx, &mut writer, &binding, "source cannot write its audit log".into()).await;
+        return Err(Before(e));
+    }
     rec.state = MigrationState::Committed;
     // SECURITY: the commit is recorded durably before it is sent, so after
     // a crash this host knows it may no longer resume its copy on its own.
     ctx.agent.records.save(rec).map_err(|e| Before(backend("recording the commit", e)))?;
     set_phase(ctx, "commit");
-    let commit = PeerMessage::Commit { migration_id: ctx.id, bytes: total, digest };
-    if let Err(e) = writer.write_control(&commit).await {
+    if let Err(e) = writer.write_control(&PeerMessage::Commit { signed }).await {
         return Err(Failure::InDoubt(peer_fault(ctx, e)));
     }
     let wait = mig.commit_timeout() + mig.io_timeout();
+    let expect = ctx.expect(Some(&binding));
     match tokio::time::timeout(wait, peer_rx.recv()).await {
-        Ok(Some(Ok(PeerMessage::Receipt { migration_id, bytes, digest: d })))
-            if migration_id == ctx.id && bytes == total && d == digest => Ok(digest),
-        Ok(Some(Ok(PeerMessage::Abort { reason, .. }))) => {
+        Ok(Some(Ok(PeerMessage::Receipt { signed }))) => {
+            let receipt = agent
+                .verify_from::<StreamBody>(&signed, evidence::RECEIPT, &ctx.to, &expect)
+                .map_err(|e| Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("invalid receipt: {e}"))))?;
+            if receipt.bytes != total || receipt.digest != digest {
+                return Err(Failure::InDoubt(Fault::new(
+                    ErrorKind::Peer,
+                    format!("{} signed for {} bytes / {}, we sent {total} / {digest}", ctx.to, receipt.bytes, receipt.digest),
+                )));
+            }
+            if let Err(e) = audit(ctx, "receipt_received", serde_json::Value::Null, Some(signed.clone())).await {
+                // The destination runs the VM; the record file keeps the receipt.
+                tracing::error!(error = %e, "receipt not in the audit log");
+            }
+            rec.receipt = Some(signed);
+            Ok(digest)
+        }
+        Ok(Some(Ok(PeerMessage::Abort { reason, signed, .. }))) => {
             // The destination promises never to run this VM: resuming is safe.
+            let _ = audit(ctx, "abort_received", serde_json::json!({ "reason": reason }), signed).await;
             Err(Before(Fault::new(ErrorKind::Peer, format!("{} aborted at commit: {reason}", ctx.to))))
         }
-        Ok(Some(Ok(m))) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("{} answered the commit with a mismatching {}", ctx.to, m.name())))),
+        Ok(Some(Ok(m))) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("{} answered the commit with {}", ctx.to, m.name())))),
         Ok(Some(Err(e))) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, e))),
         Ok(None) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("lost the connection to {} after commit", ctx.to)))),
         Err(_) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("no receipt from {} within {wait:?}", ctx.to)))),
     }
+}
+
+impl Ctx {
+    fn expect<'a>(&'a self, binding: Option<&'a Digest32>) -> Expect<'a> {
+        Expect { id: &self.id, source: &self.agent.host, destination: &self.to, vm: &self.vm, binding }
+    }
+}
+
+/// Append an audit record about this migration; Err fails the step closed.
+async fn audit(ctx: &Ctx, kind: &str, detail: serde_json::Value, signed: Option<ferry_audit::Signed>) -> Result<u64, Fault> {
+    ctx.agent
+        .audit(evidence::event(kind, &ctx.id, &ctx.vm, &ctx.to, detail, signed))
+        .await
+        .map_err(|e| Fault::new(ErrorKind::Backend, format!("{e}; migration refused, the VM stays on {}", ctx.agent.host)))
+}
+
+/// Tell the destination to abort, signed when possible.
+async fn send_abort(ctx: &Ctx, writer: &mut client::Writer, binding: &Digest32, reason: String) {
+    let body = AbortBody {
+        migration_id: ctx.id,
+        source: ctx.agent.host.clone(),
+        destination: ctx.to.clone(),
+        vm: ctx.vm.clone(),
+        channel_binding: *binding,
+        log_head: ctx.agent.log_head(),
+        reason: reason.clone(),
+    };
+    let signed = ctx.agent.sign(evidence::ABORT, &body).ok();
+    let _ = audit(ctx, "abort_sent", serde_json::json!({ "reason": reason }), signed.clone()).await;
+    let _ = writer.write_control(&PeerMessage::Abort { migration_id: ctx.id, reason, signed }).await;
 }
 
 /// Step 3, source side: send our quote, verify the destination's. Nothing
@@ -341,7 +426,9 @@ async fn attest(
         Err(why) => {
             agent.metrics.attestation_failure();
             let reason = format!("destination {} failed attestation: {why}", ctx.to);
-            let _ = writer.write_control(&PeerMessage::Abort { migration_id: ctx.id, reason: reason.clone() }).await;
+            let _ = audit(ctx, "attestation_refused", serde_json::json!({ "peer": ctx.to, "why": why }), None).await;
+            let binding = offer_binding(exporter, &ctx.id);
+            send_abort(ctx, writer, &binding, reason.clone()).await;
             Err(Fault::new(ErrorKind::Peer, reason))
         }
     }
@@ -456,15 +543,30 @@ pub async fn resolve(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRec
         .await
         .map_err(|e| Fault::new(ErrorKind::InDoubt, format!("still in doubt: {}", crate::chain(&e))))?;
     writer.write_control(&PeerMessage::Query { migration_id: id }).await.map_err(|e| Fault::new(ErrorKind::InDoubt, crate::chain(&e)))?;
-    let outcome = match reader.read_control::<PeerMessage>().await.map_err(|e| Fault::new(ErrorKind::InDoubt, crate::chain(&e)))? {
-        PeerMessage::QueryReply { migration_id, outcome } if migration_id == id => outcome,
+    let (outcome, receipt) = match reader.read_control::<PeerMessage>().await.map_err(|e| Fault::new(ErrorKind::InDoubt, crate::chain(&e)))? {
+        PeerMessage::QueryReply { migration_id, outcome, receipt } if migration_id == id => (outcome, receipt),
         other => return Err(Fault::new(ErrorKind::Peer, format!("{to} answered the query with {}", other.name()))),
     };
     tracing::info!(migration_id = %id, ?outcome, "destination answered the in-doubt query");
     let qmp = agent.vms.lock().await.get(&rec.vm).map(|e| e.qmp.clone());
     match outcome {
         DestinationOutcome::Completed => {
+            // SECURITY: "completed" is only believed with the destination's
+            // signed receipt for exactly what this host committed.
+            let signed = receipt.ok_or_else(|| Fault::new(ErrorKind::InDoubt, format!("{to} claims completion without a receipt")))?;
+            let expect = Expect { id: &id, source: &agent.host, destination: &to, vm: &rec.vm, binding: None };
+            let body = agent
+                .verify_from::<StreamBody>(&signed, evidence::RECEIPT, &to, &expect)
+                .map_err(|e| Fault::new(ErrorKind::InDoubt, format!("invalid receipt: {e}")))?;
             let digest = rec.digest.unwrap_or(Digest32([0; 32]));
+            if body.bytes != rec.bytes || body.digest != digest {
+                return Err(Fault::new(ErrorKind::InDoubt, format!("{to}'s receipt is for {} bytes / {}, not what was committed", body.bytes, body.digest)));
+            }
+            let ev = evidence::event("receipt_received", &id, &rec.vm, &to, serde_json::json!({ "via": "resolve" }), Some(signed.clone()));
+            if let Err(e) = agent.audit(ev).await {
+                tracing::error!(error = %e, "resolved receipt not in the audit log");
+            }
+            rec.receipt = Some(signed);
             finish_completed(agent, &mut rec, digest).await
         }
         DestinationOutcome::Aborted | DestinationOutcome::Unknown => {
@@ -474,6 +576,10 @@ pub async fn resolve(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRec
             resume_source(&qmp).await.map_err(|e| Fault::new(ErrorKind::Backend, format!("resuming the source copy: {e}")))?;
             rec.state = MigrationState::Aborted;
             rec.error = Some(format!("{to} reports the migration {outcome:?}; the VM runs on {} again", agent.host).to_lowercase());
+            let ev = evidence::event("rolled_back", &id, &rec.vm, &to, serde_json::json!({ "via": "resolve", "outcome": outcome }), None);
+            if let Err(e) = agent.audit(ev).await {
+                tracing::error!(error = %e, "resolution not in the audit log");
+            }
             save(agent, &mut rec);
             release(agent, &rec.vm).await;
             Ok(rec)

@@ -23,6 +23,7 @@
 //! ```
 //! Either side may send Abort before Commit; the source then resumes its copy.
 
+use ferry_audit::Signed;
 use ferry_types::{Digest32, HostName, MigrationId, VmName};
 use ferry_vmm::VmSpec;
 use serde::{Deserialize, Serialize};
@@ -45,7 +46,11 @@ pub struct Hello {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ApiRequest {
     Status,
-    VmStart { spec: VmSpec },
+    VmStart {
+        spec: VmSpec,
+        #[serde(default)]
+        labels: Option<ferry_policy::VmLabels>,
+    },
     VmList,
     VmStop { vm: VmName },
     /// Migrate `vm` to `to`. With `wait`, progress messages follow until the end.
@@ -123,19 +128,6 @@ pub struct Progress {
 
 // ---------------------------------------------------------------- peer protocol
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Offer {
-    pub migration_id: MigrationId,
-    pub source: HostName,
-    pub destination: HostName,
-    pub vm: VmSpec,
-    /// The offer is void after this instant (UNIX ms).
-    pub not_after_unix_ms: u64,
-    /// TLS exporter of the connection the offer was made on.
-    pub channel_binding: Digest32,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DestinationOutcome {
@@ -155,21 +147,27 @@ pub enum PeerMessage {
     /// A TPM quote bound to this connection, this migration and the sender's
     /// role; `None` only from a host whose attestation is (insecurely) off.
     Attest { migration_id: MigrationId, evidence: Option<ferry_attest::Evidence> },
-    Offer(Offer),
-    Accept { migration_id: MigrationId },
+    /// Signed [`crate::evidence::OfferBody`].
+    Offer { signed: Signed },
+    /// Signed [`crate::evidence::AcceptBody`].
+    Accept { signed: Signed },
     Refuse { migration_id: MigrationId, reason: String },
-    Commit { migration_id: MigrationId, bytes: u64, digest: Digest32 },
-    Receipt { migration_id: MigrationId, bytes: u64, digest: Digest32 },
-    Abort { migration_id: MigrationId, reason: String },
+    /// Signed [`crate::evidence::StreamBody`]: what the source sent.
+    Commit { signed: Signed },
+    /// Signed [`crate::evidence::StreamBody`]: what the destination received and resumed.
+    Receipt { signed: Signed },
+    /// Signed [`crate::evidence::AbortBody`] when the sender could sign it.
+    Abort { migration_id: MigrationId, reason: String, signed: Option<Signed> },
     Query { migration_id: MigrationId },
-    QueryReply { migration_id: MigrationId, outcome: DestinationOutcome },
+    /// With the signed receipt when the outcome is `Completed`.
+    QueryReply { migration_id: MigrationId, outcome: DestinationOutcome, receipt: Option<Signed> },
 }
 
 impl PeerMessage {
     pub fn name(&self) -> &'static str {
         match self {
             PeerMessage::Attest { .. } => "attest",
-            PeerMessage::Offer(_) => "offer",
+            PeerMessage::Offer { .. } => "offer",
             PeerMessage::Accept { .. } => "accept",
             PeerMessage::Refuse { .. } => "refuse",
             PeerMessage::Commit { .. } => "commit",
@@ -198,7 +196,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_types_are_refused() {
-        let ok = r#"{"type":"abort","migration_id":"019ac0b2-6b8e-7c3a-9d1e-2f3a4b5c6d7e","reason":"x"}"#;
+        let ok = r#"{"type":"abort","migration_id":"019ac0b2-6b8e-7c3a-9d1e-2f3a4b5c6d7e","reason":"x","signed":null}"#;
         assert!(serde_json::from_str::<PeerMessage>(ok).is_ok());
         let extra = ok.replace("\"reason\"", "\"evil\":1,\"reason\"");
         assert!(serde_json::from_str::<PeerMessage>(&extra).is_err());

@@ -70,6 +70,9 @@ pub struct MigrationRecord {
     /// Protections that were off for this migration (insecure settings).
     #[serde(default)]
     pub insecure: Vec<String>,
+    /// The destination's signed receipt (source) or the one sent (destination).
+    #[serde(default)]
+    pub receipt: Option<ferry_audit::Signed>,
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -96,6 +99,7 @@ impl MigrationRecord {
             setup_ms: None,
             attestation: None,
             insecure: Vec::new(),
+            receipt: None,
         }
     }
 

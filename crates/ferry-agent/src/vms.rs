@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_policy::VmLabels;
 use ferry_types::{MigrationId, VmName};
 use ferry_vmm::{LaunchMode, QemuConfig, QemuProcess, Qmp, VmSpec, VmmError};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -17,6 +18,7 @@ use crate::protocol::VmInfo;
 use crate::records::{now_unix_ms, write_durably};
 
 pub const SPEC_FILE: &str = "spec.json";
+pub const LABELS_FILE: &str = "labels.json";
 pub const CONSOLE_LOG: &str = "console.log";
 /// Longest console line kept; longer lines are cut (a guest controls them).
 const MAX_CONSOLE_LINE: usize = 4096;
@@ -27,6 +29,8 @@ const MAX_SPEC_FILE: u64 = 64 * 1024;
 /// one QMP client at a time, so every user goes through this mutex).
 pub struct VmEntry {
     pub spec: VmSpec,
+    /// Tenant, security level, zones: what policy decides on.
+    pub labels: VmLabels,
     pub proc: QemuProcess,
     pub qmp: Arc<Mutex<Qmp>>,
     /// The migration that owns this VM; no other operation may touch it.
@@ -65,9 +69,9 @@ impl VmEntry {
 pub type VmTable = Mutex<BTreeMap<VmName, VmEntry>>;
 
 /// Launch QEMU for `spec`, persist the spec beside it and start its console logger.
-pub async fn launch(cfg: &QemuConfig, spec: &VmSpec, mode: LaunchMode) -> Result<VmEntry, VmmError> {
+pub async fn launch(cfg: &QemuConfig, spec: &VmSpec, labels: &VmLabels, mode: LaunchMode) -> Result<VmEntry, VmmError> {
     let proc = ferry_vmm::launch(cfg, spec, mode).await?;
-    match attach(spec.clone(), proc.clone()).await {
+    match attach(spec.clone(), labels.clone(), proc.clone(), true).await {
         Ok(entry) => Ok(entry),
         Err(e) => {
             // Never leave a QEMU behind that nobody tracks.
@@ -77,17 +81,20 @@ pub async fn launch(cfg: &QemuConfig, spec: &VmSpec, mode: LaunchMode) -> Result
     }
 }
 
-async fn attach(spec: VmSpec, proc: QemuProcess) -> Result<VmEntry, VmmError> {
-    let body = serde_json::to_vec_pretty(&spec).map_err(|e| VmmError::Io {
-        what: "encoding the VM spec".into(),
-        source: std::io::Error::other(e),
-    })?;
-    let spec_path = proc.dir.join(SPEC_FILE);
-    write_durably(&spec_path, &body)
-        .map_err(|source| VmmError::Io { what: format!("writing {}", spec_path.display()), source })?;
+async fn attach(spec: VmSpec, labels: VmLabels, proc: QemuProcess, persist: bool) -> Result<VmEntry, VmmError> {
+    if persist {
+        save_json(&proc.dir.join(SPEC_FILE), &spec)?;
+        save_json(&proc.dir.join(LABELS_FILE), &labels)?;
+    }
     let console = tokio::spawn(console_logger(proc.serial_path(), proc.dir.join(CONSOLE_LOG)));
     let qmp = proc.qmp().await?;
-    Ok(VmEntry { spec, proc, qmp: Arc::new(Mutex::new(qmp)), busy: None, console })
+    Ok(VmEntry { spec, labels, proc, qmp: Arc::new(Mutex::new(qmp)), busy: None, console })
+}
+
+fn save_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), VmmError> {
+    let body = serde_json::to_vec_pretty(value)
+        .map_err(|e| VmmError::Io { what: format!("encoding {}", path.display()), source: std::io::Error::other(e) })?;
+    write_durably(path, &body).map_err(|source| VmmError::Io { what: format!("writing {}", path.display()), source })
 }
 
 /// Adopt every VM whose QEMU is still alive under `vms_dir`; directories
@@ -113,8 +120,9 @@ pub async fn adopt_all(vms_dir: &Path) -> Result<(Vec<VmEntry>, Vec<PathBuf>), V
                 continue;
             }
         };
+        let labels = read_json::<VmLabels>(&dir.join(LABELS_FILE)).unwrap_or_default();
         match ferry_vmm::adopt(&dir).await? {
-            Some(proc) => live.push(attach(spec, proc).await?),
+            Some(proc) => live.push(attach(spec, labels, proc, false).await?),
             None => dead.push(dir),
         }
     }
@@ -122,7 +130,11 @@ pub async fn adopt_all(vms_dir: &Path) -> Result<(Vec<VmEntry>, Vec<PathBuf>), V
 }
 
 fn read_spec(dir: &Path) -> Result<VmSpec, String> {
-    let path = dir.join(SPEC_FILE);
+    read_json(&dir.join(SPEC_FILE))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let path = path.to_owned();
     let len = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
     if len > MAX_SPEC_FILE {
         return Err(format!("{} is {len} bytes", path.display()));

@@ -164,7 +164,7 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
     }))
     .context("demo VM spec")?;
     say(&format!("starting the test guest on {src} ({} MiB, {} MiB filled, dirtying {} pages/ms)", args.memory, args.fill, args.dirty));
-    let info = match client.call(&src, &ApiRequest::VmStart { spec }).await? {
+    let info = match client.call(&src, &ApiRequest::VmStart { spec, labels: None }).await? {
         ApiResponse::Vm(v) => v,
         other => return Err(anyhow!("unexpected answer {other:?}")),
     };

@@ -76,6 +76,18 @@ pub struct VmStartArgs {
     /// Disk image name, from the host's images directory.
     #[arg(long)]
     pub disk: Option<String>,
+    /// Tenant the VM belongs to (policy label).
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Security level 0..=3 (policy label): hosts need at least this trust level.
+    #[arg(long, default_value_t = 0)]
+    pub security_level: u8,
+    /// Zones the VM may run in (repeatable; none = anywhere).
+    #[arg(long = "zone")]
+    pub zones: Vec<String>,
+    /// Tenants this VM must not share a host with (repeatable).
+    #[arg(long = "anti-affinity")]
+    pub anti_affinity: Vec<String>,
 }
 
 impl VmStartArgs {
@@ -164,8 +176,14 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
     match cmd {
         VmCommand::Start(args) => {
             let spec = args.spec()?;
+            let labels = ferry_policy::VmLabels {
+                tenant: args.tenant.clone(),
+                security_level: args.security_level,
+                allowed_zones: args.zones.clone(),
+                anti_affinity: args.anti_affinity.clone(),
+            };
             let (c, host) = args.target.open()?;
-            let resp = c.request(&host, &ApiRequest::VmStart { spec }, |_| {}).await?;
+            let resp = c.request(&host, &ApiRequest::VmStart { spec, labels: Some(labels) }, |_| {}).await?;
             finish(resp, json, |r| {
                 if let ApiResponse::Vm(v) = r {
                     println!("started {} on {host} (pid {}, {})", v.name, v.pid, v.accel);
