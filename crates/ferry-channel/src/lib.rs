@@ -17,9 +17,11 @@
 //! version is carried by the first control message of each connection.
 //!
 //! [`codec`] is sans-IO (and fuzzable); [`io`] drives it over tokio streams
-//! with a timeout on every read and write.
+//! with a timeout on every read and write; [`fuzz`] holds the fuzz entry
+//! points that `fuzz/` (cargo-fuzz) and this crate's unit tests call.
 
 pub mod codec;
+pub mod fuzz;
 pub mod io;
 
 pub use codec::{FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN, MAX_DATA_LEN};
