@@ -69,6 +69,9 @@ pub struct Checks {
     pub heartbeat_continued: bool,
     /// The guest's own memory sweeps found no error after the migration.
     pub memory_consistent: bool,
+    /// Both agents' signed audit logs verify with only the CA certificate and
+    /// agree on the signed offer, accept, commit and receipt.
+    pub evidence_verified: bool,
 }
 
 async fn vms_on(c: &OpClient, host: &HostName) -> Result<Vec<VmInfo>> {
@@ -122,6 +125,7 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
             ("exactly one copy runs", c.single_copy),
             ("guest heartbeat continued", c.heartbeat_continued),
             ("guest memory consistent", c.memory_consistent),
+            ("signed evidence verified offline (both audit logs agree)", c.evidence_verified),
         ] {
             println!("  [{}] {name}", if v { "ok" } else { "FAILED" });
         }
@@ -235,10 +239,22 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
             single_copy: running_on == [dst.clone()] && src_qemu_gone,
             heartbeat_continued: cont.heartbeat_continued,
             memory_consistent: cont.memory_consistent(),
+            evidence_verified: evidence_verified(lab, &src, &dst, &rec.id.to_string()),
         },
         running_on,
         lab_dir: lab.dir.clone(),
     })
+}
+
+/// Verify both hosts' audit logs offline and that they agree on this migration.
+fn evidence_verified(lab: &Lab, src: &HostName, dst: &HostName, id: &str) -> bool {
+    let log = |h: &HostName| lab.host(h).map(|h| h.state_dir.join("audit.log"));
+    let (Ok(a), Ok(b)) = (log(src), log(dst)) else { return false };
+    let Ok(ca) = ferry_audit::CaTrust::load(&lab.ca) else { return false };
+    match ferry_audit::cross_check(&a, &b, &ca) {
+        Ok(c) => c.migrations.iter().any(|m| m.migration_id == id && m.outcome == "completed"),
+        Err(_) => false,
+    }
 }
 
 fn dst_or(src: &HostName) -> HostName {

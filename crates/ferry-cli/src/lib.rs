@@ -4,6 +4,7 @@
 
 pub mod agent_cmd;
 pub mod attest;
+pub mod audit;
 pub mod ca;
 pub mod console;
 pub mod demo;
@@ -40,6 +41,9 @@ pub enum Command {
     /// TPM attestation: enrol a host's AK, measure PCRs, (tests) extend a PCR.
     #[command(subcommand)]
     Attest(attest::AttestCommand),
+    /// Read, verify and export the signed audit logs and evidence bundles.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Run the per-host agent daemon.
     Agent(agent_cmd::AgentArgs),
     /// Show an agent's status.
@@ -78,6 +82,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Ca(c) => ca::run(c, json),
             Command::Attest(c) => attest::run(c, json),
+            Command::Audit(c) => audit::run(c, json),
             Command::Agent(a) => agent_cmd::run(a).await,
             Command::Status(t) => ops::status(t, json).await,
             Command::Vm(c) => ops::vm(c, json).await,
