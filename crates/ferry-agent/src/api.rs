@@ -111,7 +111,7 @@ async fn dispatch(
         }
         ApiRequest::Migrate { vm, to, wait } => {
             require_role(agent, operator, role, "migrate VMs")?;
-            let (id, mut progress, done) = outgoing::start(agent.clone(), vm, to).await?;
+            let (id, mut progress, done) = outgoing::start(agent.clone(), vm, to, operator, role).await?;
             if !wait {
                 let rec = agent.records.get(&id).ok().flatten();
                 return rec.map(ApiResponse::Migration).ok_or_else(|| Fault::new(ErrorKind::Backend, "record missing"));

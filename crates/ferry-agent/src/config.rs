@@ -40,6 +40,11 @@ pub struct AgentConfig {
     pub attestation: AttestationSection,
     #[serde(default)]
     pub audit: AuditSection,
+    /// Cedar policies (R3): required, default deny.
+    pub policy: PolicySection,
+    /// What this host accepts as a destination.
+    #[serde(default)]
+    pub admission: ferry_policy::AdmissionConfig,
     /// Peer agents by host name: where to reach them. A migration may only
     /// target a host listed here, and the peer must prove that name.
     #[serde(default)]
@@ -90,6 +95,15 @@ impl AttestationSection {
             reference_values: self.reference_values.clone().ok_or_else(|| missing("reference_values"))?,
         }))
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// Cedar policy files, validated against Ferry's schema at load and reload.
+    pub files: Vec<PathBuf>,
+    /// Hosts (zone, trust level) and operators (roles, tenants).
+    pub entities: PathBuf,
 }
 
 /// The signed, hash-chained audit log.
@@ -165,6 +179,9 @@ pub struct MigrationSection {
     pub offer_validity_ms: u64,
     /// Operator roles (from the certificate) allowed to start, stop and migrate VMs.
     pub operator_roles: Vec<String>,
+    /// Outgoing migrations allowed per destination per window (C4).
+    pub outgoing_max: u32,
+    pub outgoing_window_ms: u64,
 }
 
 impl Default for MigrationSection {
@@ -175,6 +192,8 @@ impl Default for MigrationSection {
             commit_timeout_ms: 60_000,
             offer_validity_ms: 60_000,
             operator_roles: vec!["admin".into(), "operator".into()],
+            outgoing_max: 30,
+            outgoing_window_ms: 60_000,
         }
     }
 }
@@ -244,6 +263,9 @@ mod tests {
         ak = "ak.json"
         registry = "aks"
         reference_values = "refs.toml"
+        [policy]
+        files = ["ferry.cedar"]
+        entities = "entities.json"
         [peers]
         host2 = "127.0.0.1:7102"
     "#;

@@ -223,9 +223,31 @@ async fn receive(
     let started = Instant::now();
     let vm = offer.vm.clone();
     // Reserve the name and launch under the table lock: two offers for one
-    // VM name cannot both launch.
-    let (proc, qmp) = {
+    // VM name cannot both launch, and admission sees a stable picture.
+    let (proc, qmp, _ticket) = {
         let mut table = agent.vms.lock().await;
+        // SECURITY (R3): policy and admission before any VM byte moves; what
+        // the source believed about our capacity is checked here, again.
+        let residents = table.values().map(|e| ferry_policy::Resident { tenant: e.labels.tenant.clone(), security_level: e.labels.security_level }).collect();
+        let used = table.values().fold((0u64, 0u32), |(m, c), e| (m + u64::from(e.spec.memory_mib), c + e.spec.vcpus));
+        let ticket = match agent.authz.authorize_incoming(
+            &offer.source,
+            &agent.host,
+            &vm,
+            &offer.labels,
+            u64::from(offer.spec.memory_mib),
+            offer.spec.vcpus,
+            residents,
+            used,
+        ) {
+            Ok(t) => t,
+            Err((code, why)) => {
+                drop(table);
+                let _ = m.audit("refused", serde_json::json!({ "code": code, "reason": why }), None).await;
+                abort_record(&agent, &mut m.rec, why.clone());
+                return refuse(&agent, &mut writer, id, code, why).await;
+            }
+        };
         if table.contains_key(&vm) {
             drop(table);
             abort_record(&agent, &mut m.rec, format!("a VM named {vm} already exists here"));
@@ -234,7 +256,7 @@ async fn receive(
         match vms::launch(&agent.qemu, &offer.spec, &offer.labels, LaunchMode::Incoming).await {
             Ok(mut entry) => {
                 entry.busy = Some(id);
-                let out = (entry.proc.clone(), entry.qmp.clone());
+                let out = (entry.proc.clone(), entry.qmp.clone(), ticket);
                 table.insert(vm.clone(), entry);
                 out
             }
@@ -320,6 +342,7 @@ async fn receive(
     if let Some(entry) = agent.vms.lock().await.get_mut(&vm) {
         entry.busy = None;
     }
+    agent.authz.moved(&vm);
     agent.metrics.migration_finished(Role::Destination, "completed", bytes, started.elapsed());
     match receipt {
         Ok(signed) => {

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod attestation;
+pub mod authz;
 pub mod client;
 pub mod config;
 pub mod evidence;
@@ -46,6 +47,8 @@ pub enum AgentError {
     Records(#[from] records::RecordError),
     #[error("audit log")]
     Audit(#[from] ferry_audit::AuditError),
+    #[error("policy")]
+    Policy(#[from] ferry_policy::PolicyError),
     #[error("QEMU")]
     Vmm(#[from] ferry_vmm::VmmError),
     #[error("cannot listen on {addr}")]
@@ -108,6 +111,7 @@ pub struct Agent {
     pub audit: Arc<std::sync::Mutex<ferry_audit::AuditLog>>,
     /// The cluster CA, to verify peers' signed messages.
     pub ca_trust: ferry_audit::CaTrust,
+    pub authz: authz::Authz,
 }
 
 impl Agent {
@@ -154,6 +158,7 @@ impl Agent {
         }
         let audit = ferry_audit::AuditLog::open(&audit_path, signer)?;
         let ca_trust = ferry_audit::CaTrust::load(&cfg.tls.ca)?;
+        let authz = authz::Authz::load(&cfg)?;
         let agent = Arc::new(Agent {
             host: cfg.host.name.clone(),
             domain,
@@ -167,6 +172,7 @@ impl Agent {
             attestation: attestation::Attestation::new(cfg.host.name.clone(), attest_paths),
             audit: Arc::new(std::sync::Mutex::new(audit)),
             ca_trust,
+            authz,
             cfg,
         });
         recovery::recover(&agent).await?;

@@ -55,7 +55,13 @@ enum Failure {
 type Done = JoinHandle<Result<MigrationRecord, Fault>>;
 
 /// Reserve the VM, write the first record and start the migration task.
-pub async fn start(agent: Arc<Agent>, vm: VmName, to: HostName) -> Result<(MigrationId, watch::Receiver<Progress>, Done), Fault> {
+pub async fn start(
+    agent: Arc<Agent>,
+    vm: VmName,
+    to: HostName,
+    operator: &ferry_types::OperatorName,
+    role: &str,
+) -> Result<(MigrationId, watch::Receiver<Progress>, Done), Fault> {
     if to == agent.host {
         return Err(Fault::new(ErrorKind::Request, format!("VM {vm} is already on {to}")));
     }
@@ -70,6 +76,14 @@ pub async fn start(agent: Arc<Agent>, vm: VmName, to: HostName) -> Result<(Migra
             .ok_or_else(|| Fault::new(ErrorKind::Request, format!("no VM {vm} on {}", agent.host)))?;
         if let Some(other) = entry.busy {
             return Err(Fault::new(ErrorKind::Request, format!("VM {vm} is already held by migration {other}")));
+        }
+        // SECURITY (R3): default deny; a denial is a value with a reason,
+        // audited, and nothing has been touched.
+        if let Err(denied) = agent.authz.authorize_outgoing(operator, role, &vm, &entry.labels, &agent.host, &to, false) {
+            agent.metrics.refused("policy");
+            let ev = evidence::event("denied", &id, &vm, &to, serde_json::json!({ "operator": operator, "role": role, "reason": denied.message }), None);
+            let _ = agent.audit(ev).await;
+            return Err(denied);
         }
         entry.busy = Some(id);
         (entry.spec.clone(), entry.labels.clone(), entry.qmp.clone(), entry.proc.dir.clone())
@@ -506,6 +520,7 @@ async fn resume_source(qmp: &Mutex<Qmp>) -> Result<(), String> {
 /// its directory (console log) under `departed/`.
 async fn finish_completed(agent: &Arc<Agent>, rec: &mut MigrationRecord, digest: Digest32) -> Result<MigrationRecord, Fault> {
     let entry = agent.vms.lock().await.remove(&rec.vm);
+    agent.authz.moved(&rec.vm);
     if let Some(entry) = entry {
         let _ = entry.qmp.lock().await.quit().await;
         let _ = crate::vms::kill(&entry.proc).await;

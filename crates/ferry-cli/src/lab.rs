@@ -10,6 +10,8 @@
 //! DIR/tpm-ca/                 a local "TPM manufacturer" CA that signed the swtpm EK certificates
 //! DIR/aks/                    the registry of enrolled AKs
 //! DIR/reference-values.toml   reference PCR values (all hosts: class "lab")
+//! DIR/policy/                 ferry.cedar (the example policy set) and entities.json
+//!                             (hosts in zone "lab" with trust 3, operator admin)
 //! DIR/lab.json                what `lab up` printed
 //! ```
 
@@ -144,6 +146,12 @@ fn agent_toml(h: &LabHost, ca: &CaDir, images: &Path, bandwidth: u64, peers: &BT
     for (name, addr) in peers.iter().filter(|(n, _)| **n != h.name) {
         s.push_str(&format!("{name} = \"{addr}\"\n"));
     }
+    s.push_str(&format!(
+        "\n[policy]\nfiles = [\"{}\"]\nentities = \"{}\"\n\n\
+         [admission]\n# The lab moves VMs back and forth in quick succession.\nvm_cooldown = \"0s\"\n",
+        lab_dir.join("policy/ferry.cedar").display(),
+        lab_dir.join("policy/entities.json").display()
+    ));
     match &h.tpm {
         Some(t) => s.push_str(&format!(
             "\n[attestation]\ntcti = \"{}\"\nak = \"{}\"\nregistry = \"{}\"\nreference_values = \"{}\"\n",
@@ -179,6 +187,28 @@ fn provision_tpm(dir: &Path, hdir: &Path, name: &HostName, tpm_ca: &Path, tpm_ca
     crate::attest::add_reference(&dir.join("reference-values.toml"), "lab", name, &values)?;
     Ok(LabTpm { dir: tpm_dir, port, tcti, ak })
 }
+
+/// The example policy set and the lab's entities: every host in zone "lab"
+/// with trust level 3, the operator admin with roles admin and operator.
+fn write_policy(dir: &Path, hosts: &[LabHost]) -> Result<()> {
+    let pdir = dir.join("policy");
+    std::fs::create_dir_all(&pdir)?;
+    std::fs::write(pdir.join("ferry.cedar"), EXAMPLE_POLICY)?;
+    let mut entities: Vec<serde_json::Value> = hosts
+        .iter()
+        .map(|h| serde_json::json!({ "uid": { "type": "Host", "id": h.name }, "attrs": { "zone": "lab", "trust_level": 3 }, "parents": [] }))
+        .collect();
+    entities.push(serde_json::json!({
+        "uid": { "type": "Operator", "id": "admin" },
+        "attrs": { "roles": ["admin", "operator"], "tenants": ["default"] },
+        "parents": []
+    }));
+    std::fs::write(pdir.join("entities.json"), serde_json::to_vec_pretty(&entities)?)?;
+    Ok(())
+}
+
+/// docs/policy/ferry.cedar, shipped with the binary for the lab.
+pub const EXAMPLE_POLICY: &str = include_str!("../../../docs/policy/ferry.cedar");
 
 /// Make sure a host's swtpm runs (after `lab down`, or a crash).
 fn ensure_tpm(t: &LabTpm) -> Result<()> {
@@ -234,6 +264,7 @@ pub async fn up(dir: &Path, opts: LabOptions) -> Result<Lab> {
         });
     }
     let peers: BTreeMap<HostName, SocketAddr> = lab_hosts.iter().map(|h| (h.name.clone(), h.addr)).collect();
+    write_policy(&dir, &lab_hosts)?;
     for h in &lab_hosts {
         std::fs::write(&h.config, agent_toml(h, &ca, &images, bandwidth, &peers, &dir))?;
     }
