@@ -37,6 +37,7 @@ fn request_name(r: &ApiRequest) -> &'static str {
         ApiRequest::MigrationList => "migration_list",
         ApiRequest::MigrationShow { .. } => "migration_show",
         ApiRequest::MigrationResolve { .. } => "migration_resolve",
+        ApiRequest::PolicyReload => "policy_reload",
     }
 }
 
@@ -148,6 +149,10 @@ async fn dispatch(
             Ok(None) => Err(Fault::new(ErrorKind::Request, format!("no migration {id} on {}", agent.host))),
             Err(e) => Err(Fault::new(ErrorKind::Backend, crate::chain(&e))),
         },
+        ApiRequest::PolicyReload => {
+            require_role(agent, operator, role, "reload policy")?;
+            agent.reload_policy().await.map(|policies| ApiResponse::PolicyReloaded { policies })
+        }
         ApiRequest::MigrationResolve { id } => {
             require_role(agent, operator, role, "resolve migrations")?;
             outgoing::resolve(agent, id).await.map(ApiResponse::Migration)

@@ -115,6 +115,31 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Reload the policy files atomically (SIGHUP or the API). The outcome is
+    /// audited; on error the old policy stays in force.
+    pub async fn reload_policy(&self) -> Result<usize, Fault> {
+        let result = self.authz.reload();
+        let detail = match &result {
+            Ok(n) => serde_json::json!({ "policies": n }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        let mut ev = ferry_audit::AuditEvent::new(if result.is_ok() { "policy_reloaded" } else { "policy_reload_refused" });
+        ev.detail = detail;
+        if let Err(e) = self.audit(ev).await {
+            tracing::error!(error = %e, "policy reload not in the audit log");
+        }
+        match result {
+            Ok(n) => {
+                tracing::info!(policies = n, "policy reloaded");
+                Ok(n)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "policy reload refused; the old policy stays in force");
+                Err(Fault::new(ErrorKind::Request, format!("policy reload refused, the old policy stays in force: {e}")))
+            }
+        }
+    }
+
     /// Load identity and state, adopt surviving VMs and settle interrupted
     /// migrations. The returned agent is ready to serve.
     pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {

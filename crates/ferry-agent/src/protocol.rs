@@ -59,6 +59,8 @@ pub enum ApiRequest {
     MigrationShow { id: MigrationId },
     /// Settle an in-doubt migration by asking its destination.
     MigrationResolve { id: MigrationId },
+    /// Re-read the policy files (as SIGHUP does); the old policy stays on error.
+    PolicyReload,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +73,7 @@ pub enum ApiResponse {
     Progress(Progress),
     Migration(MigrationRecord),
     Migrations { migrations: Vec<MigrationRecord> },
+    PolicyReloaded { policies: usize },
     Error { kind: ErrorKind, message: String },
 }
 

@@ -42,6 +42,15 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         tokio::spawn(ferry_agent::metrics::serve(agent.clone(), l));
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     }
+    {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            while hup.recv().await.is_some() {
+                let _ = agent.reload_policy().await;
+            }
+        });
+    }
     tracing::info!(host = %agent.host, %listen, accel = agent.accel.qemu_name(), "agent ready");
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -10,6 +10,7 @@ pub mod console;
 pub mod demo;
 pub mod lab;
 pub mod ops;
+pub mod policy;
 pub mod opclient;
 
 use std::path::PathBuf;
@@ -56,6 +57,9 @@ pub enum Command {
     /// List, show and resolve migrations.
     #[command(subcommand)]
     Migrations(ops::MigrationsCommand),
+    /// Check and explain Cedar policies; reload an agent's policy.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// A local lab: a CA and N agents on loopback.
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -89,6 +93,7 @@ pub fn main() -> ExitCode {
             Command::Migrate(m) => ops::migrate(m, json).await,
             Command::Migrations(c) => ops::migrations(c, json).await,
             Command::Lab(c) => lab::run(c, json).await,
+            Command::Policy(c) => policy::run(c, json).await,
             Command::Demo(d) => demo::run(d, json).await,
         }
     });

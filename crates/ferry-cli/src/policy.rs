@@ -1,0 +1,106 @@
+//! `ferry policy`: check policy files against Ferry's Cedar schema, explain
+//! a decision, and ask an agent to reload its policy.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Result};
+use clap::Subcommand;
+use ferry_agent::protocol::{ApiRequest, ApiResponse};
+use ferry_policy::{Action, PolicyEngine, Principal, Request, VmLabels};
+use ferry_types::{HostName, OperatorName, VmName};
+
+use crate::ops::Target;
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Parse and validate policy files (and an entities file) against the schema.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        entities: Option<PathBuf>,
+    },
+    /// Print the decision for an operator migrating a VM, and the policies that made it.
+    Explain {
+        #[arg(long = "policy", required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        entities: PathBuf,
+        #[arg(long)]
+        operator: OperatorName,
+        #[arg(long, default_value = "operator")]
+        role: String,
+        #[arg(long)]
+        vm: VmName,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[arg(long, default_value_t = 0)]
+        security_level: u8,
+        #[arg(long = "zone")]
+        zones: Vec<String>,
+        #[arg(long)]
+        from: HostName,
+        #[arg(long)]
+        to: HostName,
+        #[arg(long)]
+        postcopy: bool,
+    },
+    /// Ask an agent to reload its policy files (as SIGHUP does).
+    Reload(Target),
+}
+
+pub async fn run(cmd: PolicyCommand, json: bool) -> Result<ExitCode> {
+    match cmd {
+        PolicyCommand::Check { files, entities } => {
+            let summary = ferry_policy::check_files(&files, entities.as_deref())?;
+            if json {
+                let ids: Vec<_> = summary.policies.iter().map(|p| p.id.clone()).collect();
+                println!("{}", serde_json::json!({ "valid": true, "policies": ids, "entities": summary.entities, "warnings": summary.warnings }));
+            } else {
+                print!("{summary}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Explain { files, entities, operator, role, vm, tenant, security_level, zones, from, to, postcopy } => {
+            let engine = PolicyEngine::load(&files, &entities)?;
+            let req = Request {
+                principal: Principal::Operator { name: operator, role },
+                action: Action::MigrateVm,
+                vm,
+                labels: VmLabels { tenant, security_level, allowed_zones: zones, anti_affinity: vec![] },
+                source: from,
+                destination: to,
+                postcopy,
+                now_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+                resident_on_destination: vec![],
+            };
+            let decision = engine.authorize(&req);
+            if json {
+                let (allow, reason) = match &decision {
+                    ferry_policy::Decision::Allow { .. } => (true, None),
+                    ferry_policy::Decision::Deny { reason, .. } => (false, Some(reason.clone())),
+                };
+                println!("{}", serde_json::json!({ "allow": allow, "reason": reason, "policies": decision.policies() }));
+            } else {
+                println!("{}", engine.explain(&req));
+            }
+            Ok(if decision.is_allow() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+        }
+        PolicyCommand::Reload(t) => {
+            let (c, host) = t.open()?;
+            match c.request(&host, &ApiRequest::PolicyReload, |_| {}).await? {
+                ApiResponse::PolicyReloaded { policies } => {
+                    if json {
+                        println!("{}", serde_json::json!({ "reloaded": true, "policies": policies }));
+                    } else {
+                        println!("{host}: policy reloaded ({policies} policies)");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                ApiResponse::Error { message, .. } => Err(anyhow!("{host}: {message}")),
+                other => Err(anyhow!("unexpected answer {other:?}")),
+            }
+        }
+    }
+}
