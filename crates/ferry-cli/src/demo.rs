@@ -178,16 +178,15 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
     })
     .await?;
     say(&format!("migrating {vm} {src} -> {dst}"));
+    let mut view = crate::progress::ProgressView::new();
     let resp = client
-        .request(&dst_or(&src), &ApiRequest::Migrate { vm: vm.clone(), to: dst.clone(), wait: true }, |p| {
+        .request(&src, &ApiRequest::Migrate { vm: vm.clone(), to: dst.clone(), wait: true }, |p| {
             if !json {
-                eprint!("\r    {:<9} {:>8.1} MiB", p.phase, p.bytes as f64 / 1048576.0);
+                view.update(p);
             }
         })
         .await?;
-    if !json {
-        eprintln!();
-    }
+    view.finish();
     let rec = match resp {
         ApiResponse::Migration(m) => m,
         ApiResponse::Error { message, .. } => return Err(anyhow!("migration failed: {message}")),
@@ -257,6 +256,3 @@ fn evidence_verified(lab: &Lab, src: &HostName, dst: &HostName, id: &str) -> boo
     }
 }
 
-fn dst_or(src: &HostName) -> HostName {
-    src.clone()
-}

@@ -8,9 +8,11 @@ pub mod audit;
 pub mod ca;
 pub mod console;
 pub mod demo;
+pub mod docs;
 pub mod lab;
 pub mod ops;
 pub mod policy;
+pub mod progress;
 pub mod opclient;
 
 use std::path::PathBuf;
@@ -53,6 +55,23 @@ pub enum Command {
     #[command(subcommand)]
     Vm(ops::VmCommand),
     /// Live-migrate a VM to another host.
+    ///
+    /// The source agent authorizes the request (Cedar policy, rate limit,
+    /// cooldown), opens TLS 1.3 to the destination and checks that its
+    /// certificate names exactly that host, exchanges TPM quotes bound to the
+    /// connection with it, and sends a signed offer. The destination checks
+    /// replay, policy and capacity, starts QEMU paused and accepts; QEMU's
+    /// stream then moves through both agents, hashed. The destination resumes
+    /// the VM only when QEMU, the byte count and the digest agree, and signs
+    /// a receipt; only then does the source quit its paused copy.
+    ///
+    /// Any failure before the commit resumes the VM on the source. If the
+    /// receipt is lost after the commit, the VM stays paused on the source,
+    /// the command exits with status 4 ("in doubt"), and `ferry migrations
+    /// resolve ID` settles it by asking the destination.
+    ///
+    /// Progress (phase, bar, bytes, rate, remaining, dirty rate, iteration,
+    /// ETA) is drawn on stderr when it is a terminal.
     Migrate(ops::MigrateArgs),
     /// List, show and resolve migrations.
     #[command(subcommand)]
@@ -65,6 +84,13 @@ pub enum Command {
     Lab(lab::LabCommand),
     /// Run the whole story once: a lab of two hosts, a guest, a migration, checks.
     Demo(demo::DemoArgs),
+    /// Write man pages for ferry and every subcommand into DIR.
+    Man {
+        #[arg(long, default_value = "man")]
+        dir: PathBuf,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 /// Where operator commands find their credentials and agents.
@@ -95,6 +121,8 @@ pub fn main() -> ExitCode {
             Command::Lab(c) => lab::run(c, json).await,
             Command::Policy(c) => policy::run(c, json).await,
             Command::Demo(d) => demo::run(d, json).await,
+            Command::Man { dir } => docs::man(&dir),
+            Command::Completions { shell } => docs::completions(shell),
         }
     });
     match result {

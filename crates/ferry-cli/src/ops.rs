@@ -1,13 +1,12 @@
 //! Operator commands: status, vm, migrate, migrations. Each turns its
 //! arguments into one typed API request.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
-use ferry_agent::protocol::{ApiRequest, ApiResponse, ErrorKind, Progress};
+use ferry_agent::protocol::{ApiRequest, ApiResponse, ErrorKind};
 use ferry_agent::MigrationRecord;
 use ferry_types::{HostName, MigrationId, VmName};
 use ferry_vmm::VmSpec;
@@ -215,30 +214,19 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
     }
 }
 
-fn progress_line(p: &Progress) {
-    let mib = p.bytes as f64 / (1 << 20) as f64;
-    let secs = (p.elapsed_ms as f64 / 1000.0).max(0.001);
-    let mut err = std::io::stderr();
-    let _ = write!(
-        err,
-        "\r{:<9} {:>9.1} MiB  {:>8.1} MiB/s  remaining {:>7.1} MiB  iteration {:<3}",
-        p.phase,
-        mib,
-        mib / secs,
-        p.ram_remaining as f64 / (1 << 20) as f64,
-        p.iterations
-    );
-    let _ = err.flush();
-}
-
 pub async fn migrate(args: MigrateArgs, json: bool) -> Result<ExitCode> {
     let (c, host) = args.target.open()?;
     let req = ApiRequest::Migrate { vm: args.vm.clone(), to: args.to.clone(), wait: !args.no_wait };
     let show = !json && !args.no_wait;
-    let resp = c.request(&host, &req, |p| if show { progress_line(p) }).await?;
-    if show {
-        eprintln!();
-    }
+    let mut view = crate::progress::ProgressView::new();
+    let resp = c
+        .request(&host, &req, |p| {
+            if show {
+                view.update(p)
+            }
+        })
+        .await?;
+    view.finish();
     finish(resp, json, |r| {
         if let ApiResponse::Migration(m) = r {
             print_record(m);
