@@ -38,6 +38,7 @@ fn request_name(r: &ApiRequest) -> &'static str {
         ApiRequest::MigrationShow { .. } => "migration_show",
         ApiRequest::MigrationResolve { .. } => "migration_resolve",
         ApiRequest::PolicyReload => "policy_reload",
+        ApiRequest::MigrationCancel { .. } => "migration_cancel",
     }
 }
 
@@ -149,6 +150,23 @@ async fn dispatch(
             Ok(None) => Err(Fault::new(ErrorKind::Request, format!("no migration {id} on {}", agent.host))),
             Err(e) => Err(Fault::new(ErrorKind::Backend, crate::chain(&e))),
         },
+        ApiRequest::MigrationCancel { id } => {
+            require_role(agent, operator, role, "cancel migrations")?;
+            let switch = agent.cancels.lock().await.remove(&id);
+            match switch {
+                Some(tx) => {
+                    let _ = tx.send(true);
+                    match agent.records.get(&id) {
+                        Ok(Some(r)) => Ok(ApiResponse::Migration(r)),
+                        _ => Err(Fault::new(ErrorKind::Backend, "record missing")),
+                    }
+                }
+                None => Err(Fault::new(
+                    ErrorKind::Request,
+                    format!("migration {id} is not an outgoing migration in progress on {} (finished, committed, or not ours)", agent.host),
+                )),
+            }
+        }
         ApiRequest::PolicyReload => {
             require_role(agent, operator, role, "reload policy")?;
             agent.reload_policy().await.map(|policies| ApiResponse::PolicyReloaded { policies })

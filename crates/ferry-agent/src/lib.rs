@@ -105,6 +105,8 @@ pub struct Agent {
     pub records: records::RecordStore,
     /// Progress of migrations this host is sending, for operators watching.
     pub active: Mutex<HashMap<MigrationId, watch::Receiver<protocol::Progress>>>,
+    /// Cancel switches of outgoing migrations that have not committed yet.
+    pub cancels: Mutex<HashMap<MigrationId, watch::Sender<bool>>>,
     pub metrics: metrics::Metrics,
     pub attestation: attestation::Attestation,
     /// This host's signed, hash-chained audit log (its signer is the host key).
@@ -193,6 +195,7 @@ impl Agent {
             vms: Mutex::new(Default::default()),
             records,
             active: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::default(),
             attestation: attestation::Attestation::new(cfg.host.name.clone(), attest_paths),
             audit: Arc::new(std::sync::Mutex::new(audit)),

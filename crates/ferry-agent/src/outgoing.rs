@@ -40,6 +40,7 @@ struct Ctx {
     qmp: Arc<Mutex<Qmp>>,
     vm_dir: PathBuf,
     progress: watch::Sender<Progress>,
+    cancel: watch::Receiver<bool>,
     bytes: Arc<AtomicU64>,
     started: Instant,
 }
@@ -96,7 +97,10 @@ pub async fn start(
     }
     let (tx, rx) = watch::channel(Progress { id: Some(id), phase: "connect".into(), ..Default::default() });
     agent.active.lock().await.insert(id, rx.clone());
+    let (cancel_tx, cancel) = watch::channel(false);
+    agent.cancels.lock().await.insert(id, cancel_tx);
     let ctx = Ctx {
+        cancel,
         agent: agent.clone(),
         id,
         vm,
@@ -160,6 +164,7 @@ async fn run(ctx: Ctx, mut rec: MigrationRecord) -> Result<MigrationRecord, Faul
     }
     set_phase(&ctx, phase);
     ctx.agent.active.lock().await.remove(&ctx.id);
+    ctx.agent.cancels.lock().await.remove(&ctx.id);
     let outcome = match rec.state {
         MigrationState::Completed => "completed",
         MigrationState::InDoubt => "in_doubt",
@@ -243,6 +248,10 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     }
     reader.set_timeout(mig.io_timeout());
 
+    if *ctx.cancel.borrow() {
+        send_abort(ctx, &mut writer, &binding, "cancelled by the operator".into()).await;
+        return Err(Before(Fault::new(ErrorKind::Request, "cancelled by the operator before the transfer")));
+    }
     // From here the peer may send Abort at any time: a task watches for it.
     let (peer_tx, mut peer_rx) = mpsc::channel::<Result<PeerMessage, String>>(4);
     let watcher = tokio::spawn(watch_peer(reader, peer_tx));
@@ -274,8 +283,14 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; PUMP_CHUNK];
     let mut total: u64 = 0;
+    let mut cancel = ctx.cancel.clone();
     loop {
+        if *cancel.borrow_and_update() {
+            send_abort(ctx, &mut writer, &binding, "cancelled by the operator".into()).await;
+            return Err(Before(Fault::new(ErrorKind::Request, "cancelled by the operator before commit")));
+        }
         tokio::select! {
+            _ = cancel.changed() => continue,
             msg = peer_rx.recv() => {
                 let why = match msg {
                     Some(Ok(PeerMessage::Abort { reason, .. })) => format!("{} aborted: {reason}", ctx.to),
@@ -326,6 +341,8 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
         send_abort(ctx, &mut writer, &binding, "source cannot write its audit log".into()).await;
         return Err(Before(e));
     }
+    // Past this point the migration cannot be cancelled, only settled.
+    ctx.agent.cancels.lock().await.remove(&ctx.id);
     rec.state = MigrationState::Committed;
     // SECURITY: the commit is recorded durably before it is sent, so after
     // a crash this host knows it may no longer resume its copy on its own.

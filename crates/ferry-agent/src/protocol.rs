@@ -59,6 +59,8 @@ pub enum ApiRequest {
     MigrationShow { id: MigrationId },
     /// Settle an in-doubt migration by asking its destination.
     MigrationResolve { id: MigrationId },
+    /// Stop an outgoing migration before it commits; the VM resumes here.
+    MigrationCancel { id: MigrationId },
     /// Re-read the policy files (as SIGHUP does); the old policy stays on error.
     PolicyReload,
 }

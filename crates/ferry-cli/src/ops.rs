@@ -130,6 +130,12 @@ pub enum MigrationsCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Stop an outgoing migration before it commits; the VM resumes on the source.
+    Cancel {
+        id: MigrationId,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Settle an in-doubt migration by asking its destination what happened.
     Resolve {
         id: MigrationId,
@@ -254,6 +260,7 @@ pub async fn migrations(cmd: MigrationsCommand, json: bool) -> Result<ExitCode> 
         MigrationsCommand::List(t) => (ApiRequest::MigrationList, t),
         MigrationsCommand::Show { id, target } => (ApiRequest::MigrationShow { id }, target),
         MigrationsCommand::Resolve { id, target } => (ApiRequest::MigrationResolve { id }, target),
+        MigrationsCommand::Cancel { id, target } => (ApiRequest::MigrationCancel { id }, target),
     };
     let (c, host) = target.open()?;
     let resp = c.request(&host, &req, |_| {}).await?;

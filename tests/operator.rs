@@ -1,0 +1,115 @@
+//! Operator experience, driven through the real binary: the live progress
+//! display on a terminal, every --json output, and cancelling a migration.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// `ferry migrate` under a pseudo-terminal (util-linux `script`): the bar is
+/// redrawn in place and the command ends with a clear result.
+#[test]
+fn progress_is_drawn_on_a_terminal_and_ends_in_a_result() {
+    let lab = TestLab::up(2, 64);
+    lab.start_guest("host1", "g", 256, "fill_mib=128 dirty=0 hb_ms=10");
+    let cmd = format!("{FERRY} migrate g --to host2 --host host1");
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}");
+    let redraws = out.matches("\r\x1b[2K").count();
+    assert!(redraws >= 3, "the bar was not redrawn in place ({redraws} times): {out:?}");
+    assert!(out.contains("transfer") && out.contains('%') && out.contains("MiB/s") && out.contains("ETA"), "{out:?}");
+    let last = out.trim_end().lines().last().unwrap_or("");
+    let tail: String = out.lines().rev().take(4).collect::<Vec<_>>().join("\n");
+    assert!(tail.contains("Completed"), "no clear result at the end: {last:?}\n{tail}");
+    // Not a terminal: no control characters, one line per phase.
+    let (ok, _) = lab.ferry_json(&["migrate", "g", "--to", "host1", "--host", "host2"]);
+    assert!(ok);
+    let o = lab.ferry(&["migrate", "g", "--to", "host2", "--host", "host1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && !err.contains('\x1b') && err.contains("phase transfer"), "{err}");
+}
+
+fn has(v: &serde_json::Value, fields: &[&str]) {
+    for f in fields {
+        assert!(v.get(f).is_some(), "JSON lacks {f}: {v}");
+    }
+}
+
+#[test]
+fn every_json_output_parses_and_has_its_fields() {
+    let lab = TestLab::up(2, 0);
+    let vm = lab.start_guest("host1", "g", 128, "fill_mib=16 dirty=0 hb_ms=50");
+    has(&vm, &["name", "state", "pid", "accel", "memory_mib", "vcpus", "console_log"]);
+    let (ok, s) = lab.ferry_json(&["status", "--host", "host1"]);
+    assert!(ok);
+    has(&s, &["host", "version", "protocol", "accel", "vms", "peers", "active_migrations"]);
+    assert_eq!(s["accel"], if std::path::Path::new("/sys/module/kvm_intel").exists() || std::path::Path::new("/sys/module/kvm_amd").exists() { "kvm" } else { "tcg" });
+    let (ok, l) = lab.ferry_json(&["vm", "list", "--host", "host1"]);
+    assert!(ok);
+    has(&l["vms"][0], &["name", "state", "pid", "migration", "console_log"]);
+    let (ok, m) = lab.ferry_json(&["migrate", "g", "--to", "host2", "--host", "host1"]);
+    assert!(ok);
+    has(&m, &["id", "role", "vm", "source", "destination", "state", "bytes", "digest", "total_ms", "qemu_downtime_ms", "setup_ms", "attestation", "insecure", "receipt"]);
+    let id = m["id"].as_str().expect("id");
+    let (ok, list) = lab.ferry_json(&["migrations", "list", "--host", "host2"]);
+    assert!(ok);
+    has(&list["migrations"][0], &["id", "role", "state"]);
+    let (ok, show) = lab.ferry_json(&["migrations", "show", id, "--host", "host2"]);
+    assert!(ok && show["role"] == "destination", "{show}");
+    let logs = [lab.host("host1").state_dir.join("audit.log"), lab.host("host2").state_dir.join("audit.log")];
+    let (ok, v) = lab.ferry_json(&["audit", "verify", logs[0].to_str().expect("utf8"), logs[1].to_str().expect("utf8"), "--ca", lab.lab.ca.to_str().expect("utf8")]);
+    assert!(ok, "{v}");
+    has(&v, &["verified", "logs", "cross_check"]);
+    let (ok, p) = lab.ferry_json(&["policy", "check", lab.dir.path().join("policy/ferry.cedar").to_str().expect("utf8")]);
+    assert!(ok);
+    has(&p, &["valid", "policies", "warnings"]);
+    // Errors are JSON too, with a kind for scripts.
+    let (ok, e) = lab.ferry_json(&["migrate", "nope", "--to", "host2", "--host", "host1"]);
+    assert!(!ok);
+    has(&e, &["kind", "message"]);
+}
+
+#[test]
+fn a_migration_can_be_cancelled_before_commit() {
+    let lab = TestLab::up(2, 32);
+    let vm = lab.start_guest("host1", "g", 384, "fill_mib=256 dirty=16 hb_ms=10");
+    let log = std::path::PathBuf::from(vm["console_log"].as_str().expect("log"));
+    let child = Command::new(FERRY)
+        .args(["migrate", "g", "--to", "host2", "--host", "host1", "--json"])
+        .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut id = String::new();
+    wait_until(Duration::from_secs(30), "the transfer to start", || {
+        let (_, l) = lab.ferry_json(&["migrations", "list", "--host", "host1"]);
+        match l["migrations"].as_array().and_then(|a| a.first()) {
+            Some(m) if m["state"] == "transferring" => {
+                id = m["id"].as_str().unwrap_or_default().to_owned();
+                true
+            }
+            _ => false,
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, c) = lab.ferry_json(&["migrations", "cancel", &id, "--host", "host1"]);
+    assert!(ok, "{c}");
+    let o = child.wait_with_output().expect("migrate");
+    assert!(!o.status.success(), "the migration completed anyway");
+    assert!(text(&o).contains("cancelled"), "{}", text(&o));
+    assert_eq!(lab.vm_state("host1", "g").as_deref(), Some("running"));
+    assert_guest_runs(&log);
+    wait_until(Duration::from_secs(10), "host2 to discard the incoming VM", || live_qemus_under(&lab.host("host2").state_dir).is_empty());
+    let (ok, e) = lab.ferry_json(&["migrations", "cancel", &id, "--host", "host1"]);
+    assert!(!ok && e["message"].as_str().unwrap_or("").contains("not an outgoing migration in progress"), "{e}");
+}
