@@ -11,6 +11,9 @@ use ferry_types::HostName;
 use ferry_vmm::AccelChoice;
 use serde::Deserialize;
 
+/// Largest config file read.
+pub const MAX_CONFIG_FILE: u64 = 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path:?}")]
@@ -182,6 +185,9 @@ pub struct MigrationSection {
     /// Outgoing migrations allowed per destination per window (C4).
     pub outgoing_max: u32,
     pub outgoing_window_ms: u64,
+    /// Longest transfer before a migration that does not converge is
+    /// aborted and the VM resumes on the source.
+    pub max_transfer_ms: u64,
 }
 
 impl Default for MigrationSection {
@@ -194,6 +200,7 @@ impl Default for MigrationSection {
             operator_roles: vec!["admin".into(), "operator".into()],
             outgoing_max: 30,
             outgoing_window_ms: 60_000,
+            max_transfer_ms: 600_000,
         }
     }
 }
@@ -205,6 +212,9 @@ impl MigrationSection {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
+    pub fn max_transfer(&self) -> Duration {
+        Duration::from_millis(self.max_transfer_ms)
+    }
     pub fn commit_timeout(&self) -> Duration {
         Duration::from_millis(self.commit_timeout_ms)
     }
@@ -212,6 +222,10 @@ impl MigrationSection {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let len = std::fs::metadata(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?.len();
+        if len > MAX_CONFIG_FILE {
+            return Err(ConfigError::Invalid { path: path.to_owned(), message: format!("{len} bytes; a config is at most {MAX_CONFIG_FILE}") });
+        }
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text, path)

@@ -41,6 +41,8 @@ struct Ctx {
     vm_dir: PathBuf,
     progress: watch::Sender<Progress>,
     cancel: watch::Receiver<bool>,
+    /// Who asked for this migration (for the audit log).
+    operator: String,
     bytes: Arc<AtomicU64>,
     started: Instant,
 }
@@ -101,6 +103,7 @@ pub async fn start(
     agent.cancels.lock().await.insert(id, cancel_tx);
     let ctx = Ctx {
         cancel,
+        operator: format!("{operator} (role {role})"),
         agent: agent.clone(),
         id,
         vm,
@@ -229,7 +232,7 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     };
     let signed = agent.sign(evidence::OFFER, &offer).map_err(|e| Before(Fault::new(ErrorKind::Backend, e)))?;
     // SECURITY (R6): logged before it is sent; no record, no offer.
-    audit(ctx, "offer_sent", serde_json::json!({ "attestation": rec.attestation }), Some(signed.clone())).await.map_err(Before)?;
+    audit(ctx, "offer_sent", serde_json::json!({ "operator": ctx.operator, "attestation": rec.attestation }), Some(signed.clone())).await.map_err(Before)?;
     writer.write_control(&PeerMessage::Offer { signed }).await.map_err(|e| Before(peer_fault(ctx, e)))?;
     reader.set_timeout(ACCEPT_TIMEOUT);
     let expect = ctx.expect(Some(&binding));
@@ -243,6 +246,12 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
         PeerMessage::Refuse { reason, .. } => {
             let _ = audit(ctx, "refused_by_peer", serde_json::json!({ "reason": reason }), None).await;
             return Err(Before(Fault::new(ErrorKind::Peer, format!("{} refused the migration: {reason}", ctx.to))));
+        }
+        // The destination failed after starting to accept (its QEMU, its
+        // audit log): same outcome as a refusal, and its signed word is kept.
+        PeerMessage::Abort { reason, signed, .. } => {
+            let _ = audit(ctx, "abort_received", serde_json::json!({ "reason": reason }), signed).await;
+            return Err(Before(Fault::new(ErrorKind::Peer, format!("{} aborted the migration: {reason}", ctx.to))));
         }
         other => return Err(Before(Fault::new(ErrorKind::Peer, format!("{} answered the offer with {}", ctx.to, other.name())))),
     }
@@ -284,6 +293,9 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     let mut buf = vec![0u8; PUMP_CHUNK];
     let mut total: u64 = 0;
     let mut cancel = ctx.cancel.clone();
+    // A guest that dirties memory faster than it can be sent never
+    // converges: give up in time and resume it here.
+    let transfer_deadline = tokio::time::Instant::now() + mig.max_transfer();
     loop {
         if *cancel.borrow_and_update() {
             send_abort(ctx, &mut writer, &binding, "cancelled by the operator".into()).await;
@@ -300,8 +312,16 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
                 };
                 return Err(Before(Fault::new(ErrorKind::Peer, why)));
             }
-            n = qemu.read(&mut buf) => {
-                let n = n.map_err(|e| Before(backend("reading QEMU's stream", e)))?;
+            _ = tokio::time::sleep_until(transfer_deadline) => {
+                let why = format!("the migration did not converge within {:?}", mig.max_transfer());
+                send_abort(ctx, &mut writer, &binding, why.clone()).await;
+                return Err(Before(Fault::new(ErrorKind::Backend, format!("{why}; raise [migration] max_transfer_ms or lower the guest's dirty rate"))));
+            }
+            n = tokio::time::timeout(mig.io_timeout(), qemu.read(&mut buf)) => {
+                let n = match n {
+                    Ok(r) => r.map_err(|e| Before(backend("reading QEMU's stream", e)))?,
+                    Err(_) => return Err(Before(Fault::new(ErrorKind::Backend, format!("source QEMU sent nothing for {:?}", mig.io_timeout())))),
+                };
                 if n == 0 { break; }
                 hasher.update(&buf[..n]);
                 total += n as u64;

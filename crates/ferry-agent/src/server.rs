@@ -19,6 +19,23 @@ pub type ServerStream = TlsStream<TcpStream>;
 pub type Reader = FrameReader<ReadHalf<ServerStream>>;
 pub type Writer = FrameWriter<WriteHalf<ServerStream>>;
 
+/// Connections (handshaking or established) served at once.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// At most one "connection refused" line per second at info level; the
+/// rest go to debug. Peers can trigger these, so they must not flood logs.
+#[derive(Default)]
+struct LogLimiter {
+    last_second: std::sync::atomic::AtomicU64,
+}
+
+impl LogLimiter {
+    fn allow(&self) -> bool {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.last_second.swap(now, std::sync::atomic::Ordering::Relaxed) != now
+    }
+}
+
 /// Time allowed for a TLS handshake and the greeting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -26,6 +43,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// their own (a migration in flight is never cut by a shutdown).
 pub async fn serve(agent: Arc<Agent>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let limiter = Arc::new(LogLimiter::default());
     loop {
         tokio::select! {
             _ = &mut shutdown => {
@@ -34,10 +53,24 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener, shutdown: impl Futu
             }
             accepted = listener.accept() => match accepted {
                 Ok((tcp, addr)) => {
+                    // Bound the connections in flight: a flood of peers
+                    // cannot exhaust memory or tasks, and each refusal is
+                    // logged at most once per second (counted in /metrics).
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        agent.metrics.refused("connection_limit");
+                        drop(tcp);
+                        continue;
+                    };
                     let agent = agent.clone();
+                    let limiter = limiter.clone();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         if let Err(why) = handle_connection(agent, tcp).await {
-                            tracing::info!(%addr, %why, "connection refused");
+                            if limiter.allow() {
+                                tracing::info!(%addr, %why, "connection refused");
+                            } else {
+                                tracing::debug!(%addr, %why, "connection refused");
+                            }
                         }
                     });
                 }

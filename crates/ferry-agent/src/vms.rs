@@ -22,6 +22,9 @@ pub const LABELS_FILE: &str = "labels.json";
 pub const CONSOLE_LOG: &str = "console.log";
 /// Longest console line kept; longer lines are cut (a guest controls them).
 const MAX_CONSOLE_LINE: usize = 4096;
+/// A console log past this size is rotated to `console.log.1` (one
+/// generation kept), so a chatty guest cannot fill the host's disk.
+const MAX_CONSOLE_LOG: u64 = 64 << 20;
 /// Largest spec file read back.
 const MAX_SPEC_FILE: u64 = 64 * 1024;
 
@@ -161,6 +164,7 @@ async fn console_logger(socket: PathBuf, log: PathBuf) {
             return;
         }
     };
+    let mut written = tokio::fs::metadata(&log).await.map(|m| m.len()).unwrap_or(0);
     for _ in 0..50 {
         let Ok(stream) = tokio::net::UnixStream::connect(&socket).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -186,6 +190,15 @@ async fn console_logger(socket: PathBuf, log: PathBuf) {
             let entry = format!("{} {mark}{}\n", now_unix_ms(), text.replace('\n', " "));
             if out.write_all(entry.as_bytes()).await.is_err() {
                 return;
+            }
+            written += entry.len() as u64;
+            if written > MAX_CONSOLE_LOG {
+                let _ = tokio::fs::rename(&log, log.with_extension("log.1")).await;
+                out = match tokio::fs::OpenOptions::new().create(true).append(true).open(&log).await {
+                    Ok(f) => f,
+                    Err(_) => return,
+                };
+                written = 0;
             }
         }
         // QEMU closed the socket: it is quitting, or will accept us again.

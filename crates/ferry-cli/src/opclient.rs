@@ -37,6 +37,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl OpClient {
     pub fn load(path: &Path) -> Result<Self> {
+        let len = std::fs::metadata(path).with_context(|| format!("cannot read client config {}", path.display()))?.len();
+        if len > ferry_agent::config::MAX_CONFIG_FILE {
+            bail!("client config {} is {len} bytes; refusing to read it", path.display());
+        }
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read client config {}", path.display()))?;
         let cfg: ClientConfig = toml::from_str(&text).with_context(|| format!("client config {} is invalid", path.display()))?;
         let id = Identity::load(&cfg.cert, &cfg.key, &cfg.ca, cfg.crl.as_deref())

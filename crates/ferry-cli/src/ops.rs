@@ -242,7 +242,18 @@ pub async fn migrate(args: MigrateArgs, json: bool) -> Result<ExitCode> {
 
 pub fn print_record(m: &MigrationRecord) {
     println!("migration {}: {} {} -> {}: {:?}", m.id, m.vm, m.source, m.destination, m.state);
-    println!("  bytes {}  total {} ms  QEMU downtime {} ms", m.bytes, opt(m.total_ms), opt(m.qemu_downtime_ms));
+    println!("  bytes {}  total {} ms  QEMU downtime {} ms  setup {} ms", m.bytes, opt(m.total_ms), opt(m.qemu_downtime_ms), opt(m.setup_ms));
+    match &m.attestation {
+        Some(a) if a.peer_verified => println!("  attestation: {} verified (PCRs {:?}), {} ms", m.peer(), a.peer_pcrs, a.ms),
+        Some(_) => println!("  attestation: NOT verified"),
+        None => {}
+    }
+    for i in &m.insecure {
+        println!("  INSECURE: {i}");
+    }
+    if m.receipt.is_some() {
+        println!("  signed receipt: yes");
+    }
     if let Some(d) = m.digest {
         println!("  digest {d}");
     }
