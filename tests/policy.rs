@@ -144,3 +144,65 @@ fn a_broken_policy_reload_keeps_the_old_policy() {
     let (ok, rec) = lab.ferry_json(&["migrate", "g", "--to", "host2", "--host", "host1"]);
     assert!(ok, "the old policy should still allow this: {rec}");
 }
+
+/// C1: a flood of 50 concurrent, attested, correctly signed offers to one
+/// destination. Only `max_concurrent_incoming` (4) are admitted; the rest
+/// are refused quickly with admission control's reason; the agent keeps
+/// answering, and the VM it already runs is unaffected.
+#[test]
+fn a_flood_of_offers_is_admitted_only_up_to_the_limit() {
+    let lab = TestLab::up(2, 0);
+    start_vm(&lab, "host2", "resident", &[]);
+    let resident_log = std::path::PathBuf::from(
+        lab.vms("host2").iter().find(|v| v["name"] == "resident").expect("resident")["console_log"].as_str().expect("log").to_owned(),
+    );
+    // Attest 50 connections first (one swtpm serves them in turn), then offer at once.
+    let mut rogues: Vec<RogueSource> = (0..50)
+        .map(|i| {
+            let mut r = RogueSource::connect(&lab, "host1", "host2").unwrap_or_else(|e| panic!("connect {i}: {e}"));
+            r.attest().unwrap_or_else(|e| panic!("attest {i}: {e}"));
+            r
+        })
+        .collect();
+    let results: Vec<(String, String, std::time::Duration, RogueSource)> = std::thread::scope(|s| {
+        let handles: Vec<_> = rogues
+            .drain(..)
+            .enumerate()
+            .map(|(i, mut r)| {
+                s.spawn(move || {
+                    let body = r.offer_body(&format!("flood{i}"));
+                    let t = std::time::Instant::now();
+                    r.send_offer(body).expect("offer");
+                    let answer = r.read().unwrap_or_else(|e| serde_json::json!({ "type": "error", "reason": e }));
+                    let kind = answer["type"].as_str().unwrap_or("").to_owned();
+                    let reason = answer["reason"].as_str().unwrap_or("").to_owned();
+                    (kind, reason, t.elapsed(), r)
+                })
+            })
+            .collect();
+        // The agent keeps answering while the flood is on.
+        let (ok, st) = lab.ferry_json(&["status", "--host", "host2"]);
+        assert!(ok, "host2 stopped answering during the flood: {st}");
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    let accepted = results.iter().filter(|r| r.0 == "accept").count();
+    let refused: Vec<_> = results.iter().filter(|r| r.0 == "refuse").collect();
+    assert_eq!(accepted, 4, "admitted {accepted} of 50: {:?}", results.iter().map(|r| (&r.0, &r.1)).collect::<Vec<_>>());
+    assert_eq!(refused.len(), 46);
+    for r in &refused {
+        assert!(r.1.contains("admission control"), "refusal without admission control's reason: {}", r.1);
+    }
+    let mut lat: Vec<u128> = refused.iter().map(|r| r.2.as_millis()).collect();
+    lat.sort_unstable();
+    eprintln!("refusal latency under a 50-offer flood: p50 {} ms, max {} ms", lat[lat.len() / 2], lat[lat.len() - 1]);
+    assert!(lat[lat.len() - 1] < 15_000, "refusals were not quick: {lat:?}");
+    // The admitted ones are abandoned by their rogue sources: host2 discards them.
+    drop(results);
+    wait_until(std::time::Duration::from_secs(30), "host2 to discard the abandoned migrations", || {
+        live_qemus_under(&lab.host("host2").state_dir).len() == 1
+    });
+    assert_eq!(lab.vm_state("host2", "resident").as_deref(), Some("running"));
+    assert_guest_runs(&resident_log);
+    let m = scrape(lab.host("host2").metrics);
+    assert_eq!(metric(&m, "ferry_refusals_total{reason=\"admission\"}"), 46, "{m}");
+}
