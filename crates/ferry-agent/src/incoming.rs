@@ -224,13 +224,16 @@ async fn receive(
     let vm = offer.vm.clone();
     // Reserve the name and launch under the table lock: two offers for one
     // VM name cannot both launch, and admission sees a stable picture.
-    let (proc, qmp, _ticket) = {
-        let mut table = agent.vms.lock().await;
+    // Decide under the table lock (a stable picture of residents and usage),
+    // reserve the name, then launch QEMU outside the lock so a slow launch
+    // does not hold up other offers' refusals.
+    let ticket = {
+        let table = agent.vms.lock().await;
         // SECURITY (R3): policy and admission before any VM byte moves; what
         // the source believed about our capacity is checked here, again.
         let residents = table.values().map(|e| ferry_policy::Resident { tenant: e.labels.tenant.clone(), security_level: e.labels.security_level }).collect();
         let used = table.values().fold((0u64, 0u32), |(m, c), e| (m + u64::from(e.spec.memory_mib), c + e.spec.vcpus));
-        let ticket = match agent.authz.authorize_incoming(
+        let decision = agent.authz.authorize_incoming(
             &offer.source,
             &agent.host,
             &vm,
@@ -239,33 +242,39 @@ async fn receive(
             offer.spec.vcpus,
             residents,
             used,
-        ) {
-            Ok(t) => t,
+        );
+        let name_taken = table.contains_key(&vm) || !agent.reserve_incoming_name(&vm);
+        drop(table);
+        match decision {
             Err((code, why)) => {
-                drop(table);
+                if !name_taken {
+                    agent.release_incoming_name(&vm);
+                }
                 let _ = m.audit("refused", serde_json::json!({ "code": code, "reason": why }), None).await;
                 abort_record(&agent, &mut m.rec, why.clone());
                 return refuse(&agent, &mut writer, id, code, why).await;
             }
-        };
-        if table.contains_key(&vm) {
-            drop(table);
-            abort_record(&agent, &mut m.rec, format!("a VM named {vm} already exists here"));
-            return refuse(&agent, &mut writer, id, "name_conflict", format!("a VM named {vm} already exists on {}", agent.host)).await;
+            Ok(_) if name_taken => {
+                abort_record(&agent, &mut m.rec, format!("a VM named {vm} already exists here"));
+                return refuse(&agent, &mut writer, id, "name_conflict", format!("a VM named {vm} already exists on {}", agent.host)).await;
+            }
+            Ok(t) => t,
         }
-        match vms::launch(&agent.qemu, &offer.spec, &offer.labels, LaunchMode::Incoming).await {
-            Ok(mut entry) => {
-                entry.busy = Some(id);
-                let out = (entry.proc.clone(), entry.qmp.clone(), ticket);
-                table.insert(vm.clone(), entry);
-                out
-            }
-            Err(e) => {
-                drop(table);
-                let why = format!("cannot start the destination QEMU: {}", crate::chain(&e));
-                abort_record(&agent, &mut m.rec, why.clone());
-                return refuse(&agent, &mut writer, id, "launch", why).await;
-            }
+    };
+    let launched = vms::launch(&agent.qemu, &offer.spec, &offer.labels, LaunchMode::Incoming).await;
+    let (proc, qmp, _ticket) = match launched {
+        Ok(mut entry) => {
+            entry.busy = Some(id);
+            let out = (entry.proc.clone(), entry.qmp.clone(), ticket);
+            agent.vms.lock().await.insert(vm.clone(), entry);
+            agent.release_incoming_name(&vm);
+            out
+        }
+        Err(e) => {
+            agent.release_incoming_name(&vm);
+            let why = format!("cannot start the destination QEMU: {}", crate::chain(&e));
+            abort_record(&agent, &mut m.rec, why.clone());
+            return refuse(&agent, &mut writer, id, "launch", why).await;
         }
     };
     let sock = proc.dir.join("incoming.sock");

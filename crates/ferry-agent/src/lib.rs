@@ -107,6 +107,8 @@ pub struct Agent {
     pub active: Mutex<HashMap<MigrationId, watch::Receiver<protocol::Progress>>>,
     /// Cancel switches of outgoing migrations that have not committed yet.
     pub cancels: Mutex<HashMap<MigrationId, watch::Sender<bool>>>,
+    /// Names of incoming VMs whose QEMU is being launched (not yet in `vms`).
+    incoming_names: std::sync::Mutex<std::collections::HashSet<ferry_types::VmName>>,
     pub metrics: metrics::Metrics,
     pub attestation: attestation::Attestation,
     /// This host's signed, hash-chained audit log (its signer is the host key).
@@ -117,6 +119,20 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Claim a VM name for an incoming migration; false if another claimed it.
+    pub fn reserve_incoming_name(&self, vm: &ferry_types::VmName) -> bool {
+        match self.incoming_names.lock() {
+            Ok(mut s) => s.insert(vm.clone()),
+            Err(_) => false,
+        }
+    }
+
+    pub fn release_incoming_name(&self, vm: &ferry_types::VmName) {
+        if let Ok(mut s) = self.incoming_names.lock() {
+            s.remove(vm);
+        }
+    }
+
     /// Reload the policy files atomically (SIGHUP or the API). The outcome is
     /// audited; on error the old policy stays in force.
     pub async fn reload_policy(&self) -> Result<usize, Fault> {
@@ -196,6 +212,7 @@ impl Agent {
             records,
             active: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
+            incoming_names: std::sync::Mutex::new(Default::default()),
             metrics: metrics::Metrics::default(),
             attestation: attestation::Attestation::new(cfg.host.name.clone(), attest_paths),
             audit: Arc::new(std::sync::Mutex::new(audit)),
