@@ -3,25 +3,33 @@
 //! the same mTLS listener; the peer's certificate (host or operator) decides
 //! which side of this file it may speak.
 //!
-//! Peer migration (source = TLS client, destination = TLS server):
+//! Peer migration (source = TLS client, destination = TLS server). Every
+//! message marked (signed) is signed by its sender's host key and names the
+//! migration, both hosts, the VM and this connection's channel binding; each
+//! side writes it to its audit log before sending / before acting on it.
 //!
 //! ```text
 //! source agent                                   destination agent
+//!   |== TLS 1.3, both certificates, peer name checked ==|
 //!   |-- Hello{protocol} ------------------------------>|
 //!   |<------------------------------ Hello{protocol} --|
 //!   |-- Attest{id, source quote} --------------------->|  verify: enrolled AK, binding,
 //!   |<----------------- Attest{id, destination quote} --|  PCRs vs reference values
-//!   |-- Offer{id, vm spec, hosts, window, binding} --->|  replay, window, binding,
-//!   |                                                  |  spec checks; QEMU -incoming
-//!   |<----------------------- Accept{id} | Refuse ------|
+//!   |-- Offer (signed: spec, labels, window) --------->|  replay (seen-set), window,
+//!   |                                                  |  policy, admission; QEMU -incoming
+//!   |<----------------------- Accept (signed) | Refuse -|
 //!   |== Data frames (QEMU's stream, BLAKE3-hashed) ===>|  hashed, fed to QEMU
 //!   |-- DataEnd -------------------------------------->|
-//!   |-- Commit{id, bytes, digest} -------------------->|  QEMU complete + counts and
+//!   |-- Commit (signed: bytes, digest) --------------->|  QEMU complete + counts and
 //!   |                                                  |  digest equal => cont
-//!   |<---------------- Receipt{id, bytes, digest} | Abort
-//!   source quits its paused copy only on Receipt
+//!   |<----------------- Receipt (signed) | Abort (signed)
+//!   source quits its paused copy only on a valid Receipt
 //! ```
 //! Either side may send Abort before Commit; the source then resumes its copy.
+//! A later `Query` on a new connection returns the outcome and, if completed,
+//! the signed Receipt (used to settle an in-doubt migration).
+//!
+//! Version 1. A peer speaking another version is refused at Hello.
 
 use ferry_audit::Signed;
 use ferry_types::{Digest32, HostName, MigrationId, VmName};
