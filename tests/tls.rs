@@ -95,7 +95,9 @@ fn a_source_refuses_destinations_with_bad_certificates() {
         .replace("name = \"host2\"", "name = \"host3\"")
         .replace(&format!("host3 = \"{}\"\n", h3.addr), "")
         .replace(&h2.cert.display().to_string(), &h3.cert.display().to_string())
-        .replace(&h2.key.display().to_string(), &h3.key.display().to_string());
+        .replace(&h2.key.display().to_string(), &h3.key.display().to_string())
+        // A host's audit log belongs to it: an impostor keeps its own state.
+        .replace(&format!("state_dir = \"{}\"", h2.state_dir.display()), &format!("state_dir = \"{}-spoof\"", h2.state_dir.display()));
     std::fs::write(&cfg, spoofed).expect("cfg");
     lab.restart_agent("host2");
     assert_refused(&lab, &log, &["host3"]);
