@@ -750,9 +750,12 @@ fn a_thousand_unauthenticated_connections_during_a_migration() {
     let new = String::from_utf8_lossy(&agent_text[log_before as usize..]).into_owned();
     let refused = new.lines().filter(|l| l.contains("connection refused")).count();
     let tls_layer = new.lines().filter(|l| l.contains("connection refused") && (l.contains("TLS handshake") || l.contains("certificate"))).count();
-    eprintln!("host2 logged {refused} refused connections, {tls_layer} of them at the TLS layer");
-    assert!(refused >= 1000, "host2 logged only {refused} refused connections");
+    eprintln!("host2 logged {refused} refused connections (rate-limited), {tls_layer} of them at the TLS layer");
+    assert!(refused >= 1, "host2 logged no refused connection");
     assert_eq!(refused, tls_layer, "some connections were refused after the TLS handshake");
+    // Each one is counted, though peers cannot flood the log.
+    let failures = metric(&scrape(h2.metrics), "ferry_tls_handshake_failures_total");
+    assert!(failures >= 1000, "host2 counted only {failures} failed handshakes");
     assert!(!new.contains("panicked"));
     assert_guest_runs(&PathBuf::from(lab.vms("host2")[0]["console_log"].as_str().expect("log")));
     assert_memory_consistent(&log);

@@ -88,7 +88,10 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
     let config = agent.tls.server().map_err(|e| crate::chain(&e))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Err(_) => return Err("TLS handshake timed out".into()),
+        Err(_) => {
+            agent.metrics.tls_failure();
+            return Err("TLS handshake timed out".into());
+        }
         Ok(Err(e)) => {
             agent.metrics.tls_failure();
             return Err(format!("TLS handshake failed: {}", ferry_identity::describe_tls_error(&e)));
