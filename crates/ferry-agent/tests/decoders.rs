@@ -92,3 +92,19 @@ fn vm_specs_never_panic() {
         let _ = serde_json::from_slice::<ferry_vmm::VmSpec>(b);
     });
 }
+
+#[test]
+fn attestation_evidence_never_panics() {
+    run("evidence", |b| {
+        let _ = ferry_attest::Evidence::from_json(b);
+    });
+}
+
+#[test]
+fn reference_values_never_panic() {
+    run("reference_values", |b| {
+        if let Ok(text) = std::str::from_utf8(b) {
+            let _ = ferry_attest::ReferenceValues::from_toml(text);
+        }
+    });
+}
