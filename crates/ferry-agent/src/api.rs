@@ -111,9 +111,13 @@ async fn dispatch(
             table.remove(&vm);
             Ok(ApiResponse::Stopped { vm })
         }
-        ApiRequest::Migrate { vm, to, wait } => {
+        ApiRequest::Migrate { vm, to, wait, streams } => {
             require_role(agent, operator, role, "migrate VMs")?;
-            let (id, mut progress, done) = outgoing::start(agent.clone(), vm, to, operator, role).await?;
+            let streams = streams.unwrap_or(agent.cfg.migration.streams);
+            if streams == 0 || streams > crate::streams::MAX_STREAMS {
+                return Err(Fault::new(ErrorKind::Request, format!("streams must be 1..={}", crate::streams::MAX_STREAMS)));
+            }
+            let (id, mut progress, done) = outgoing::start(agent.clone(), vm, to, operator, role, streams).await?;
             if !wait {
                 let rec = agent.records.get(&id).ok().flatten();
                 return rec.map(ApiResponse::Migration).ok_or_else(|| Fault::new(ErrorKind::Backend, "record missing"));

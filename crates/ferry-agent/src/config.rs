@@ -188,6 +188,8 @@ pub struct MigrationSection {
     /// Longest transfer before a migration that does not converge is
     /// aborted and the VM resumes on the source.
     pub max_transfer_ms: u64,
+    /// Data streams per migration: 1, or 1 + QEMU multifd channels (≤ 8).
+    pub streams: u8,
 }
 
 impl Default for MigrationSection {
@@ -201,6 +203,7 @@ impl Default for MigrationSection {
             outgoing_max: 30,
             outgoing_window_ms: 60_000,
             max_transfer_ms: 600_000,
+            streams: 1,
         }
     }
 }
@@ -242,6 +245,9 @@ impl AgentConfig {
             return Err(invalid("[migration] timeouts must be greater than 0".into()));
         }
         cfg.attestation.paths(path)?;
+        if cfg.migration.streams == 0 || cfg.migration.streams > crate::streams::MAX_STREAMS {
+            return Err(invalid(format!("[migration] streams must be 1..={}", crate::streams::MAX_STREAMS)));
+        }
         Ok(cfg)
     }
 

@@ -47,6 +47,13 @@ pub struct OfferBody {
     pub labels: ferry_policy::VmLabels,
     /// The offer is void after this instant (UNIX ms).
     pub not_after_unix_ms: u64,
+    /// Data streams: 1, or 1 + QEMU multifd channels.
+    #[serde(default = "one_stream")]
+    pub streams: u8,
+}
+
+fn one_stream() -> u8 {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

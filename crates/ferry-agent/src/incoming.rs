@@ -8,11 +8,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_channel::Incoming;
 use ferry_identity::PeerAuthenticated;
 use ferry_types::{Digest32, MigrationId};
 use ferry_vmm::{LaunchMode, MigrationState as QemuMigration, QemuProcess};
-use tokio::io::AsyncWriteExt;
 
 use crate::evidence::{self, AbortBody, AcceptBody, Expect, OfferBody, StreamBody};
 use crate::protocol::{offer_binding, DestinationOutcome, PeerMessage};
@@ -42,6 +40,24 @@ pub async fn handle(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 3
             // SECURITY: no offer is considered before both platforms attested.
             agent.metrics.refused("protocol");
             tracing::warn!(peer = %peer.host(), "offer without attestation refused");
+        }
+        PeerMessage::StreamJoin { migration_id, index } => {
+            // SECURITY: only the migration's own source, authenticated on this
+            // connection, may add a stream, and only with a fresh index.
+            let slot = agent.joins.lock().ok().and_then(|j| {
+                j.get(&migration_id).filter(|s| &s.source == peer.host() && index >= 1 && index < s.streams).map(|s| s.tx.clone())
+            });
+            match slot {
+                Some(tx) => {
+                    if tx.send((index, reader)).await.is_err() {
+                        tracing::info!(%migration_id, index, "stream joined a finished migration");
+                    }
+                }
+                None => {
+                    agent.metrics.refused("stream_join");
+                    tracing::warn!(%migration_id, index, peer = %peer.host(), "stream join refused: no such migration waiting for this stream from this host");
+                }
+            }
         }
         PeerMessage::Query { migration_id } => {
             let (outcome, receipt) = query_outcome(&agent, &peer, &migration_id);
@@ -138,6 +154,9 @@ fn check_offer(agent: &Agent, peer: &PeerAuthenticated, exporter: &[u8; 32], off
     if offer.spec.name != offer.vm {
         return Err(("spec", format!("offer is for VM {} but carries the spec of {}", offer.vm, offer.spec.name)));
     }
+    if offer.streams == 0 || offer.streams > crate::streams::MAX_STREAMS {
+        return Err(("streams", format!("offer asks for {} streams; 1..={} allowed", offer.streams, crate::streams::MAX_STREAMS)));
+    }
     if let Some(problem) = offer.labels.problem() {
         return Err(("labels", format!("VM labels: {problem}")));
     }
@@ -206,6 +225,7 @@ async fn receive(
         rec.insecure.push(format!("{} sent no quote", agent.host));
     }
     rec.setup_ms = Some(attestation.ms);
+    rec.streams = offer.streams;
     rec.attestation = Some(attestation);
     // SECURITY (R5): the record doubles as the seen-set; create() fails if
     // this id was ever offered before, across restarts.
@@ -278,8 +298,21 @@ async fn receive(
         }
     };
     let sock = proc.dir.join("incoming.sock");
+    // Extra streams join by migration id, from the same source host only.
+    let joins = (offer.streams > 1).then(|| {
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::streams::MAX_STREAMS as usize);
+        if let Ok(mut j) = agent.joins.lock() {
+            j.insert(id, crate::streams::JoinSlot { source: offer.source.clone(), streams: offer.streams, tx });
+        }
+        (offer.streams, rx)
+    });
+    let _joins_guard = JoinsGuard(&agent, id);
     let result = async {
-        qmp.lock().await.migrate_incoming(&format!("unix:{}", sock.display())).await.map_err(|e| crate::chain(&e))?;
+        {
+            let mut q = qmp.lock().await;
+            crate::outgoing::configure_multifd(&mut q, offer.streams).await.map_err(|e| crate::chain(&e))?;
+            q.migrate_incoming(&format!("unix:{}", sock.display())).await.map_err(|e| crate::chain(&e))?;
+        }
         m.rec.state = MigrationState::Transferring;
         agent.records.save(&mut m.rec).map_err(|e| crate::chain(&e))?;
         let accept = AcceptBody {
@@ -294,7 +327,7 @@ async fn receive(
         m.audit("accept_sent", serde_json::Value::Null, Some(signed.clone())).await?;
         writer.write_control(&PeerMessage::Accept { signed }).await.map_err(|e| crate::chain(&e))?;
         tracing::info!("accepted; receiving VM state");
-        receive_stream(&agent, &mut reader, &sock).await
+        receive_streams(&agent, &mut reader, &sock, joins).await
     }
     .await;
     let (bytes, digest) = match result {
@@ -367,36 +400,58 @@ async fn receive(
     }
 }
 
-/// Feed the data frames to QEMU's incoming socket, hashing them.
-async fn receive_stream(agent: &Agent, reader: &mut Reader, sock: &std::path::Path) -> Result<(u64, Digest32), String> {
-    let mut qemu = connect_retry(sock).await?;
-    let mut hasher = blake3::Hasher::new();
-    let mut total = 0u64;
-    let io_timeout = agent.cfg.migration.io_timeout();
-    loop {
-        match reader.read_frame().await.map_err(|e| crate::chain(&e))? {
-            Incoming::Data(d) => {
-                hasher.update(d);
-                total += d.len() as u64;
-                match tokio::time::timeout(io_timeout, qemu.write_all(d)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(format!("destination QEMU stopped reading its stream: {e}")),
-                    Err(_) => return Err(format!("destination QEMU stalled for {io_timeout:?}")),
-                }
-            }
-            Incoming::DataEnd => break,
-            Incoming::Control(bytes) => {
-                let why = match serde_json::from_slice::<PeerMessage>(bytes) {
-                    Ok(PeerMessage::Abort { reason, .. }) => format!("source aborted: {reason}"),
-                    Ok(m) => format!("unexpected {} during the transfer", m.name()),
-                    Err(e) => format!("malformed control message during the transfer: {e}"),
-                };
-                return Err(why);
-            }
+/// Removes a migration's join slot however it ends.
+struct JoinsGuard<'a>(&'a Agent, MigrationId);
+
+impl Drop for JoinsGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut j) = self.0.joins.lock() {
+            j.remove(&self.1);
         }
     }
-    let _ = qemu.shutdown().await;
-    Ok((total, Digest32(*hasher.finalize().as_bytes())))
+}
+
+/// Feed the main stream (on this connection) and any joined multifd streams
+/// into QEMU's incoming socket, main first; return the combined count and digest.
+async fn receive_streams(
+    agent: &Agent,
+    reader: &mut Reader,
+    sock: &std::path::Path,
+    joins: Option<(u8, tokio::sync::mpsc::Receiver<(u8, Reader)>)>,
+) -> Result<(u64, Digest32), String> {
+    let io_timeout = agent.cfg.migration.io_timeout();
+    // QEMU 7.2 takes the first connection as the main channel.
+    let mut main = connect_retry(sock).await?;
+    let mut extra = tokio::task::JoinSet::new();
+    let streams = joins.as_ref().map(|j| j.0).unwrap_or(1);
+    if let Some((n, mut rx)) = joins {
+        let sock = sock.to_owned();
+        extra.spawn(async move {
+            let mut pumps = tokio::task::JoinSet::new();
+            for _ in 1..n {
+                let Some((index, mut r)) = tokio::time::timeout(io_timeout, rx.recv()).await.ok().flatten() else {
+                    return Err(format!("only some of {n} streams joined within {io_timeout:?}"));
+                };
+                let mut q = connect_retry(&sock).await?;
+                pumps.spawn(async move { crate::streams::pump_into_qemu(&mut r, &mut q, io_timeout).await.map(|s| (index, s)) });
+            }
+            let mut sums = Vec::new();
+            while let Some(r) = pumps.join_next().await {
+                sums.push(r.map_err(|e| format!("stream task: {e}"))??);
+            }
+            Ok(sums)
+        });
+    }
+    let main_sum = crate::streams::pump_into_qemu(reader, &mut main, io_timeout).await?;
+    let mut sums = vec![None; streams as usize];
+    sums[0] = Some(main_sum);
+    if let Some(r) = extra.join_next().await {
+        for (index, sum) in r.map_err(|e| format!("stream task: {e}"))?? {
+            sums[index as usize] = Some(sum);
+        }
+    }
+    let sums: Vec<_> = sums.into_iter().collect::<Option<Vec<_>>>().ok_or("a stream index was missing or repeated")?;
+    Ok(crate::streams::combine(&sums))
 }
 
 async fn connect_retry(sock: &std::path::Path) -> Result<tokio::net::UnixStream, String> {

@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod records;
 pub mod recovery;
 pub mod server;
+pub mod streams;
 pub mod vms;
 
 use std::collections::HashMap;
@@ -109,6 +110,8 @@ pub struct Agent {
     pub cancels: Mutex<HashMap<MigrationId, watch::Sender<bool>>>,
     /// Names of incoming VMs whose QEMU is being launched (not yet in `vms`).
     incoming_names: std::sync::Mutex<std::collections::HashSet<ferry_types::VmName>>,
+    /// Incoming migrations waiting for their extra data streams.
+    pub joins: std::sync::Mutex<HashMap<MigrationId, streams::JoinSlot>>,
     pub metrics: metrics::Metrics,
     pub attestation: attestation::Attestation,
     /// This host's signed, hash-chained audit log (its signer is the host key).
@@ -213,6 +216,7 @@ impl Agent {
             active: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             incoming_names: std::sync::Mutex::new(Default::default()),
+            joins: std::sync::Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::default(),
             attestation: attestation::Attestation::new(cfg.host.name.clone(), attest_paths),
             audit: Arc::new(std::sync::Mutex::new(audit)),

@@ -43,6 +43,8 @@ struct Ctx {
     cancel: watch::Receiver<bool>,
     /// Who asked for this migration (for the audit log).
     operator: String,
+    /// 1, or 1 + QEMU multifd channels carried on parallel connections.
+    streams: u8,
     bytes: Arc<AtomicU64>,
     started: Instant,
 }
@@ -64,6 +66,7 @@ pub async fn start(
     to: HostName,
     operator: &ferry_types::OperatorName,
     role: &str,
+    streams: u8,
 ) -> Result<(MigrationId, watch::Receiver<Progress>, Done), Fault> {
     if to == agent.host {
         return Err(Fault::new(ErrorKind::Request, format!("VM {vm} is already on {to}")));
@@ -92,6 +95,7 @@ pub async fn start(
         (entry.spec.clone(), entry.labels.clone(), entry.qmp.clone(), entry.proc.dir.clone())
     };
     let mut rec = MigrationRecord::new(id, Role::Source, vm.clone(), agent.host.clone(), to.clone());
+    rec.streams = streams;
     if let Err(e) = agent.records.create(&mut rec) {
         release(&agent, &vm).await;
         // Fail closed: a migration without a durable record must not start.
@@ -104,6 +108,7 @@ pub async fn start(
     let ctx = Ctx {
         cancel,
         operator: format!("{operator} (role {role})"),
+        streams,
         agent: agent.clone(),
         id,
         vm,
@@ -229,6 +234,7 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
         spec: ctx.spec.clone(),
         labels: ctx.labels.clone(),
         not_after_unix_ms: ctx.id.created_unix_ms() + mig.offer_validity_ms,
+        streams: ctx.streams,
     };
     let signed = agent.sign(evidence::OFFER, &offer).map_err(|e| Before(Fault::new(ErrorKind::Backend, e)))?;
     // SECURITY (R6): logged before it is sent; no record, no offer.
@@ -278,14 +284,32 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
         q.set_migration_parameters(agent.qemu.max_bandwidth_bytes_per_s, agent.qemu.downtime_limit_ms)
             .await
             .map_err(|e| Before(backend("setting migration parameters", e)))?;
+        configure_multifd(&mut q, ctx.streams).await.map_err(|e| Before(backend("configuring multifd", e)))?;
         q.migrate(&format!("unix:{}", sock.display())).await.map_err(|e| Before(backend("starting QEMU's migration", e)))?;
     }
+    // QEMU connects its main channel first, then the multifd channels.
     let mut qemu = match tokio::time::timeout(Duration::from_secs(10), listener.accept()).await {
         Ok(Ok((s, _))) => s,
         Ok(Err(e)) => return Err(Before(backend("accepting QEMU's stream", e))),
         Err(_) => return Err(Before(Fault::new(ErrorKind::Backend, "QEMU did not connect its migration stream within 10 s"))),
     };
+    let (extra_tx, mut extra_rx) = mpsc::channel::<(u8, Result<crate::streams::StreamSum, String>)>(crate::streams::MAX_STREAMS as usize);
+    let mut extra_tasks = Vec::new();
+    for index in 1..ctx.streams {
+        let conn = match tokio::time::timeout(Duration::from_secs(10), listener.accept()).await {
+            Ok(Ok((s, _))) => s,
+            Ok(Err(e)) => return Err(Before(backend("accepting a multifd channel", e))),
+            Err(_) => return Err(Before(Fault::new(ErrorKind::Backend, format!("QEMU did not open multifd channel {index} within 10 s")))),
+        };
+        let (agent, to, addr, id, tx) = (ctx.agent.clone(), ctx.to.clone(), ctx.addr, ctx.id, extra_tx.clone());
+        extra_tasks.push(AbortOnDrop(tokio::spawn(async move {
+            let r = crate::streams::send_stream(&agent, &to, addr, id, index, conn).await;
+            let _ = tx.send((index, r)).await;
+        })));
+    }
+    drop(extra_tx);
     let _ = std::fs::remove_file(&sock);
+    let mut extra_sums: Vec<Option<crate::streams::StreamSum>> = vec![None; ctx.streams as usize];
     let ticker = tokio::spawn(progress_ticker(ctx.qmp.clone(), ctx.progress.clone(), ctx.bytes.clone(), ctx.started));
     let _ticker_guard = AbortOnDrop(ticker);
 
@@ -303,6 +327,13 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
         }
         tokio::select! {
             _ = cancel.changed() => continue,
+            Some((index, r)) = extra_rx.recv() => match r {
+                Ok(sum) => extra_sums[index as usize] = Some(sum),
+                Err(e) => {
+                    send_abort(ctx, &mut writer, &binding, e.clone()).await;
+                    return Err(Before(Fault::new(ErrorKind::Peer, e)));
+                }
+            },
             msg = peer_rx.recv() => {
                 let why = match msg {
                     Some(Ok(PeerMessage::Abort { reason, .. })) => format!("{} aborted: {reason}", ctx.to),
@@ -341,7 +372,25 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     rec.qemu_downtime_ms = status.downtime;
     writer.write_data_end().await.map_err(|e| Before(peer_fault(ctx, e)))?;
 
-    let digest = Digest32(*hasher.finalize().as_bytes());
+    // The multifd channels end with the main one; collect what is left.
+    extra_sums[0] = Some((total, Digest32(*hasher.finalize().as_bytes())));
+    while extra_sums.iter().any(Option::is_none) {
+        match tokio::time::timeout(mig.io_timeout(), extra_rx.recv()).await {
+            Ok(Some((index, Ok(sum)))) => extra_sums[index as usize] = Some(sum),
+            Ok(Some((_, Err(e)))) => {
+                send_abort(ctx, &mut writer, &binding, e.clone()).await;
+                return Err(Before(Fault::new(ErrorKind::Peer, e)));
+            }
+            Ok(None) | Err(_) => {
+                let why = "a multifd stream did not finish".to_owned();
+                send_abort(ctx, &mut writer, &binding, why.clone()).await;
+                return Err(Before(Fault::new(ErrorKind::Backend, why)));
+            }
+        }
+    }
+    drop(extra_tasks);
+    let sums: Vec<_> = extra_sums.into_iter().flatten().collect();
+    let (total, digest) = crate::streams::combine(&sums);
     rec.bytes = total;
     rec.digest = Some(digest);
     let commit = StreamBody {
@@ -483,6 +532,16 @@ async fn attest(
             Err(Fault::new(ErrorKind::Peer, reason))
         }
     }
+}
+
+/// Turn QEMU's multifd on (with `streams - 1` channels) or off, before
+/// `migrate` / `migrate-incoming`. Both sides must agree: the offer says how many.
+pub async fn configure_multifd(q: &mut Qmp, streams: u8) -> Result<(), ferry_vmm::VmmError> {
+    q.set_capabilities(&[("multifd", streams > 1)]).await?;
+    if streams > 1 {
+        q.execute("migrate-set-parameters", Some(serde_json::json!({ "multifd-channels": streams - 1 }))).await?;
+    }
+    Ok(())
 }
 
 struct AbortOnDrop(JoinHandle<()>);

@@ -62,7 +62,14 @@ pub enum ApiRequest {
     VmList,
     VmStop { vm: VmName },
     /// Migrate `vm` to `to`. With `wait`, progress messages follow until the end.
-    Migrate { vm: VmName, to: HostName, wait: bool },
+    /// `streams` > 1 carries QEMU's multifd channels on parallel connections.
+    Migrate {
+        vm: VmName,
+        to: HostName,
+        wait: bool,
+        #[serde(default)]
+        streams: Option<u8>,
+    },
     MigrationList,
     MigrationShow { id: MigrationId },
     /// Settle an in-doubt migration by asking its destination.
@@ -171,6 +178,9 @@ pub enum PeerMessage {
     Receipt { signed: Signed },
     /// Signed [`crate::evidence::AbortBody`] when the sender could sign it.
     Abort { migration_id: MigrationId, reason: String, signed: Option<Signed> },
+    /// First message of an extra data stream (a QEMU multifd channel) of a
+    /// migration already offered and accepted on another connection.
+    StreamJoin { migration_id: MigrationId, index: u8 },
     Query { migration_id: MigrationId },
     /// With the signed receipt when the outcome is `Completed`.
     QueryReply { migration_id: MigrationId, outcome: DestinationOutcome, receipt: Option<Signed> },
@@ -186,6 +196,7 @@ impl PeerMessage {
             PeerMessage::Commit { .. } => "commit",
             PeerMessage::Receipt { .. } => "receipt",
             PeerMessage::Abort { .. } => "abort",
+            PeerMessage::StreamJoin { .. } => "stream_join",
             PeerMessage::Query { .. } => "query",
             PeerMessage::QueryReply { .. } => "query_reply",
         }

@@ -73,6 +73,9 @@ pub struct MigrationRecord {
     /// The destination's signed receipt (source) or the one sent (destination).
     #[serde(default)]
     pub receipt: Option<ferry_audit::Signed>,
+    /// Data streams used: 1, or 1 + QEMU multifd channels.
+    #[serde(default)]
+    pub streams: u8,
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -100,6 +103,7 @@ impl MigrationRecord {
             attestation: None,
             insecure: Vec::new(),
             receipt: None,
+            streams: 1,
         }
     }
 

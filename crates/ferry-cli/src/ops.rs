@@ -116,6 +116,10 @@ pub struct MigrateArgs {
     /// Return once the migration has started instead of waiting for its end.
     #[arg(long)]
     pub no_wait: bool,
+    /// Data streams: 1, or 1 + QEMU multifd channels on parallel TLS
+    /// connections (default: the agent's [migration] streams).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub streams: Option<u8>,
     #[command(flatten)]
     pub target: Target,
 }
@@ -222,7 +226,7 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
 
 pub async fn migrate(args: MigrateArgs, json: bool) -> Result<ExitCode> {
     let (c, host) = args.target.open()?;
-    let req = ApiRequest::Migrate { vm: args.vm.clone(), to: args.to.clone(), wait: !args.no_wait };
+    let req = ApiRequest::Migrate { vm: args.vm.clone(), to: args.to.clone(), wait: !args.no_wait, streams: args.streams };
     let show = !json && !args.no_wait;
     let mut view = crate::progress::ProgressView::new();
     let resp = c

@@ -1,0 +1,139 @@
+//! Parallel data streams (QEMU multifd). QEMU opens one main channel and N
+//! multifd channels; Ferry carries the main channel on the migration's
+//! control connection and each multifd channel on its own mTLS connection
+//! from the same source host, joined to the migration by id. Each stream is
+//! hashed on both sides; the Commit names the combination of all of them.
+//!
+//! QEMU 7.2's destination takes the first connection to its incoming socket
+//! as the main channel, so the destination connects the main stream first.
+
+use std::time::Duration;
+
+use ferry_channel::Incoming;
+use ferry_types::{Digest32, HostName, MigrationId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use crate::protocol::PeerMessage;
+use crate::server::Reader;
+
+/// Most streams one migration may use (main + multifd channels).
+pub const MAX_STREAMS: u8 = 8;
+/// Bytes read from QEMU per frame.
+const CHUNK: usize = 1024 * 1024;
+
+/// One stream's count and digest.
+pub type StreamSum = (u64, Digest32);
+
+/// What a Commit names: a single stream's own count and digest, or for
+/// several, their sum and a digest over each stream's (index, count, digest).
+pub fn combine(streams: &[StreamSum]) -> StreamSum {
+    if let [one] = streams {
+        return *one;
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(b"ferry streams v1");
+    let mut total = 0u64;
+    for (i, (bytes, digest)) in streams.iter().enumerate() {
+        h.update(&(i as u64).to_le_bytes());
+        h.update(&bytes.to_le_bytes());
+        h.update(&digest.0);
+        total += bytes;
+    }
+    (total, Digest32(*h.finalize().as_bytes()))
+}
+
+/// A destination migration waiting for its extra streams.
+pub struct JoinSlot {
+    pub source: HostName,
+    pub streams: u8,
+    pub tx: mpsc::Sender<(u8, Reader)>,
+}
+
+/// Source side: carry one QEMU multifd channel over its own connection.
+pub async fn send_stream(
+    agent: &crate::Agent,
+    to: &HostName,
+    addr: std::net::SocketAddr,
+    id: MigrationId,
+    index: u8,
+    mut qemu: UnixStream,
+) -> Result<StreamSum, String> {
+    let mig = &agent.cfg.migration;
+    let config = agent.tls.client().map_err(|e| crate::chain(&e))?;
+    let (stream, _) = crate::client::connect(addr, to, config, &agent.domain, mig.connect_timeout())
+        .await
+        .map_err(|e| format!("stream {index}: {}", crate::chain(&e)))?;
+    let (_reader, mut writer) = crate::client::greet(stream, to, addr, mig.io_timeout())
+        .await
+        .map_err(|e| format!("stream {index}: {}", crate::chain(&e)))?;
+    writer
+        .write_control(&PeerMessage::StreamJoin { migration_id: id, index })
+        .await
+        .map_err(|e| format!("stream {index}: {}", crate::chain(&e)))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match tokio::time::timeout(mig.io_timeout(), qemu.read(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(format!("stream {index}: reading QEMU: {e}")),
+            Err(_) => return Err(format!("stream {index}: QEMU sent nothing for {:?}", mig.io_timeout())),
+        };
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+        writer.write_data(&buf[..n]).await.map_err(|e| format!("stream {index} to {to}: {}", crate::chain(&e)))?;
+    }
+    writer.write_data_end().await.map_err(|e| format!("stream {index} to {to}: {}", crate::chain(&e)))?;
+    Ok((total, Digest32(*hasher.finalize().as_bytes())))
+}
+
+/// Destination side: feed one stream's data frames into a QEMU socket,
+/// hashing them, until end of data.
+pub async fn pump_into_qemu(reader: &mut Reader, qemu: &mut UnixStream, io_timeout: Duration) -> Result<StreamSum, String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut total = 0u64;
+    loop {
+        match reader.read_frame().await.map_err(|e| crate::chain(&e))? {
+            Incoming::Data(d) => {
+                hasher.update(d);
+                total += d.len() as u64;
+                match tokio::time::timeout(io_timeout, qemu.write_all(d)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(format!("destination QEMU stopped reading its stream: {e}")),
+                    Err(_) => return Err(format!("destination QEMU stalled for {io_timeout:?}")),
+                }
+            }
+            Incoming::DataEnd => break,
+            Incoming::Control(bytes) => {
+                return Err(match serde_json::from_slice::<PeerMessage>(bytes) {
+                    Ok(PeerMessage::Abort { reason, .. }) => format!("source aborted: {reason}"),
+                    Ok(m) => format!("unexpected {} during the transfer", m.name()),
+                    Err(e) => format!("malformed control message during the transfer: {e}"),
+                })
+            }
+        }
+    }
+    let _ = qemu.shutdown().await;
+    Ok((total, Digest32(*hasher.finalize().as_bytes())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_stream_is_its_own_commit_and_several_are_order_sensitive() {
+        let a = (10, Digest32([1; 32]));
+        let b = (20, Digest32([2; 32]));
+        assert_eq!(combine(&[a]), a);
+        let ab = combine(&[a, b]);
+        assert_eq!(ab.0, 30);
+        assert_ne!(ab, combine(&[b, a]), "swapping streams must change the commit");
+        assert_ne!(ab.1, combine(&[a, (20, Digest32([3; 32]))]).1);
+    }
+}
