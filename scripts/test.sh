@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/deps.sh
 # Whole-system tests each run QEMUs under TCG; on a 2-core machine they are
 # steadier one at a time.
-cargo test --workspace --all-targets -- --test-threads=1 "$@"
+cargo test --workspace --all-targets --no-fail-fast -- --test-threads=1 "$@"
 if [ "${FERRY_SKIP_FUZZ:-0}" != 1 ]; then
   # The decoders whose fuzz build is light (the agent's own decoders are
   # also fuzzed by crates/ferry-agent/tests/decoders.rs above).

@@ -27,9 +27,10 @@ fn progress_is_drawn_on_a_terminal_and_ends_in_a_result() {
     let redraws = out.matches("\r\x1b[2K").count();
     assert!(redraws >= 3, "the bar was not redrawn in place ({redraws} times): {out:?}");
     assert!(out.contains("transfer") && out.contains('%') && out.contains("MiB/s") && out.contains("ETA"), "{out:?}");
-    let last = out.trim_end().lines().last().unwrap_or("");
-    let tail: String = out.lines().rev().take(4).collect::<Vec<_>>().join("\n");
-    assert!(tail.contains("Completed"), "no clear result at the end: {last:?}\n{tail}");
+    // After the last redraw of the bar comes the result, on lines of its own.
+    let after_bar = out.rsplit("\r\x1b[2K").next().unwrap_or("");
+    let result = after_bar.split_once('\n').map(|x| x.1).unwrap_or("");
+    assert!(result.contains(": Completed"), "no clear result after the bar: {result:?}");
     // Not a terminal: no control characters, one line per phase.
     let (ok, _) = lab.ferry_json(&["migrate", "g", "--to", "host1", "--host", "host2"]);
     assert!(ok);
