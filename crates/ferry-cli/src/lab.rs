@@ -121,9 +121,33 @@ impl Lab {
     }
 }
 
+/// Ports the lab listens on are picked below the kernel's ephemeral range:
+/// a port the kernel hands out as "free" (bind to port 0) is also handed to
+/// outgoing connections, so it can be taken before the agent binds it.
 fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free loopback port")?;
-    Ok(l.local_addr()?.port())
+    free_ports(1)
+}
+
+/// `n` consecutive free loopback ports below the ephemeral range.
+fn free_ports(n: u16) -> Result<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(n).max(10_001));
+    let mut x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(1)
+        ^ (std::process::id() << 16);
+    for _ in 0..500 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let p = low + (x % u32::from(high - low)) as u16;
+        let all_free = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok());
+        if all_free {
+            return Ok(p);
+        }
+    }
+    bail!("cannot find {n} free loopback port(s) below {ephemeral_low}")
 }
 
 fn agent_toml(h: &LabHost, ca: &CaDir, images: &Path, bandwidth: u64, peers: &BTreeMap<HostName, SocketAddr>, lab_dir: &Path) -> String {
@@ -172,7 +196,8 @@ fn provision_tpm(dir: &Path, hdir: &Path, name: &HostName, tpm_ca: &Path, tpm_ca
     let tpm_dir = hdir.join("tpm");
     std::fs::create_dir_all(&tpm_dir)?;
     Swtpm::provision(&tpm_dir, tpm_ca).with_context(|| format!("provisioning the swtpm of {name}"))?;
-    let port = ferry_attest::free_port_pair()?;
+    // swtpm's server port and its control port (port + 1).
+    let port = free_ports(2)?;
     let tpm = Swtpm::start(&tpm_dir, port).with_context(|| format!("starting the swtpm of {name}"))?;
     let tcti = tpm.tcti();
     // The swtpm outlives this command; `lab down` stops it.
