@@ -19,20 +19,11 @@ pub const COMMIT: &str = "commit";
 pub const RECEIPT: &str = "receipt";
 pub const ABORT: &str = "abort";
 
-/// Fields every signed message carries, so none can be moved to another
-/// migration, another pair of hosts or another connection.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Header {
-    pub migration_id: MigrationId,
-    pub source: HostName,
-    pub destination: HostName,
-    pub vm: VmName,
-    /// `offer_binding(exporter, migration_id)` of the connection.
-    pub channel_binding: Digest32,
-    /// The signer's audit log head when it signed: the peer's log witnesses it.
-    pub log_head: LogHead,
-}
+// Every body repeats the same address fields (migration id, both hosts, the
+// VM, the channel binding, the signer's log head) rather than flattening a
+// shared header: serde's `flatten` cannot be combined with
+// `deny_unknown_fields`, and a signed body must refuse unknown fields.
+// `Addressed` below checks them the same way for every kind.
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
