@@ -72,10 +72,9 @@ impl Attestation {
         id: &MigrationId,
         peer_role: QuoteRole,
         started: Instant,
-        quoted: bool,
     ) -> Result<AttestationOutcome, String> {
         let Some(p) = &self.paths else {
-            return Ok(AttestationOutcome { peer_verified: false, quoted, peer_pcrs: vec![], ms: started.elapsed().as_millis() as u64 });
+            return Ok(AttestationOutcome { peer_verified: false, quoted: false, peer_pcrs: vec![], ms: started.elapsed().as_millis() as u64 });
         };
         // SECURITY: with attestation on, a peer without a quote is refused;
         // only this host's own explicit insecure setting could allow it.
@@ -85,6 +84,7 @@ impl Attestation {
         let ak = registry.require(peer).map_err(|e| crate::chain(&e))?;
         let qd = ferry_attest::qualifying_data(exporter, id, peer_role);
         let verified = ferry_attest::verify(evidence, ak, peer, &qd, &refs).map_err(|e| crate::chain(&e))?;
-        Ok(AttestationOutcome { peer_verified: true, quoted, peer_pcrs: verified.pcrs.clone(), ms: started.elapsed().as_millis() as u64 })
+        // `quoted` (whether this host sent a quote) is for the caller to set.
+        Ok(AttestationOutcome { peer_verified: true, quoted: false, peer_pcrs: verified.pcrs.clone(), ms: started.elapsed().as_millis() as u64 })
     }
 }

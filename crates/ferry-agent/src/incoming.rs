@@ -81,8 +81,11 @@ async fn attest_then_receive(
 ) {
     let started = Instant::now();
     let quoting = agent.attestation.enabled();
-    let outcome = match agent.attestation.verify_peer(peer.host(), evidence.as_ref(), &exporter, &id, QuoteRole::Source, started, quoting) {
-        Ok(o) => o,
+    let outcome = match agent.attestation.verify_peer(peer.host(), evidence.as_ref(), &exporter, &id, QuoteRole::Source, started) {
+        Ok(mut o) => {
+            o.quoted = quoting;
+            o
+        }
         Err(why) => {
             agent.metrics.attestation_failure();
             return refuse(&agent, &mut writer, id, "attestation", format!("source {} failed attestation: {why}", peer.host())).await;

@@ -511,8 +511,9 @@ async fn attest(
         }
         other => return Err(Fault::new(ErrorKind::Peer, format!("{} answered our quote with {}", ctx.to, other.name()))),
     };
-    match agent.attestation.verify_peer(&ctx.to, theirs.as_ref(), exporter, &ctx.id, QuoteRole::Destination, started, quoted) {
-        Ok(outcome) => {
+    match agent.attestation.verify_peer(&ctx.to, theirs.as_ref(), exporter, &ctx.id, QuoteRole::Destination, started) {
+        Ok(mut outcome) => {
+            outcome.quoted = quoted;
             if !outcome.peer_verified {
                 rec.insecure.push(format!("attestation disabled on {}: {} not verified", agent.host, ctx.to));
             }

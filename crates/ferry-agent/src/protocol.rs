@@ -80,6 +80,8 @@ pub enum ApiRequest {
     PolicyReload,
 }
 
+// One response per request: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ApiResponse {

@@ -34,6 +34,8 @@ impl Target {
     }
 }
 
+// Parsed once per invocation: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Start a VM from a spec: a JSON file (--spec) or flags.
