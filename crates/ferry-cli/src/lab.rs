@@ -128,6 +128,9 @@ fn free_port() -> Result<u16> {
     free_ports(1)
 }
 
+/// Ports this process has handed out.
+static PICKED: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 /// `n` consecutive free loopback ports below the ephemeral range.
 fn free_ports(n: u16) -> Result<u16> {
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -142,8 +145,12 @@ fn free_ports(n: u16) -> Result<u16> {
         x ^= x >> 17;
         x ^= x << 5;
         let p = low + (x % u32::from(high - low)) as u16;
-        let all_free = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok());
+        // A port picked earlier is still free until its agent binds it:
+        // never hand it out twice.
+        let mut taken = PICKED.lock().unwrap_or_else(|e| e.into_inner());
+        let all_free = (0..n).all(|i| !taken.contains(&(p + i)) && std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok());
         if all_free {
+            taken.extend((0..n).map(|i| p + i));
             return Ok(p);
         }
     }
