@@ -261,8 +261,12 @@ fn a_whole_recorded_session_replayed_through_a_proxy_is_refused() {
     });
     let text = String::from_utf8_lossy(&std::fs::read(&h2.log).unwrap_or_default()[log_before as usize..]).into_owned();
     let refused: Vec<&str> = text.lines().filter(|l| l.contains("connection refused") && l.contains("TLS handshake failed")).collect();
-    assert_eq!(refused.len(), 1, "host2's log does not show one refused handshake:\n{text}");
-    eprintln!("host2: {}", refused[0].trim());
+    // Refusal logs are rate-limited (one line per second); the counter above
+    // is the exact record, the log at most one line.
+    assert!(refused.len() <= 1, "host2 logged more than one refused handshake:\n{text}");
+    if let Some(line) = refused.first() {
+        eprintln!("host2: {}", line.trim());
+    }
     assert!(!text.contains("peer=host1"), "the replayed session reached the peer protocol:\n{text}");
     assert_eq!(records(&lab, "host2"), records_before, "the replay created a migration record");
     assert_eq!(live_qemus_under(&h2.state_dir), qemus, "the replay launched a QEMU");
