@@ -327,7 +327,11 @@ pub async fn up(dir: &Path, opts: LabOptions) -> Result<Lab> {
     };
     std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
     for h in &lab.hosts {
-        start_agent(&lab, h).await?;
+        if let Err(e) = start_agent(&lab, h).await {
+            // Leave nothing running behind a failed `lab up`.
+            let _ = down(&dir).await;
+            return Err(e);
+        }
     }
     Ok(lab)
 }
