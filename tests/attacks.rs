@@ -12,7 +12,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -38,15 +38,6 @@ fn migrate(lab: &TestLab) -> (bool, String, Duration) {
     (o.status.success(), text(&o), t.elapsed())
 }
 
-fn spawn_migrate(lab: &TestLab) -> std::process::Child {
-    Command::new(FERRY)
-        .args(["migrate", "g", "--to", "host2", "--host", "host1", "--json"])
-        .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn migrate")
-}
 
 /// The guest's memory checker never saw a bad page on this console.
 fn assert_memory_consistent(log: &Path) {

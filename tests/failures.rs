@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,15 +17,6 @@ fn slow_lab() -> (TestLab, PathBuf) {
     (lab, log)
 }
 
-fn spawn_migrate(lab: &TestLab) -> std::process::Child {
-    Command::new(FERRY)
-        .args(["migrate", "g", "--to", "host2", "--host", "host1", "--json"])
-        .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn migrate")
-}
 
 /// Wait until the destination has launched its incoming QEMU and some
 /// state has flowed; returns that QEMU's pid.

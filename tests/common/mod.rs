@@ -294,6 +294,17 @@ pub fn metric(text: &str, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `ferry migrate g --to host2 --host host1 --json`, running in the background.
+pub fn spawn_migrate(lab: &TestLab) -> std::process::Child {
+    Command::new(FERRY)
+        .args(["migrate", "g", "--to", "host2", "--host", "host1", "--json"])
+        .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn migrate")
+}
+
 mod mitm;
 mod qemu;
 mod rogue;
