@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 use crate::error::{AuditError, MessageFault, VerifyError};
 use crate::record::{parse_line, Depth, Lines, Walker};
 use crate::signed::{display, CaTrust};
-use crate::verify::PROTOCOL_KINDS;
+use crate::verify::{PROTOCOL_KINDS, SIGNED_BY_DESTINATION, SIGNED_BY_SOURCE};
 use crate::Signed;
 
 const FORMAT: &str = "ferry-evidence-v1";
@@ -262,12 +262,6 @@ pub fn verify_bundle(bundle: &EvidenceBundle, ca: &CaTrust) -> Result<BundleSumm
                 msg.kind
             ))));
         }
-        if kinds.contains(&msg.kind) {
-            return Err(fail(MessageFault::Body(format!(
-                "a second {:?} message for one migration",
-                msg.kind
-            ))));
-        }
         // Certificates are judged at the time the log recorded the message;
         // a message no record holds is judged now.
         let at = embedded
@@ -275,6 +269,16 @@ pub fn verify_bundle(bundle: &EvidenceBundle, ca: &CaTrust) -> Result<BundleSumm
             .find(|(m, _)| m == msg)
             .map_or_else(OffsetDateTime::now_utc, |(_, t)| *t);
         let signer = msg.check(ca, at).map_err(fail)?;
+        // Either side may abort; of everything else there is one.
+        let second = signers
+            .iter()
+            .any(|(k, s)| k == &msg.kind && (msg.kind != "abort" || s == &signer));
+        if second {
+            return Err(fail(MessageFault::Body(format!(
+                "a second {:?} message for one migration",
+                msg.kind
+            ))));
+        }
         // SECURITY: a valid message of another migration must not pass as
         // evidence for this one.
         if msg.body_migration_id().as_deref() != Some(mid) {
@@ -303,7 +307,11 @@ pub fn verify_bundle(bundle: &EvidenceBundle, ca: &CaTrust) -> Result<BundleSumm
             .map(|(_, s)| s.clone())
     };
     let (source, destination) = (signer_of("offer"), signer_of("accept"));
-    for (kind, expected) in [("commit", &source), ("receipt", &destination)] {
+    let roles = SIGNED_BY_SOURCE
+        .iter()
+        .map(|k| (*k, &source))
+        .chain(SIGNED_BY_DESTINATION.iter().map(|k| (*k, &destination)));
+    for (kind, expected) in roles {
         if let (Some(s), Some(e)) = (signer_of(kind), expected) {
             if &s != e {
                 let i = bundle

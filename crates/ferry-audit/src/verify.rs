@@ -25,8 +25,14 @@ use crate::record::{parse_line, Depth, Lines, Parsed, Walker, MAX_LINE};
 use crate::signed::{body_field, display, CaTrust};
 
 /// The protocol messages of one migration: at most one body of each per
-/// migration, and both hosts must hold the same one.
-pub(crate) const PROTOCOL_KINDS: [&str; 5] = ["offer", "accept", "commit", "receipt", "abort"];
+/// migration (of an Abort, one per signer: either side may abort), and both
+/// hosts must hold the same one. `switchover` and `handover` are post-copy's
+/// Commit and Receipt for the stream up to the switch.
+pub(crate) const PROTOCOL_KINDS: [&str; 7] = ["offer", "accept", "switchover", "handover", "commit", "receipt", "abort"];
+
+/// Who must sign each kind: the Offer's signer (the source) or the Accept's.
+pub(crate) const SIGNED_BY_SOURCE: [&str; 2] = ["switchover", "commit"];
+pub(crate) const SIGNED_BY_DESTINATION: [&str; 2] = ["handover", "receipt"];
 
 /// What a verified log contains.
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -327,9 +333,22 @@ fn check_migration(
     };
     let mut agreed = Vec::new();
     let mut signers: BTreeMap<&str, String> = BTreeMap::new();
-    for kind in PROTOCOL_KINDS {
-        let in_src = bodies(src_index, mid, kind);
-        let in_dst = bodies(dst_index, mid, kind);
+    let groups = PROTOCOL_KINDS.iter().flat_map(|&kind| {
+        let (in_src, in_dst) = (bodies(src_index, mid, kind), bodies(dst_index, mid, kind));
+        if kind != "abort" {
+            return vec![(kind, in_src, in_dst)];
+        }
+        // Each side's Abort is compared with the same side's.
+        let mut by: BTreeMap<&str, (Vec<_>, Vec<_>)> = BTreeMap::new();
+        for (i, list) in [in_src, in_dst].into_iter().enumerate() {
+            for m in list {
+                let slot = by.entry(m.1.signer.as_str()).or_default();
+                if i == 0 { slot.0.push(m) } else { slot.1.push(m) }
+            }
+        }
+        by.into_values().map(|(a, b)| (kind, a, b)).collect()
+    });
+    for (kind, in_src, in_dst) in groups {
         for (log, found) in [(src, &in_src), (dst, &in_dst)] {
             // SECURITY: two different signed Commits (or Offers, ...) for one
             // migration is equivocation, whoever signed them.
@@ -367,10 +386,10 @@ fn check_migration(
     // the source would let a source vouch for its own migration.
     let source = signers.get("offer").cloned();
     let destination = signers.get("accept").cloned();
-    let roles = [
-        ("commit", &source, "the Offer's signer"),
-        ("receipt", &destination, "the Accept's signer"),
-    ];
+    let roles = SIGNED_BY_SOURCE
+        .iter()
+        .map(|k| (*k, &source, "the Offer's signer"))
+        .chain(SIGNED_BY_DESTINATION.iter().map(|k| (*k, &destination, "the Accept's signer")));
     for (kind, expected, who) in roles {
         if let (Some(s), Some(e)) = (signers.get(kind), expected) {
             if s != e {

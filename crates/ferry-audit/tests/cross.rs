@@ -5,7 +5,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{cluster, migrate, read_lines, write_lines, Cluster};
+use common::{cluster, exchange, migrate, read_lines, write_lines, Cluster};
 use ferry_audit::{
     cross_check, export_bundle, verify_bundle, verify_log, AuditLog, EvidenceBundle, MessageFault,
     VerifyError,
@@ -235,4 +235,66 @@ fn source_history_rewritten_behind_a_signed_log_head_is_caught() {
     verify_log(&sp, &c.ca).unwrap();
     let (mid, why) = disagreement(cross_check(&sp, &dp, &c.ca));
     assert!(why.contains("history was rewritten"), "{mid}: {why}");
+}
+
+#[test]
+fn postcopy_switchover_and_aborts_from_both_sides_cross_check() {
+    let c = cluster();
+    let (sp, dp) = (c.path("src.log"), c.path("dst.log"));
+    let mut s = AuditLog::open(&sp, c.src_signer()).unwrap();
+    let mut d = AuditLog::open(&dp, c.dst_signer()).unwrap();
+    let postcopy = [
+        ("offer", true),
+        ("accept", false),
+        ("switchover", true),
+        ("handover", false),
+        ("commit", true),
+        ("receipt", false),
+    ];
+    exchange(&c.ca, &mut s, &mut d, M1, &postcopy);
+    // The source gives up and says so; the destination answers with its own.
+    exchange(&c.ca, &mut s, &mut d, M2, &[("offer", true), ("accept", false), ("abort", true), ("abort", false)]);
+    let summary = cross_check(&sp, &dp, &c.ca).unwrap();
+    let m1 = summary.migrations.iter().find(|m| m.migration_id == M1).unwrap();
+    assert_eq!(m1.agreed, ["offer", "accept", "switchover", "handover", "commit", "receipt"]);
+    assert_eq!(m1.outcome, "completed");
+    let m2 = summary.migrations.iter().find(|m| m.migration_id == M2).unwrap();
+    assert_eq!(m2.outcome, "aborted");
+    assert_eq!(m2.agreed, ["offer", "accept", "abort", "abort"]);
+    for mid in [M1, M2] {
+        let b = export_bundle(&[sp.clone(), dp.clone()], mid).unwrap();
+        verify_bundle(&b, &c.ca).unwrap();
+    }
+}
+
+#[test]
+fn a_switchover_signed_by_the_destination_is_refused() {
+    let c = cluster();
+    let (sp, dp) = (c.path("src.log"), c.path("dst.log"));
+    let mut s = AuditLog::open(&sp, c.src_signer()).unwrap();
+    let mut d = AuditLog::open(&dp, c.dst_signer()).unwrap();
+    // A destination that vouches for the source's switchover itself.
+    exchange(&c.ca, &mut s, &mut d, M1, &[("offer", true), ("accept", false), ("switchover", false)]);
+    let (mid, why) = disagreement(cross_check(&sp, &dp, &c.ca));
+    assert_eq!(mid, M1);
+    assert!(why.contains("\"switchover\" is signed by"), "{why}");
+    let b = export_bundle(&[sp, dp], M1).unwrap();
+    let (what, fault) = message_failure(&b, &c);
+    assert!(what.contains("switchover"), "{what}: {fault:?}");
+}
+
+#[test]
+fn two_commits_or_two_aborts_by_one_side_are_equivocation() {
+    for second in ["commit", "abort"] {
+        let c = cluster();
+        let (sp, dp) = (c.path("src.log"), c.path("dst.log"));
+        let mut s = AuditLog::open(&sp, c.src_signer()).unwrap();
+        let mut d = AuditLog::open(&dp, c.dst_signer()).unwrap();
+        exchange(&c.ca, &mut s, &mut d, M1, &[("offer", true), ("accept", false), (second, true), (second, true)]);
+        let (_, why) = disagreement(cross_check(&sp, &dp, &c.ca));
+        assert!(why.contains(&format!("2 different \"{second}\" messages")), "{why}");
+        let b = export_bundle(&[sp, dp], M1).unwrap();
+        let (what, fault) = message_failure(&b, &c);
+        assert!(format!("{fault:?}").contains("a second"), "{what}: {fault:?}");
+    }
 }

@@ -76,6 +76,17 @@ fn event(kind: &str, mid: &str, peer: &str, signed: Signed) -> AuditEvent {
 /// signs before sending and what it receives after verifying it.
 /// `until`: how many of offer, accept, commit, receipt happen.
 pub fn migrate(ca: &CaTrust, s: &mut AuditLog, d: &mut AuditLog, mid: &str, until: usize) {
+    let steps = [
+        ("offer", true),
+        ("accept", false),
+        ("commit", true),
+        ("receipt", false),
+    ];
+    exchange(ca, s, d, mid, &steps[..until]);
+}
+
+/// Messages of one migration in the given order: (kind, sent by the source).
+pub fn exchange(ca: &CaTrust, s: &mut AuditLog, d: &mut AuditLog, mid: &str, steps: &[(&str, bool)]) {
     let (sh, dh) = (s.host().to_owned(), d.host().to_owned());
     let body = |log: &AuditLog, digests: Vec<String>| Body {
         migration_id: mid.into(),
@@ -86,19 +97,13 @@ pub fn migrate(ca: &CaTrust, s: &mut AuditLog, d: &mut AuditLog, mid: &str, unti
         digests,
         log_head: log.head(),
     };
-    let steps = [
-        ("offer", true),
-        ("accept", false),
-        ("commit", true),
-        ("receipt", false),
-    ];
-    for (kind, from_source) in steps.into_iter().take(until) {
+    for &(kind, from_source) in steps {
         let (me, peer) = if from_source {
             (&mut *s, &mut *d)
         } else {
             (&mut *d, &mut *s)
         };
-        let digests = if kind == "commit" {
+        let digests = if kind == "commit" || kind == "switchover" {
             vec!["00".repeat(32), "11".repeat(32)]
         } else {
             vec![]
