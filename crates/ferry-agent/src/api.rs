@@ -111,13 +111,16 @@ async fn dispatch(
             table.remove(&vm);
             Ok(ApiResponse::Stopped { vm })
         }
-        ApiRequest::Migrate { vm, to, wait, streams } => {
+        ApiRequest::Migrate { vm, to, wait, streams, postcopy } => {
             require_role(agent, operator, role, "migrate VMs")?;
             let streams = streams.unwrap_or(agent.cfg.migration.streams);
             if streams == 0 || streams > crate::streams::MAX_STREAMS {
                 return Err(Fault::new(ErrorKind::Request, format!("streams must be 1..={}", crate::streams::MAX_STREAMS)));
             }
-            let (id, mut progress, done) = outgoing::start(agent.clone(), vm, to, operator, role, streams).await?;
+            if postcopy && streams > 1 {
+                return Err(Fault::new(ErrorKind::Request, crate::postcopy::WITH_MULTIFD.to_owned()));
+            }
+            let (id, mut progress, done) = outgoing::start(agent.clone(), vm, to, operator, role, streams, postcopy).await?;
             if !wait {
                 let rec = agent.records.get(&id).ok().flatten();
                 return rec.map(ApiResponse::Migration).ok_or_else(|| Fault::new(ErrorKind::Backend, "record missing"));
@@ -177,7 +180,7 @@ async fn dispatch(
         }
         ApiRequest::MigrationResolve { id } => {
             require_role(agent, operator, role, "resolve migrations")?;
-            outgoing::resolve(agent, id).await.map(ApiResponse::Migration)
+            crate::resolve::resolve(agent, id).await.map(ApiResponse::Migration)
         }
     }
 }

@@ -150,6 +150,7 @@ impl Authz {
         vcpus: u32,
         residents: Vec<Resident>,
         used: (u64, u32),
+        postcopy: bool,
     ) -> Result<AdmissionTicket, (&'static str, String)> {
         let mut req = Request {
             principal: Principal::Host { name: source.clone() },
@@ -158,7 +159,7 @@ impl Authz {
             labels: labels.clone(),
             source: source.clone(),
             destination: destination.clone(),
-            postcopy: false,
+            postcopy,
             now_unix: now_unix(),
             resident_on_destination: residents,
         };

@@ -18,6 +18,10 @@ pub const ACCEPT: &str = "accept";
 pub const COMMIT: &str = "commit";
 pub const RECEIPT: &str = "receipt";
 pub const ABORT: &str = "abort";
+/// Post-copy: the source's Commit to the stream up to the switch.
+pub const SWITCHOVER: &str = "switchover";
+/// Post-copy: the destination's Receipt for it; it runs the VM from here.
+pub const HANDOVER: &str = "handover";
 
 // Every body repeats the same address fields (migration id, both hosts, the
 // VM, the channel binding, the signer's log head) rather than flattening a
@@ -41,6 +45,9 @@ pub struct OfferBody {
     /// Data streams: 1, or 1 + QEMU multifd channels.
     #[serde(default = "one_stream")]
     pub streams: u8,
+    /// The source may switch to post-copy; the destination's policy decides.
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 fn one_stream() -> u8 {

@@ -160,6 +160,9 @@ fn check_offer(agent: &Agent, peer: &PeerAuthenticated, exporter: &[u8; 32], off
     if offer.streams == 0 || offer.streams > crate::streams::MAX_STREAMS {
         return Err(("streams", format!("offer asks for {} streams; 1..={} allowed", offer.streams, crate::streams::MAX_STREAMS)));
     }
+    if offer.postcopy && offer.streams > 1 {
+        return Err(("streams", crate::postcopy::WITH_MULTIFD.to_owned()));
+    }
     if let Some(problem) = offer.labels.problem() {
         return Err(("labels", format!("VM labels: {problem}")));
     }
@@ -173,24 +176,24 @@ async fn refuse(agent: &Agent, writer: &mut Writer, id: MigrationId, code: &str,
 }
 
 /// One incoming migration after a verified, attested offer.
-struct Receiving<'a> {
-    agent: &'a Agent,
-    offer: &'a OfferBody,
-    rec: MigrationRecord,
+pub(crate) struct Receiving<'a> {
+    pub(crate) agent: &'a Agent,
+    pub(crate) offer: &'a OfferBody,
+    pub(crate) rec: MigrationRecord,
 }
 
 impl Receiving<'_> {
-    fn expect(&self) -> Expect<'_> {
+    pub(crate) fn expect(&self) -> Expect<'_> {
         let o = self.offer;
         Expect { id: &o.migration_id, source: &o.source, destination: &o.destination, vm: &o.vm, binding: Some(&o.channel_binding) }
     }
 
-    async fn audit(&self, kind: &str, detail: serde_json::Value, signed: Option<Signed>) -> Result<u64, String> {
+    pub(crate) async fn audit(&self, kind: &str, detail: serde_json::Value, signed: Option<Signed>) -> Result<u64, String> {
         let o = self.offer;
         self.agent.audit(evidence::event(kind, &o.migration_id, &o.vm, &o.source, detail, signed)).await
     }
 
-    fn stream_body(&self, bytes: u64, digest: Digest32) -> StreamBody {
+    pub(crate) fn stream_body(&self, bytes: u64, digest: Digest32) -> StreamBody {
         let o = self.offer;
         StreamBody {
             migration_id: o.migration_id,
@@ -229,6 +232,7 @@ async fn receive(
     }
     rec.setup_ms = Some(attestation.ms);
     rec.streams = offer.streams;
+    rec.postcopy = offer.postcopy;
     rec.attestation = Some(attestation);
     // SECURITY (R5): the record doubles as the seen-set; create() fails if
     // this id was ever offered before, across restarts.
@@ -265,6 +269,7 @@ async fn receive(
             offer.spec.vcpus,
             residents,
             used,
+            offer.postcopy,
         );
         let name_taken = table.contains_key(&vm) || !agent.reserve_incoming_name(&vm);
         drop(table);
@@ -314,6 +319,7 @@ async fn receive(
         {
             let mut q = qmp.lock().await;
             crate::outgoing::configure_multifd(&mut q, offer.streams).await.map_err(|e| crate::chain(&e))?;
+            q.set_capabilities(&[("postcopy-ram", offer.postcopy)]).await.map_err(|e| crate::chain(&e))?;
             q.migrate_incoming(&format!("unix:{}", sock.display())).await.map_err(|e| crate::chain(&e))?;
         }
         m.rec.state = MigrationState::Transferring;
@@ -330,10 +336,22 @@ async fn receive(
         m.audit("accept_sent", serde_json::Value::Null, Some(signed.clone())).await?;
         writer.write_control(&PeerMessage::Accept { signed }).await.map_err(|e| crate::chain(&e))?;
         tracing::info!("accepted; receiving VM state");
-        receive_streams(&agent, &mut reader, &sock, joins).await
+        Ok(())
     }
     .await;
-    let (bytes, digest) = match result {
+    if let Err(why) = result {
+        return abort(&mut m, &proc, &mut writer, why).await;
+    }
+    let received = if offer.postcopy {
+        match crate::postcopy::receive(&mut m, &proc, &qmp, &mut reader, &mut writer, &sock, started).await {
+            Some(sum) => Ok(sum),
+            // Settled there: taken over, interrupted or aborted.
+            None => return,
+        }
+    } else {
+        receive_streams(&agent, &mut reader, &sock, joins).await
+    };
+    let (bytes, digest) = match received {
         Ok(v) => v,
         Err(why) => return abort(&mut m, &proc, &mut writer, why).await,
     };
@@ -457,7 +475,7 @@ async fn receive_streams(
     Ok(crate::streams::combine(&sums))
 }
 
-async fn connect_retry(sock: &std::path::Path) -> Result<tokio::net::UnixStream, String> {
+pub(crate) async fn connect_retry(sock: &std::path::Path) -> Result<tokio::net::UnixStream, String> {
     let mut last = String::new();
     for _ in 0..50 {
         match tokio::net::UnixStream::connect(sock).await {
@@ -469,7 +487,7 @@ async fn connect_retry(sock: &std::path::Path) -> Result<tokio::net::UnixStream,
     Err(format!("cannot connect to destination QEMU's incoming socket {}: {last}", sock.display()))
 }
 
-async fn wait_incoming(qmp: &tokio::sync::Mutex<ferry_vmm::Qmp>, timeout: Duration) -> Result<(), String> {
+pub(crate) async fn wait_incoming(qmp: &tokio::sync::Mutex<ferry_vmm::Qmp>, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         let s = qmp.lock().await.query_migrate().await.map_err(|e| crate::chain(&e))?;
@@ -494,7 +512,7 @@ fn abort_record(agent: &Agent, rec: &mut MigrationRecord, why: String) {
 
 /// Kill the incoming QEMU, record the abort, tell the source (signed). From
 /// here on this host never runs the VM for this migration.
-async fn abort(m: &mut Receiving<'_>, proc: &QemuProcess, writer: &mut Writer, why: String) {
+pub(crate) async fn abort(m: &mut Receiving<'_>, proc: &QemuProcess, writer: &mut Writer, why: String) {
     let agent = m.agent;
     tracing::warn!(reason = %why, "aborting incoming migration");
     let entry = agent.vms.lock().await.remove(&m.rec.vm);

@@ -13,14 +13,15 @@ use std::time::{Duration, Instant};
 
 use ferry_types::{Digest32, HostName, MigrationId, VmName};
 use ferry_vmm::{MigrationState as QemuMigration, Qmp, RunState, VmSpec};
-use tokio::io::AsyncReadExt;
+use ferry_channel::Incoming;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::client::{self, Reader};
 use ferry_attest::QuoteRole;
 use crate::evidence::{self, AbortBody, AcceptBody, Expect, OfferBody, StreamBody};
-use crate::protocol::{offer_binding, DestinationOutcome, PeerMessage, Progress};
+use crate::protocol::{offer_binding, PeerMessage, Progress};
 use crate::records::{MigrationRecord, MigrationState, Role};
 use crate::{Agent, ErrorKind, Fault};
 
@@ -29,32 +30,37 @@ const PUMP_CHUNK: usize = 1024 * 1024;
 /// How long the destination may take to launch QEMU and accept.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
 
-struct Ctx {
-    agent: Arc<Agent>,
-    id: MigrationId,
-    vm: VmName,
-    to: HostName,
-    addr: std::net::SocketAddr,
-    spec: VmSpec,
-    labels: ferry_policy::VmLabels,
-    qmp: Arc<Mutex<Qmp>>,
-    vm_dir: PathBuf,
-    progress: watch::Sender<Progress>,
-    cancel: watch::Receiver<bool>,
+pub(crate) struct Ctx {
+    pub(crate) agent: Arc<Agent>,
+    pub(crate) id: MigrationId,
+    pub(crate) vm: VmName,
+    pub(crate) to: HostName,
+    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) spec: VmSpec,
+    pub(crate) labels: ferry_policy::VmLabels,
+    pub(crate) qmp: Arc<Mutex<Qmp>>,
+    pub(crate) vm_dir: PathBuf,
+    pub(crate) progress: watch::Sender<Progress>,
+    pub(crate) cancel: watch::Receiver<bool>,
     /// Who asked for this migration (for the audit log).
-    operator: String,
+    pub(crate) operator: String,
     /// 1, or 1 + QEMU multifd channels carried on parallel connections.
-    streams: u8,
-    bytes: Arc<AtomicU64>,
-    started: Instant,
+    pub(crate) streams: u8,
+    /// QEMU may switch to post-copy after its first pass over memory.
+    pub(crate) postcopy: bool,
+    pub(crate) bytes: Arc<AtomicU64>,
+    pub(crate) started: Instant,
 }
 
 /// How a transfer ended, sorted by what the source must do with its copy.
-enum Failure {
+pub(crate) enum Failure {
     /// Commit was never sent: resume the source copy.
     BeforeCommit(Fault),
     /// Commit was sent and no answer came: keep the copy paused.
     InDoubt(Fault),
+    /// Post-copy after the destination signed for the VM: it runs there,
+    /// and this host's QEMU holds pages it still lacks. Keep QEMU as it is.
+    Split(Fault),
 }
 
 type Done = JoinHandle<Result<MigrationRecord, Fault>>;
@@ -67,6 +73,7 @@ pub async fn start(
     operator: &ferry_types::OperatorName,
     role: &str,
     streams: u8,
+    postcopy: bool,
 ) -> Result<(MigrationId, watch::Receiver<Progress>, Done), Fault> {
     if to == agent.host {
         return Err(Fault::new(ErrorKind::Request, format!("VM {vm} is already on {to}")));
@@ -85,7 +92,7 @@ pub async fn start(
         }
         // SECURITY (R3): default deny; a denial is a value with a reason,
         // audited, and nothing has been touched.
-        if let Err(denied) = agent.authz.authorize_outgoing(operator, role, &vm, &entry.labels, &agent.host, &to, false) {
+        if let Err(denied) = agent.authz.authorize_outgoing(operator, role, &vm, &entry.labels, &agent.host, &to, postcopy) {
             agent.metrics.refused("policy");
             let ev = evidence::event("denied", &id, &vm, &to, serde_json::json!({ "operator": operator, "role": role, "reason": denied.message }), None);
             let _ = agent.audit(ev).await;
@@ -96,6 +103,7 @@ pub async fn start(
     };
     let mut rec = MigrationRecord::new(id, Role::Source, vm.clone(), agent.host.clone(), to.clone());
     rec.streams = streams;
+    rec.postcopy = postcopy;
     if let Err(e) = agent.records.create(&mut rec) {
         release(&agent, &vm).await;
         // Fail closed: a migration without a durable record must not start.
@@ -109,6 +117,7 @@ pub async fn start(
         cancel,
         operator: format!("{operator} (role {role})"),
         streams,
+        postcopy,
         agent: agent.clone(),
         id,
         vm,
@@ -127,7 +136,7 @@ pub async fn start(
     Ok((id, rx, done))
 }
 
-async fn release(agent: &Agent, vm: &VmName) {
+pub(crate) async fn release(agent: &Agent, vm: &VmName) {
     if let Some(e) = agent.vms.lock().await.get_mut(vm) {
         e.busy = None;
     }
@@ -160,10 +169,21 @@ async fn run(ctx: Ctx, mut rec: MigrationRecord) -> Result<MigrationRecord, Faul
             save(&ctx.agent, &mut rec);
             Err(Fault::new(ErrorKind::InDoubt, rec.error.clone().unwrap_or_default()))
         }
+        Err(Failure::Split(fault)) => {
+            tracing::error!(error = %fault, "post-copy interrupted; both QEMUs are kept");
+            rec.state = MigrationState::PostcopyActive;
+            rec.error = Some(format!(
+                "{fault}; post-copy was interrupted after {} took over the VM: it runs there, and the pages it still lacks are only in {}'s QEMU, which is kept paused. Do not stop either QEMU",
+                ctx.to, ctx.agent.host
+            ));
+            save(&ctx.agent, &mut rec);
+            Err(Fault::new(ErrorKind::InDoubt, rec.error.clone().unwrap_or_default()))
+        }
     };
     let (phase, event) = match rec.state {
         MigrationState::Completed => ("completed", "completed"),
         MigrationState::InDoubt => ("in_doubt", "in_doubt"),
+        MigrationState::PostcopyActive => ("postcopy_interrupted", "postcopy_interrupted"),
         _ => ("aborted", "rolled_back"),
     };
     // The outcome is decided; a record that cannot be written now is logged.
@@ -175,31 +195,31 @@ async fn run(ctx: Ctx, mut rec: MigrationRecord) -> Result<MigrationRecord, Faul
     ctx.agent.cancels.lock().await.remove(&ctx.id);
     let outcome = match rec.state {
         MigrationState::Completed => "completed",
-        MigrationState::InDoubt => "in_doubt",
+        MigrationState::InDoubt | MigrationState::PostcopyActive => "in_doubt",
         _ => "aborted",
     };
     ctx.agent.metrics.migration_finished(Role::Source, outcome, rec.bytes, ctx.started.elapsed());
     result
 }
 
-fn save(agent: &Agent, rec: &mut MigrationRecord) {
+pub(crate) fn save(agent: &Agent, rec: &mut MigrationRecord) {
     if let Err(e) = agent.records.save(rec) {
         tracing::error!(error = %crate::chain(&e), "cannot write migration record");
     }
 }
 
-fn set_phase(ctx: &Ctx, phase: &str) {
+pub(crate) fn set_phase(ctx: &Ctx, phase: &str) {
     ctx.progress.send_modify(|p| {
         p.phase = phase.to_owned();
         p.elapsed_ms = ctx.started.elapsed().as_millis() as u64;
     });
 }
 
-fn peer_fault(ctx: &Ctx, e: impl std::error::Error) -> Fault {
+pub(crate) fn peer_fault(ctx: &Ctx, e: impl std::error::Error) -> Fault {
     Fault::new(ErrorKind::Peer, format!("connection to {}: {}", ctx.to, crate::chain(&e)))
 }
 
-fn backend(what: &str, e: impl std::error::Error) -> Fault {
+pub(crate) fn backend(what: &str, e: impl std::error::Error) -> Fault {
     Fault::new(ErrorKind::Backend, format!("{what}: {}", crate::chain(&e)))
 }
 
@@ -235,6 +255,7 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
         labels: ctx.labels.clone(),
         not_after_unix_ms: ctx.id.created_unix_ms() + mig.offer_validity_ms,
         streams: ctx.streams,
+        postcopy: ctx.postcopy,
     };
     let signed = agent.sign(evidence::OFFER, &offer).map_err(|e| Before(Fault::new(ErrorKind::Backend, e)))?;
     // SECURITY (R6): logged before it is sent; no record, no offer.
@@ -267,11 +288,6 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
         send_abort(ctx, &mut writer, &binding, "cancelled by the operator".into()).await;
         return Err(Before(Fault::new(ErrorKind::Request, "cancelled by the operator before the transfer")));
     }
-    // From here the peer may send Abort at any time: a task watches for it.
-    let (peer_tx, mut peer_rx) = mpsc::channel::<Result<PeerMessage, String>>(4);
-    let watcher = tokio::spawn(watch_peer(reader, peer_tx));
-    let _watcher_guard = AbortOnDrop(watcher);
-
     set_phase(ctx, "transfer");
     rec.state = MigrationState::Transferring;
     ctx.agent.records.save(rec).map_err(|e| Before(backend("recording the transfer", e)))?;
@@ -285,14 +301,23 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
             .await
             .map_err(|e| Before(backend("setting migration parameters", e)))?;
         configure_multifd(&mut q, ctx.streams).await.map_err(|e| Before(backend("configuring multifd", e)))?;
+        q.set_capabilities(&[("postcopy-ram", ctx.postcopy)]).await.map_err(|e| Before(backend("configuring post-copy", e)))?;
         q.migrate(&format!("unix:{}", sock.display())).await.map_err(|e| Before(backend("starting QEMU's migration", e)))?;
     }
     // QEMU connects its main channel first, then the multifd channels.
-    let mut qemu = match tokio::time::timeout(Duration::from_secs(10), listener.accept()).await {
+    let qemu = match tokio::time::timeout(Duration::from_secs(10), listener.accept()).await {
         Ok(Ok((s, _))) => s,
         Ok(Err(e)) => return Err(Before(backend("accepting QEMU's stream", e))),
         Err(_) => return Err(Before(Fault::new(ErrorKind::Backend, "QEMU did not connect its migration stream within 10 s"))),
     };
+    let (mut qemu, qemu_back) = qemu.into_split();
+    // Only post-copy uses QEMU's return path; otherwise the half is just held open.
+    let (return_path, _held_open) = if ctx.postcopy { (Some(qemu_back), None) } else { (None, Some(qemu_back)) };
+    // From here the peer may send Abort at any time: a task watches for it.
+    let (peer_tx, mut peer_rx) = mpsc::channel::<Result<PeerMessage, String>>(4);
+    let watcher = tokio::spawn(watch_peer(reader, peer_tx, return_path, mig.io_timeout()));
+    let _watcher_guard = AbortOnDrop(watcher);
+    let _trigger = ctx.postcopy.then(|| AbortOnDrop(tokio::spawn(crate::postcopy::trigger(ctx.qmp.clone()))));
     let (extra_tx, mut extra_rx) = mpsc::channel::<(u8, Result<crate::streams::StreamSum, String>)>(crate::streams::MAX_STREAMS as usize);
     let mut extra_tasks = Vec::new();
     for index in 1..ctx.streams {
@@ -320,13 +345,14 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     // A guest that dirties memory faster than it can be sent never
     // converges: give up in time and resume it here.
     let transfer_deadline = tokio::time::Instant::now() + mig.max_transfer();
+    let mut pc = crate::postcopy::Switch::default();
     loop {
-        if *cancel.borrow_and_update() {
+        if pc.committed.is_none() && *cancel.borrow_and_update() {
             send_abort(ctx, &mut writer, &binding, "cancelled by the operator".into()).await;
             return Err(Before(Fault::new(ErrorKind::Request, "cancelled by the operator before commit")));
         }
         tokio::select! {
-            _ = cancel.changed() => continue,
+            _ = cancel.changed(), if pc.committed.is_none() => continue,
             Some((index, r)) = extra_rx.recv() => match r {
                 Ok(sum) => extra_sums[index as usize] = Some(sum),
                 Err(e) => {
@@ -335,42 +361,87 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
                 }
             },
             msg = peer_rx.recv() => {
+                match msg {
+                    Some(Ok(PeerMessage::PostcopyReady { migration_id })) if ctx.postcopy && migration_id == ctx.id && pc.committed.is_none() => {
+                        let at = (total, Digest32(*hasher.clone().finalize().as_bytes()));
+                        crate::postcopy::switchover_commit(ctx, rec, &mut writer, &binding, at).await?;
+                        pc.committed = Some(at);
+                        continue;
+                    }
+                    Some(Ok(PeerMessage::Receipt { signed })) if pc.committed.is_some() && !pc.handed_over => {
+                        crate::postcopy::switchover_receipt(ctx, rec, signed, &binding, pc.committed.unwrap_or((0, Digest32([0; 32])))).await?;
+                        pc.handed_over = true;
+                        continue;
+                    }
+                    _ => {}
+                }
+                // An Abort before the destination signed for the VM promises
+                // it never runs there: resuming here is safe.
+                let aborted = matches!(msg, Some(Ok(PeerMessage::Abort { .. })));
                 let why = match msg {
                     Some(Ok(PeerMessage::Abort { reason, .. })) => format!("{} aborted: {reason}", ctx.to),
                     Some(Ok(m)) => format!("{} sent {} during the transfer", ctx.to, m.name()),
                     Some(Err(e)) => e,
                     None => format!("lost the connection to {}", ctx.to),
                 };
-                return Err(Before(Fault::new(ErrorKind::Peer, why)));
+                let fault = Fault::new(ErrorKind::Peer, why);
+                return Err(if aborted && !pc.handed_over { Before(fault) } else { pc.fail(fault) });
             }
-            _ = tokio::time::sleep_until(transfer_deadline) => {
+            _ = tokio::time::sleep_until(transfer_deadline), if pc.committed.is_none() => {
                 let why = format!("the migration did not converge within {:?}", mig.max_transfer());
                 send_abort(ctx, &mut writer, &binding, why.clone()).await;
                 return Err(Before(Fault::new(ErrorKind::Backend, format!("{why}; raise [migration] max_transfer_ms or lower the guest's dirty rate"))));
             }
             n = tokio::time::timeout(mig.io_timeout(), qemu.read(&mut buf)) => {
                 let n = match n {
-                    Ok(r) => r.map_err(|e| Before(backend("reading QEMU's stream", e)))?,
-                    Err(_) => return Err(Before(Fault::new(ErrorKind::Backend, format!("source QEMU sent nothing for {:?}", mig.io_timeout())))),
+                    Ok(r) => r.map_err(|e| pc.fail(backend("reading QEMU's stream", e)))?,
+                    Err(_) => return Err(pc.fail(Fault::new(ErrorKind::Backend, format!("source QEMU sent nothing for {:?}", mig.io_timeout())))),
                 };
                 if n == 0 { break; }
                 hasher.update(&buf[..n]);
                 total += n as u64;
                 ctx.bytes.store(total, Ordering::Relaxed);
-                writer.write_data(&buf[..n]).await.map_err(|e| Before(peer_fault(ctx, e)))?;
+                writer.write_data(&buf[..n]).await.map_err(|e| pc.fail(peer_fault(ctx, e)))?;
+                // Post-copy: a page the destination faulted on must not wait in a buffer.
+                if ctx.postcopy {
+                    writer.flush().await.map_err(|e| pc.fail(peer_fault(ctx, e)))?;
+                }
             }
         }
     }
     // QEMU closed its stream: it must also say the migration completed,
     // otherwise the stream is incomplete and the destination must not run it.
-    let status = wait_qemu_terminal(&ctx.qmp, Duration::from_secs(30)).await.map_err(Before)?;
+    let status = wait_qemu_terminal(&ctx.qmp, Duration::from_secs(30)).await.map_err(|f| pc.fail(f))?;
     if status.status != QemuMigration::Completed {
         let why = status.error_desc.unwrap_or_else(|| format!("{:?}", status.status));
+        let fault = Fault::new(ErrorKind::Backend, format!("source QEMU's migration failed: {why}"));
+        if pc.committed.is_some() {
+            return Err(pc.fail(fault));
+        }
         send_abort(ctx, &mut writer, &binding, format!("source QEMU: {why}")).await;
-        return Err(Before(Fault::new(ErrorKind::Backend, format!("source QEMU's migration failed: {why}"))));
+        return Err(Before(fault));
     }
     rec.qemu_downtime_ms = status.downtime;
-    writer.write_data_end().await.map_err(|e| Before(peer_fault(ctx, e)))?;
+    if let (Some(at), false) = (pc.committed, pc.handed_over) {
+        // QEMU finished before the switchover receipt arrived: it is still due.
+        let wait = mig.commit_timeout() + mig.io_timeout();
+        match tokio::time::timeout(wait, peer_rx.recv()).await {
+            Ok(Some(Ok(PeerMessage::Receipt { signed }))) => {
+                crate::postcopy::switchover_receipt(ctx, rec, signed, &binding, at).await?;
+                pc.handed_over = true;
+            }
+            Ok(Some(Ok(PeerMessage::Abort { reason, .. }))) => {
+                return Err(Before(Fault::new(ErrorKind::Peer, format!("{} aborted at the switchover: {reason}", ctx.to))))
+            }
+            _ => return Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("no switchover receipt from {} within {wait:?}", ctx.to)))),
+        }
+    }
+    if pc.handed_over {
+        // QEMU completes a post-copy only after the destination closed its
+        // return path, i.e. loaded every page: the VM is whole there now.
+        return crate::postcopy::final_commit(ctx, rec, writer, peer_rx, binding, (total, Digest32(*hasher.finalize().as_bytes()))).await;
+    }
+    writer.write_data_end().await.map_err(|e| pc.fail(peer_fault(ctx, e)))?;
 
     // The multifd channels end with the main one; collect what is left.
     extra_sums[0] = Some((total, Digest32(*hasher.finalize().as_bytes())));
@@ -453,13 +524,26 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
 }
 
 impl Ctx {
-    fn expect<'a>(&'a self, binding: Option<&'a Digest32>) -> Expect<'a> {
+    pub(crate) fn stream_body(&self, binding: Digest32, (bytes, digest): crate::streams::StreamSum) -> StreamBody {
+        StreamBody {
+            migration_id: self.id,
+            source: self.agent.host.clone(),
+            destination: self.to.clone(),
+            vm: self.vm.clone(),
+            channel_binding: binding,
+            log_head: self.agent.log_head(),
+            bytes,
+            digest,
+        }
+    }
+
+    pub(crate) fn expect<'a>(&'a self, binding: Option<&'a Digest32>) -> Expect<'a> {
         Expect { id: &self.id, source: &self.agent.host, destination: &self.to, vm: &self.vm, binding }
     }
 }
 
 /// Append an audit record about this migration; Err fails the step closed.
-async fn audit(ctx: &Ctx, kind: &str, detail: serde_json::Value, signed: Option<ferry_audit::Signed>) -> Result<u64, Fault> {
+pub(crate) async fn audit(ctx: &Ctx, kind: &str, detail: serde_json::Value, signed: Option<ferry_audit::Signed>) -> Result<u64, Fault> {
     ctx.agent
         .audit(evidence::event(kind, &ctx.id, &ctx.vm, &ctx.to, detail, signed))
         .await
@@ -467,7 +551,7 @@ async fn audit(ctx: &Ctx, kind: &str, detail: serde_json::Value, signed: Option<
 }
 
 /// Tell the destination to abort, signed when possible.
-async fn send_abort(ctx: &Ctx, writer: &mut client::Writer, binding: &Digest32, reason: String) {
+pub(crate) async fn send_abort(ctx: &Ctx, writer: &mut client::Writer, binding: &Digest32, reason: String) {
     let body = AbortBody {
         migration_id: ctx.id,
         source: ctx.agent.host.clone(),
@@ -545,18 +629,37 @@ pub async fn configure_multifd(q: &mut Qmp, streams: u8) -> Result<(), ferry_vmm
     Ok(())
 }
 
-struct AbortOnDrop(JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
 }
 
-async fn watch_peer(mut reader: Reader, tx: mpsc::Sender<Result<PeerMessage, String>>) {
+async fn watch_peer(
+    mut reader: Reader,
+    tx: mpsc::Sender<Result<PeerMessage, String>>,
+    mut return_path: Option<tokio::net::unix::OwnedWriteHalf>,
+    io_timeout: Duration,
+) {
     // The destination may stay silent for the whole transfer.
     reader.set_timeout(Duration::from_secs(24 * 3600));
     loop {
-        let msg = reader.read_control::<PeerMessage>().await.map_err(|e| crate::chain(&e));
+        let msg = match reader.read_frame().await {
+            Ok(Incoming::Control(bytes)) => serde_json::from_slice::<PeerMessage>(bytes).map_err(|e| format!("malformed control message: {e}")),
+            // SECURITY: bytes from the destination reach this QEMU only as
+            // its post-copy return path, and only when post-copy was offered.
+            Ok(Incoming::Data(d)) => match return_path.as_mut() {
+                Some(w) => match tokio::time::timeout(io_timeout, w.write_all(d)).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => Err(format!("source QEMU's return path: {e}")),
+                    Err(_) => Err(format!("source QEMU did not read its return path for {io_timeout:?}")),
+                },
+                None => Err("the destination sent VM data without post-copy".to_owned()),
+            },
+            Ok(Incoming::DataEnd) => Err("the destination sent an end of data".to_owned()),
+            Err(e) => Err(crate::chain(&e)),
+        };
         let stop = msg.is_err();
         if tx.send(msg).await.is_err() || stop {
             return;
@@ -599,7 +702,7 @@ async fn wait_qemu_terminal(qmp: &Mutex<Qmp>, timeout: Duration) -> Result<ferry
 
 /// Make the source copy run again: cancel QEMU's migration if it is still
 /// going, then `cont` if the VM is paused.
-async fn resume_source(qmp: &Mutex<Qmp>) -> Result<(), String> {
+pub(crate) async fn resume_source(qmp: &Mutex<Qmp>) -> Result<(), String> {
     let status = qmp.lock().await.query_migrate().await.map_err(|e| crate::chain(&e))?;
     if !status.status.is_terminal() && status.status != QemuMigration::None {
         let _ = qmp.lock().await.migrate_cancel().await;
@@ -615,7 +718,7 @@ async fn resume_source(qmp: &Mutex<Qmp>) -> Result<(), String> {
 
 /// The destination signed for the VM: quit the paused source copy and keep
 /// its directory (console log) under `departed/`.
-async fn finish_completed(agent: &Arc<Agent>, rec: &mut MigrationRecord, digest: Digest32) -> Result<MigrationRecord, Fault> {
+pub(crate) async fn finish_completed(agent: &Arc<Agent>, rec: &mut MigrationRecord, digest: Digest32) -> Result<MigrationRecord, Fault> {
     let entry = agent.vms.lock().await.remove(&rec.vm);
     agent.authz.moved(&rec.vm);
     if let Some(entry) = entry {
@@ -632,70 +735,4 @@ async fn finish_completed(agent: &Arc<Agent>, rec: &mut MigrationRecord, digest:
     save(agent, rec);
     tracing::info!(bytes = rec.bytes, total_ms = rec.total_ms, "migration completed");
     Ok(rec.clone())
-}
-
-/// Settle an in-doubt migration by asking its destination what happened.
-pub async fn resolve(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRecord, Fault> {
-    let mut rec = agent
-        .records
-        .get(&id)
-        .map_err(|e| backend("reading the record", e))?
-        .ok_or_else(|| Fault::new(ErrorKind::Request, format!("no migration {id} on {}", agent.host)))?;
-    if rec.role != Role::Source || !matches!(rec.state, MigrationState::InDoubt | MigrationState::Committed) {
-        return Err(Fault::new(ErrorKind::Request, format!("migration {id} is {:?}, not in doubt", rec.state)));
-    }
-    let to = rec.destination.clone();
-    let addr = *agent.cfg.peers.get(&to).ok_or_else(|| Fault::new(ErrorKind::Request, format!("{to} is no longer in [peers]")))?;
-    let mig = &agent.cfg.migration;
-    let config = agent.tls.client().map_err(|e| backend("TLS configuration", e))?;
-    let (stream, _) = client::connect(addr, &to, config, &agent.domain, mig.connect_timeout())
-        .await
-        .map_err(|e| Fault::new(ErrorKind::InDoubt, format!("still in doubt: {}", crate::chain(&e))))?;
-    let (mut reader, mut writer) = client::greet(stream, &to, addr, mig.io_timeout())
-        .await
-        .map_err(|e| Fault::new(ErrorKind::InDoubt, format!("still in doubt: {}", crate::chain(&e))))?;
-    writer.write_control(&PeerMessage::Query { migration_id: id }).await.map_err(|e| Fault::new(ErrorKind::InDoubt, crate::chain(&e)))?;
-    let (outcome, receipt) = match reader.read_control::<PeerMessage>().await.map_err(|e| Fault::new(ErrorKind::InDoubt, crate::chain(&e)))? {
-        PeerMessage::QueryReply { migration_id, outcome, receipt } if migration_id == id => (outcome, receipt),
-        other => return Err(Fault::new(ErrorKind::Peer, format!("{to} answered the query with {}", other.name()))),
-    };
-    tracing::info!(migration_id = %id, ?outcome, "destination answered the in-doubt query");
-    let qmp = agent.vms.lock().await.get(&rec.vm).map(|e| e.qmp.clone());
-    match outcome {
-        DestinationOutcome::Completed => {
-            // SECURITY: "completed" is only believed with the destination's
-            // signed receipt for exactly what this host committed.
-            let signed = receipt.ok_or_else(|| Fault::new(ErrorKind::InDoubt, format!("{to} claims completion without a receipt")))?;
-            let expect = Expect { id: &id, source: &agent.host, destination: &to, vm: &rec.vm, binding: None };
-            let body = agent
-                .verify_from::<StreamBody>(&signed, evidence::RECEIPT, &to, &expect)
-                .map_err(|e| Fault::new(ErrorKind::InDoubt, format!("invalid receipt: {e}")))?;
-            let digest = rec.digest.unwrap_or(Digest32([0; 32]));
-            if body.bytes != rec.bytes || body.digest != digest {
-                return Err(Fault::new(ErrorKind::InDoubt, format!("{to}'s receipt is for {} bytes / {}, not what was committed", body.bytes, body.digest)));
-            }
-            let ev = evidence::event("receipt_received", &id, &rec.vm, &to, serde_json::json!({ "via": "resolve" }), Some(signed.clone()));
-            if let Err(e) = agent.audit(ev).await {
-                tracing::error!(error = %e, "resolved receipt not in the audit log");
-            }
-            rec.receipt = Some(signed);
-            finish_completed(agent, &mut rec, digest).await
-        }
-        DestinationOutcome::Aborted | DestinationOutcome::Unknown => {
-            let Some(qmp) = qmp else {
-                return Err(Fault::new(ErrorKind::Backend, format!("VM {} has no QEMU on {} any more", rec.vm, agent.host)));
-            };
-            resume_source(&qmp).await.map_err(|e| Fault::new(ErrorKind::Backend, format!("resuming the source copy: {e}")))?;
-            rec.state = MigrationState::Aborted;
-            rec.error = Some(format!("{to} reports the migration {outcome:?}; the VM runs on {} again", agent.host).to_lowercase());
-            let ev = evidence::event("rolled_back", &id, &rec.vm, &to, serde_json::json!({ "via": "resolve", "outcome": outcome }), None);
-            if let Err(e) = agent.audit(ev).await {
-                tracing::error!(error = %e, "resolution not in the audit log");
-            }
-            save(agent, &mut rec);
-            release(agent, &rec.vm).await;
-            Ok(rec)
-        }
-        DestinationOutcome::InProgress => Err(Fault::new(ErrorKind::InDoubt, format!("{to} is still completing migration {id}; ask again"))),
-    }
 }

@@ -26,6 +26,14 @@
 //!   source quits its paused copy only on a valid Receipt
 //! ```
 //! Either side may send Abort before Commit; the source then resumes its copy.
+//!
+//! Post-copy (offer says `postcopy`): data frames also flow back, carrying
+//! QEMU's return path. When the destination QEMU holds the switchover
+//! package (source VM stopped, destination paused), the destination sends
+//! PostcopyReady; the source answers with a Commit for the stream so far,
+//! in-line after exactly those bytes; the destination checks it, resumes the
+//! VM and sends its Receipt. Pages still flow until DataEnd, then a final
+//! Commit and Receipt cover the whole stream.
 //! A later `Query` on a new connection returns the outcome and, if completed,
 //! the signed Receipt (used to settle an in-doubt migration).
 //!
@@ -69,6 +77,9 @@ pub enum ApiRequest {
         wait: bool,
         #[serde(default)]
         streams: Option<u8>,
+        /// Allow QEMU post-copy (policy-gated on both hosts).
+        #[serde(default)]
+        postcopy: bool,
     },
     MigrationList,
     MigrationShow { id: MigrationId },
@@ -183,6 +194,9 @@ pub enum PeerMessage {
     /// First message of an extra data stream (a QEMU multifd channel) of a
     /// migration already offered and accepted on another connection.
     StreamJoin { migration_id: MigrationId, index: u8 },
+    /// Post-copy, destination to source: my QEMU holds the switchover
+    /// package and waits, paused, for the source's Commit.
+    PostcopyReady { migration_id: MigrationId },
     Query { migration_id: MigrationId },
     /// With the signed receipt when the outcome is `Completed`.
     QueryReply { migration_id: MigrationId, outcome: DestinationOutcome, receipt: Option<Signed> },
@@ -199,6 +213,7 @@ impl PeerMessage {
             PeerMessage::Receipt { .. } => "receipt",
             PeerMessage::Abort { .. } => "abort",
             PeerMessage::StreamJoin { .. } => "stream_join",
+            PeerMessage::PostcopyReady { .. } => "postcopy_ready",
             PeerMessage::Query { .. } => "query",
             PeerMessage::QueryReply { .. } => "query_reply",
         }

@@ -22,7 +22,8 @@ pub enum Role {
 /// Where a migration stands. Source: preparing → transferring → committed →
 /// completed | in_doubt; destination: preparing → transferring → resuming →
 /// completed. Either may end in aborted, which on the source means its copy
-/// runs again.
+/// runs again. With post-copy both pass through postcopy_active between the
+/// switchover receipt and the end of the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MigrationState {
@@ -35,6 +36,10 @@ pub enum MigrationState {
     InDoubt,
     /// Destination: checks passed; about to resume the VM.
     Resuming,
+    /// Post-copy: the destination signed for the VM and runs it while the
+    /// source's QEMU still serves the pages it lacks. The VM exists only as
+    /// both halves together: neither QEMU may be stopped or resumed.
+    PostcopyActive,
     Completed,
     Aborted,
 }
@@ -76,6 +81,9 @@ pub struct MigrationRecord {
     /// Data streams used: 1, or 1 + QEMU multifd channels.
     #[serde(default)]
     pub streams: u8,
+    /// Post-copy was allowed for this migration.
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -104,6 +112,7 @@ impl MigrationRecord {
             insecure: Vec::new(),
             receipt: None,
             streams: 1,
+            postcopy: false,
         }
     }
 

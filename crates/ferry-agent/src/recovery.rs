@@ -7,6 +7,7 @@
 //! | source      | committed, in doubt       | keep the copy paused: in doubt (resolve)  |
 //! | destination | preparing, transferring   | kill the incoming QEMU: aborted           |
 //! | destination | resuming                  | running → completed, else kill → aborted  |
+//! | either      | postcopy_active           | keep both halves; completed once QEMU is  |
 
 use std::sync::Arc;
 
@@ -42,6 +43,24 @@ pub async fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
                 rec.state = MigrationState::InDoubt;
                 rec.error.get_or_insert_with(|| "agent restarted after commit; ask the destination with `ferry migrations resolve`".into());
                 tracing::warn!("migration in doubt after restart; the source copy stays paused");
+            }
+            (_, MigrationState::PostcopyActive) => {
+                let entry = agent.vms.lock().await.get(&rec.vm).map(|e| (e.qmp.clone(), e.proc.clone()));
+                let done = crate::postcopy::recover(entry.as_ref().map(|e| e.0.clone()), &mut rec).await;
+                match (rec.role, done, entry) {
+                    // Every page reached the destination: the source half is spent.
+                    (Role::Source, true, Some((qmp, proc))) => {
+                        let _ = qmp.lock().await.quit().await;
+                        let _ = vms::kill(&proc).await;
+                        agent.vms.lock().await.remove(&rec.vm);
+                    }
+                    (_, false, Some(_)) => {
+                        if let Some(e) = agent.vms.lock().await.get_mut(&rec.vm) {
+                            e.busy = Some(rec.id);
+                        }
+                    }
+                    _ => {}
+                }
             }
             (Role::Source, _) => resume_source(agent, &mut rec).await,
             (Role::Destination, MigrationState::Resuming) => settle_resuming(agent, &mut rec).await,

@@ -180,7 +180,7 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
     say(&format!("migrating {vm} {src} -> {dst}"));
     let mut view = crate::progress::ProgressView::new();
     let resp = client
-        .request(&src, &ApiRequest::Migrate { vm: vm.clone(), to: dst.clone(), wait: true, streams: None }, |p| {
+        .request(&src, &ApiRequest::Migrate { vm: vm.clone(), to: dst.clone(), wait: true, streams: None, postcopy: false }, |p| {
             if !json {
                 view.update(p);
             }

@@ -122,6 +122,15 @@ pub struct MigrateArgs {
     /// connections (default: the agent's [migration] streams).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=8))]
     pub streams: Option<u8>,
+    /// Allow post-copy: after QEMU's first pass over memory the VM stops
+    /// here and runs on the destination, which fetches the pages it still
+    /// lacks. A guest that dirties memory faster than it can be sent then
+    /// still moves. Risk: until the last page arrives the VM needs both
+    /// hosts and the link; if the link breaks it stalls, and if this host
+    /// is lost, so is the VM. Both hosts' policies must allow it (Cedar
+    /// context.postcopy). Not with --streams > 1.
+    #[arg(long)]
+    pub postcopy: bool,
     #[command(flatten)]
     pub target: Target,
 }
@@ -228,7 +237,7 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
 
 pub async fn migrate(args: MigrateArgs, json: bool) -> Result<ExitCode> {
     let (c, host) = args.target.open()?;
-    let req = ApiRequest::Migrate { vm: args.vm.clone(), to: args.to.clone(), wait: !args.no_wait, streams: args.streams };
+    let req = ApiRequest::Migrate { vm: args.vm.clone(), to: args.to.clone(), wait: !args.no_wait, streams: args.streams, postcopy: args.postcopy };
     let show = !json && !args.no_wait;
     let mut view = crate::progress::ProgressView::new();
     let resp = c

@@ -1,0 +1,93 @@
+//! Post-copy, end to end: a guest that dirties memory faster than pre-copy
+//! can send it does not converge, and moves with `--postcopy`; the
+//! destination runs it only after the source's signed switchover commit;
+//! policy and the multifd rule refuse it before anything moves.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use ferry_cli::console;
+
+/// The fast guest dirties 256 pages (1 MiB) per ms, far more than the
+/// 100 MiB/s the lab's link allows, so pre-copy never catches up.
+const FAST: &str = "fill_mib=256 dirty=256 hb_ms=1";
+const LINK_MIB_S: u64 = 100;
+
+#[test]
+fn a_guest_that_outruns_precopy_moves_with_postcopy() {
+    let lab = TestLab::up(2, LINK_MIB_S);
+    // Pre-copy gets 8 s, then gives up and resumes the source copy.
+    lab.edit_config("host1", "[policy]", "[migration]\nmax_transfer_ms = 8000\n\n[policy]");
+    lab.restart_agent("host1");
+    let src = lab.start_guest("host1", "fast", 512, FAST);
+    let src_pid = src["pid"].as_i64().expect("pid") as i32;
+
+    let (ok, failed) = lab.ferry_json(&["migrate", "fast", "--to", "host2", "--host", "host1"]);
+    assert!(!ok, "pre-copy of the fast guest should not converge: {failed}");
+    assert!(failed["message"].as_str().unwrap_or("").contains("did not converge"), "{failed}");
+    assert_eq!(lab.running_on("fast"), ["host1"], "the source copy runs again");
+
+    let (ok, rec) = lab.ferry_json(&["migrate", "fast", "--to", "host2", "--host", "host1", "--postcopy"]);
+    assert!(ok, "post-copy migration failed: {rec}");
+    assert_eq!(rec["state"], "completed", "{rec}");
+    assert_eq!(rec["postcopy"], true, "{rec}");
+    let id = rec["id"].as_str().expect("id").to_owned();
+    let (_, dst) = lab.ferry_json(&["migrations", "show", &id, "--host", "host2"]);
+    assert_eq!(dst["state"], "completed", "{dst}");
+    assert_eq!((&dst["bytes"], &dst["digest"]), (&rec["bytes"], &rec["digest"]), "both sides signed for the same stream");
+    assert!(rec["receipt"].is_object(), "{rec}");
+    assert_eq!(lab.running_on("fast"), ["host2"]);
+    wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
+
+    // The switchover is in both audit logs: commit sent before the
+    // destination resumed, receipt after.
+    let logs = [lab.host("host1").state_dir.join("audit.log"), lab.host("host2").state_dir.join("audit.log")];
+    for (log, kinds) in logs.iter().zip([["commit_sent", "receipt_received"], ["commit_received", "receipt_sent"]]) {
+        let o = lab.ferry(&["audit", "show", log.to_str().expect("utf8"), "--migration", &id, "--json"]);
+        let records = text(&o);
+        for kind in kinds {
+            let switchover = records.lines().any(|l| l.contains(&format!("\"{kind}\"")) && l.contains("\"switchover\""));
+            assert!(switchover, "no switchover {kind} in {}: {records}", log.display());
+        }
+    }
+    let (ok, v) = lab.ferry_json(&["audit", "verify", logs[0].to_str().expect("utf8"), logs[1].to_str().expect("utf8"), "--ca", lab.lab.ca.to_str().expect("utf8")]);
+    assert!(ok, "{v}");
+
+    // The guest kept running with its memory intact: every page it had not
+    // yet received was fetched from the source on demand.
+    let dst_vm = lab.vms("host2").into_iter().find(|v| v["name"] == "fast").expect("fast on host2");
+    let dst_log = Path::new(dst_vm["console_log"].as_str().expect("log")).to_owned();
+    let dst_lines = wait_console(&dst_log, Duration::from_secs(60), "two sweeps", |l| {
+        l.iter().filter(|x| matches!(x.line, ferry_guest::GuestLine::Sweep { .. })).count() >= 2
+    });
+    let departed = lab.host("host1").state_dir.join("departed").join(&id).join("console.log");
+    let c = console::analyze(&console::read_console(&departed).expect("src console"), &dst_lines);
+    assert!(c.heartbeat_continued && c.memory_consistent(), "{c:?}");
+}
+
+#[test]
+fn postcopy_is_refused_by_policy_and_with_multifd() {
+    let lab = TestLab::up(2, 0);
+    // The sample policy allows post-copy only up to security level 1.
+    let o = lab.ferry(&[
+        "vm", "start", "--host", "host1", "--name", "secret", "--kernel", "ferry-guest.elf",
+        "--cmdline", "fill_mib=16 hb_ms=10", "--security-level", "2",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (ok, v) = lab.ferry_json(&["migrate", "secret", "--to", "host2", "--host", "host1", "--postcopy"]);
+    assert!(!ok);
+    assert_eq!(v["kind"], "denied", "{v}");
+    assert!(v["message"].as_str().unwrap_or("").contains("post-copy is allowed only"), "{v}");
+    // Without post-copy the same VM may move: it was post-copy that was refused.
+    let (ok, v) = lab.ferry_json(&["migrate", "secret", "--to", "host2", "--host", "host1"]);
+    assert!(ok, "{v}");
+
+    let (ok, v) = lab.ferry_json(&["migrate", "secret", "--to", "host1", "--host", "host2", "--postcopy", "--streams", "2"]);
+    assert!(!ok);
+    assert_eq!(v["kind"], "request", "{v}");
+    assert!(v["message"].as_str().unwrap_or("").contains("multifd"), "{v}");
+    assert_eq!(lab.running_on("secret"), ["host2"]);
+}
