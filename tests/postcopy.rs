@@ -69,6 +69,51 @@ fn a_guest_that_outruns_precopy_moves_with_postcopy() {
 }
 
 #[test]
+fn a_link_lost_after_the_handover_keeps_both_halves() {
+    let lab = TestLab::up(2, LINK_MIB_S);
+    let target = lab.host("host2").addr;
+    let proxy = Proxy::start(target, ProxyMode::CutAfter(u64::MAX));
+    lab.edit_config("host1", &format!("host2 = \"{target}\""), &format!("host2 = \"{}\"", proxy.addr));
+    lab.restart_agent("host1");
+    let src = lab.start_guest("host1", "fast", 512, FAST);
+    let src_pid = src["pid"].as_i64().expect("pid") as i32;
+    let child = std::process::Command::new(FERRY)
+        .args(["migrate", "fast", "--to", "host2", "--host", "host1", "--postcopy", "--json"])
+        .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn migrate");
+    // The post-copy phase sends what is left at the link's 100 MiB/s: the
+    // link fails while the destination runs the VM and still lacks pages.
+    let state = |host: &str| {
+        let (_, list) = lab.ferry_json(&["migrations", "list", "--host", host]);
+        list["migrations"].as_array().and_then(|m| m.first()).map(|m| m["state"].clone()).unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(90), "the hand-over", || state("host1") == "postcopy_active");
+    proxy.cut();
+    let out = child.wait_with_output().expect("wait migrate");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(!out.status.success(), "{v}");
+    assert_eq!(v["kind"], "in_doubt", "{v}");
+    assert!(v["message"].as_str().unwrap_or("").contains("Do not stop either QEMU"), "{v}");
+
+    // Neither half was stopped or resumed, now or after both agents restart.
+    let dst_pid = || lab.vms("host2").iter().find(|v| v["name"] == "fast").and_then(|v| v["pid"].as_i64()).unwrap_or(0) as i32;
+    wait_until(Duration::from_secs(20), "the destination to record the interruption", || state("host2") == "postcopy_active");
+    let dst = dst_pid();
+    assert!(dst != 0 && pid_alive(dst), "the destination's half is gone");
+    for host in ["host1", "host2"] {
+        lab.restart_agent(host);
+    }
+    assert!(pid_alive(src_pid), "the source's half (holding pages) was stopped");
+    assert_eq!(dst_pid(), dst, "the destination's half was replaced");
+    assert!(pid_alive(dst));
+    assert_eq!((state("host1"), state("host2")), ("postcopy_active".into(), "postcopy_active".into()));
+    assert_ne!(lab.vm_state("host1", "fast").as_deref(), Some("running"), "the source copy was resumed: the VM would run twice");
+}
+
+#[test]
 fn postcopy_is_refused_by_policy_and_with_multifd() {
     let lab = TestLab::up(2, 0);
     // The sample policy allows post-copy only up to security level 1.

@@ -212,6 +212,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub up_bytes: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    cut: Arc<AtomicBool>,
 }
 
 #[derive(Clone, Copy)]
@@ -228,7 +229,8 @@ impl Proxy {
         let addr = l.local_addr().expect("addr");
         let up_bytes = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (ub, st) = (up_bytes.clone(), stop.clone());
+        let cut = Arc::new(AtomicBool::new(false));
+        let (ub, st, ct) = (up_bytes.clone(), stop.clone(), cut.clone());
         std::thread::spawn(move || {
             for client in l.incoming() {
                 if st.load(Ordering::Relaxed) {
@@ -239,11 +241,18 @@ impl Proxy {
                 let ub = ub.clone();
                 let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
                 let ub2 = ub.clone();
-                std::thread::spawn(move || pump(client, server, Some(ub), mode, true));
-                std::thread::spawn(move || pump(s2, c2, Some(ub2), mode, false));
+                let (ct1, ct2) = (ct.clone(), ct.clone());
+                std::thread::spawn(move || pump(client, server, Some(ub), mode, true, ct1));
+                std::thread::spawn(move || pump(s2, c2, Some(ub2), mode, false, ct2));
             }
         });
-        Proxy { addr, up_bytes, stop }
+        Proxy { addr, up_bytes, stop, cut }
+    }
+
+    /// Cut every relayed connection at its next read, as a failed link would.
+    #[allow(dead_code)]
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
     }
 }
 
@@ -254,11 +263,12 @@ impl Drop for Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, up: Option<Arc<AtomicU64>>, mode: ProxyMode, upstream: bool) {
+fn pump(mut from: TcpStream, mut to: TcpStream, up: Option<Arc<AtomicU64>>, mode: ProxyMode, upstream: bool, cut: Arc<AtomicBool>) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
+            Ok(_) if cut.load(Ordering::Relaxed) => break,
             Ok(n) => n,
         };
         let counter = up.as_ref().expect("counter");

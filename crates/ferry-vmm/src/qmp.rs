@@ -408,7 +408,12 @@ impl Qmp {
         max_bandwidth: u64,
         downtime_limit_ms: u64,
     ) -> Result<(), VmmError> {
-        let args = json!({ "max-bandwidth": max_bandwidth, "downtime-limit": downtime_limit_ms });
+        // The link's cap holds after a switch to post-copy too.
+        let args = json!({
+            "max-bandwidth": max_bandwidth,
+            "max-postcopy-bandwidth": max_bandwidth,
+            "downtime-limit": downtime_limit_ms,
+        });
         self.execute("migrate-set-parameters", Some(args))
             .await
             .map(drop)
