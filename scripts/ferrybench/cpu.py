@@ -1,0 +1,111 @@
+"""CPU accounting: utime + stime from /proc/PID/stat of the processes
+involved in a migration."""
+
+import os
+import threading
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def read_stat(pid):
+    """(ppid, utime+stime ticks, starttime) of a process, or None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    rest = data[data.rindex(")") + 2:].split()
+    # rest[0] = state (field 3); utime/stime are fields 14/15, starttime 22
+    return int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[19])
+
+
+def read_cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+class CpuSampler(threading.Thread):
+    """Sums utime+stime of a set of processes while a migration runs.
+
+    roots   pids counted with all their descendants;
+    match   optional predicate on a process's argv, for processes outside the
+            tree (QEMU daemonizes, so the agents' QEMUs are reparented to init);
+    zero    pids counted from their start (baseline 0) rather than from now.
+    Processes that appear after the first scan are counted from their start.
+    /proc is scanned every `interval` s; a process that exits loses at most
+    the CPU it used since the last scan.
+    """
+
+    def __init__(self, roots, match=None, zero=(), interval=0.1):
+        super().__init__(daemon=True)
+        self.roots = set(p for p in roots if p)
+        self.match = match
+        self.zero = set(zero)
+        self.interval = interval
+        self.first = {}   # (pid, starttime) -> ticks at first sighting
+        self.last = {}    # (pid, starttime) -> latest ticks
+        self.names = {}
+        self.cmd_cache = {}
+        self.stop_flag = threading.Event()
+        self.scans = 0
+
+    def scan(self):
+        stats = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            st = read_stat(int(d))
+            if st is not None:
+                stats[int(d)] = st
+        children = {}
+        for pid, (ppid, _, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        included = set()
+        todo = [p for p in self.roots if p in stats]
+        while todo:
+            p = todo.pop()
+            if p in included:
+                continue
+            included.add(p)
+            todo.extend(children.get(p, []))
+        if self.match is not None:
+            for pid, (_, _, start) in stats.items():
+                if pid in included:
+                    continue
+                key = (pid, start)
+                if key not in self.cmd_cache:
+                    self.cmd_cache[key] = self.match(read_cmdline(pid))
+                if self.cmd_cache[key]:
+                    included.add(pid)
+        for pid in included:
+            _, ticks, start = stats[pid]
+            key = (pid, start)
+            if key not in self.first:
+                self.first[key] = 0 if (self.scans > 0 or pid in self.zero) else ticks
+                self.names[key] = os.path.basename((read_cmdline(pid) or ["?"])[0])
+            self.last[key] = ticks
+        self.scans += 1
+
+    def start(self):
+        self.scan()
+        super().start()
+
+    def run(self):
+        while not self.stop_flag.wait(self.interval):
+            self.scan()
+
+    def stop(self):
+        """Final scan; returns (cpu seconds, {process name: seconds})."""
+        self.stop_flag.set()
+        self.join()
+        self.scan()
+        by_name = {}
+        total = 0
+        for key, t in self.last.items():
+            d = t - self.first[key]
+            total += d
+            by_name[self.names[key]] = by_name.get(self.names[key], 0) + d / CLK_TCK
+        return total / CLK_TCK, by_name

@@ -1,0 +1,35 @@
+"""Transport names (--transports), their labels, and which guests they run on."""
+
+TRANSPORTS = ["plain-unix", "plain-tcp", "plain-multifd", "plain-postcopy", "qemu-tls",
+              "qemu-tls-multifd", "ssh", "ferry", "ferry-multi", "ferry-postcopy"]
+# existing secure transports Ferry is compared with
+SECURE = ("qemu-tls", "qemu-tls-multifd", "ssh")
+# Ferry's variants, each compared with the best of SECURE in its round
+FERRY = ("ferry", "ferry-multi", "ferry-postcopy")
+# post-copy only means something for a guest that does not converge otherwise
+POSTCOPY = ("plain-postcopy", "ferry-postcopy")
+MULTIFD = ("plain-multifd", "qemu-tls-multifd", "ferry-multi")
+TLS = ("qemu-tls", "qemu-tls-multifd")
+
+GUESTS = ("idle", "dirtying", "fast")
+
+
+def label(t, streams):
+    """Table label of a transport; streams = QEMU multifd channels (--streams)."""
+    return {
+        "plain-unix": "plain QEMU, unix socket",
+        "plain-tcp": "plain QEMU, TCP loopback",
+        "plain-multifd": "plain QEMU, multifd ×%d (TCP)" % streams,
+        "plain-postcopy": "plain QEMU, post-copy (TCP)",
+        "qemu-tls": "QEMU native TLS (x509, mutual)",
+        "qemu-tls-multifd": "QEMU native TLS, multifd ×%d" % streams,
+        "ssh": "SSH tunnel (aes128-gcm)",
+        "ferry": "Ferry (mTLS, agents)",
+        "ferry-multi": "Ferry, multifd ×%d (%d TLS streams)" % (streams, streams + 1),
+        "ferry-postcopy": "Ferry, post-copy",
+    }[t]
+
+
+def runs_on(t, guest):
+    """Whether transport t runs on guest kind guest (idle, dirtying, fast)."""
+    return guest == "fast" or t not in POSTCOPY
