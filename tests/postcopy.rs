@@ -69,7 +69,7 @@ fn a_guest_that_outruns_precopy_moves_with_postcopy() {
 }
 
 #[test]
-fn a_link_lost_after_the_handover_keeps_both_halves() {
+fn a_link_lost_after_the_handover_keeps_both_halves_until_recovered() {
     let lab = TestLab::up(2, LINK_MIB_S);
     let target = lab.host("host2").addr;
     let proxy = Proxy::start(target, ProxyMode::CutAfter(u64::MAX));
@@ -103,6 +103,12 @@ fn a_link_lost_after_the_handover_keeps_both_halves() {
     wait_until(Duration::from_secs(20), "the destination to record the interruption", || state("host2") == "postcopy_active");
     let dst = dst_pid();
     assert!(dst != 0 && pid_alive(dst), "the destination's half is gone");
+    let id = {
+        let (_, list) = lab.ferry_json(&["migrations", "list", "--host", "host1"]);
+        list["migrations"][0]["id"].as_str().expect("id").to_owned()
+    };
+    // The link comes back (no proxy); both agents restart meanwhile.
+    lab.edit_config("host1", &format!("host2 = \"{}\"", proxy.addr), &format!("host2 = \"{target}\""));
     for host in ["host1", "host2"] {
         lab.restart_agent(host);
     }
@@ -111,6 +117,30 @@ fn a_link_lost_after_the_handover_keeps_both_halves() {
     assert!(pid_alive(dst));
     assert_eq!((state("host1"), state("host2")), ("postcopy_active".into(), "postcopy_active".into()));
     assert_ne!(lab.vm_state("host1", "fast").as_deref(), Some("running"), "the source copy was resumed: the VM would run twice");
+    // Recovery only from the source, and only by the source host.
+    let (ok, v) = lab.ferry_json(&["migrations", "recover", &id, "--host", "host2"]);
+    assert!(!ok && v["kind"] == "request", "{v}");
+
+    // Resumed over a new connection: the rest of the pages arrive and the
+    // guest, which stalled on them, runs on with its memory intact.
+    let (ok, rec) = lab.ferry_json(&["migrations", "recover", &id, "--host", "host1"]);
+    assert!(ok, "recovery failed: {rec}");
+    assert_eq!(rec["state"], "completed", "{rec}");
+    let (_, d) = lab.ferry_json(&["migrations", "show", &id, "--host", "host2"]);
+    assert_eq!(d["state"], "completed", "{d}");
+    wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
+    assert_eq!(lab.running_on("fast"), ["host2"]);
+    let dst_vm = lab.vms("host2").into_iter().find(|v| v["name"] == "fast").expect("fast on host2");
+    let dst_log = Path::new(dst_vm["console_log"].as_str().expect("log")).to_owned();
+    let dst_lines = wait_console(&dst_log, Duration::from_secs(60), "two sweeps", |l| {
+        l.iter().filter(|x| matches!(x.line, ferry_guest::GuestLine::Sweep { .. })).count() >= 2
+    });
+    let departed = lab.host("host1").state_dir.join("departed").join(&id).join("console.log");
+    let c = console::analyze(&console::read_console(&departed).expect("src console"), &dst_lines);
+    assert!(c.heartbeat_continued && c.memory_consistent(), "{c:?}");
+    let logs = [lab.host("host1").state_dir.join("audit.log"), lab.host("host2").state_dir.join("audit.log")];
+    let (ok, v) = lab.ferry_json(&["audit", "verify", logs[0].to_str().expect("utf8"), logs[1].to_str().expect("utf8"), "--ca", lab.lab.ca.to_str().expect("utf8")]);
+    assert!(ok, "{v}");
 }
 
 #[test]

@@ -39,6 +39,7 @@ fn request_name(r: &ApiRequest) -> &'static str {
         ApiRequest::MigrationResolve { .. } => "migration_resolve",
         ApiRequest::PolicyReload => "policy_reload",
         ApiRequest::MigrationCancel { .. } => "migration_cancel",
+        ApiRequest::MigrationRecover { .. } => "migration_recover",
     }
 }
 
@@ -181,6 +182,10 @@ async fn dispatch(
         ApiRequest::MigrationResolve { id } => {
             require_role(agent, operator, role, "resolve migrations")?;
             crate::resolve::resolve(agent, id).await.map(ApiResponse::Migration)
+        }
+        ApiRequest::MigrationRecover { id } => {
+            require_role(agent, operator, role, "recover migrations")?;
+            crate::recover::recover(agent, id).await.map(ApiResponse::Migration)
         }
     }
 }

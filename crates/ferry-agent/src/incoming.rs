@@ -59,6 +59,10 @@ pub async fn handle(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 3
                 }
             }
         }
+        PeerMessage::PostcopyRecover { migration_id } => {
+            let span = tracing::info_span!("recovery", %migration_id, peer = %peer.host(), role = "destination");
+            tracing::Instrument::instrument(crate::recover::serve(agent, peer, exporter, migration_id, reader, writer), span).await
+        }
         PeerMessage::Query { migration_id } => {
             let (outcome, receipt) = query_outcome(&agent, &peer, &migration_id);
             let _ = writer.write_control(&PeerMessage::QueryReply { migration_id, outcome, receipt }).await;

@@ -20,6 +20,7 @@ pub mod outgoing;
 pub mod postcopy;
 pub mod protocol;
 pub mod records;
+pub mod recover;
 pub mod recovery;
 pub mod resolve;
 pub mod server;

@@ -173,8 +173,8 @@ async fn run(ctx: Ctx, mut rec: MigrationRecord) -> Result<MigrationRecord, Faul
             tracing::error!(error = %fault, "post-copy interrupted; both QEMUs are kept");
             rec.state = MigrationState::PostcopyActive;
             rec.error = Some(format!(
-                "{fault}; post-copy was interrupted after {} took over the VM: it runs there, and the pages it still lacks are only in {}'s QEMU, which is kept paused. Do not stop either QEMU",
-                ctx.to, ctx.agent.host
+                "{fault}; post-copy was interrupted after {} took over the VM: it runs there, and the pages it still lacks are only in {}'s QEMU, which is kept paused. Do not stop either QEMU; once the link is back, run `ferry migrations recover {}`",
+                ctx.to, ctx.agent.host, ctx.id
             ));
             save(&ctx.agent, &mut rec);
             Err(Fault::new(ErrorKind::InDoubt, rec.error.clone().unwrap_or_default()))
@@ -636,7 +636,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn watch_peer(
+pub(crate) async fn watch_peer(
     mut reader: Reader,
     tx: mpsc::Sender<Result<PeerMessage, String>>,
     mut return_path: Option<tokio::net::unix::OwnedWriteHalf>,

@@ -23,6 +23,7 @@ use ferry_audit::Signed;
 use ferry_types::Digest32;
 use ferry_vmm::{MigrationState as QemuMigration, Qmp, QemuProcess, RunState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use crate::evidence::{self, StreamBody};
@@ -208,56 +209,13 @@ pub(crate) async fn receive(
             return None;
         }
     };
-    let (mut from_qemu, mut to_qemu) = main.into_split();
-    let (back_tx, mut back_rx) = mpsc::channel::<Vec<u8>>(64);
-    let _back = AbortOnDrop(tokio::spawn(async move {
-        let mut buf = vec![0u8; RETURN_CHUNK];
-        while let Ok(n) = from_qemu.read(&mut buf).await {
-            if n == 0 || back_tx.send(buf[..n].to_vec()).await.is_err() {
-                return;
-            }
-        }
-    }));
+    let (from_qemu, to_qemu) = main.into_split();
+    let (_back, mut back_rx) = return_path(from_qemu);
     let (ready_tx, mut ready_rx) = oneshot::channel();
     let _ready = AbortOnDrop(tokio::spawn(wait_ready(qmp.clone(), ready_tx)));
     let (commit_tx, mut commit_rx) = mpsc::channel::<(Signed, StreamSum)>(1);
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-
-    // Frames from the source into QEMU; a Commit is checked against
-    // exactly the bytes before it.
-    let frames = &mut *reader;
-    let pump = async move {
-        let mut hasher = blake3::Hasher::new();
-        let mut total = 0u64;
-        loop {
-            let frame = tokio::select! {
-                f = frames.read_frame() => f.map_err(|e| crate::chain(&e))?,
-                _ = stop_rx.changed() => return Err("stopped".to_owned()),
-            };
-            match frame {
-                ferry_channel::Incoming::Data(d) => {
-                    hasher.update(d);
-                    total += d.len() as u64;
-                    match tokio::time::timeout(io_timeout, to_qemu.write_all(d)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return Err(format!("destination QEMU stopped reading its stream: {e}")),
-                        Err(_) => return Err(format!("destination QEMU stalled for {io_timeout:?}")),
-                    }
-                }
-                ferry_channel::Incoming::DataEnd => break,
-                ferry_channel::Incoming::Control(bytes) => match serde_json::from_slice::<PeerMessage>(bytes) {
-                    Ok(PeerMessage::Commit { signed }) => {
-                        let at = (total, Digest32(*hasher.clone().finalize().as_bytes()));
-                        commit_tx.send((signed, at)).await.map_err(|_| "commit after the control side ended".to_owned())?;
-                    }
-                    Ok(PeerMessage::Abort { reason, .. }) => return Err(format!("source aborted: {reason}")),
-                    Ok(other) => return Err(format!("unexpected {} during the transfer", other.name())),
-                    Err(e) => return Err(format!("malformed control message during the transfer: {e}")),
-                },
-            }
-        }
-        Ok((total, Digest32(*hasher.finalize().as_bytes())))
-    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let pump = pump_frames(reader, to_qemu, io_timeout, Some(commit_tx), stop_rx);
     // Our side of the connection: return path, readiness, the take-over.
     let mut resumed = false;
     let control = async {
@@ -313,6 +271,63 @@ pub(crate) async fn receive(
             None
         }
     }
+}
+
+/// Destination: QEMU's return path, read in a task of its own so that page
+/// requests go out while frames come in.
+pub(crate) fn return_path(mut from_qemu: OwnedReadHalf) -> (AbortOnDrop, mpsc::Receiver<Vec<u8>>) {
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; RETURN_CHUNK];
+        while let Ok(n) = from_qemu.read(&mut buf).await {
+            if n == 0 || tx.send(buf[..n].to_vec()).await.is_err() {
+                return;
+            }
+        }
+    });
+    (AbortOnDrop(task), rx)
+}
+
+/// Destination: frames from the source into QEMU until end of data. An
+/// in-line Commit goes to `commits` with the count and digest of exactly
+/// the bytes before it; without `commits` one is refused.
+pub(crate) async fn pump_frames(
+    reader: &mut server::Reader,
+    mut to_qemu: OwnedWriteHalf,
+    io_timeout: Duration,
+    commits: Option<mpsc::Sender<(Signed, StreamSum)>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<StreamSum, String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut total = 0u64;
+    loop {
+        let frame = tokio::select! {
+            f = reader.read_frame() => f.map_err(|e| crate::chain(&e))?,
+            _ = stop.changed() => return Err("stopped".to_owned()),
+        };
+        match frame {
+            ferry_channel::Incoming::Data(d) => {
+                hasher.update(d);
+                total += d.len() as u64;
+                match tokio::time::timeout(io_timeout, to_qemu.write_all(d)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(format!("destination QEMU stopped reading its stream: {e}")),
+                    Err(_) => return Err(format!("destination QEMU stalled for {io_timeout:?}")),
+                }
+            }
+            ferry_channel::Incoming::DataEnd => break,
+            ferry_channel::Incoming::Control(bytes) => match (serde_json::from_slice::<PeerMessage>(bytes), &commits) {
+                (Ok(PeerMessage::Commit { signed }), Some(tx)) => {
+                    let at = (total, Digest32(*hasher.clone().finalize().as_bytes()));
+                    tx.send((signed, at)).await.map_err(|_| "commit after the control side ended".to_owned())?;
+                }
+                (Ok(PeerMessage::Abort { reason, .. }), _) => return Err(format!("source aborted: {reason}")),
+                (Ok(other), _) => return Err(format!("unexpected {} during the transfer", other.name())),
+                (Err(e), _) => return Err(format!("malformed control message during the transfer: {e}")),
+            },
+        }
+    }
+    Ok((total, Digest32(*hasher.finalize().as_bytes())))
 }
 
 /// Destination: QEMU holds the switchover package once it reports

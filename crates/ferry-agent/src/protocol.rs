@@ -87,6 +87,8 @@ pub enum ApiRequest {
     MigrationResolve { id: MigrationId },
     /// Stop an outgoing migration before it commits; the VM resumes here.
     MigrationCancel { id: MigrationId },
+    /// Resume a post-copy whose link broke after the hand-over (on its source).
+    MigrationRecover { id: MigrationId },
     /// Re-read the policy files (as SIGHUP does); the old policy stays on error.
     PolicyReload,
 }
@@ -197,6 +199,11 @@ pub enum PeerMessage {
     /// Post-copy, destination to source: my QEMU holds the switchover
     /// package and waits, paused, for the source's Commit.
     PostcopyReady { migration_id: MigrationId },
+    /// Post-copy, source to destination on a new connection after the link
+    /// broke: resume the paused stream.
+    PostcopyRecover { migration_id: MigrationId },
+    /// Destination: my QEMU listens for the resumed stream.
+    PostcopyRecoverReady { migration_id: MigrationId },
     Query { migration_id: MigrationId },
     /// With the signed receipt when the outcome is `Completed`.
     QueryReply { migration_id: MigrationId, outcome: DestinationOutcome, receipt: Option<Signed> },
@@ -214,6 +221,8 @@ impl PeerMessage {
             PeerMessage::Abort { .. } => "abort",
             PeerMessage::StreamJoin { .. } => "stream_join",
             PeerMessage::PostcopyReady { .. } => "postcopy_ready",
+            PeerMessage::PostcopyRecover { .. } => "postcopy_recover",
+            PeerMessage::PostcopyRecoverReady { .. } => "postcopy_recover_ready",
             PeerMessage::Query { .. } => "query",
             PeerMessage::QueryReply { .. } => "query_reply",
         }

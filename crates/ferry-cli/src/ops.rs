@@ -157,6 +157,14 @@ pub enum MigrationsCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Resume a post-copy migration whose link broke after the destination
+    /// took the VM over (state postcopy_active; ask its source host). Both
+    /// QEMUs must still run. Safe to repeat until it succeeds.
+    Recover {
+        id: MigrationId,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 fn print_json(v: &impl serde::Serialize) {
@@ -287,6 +295,7 @@ pub async fn migrations(cmd: MigrationsCommand, json: bool) -> Result<ExitCode> 
         MigrationsCommand::Show { id, target } => (ApiRequest::MigrationShow { id }, target),
         MigrationsCommand::Resolve { id, target } => (ApiRequest::MigrationResolve { id }, target),
         MigrationsCommand::Cancel { id, target } => (ApiRequest::MigrationCancel { id }, target),
+        MigrationsCommand::Recover { id, target } => (ApiRequest::MigrationRecover { id }, target),
     };
     let (c, host) = target.open()?;
     let resp = c.request(&host, &req, |_| {}).await?;

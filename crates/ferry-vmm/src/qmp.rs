@@ -479,6 +479,20 @@ impl Qmp {
     }
 
     /// Cancels an outgoing migration; the source keeps running.
+    /// Post-copy recovery, source side: resume a paused post-copy over a new channel.
+    pub async fn migrate_resume(&mut self, uri: &str) -> Result<(), VmmError> {
+        self.execute("migrate", Some(json!({ "uri": uri, "resume": true })))
+            .await
+            .map(drop)
+    }
+
+    /// Post-copy recovery, destination side: listen for the resumed stream.
+    pub async fn migrate_recover(&mut self, uri: &str) -> Result<(), VmmError> {
+        self.execute("migrate-recover", Some(json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
     pub async fn migrate_cancel(&mut self) -> Result<(), VmmError> {
         self.execute("migrate_cancel", None).await.map(drop)
     }
