@@ -172,6 +172,10 @@ def describe(res):
 def output(results, meta, machine, argv, args):
     """Print the tables; write --plot and, with --write, BENCHMARKS.md."""
     table = render(results, meta)
+    rss = meta.get("agent_rss_mib") or {}
+    if rss:
+        table += "\n\nAgents' peak resident memory (VmHWM) over the whole batch: %s." % ", ".join(
+            "%s %.1f MiB" % (h, m) for h, m in sorted(rss.items()))
     print(table)
     if args.plot:
         title = "%s, nproc=%s: %d MiB guest, %d MiB filled, TCG, %d round(s)" % (
@@ -290,7 +294,8 @@ def main():
                     raw["round"], raw["method"] = rnd, method
                     results[kind]["raw"].append(raw)
         meta = {"memory_mib": args.memory_mib, "fill_mib": args.fill_mib, "rounds": args.rounds,
-                "streams": args.streams, "converge_s": args.converge_s, "tls_info": tls_info}
+                "streams": args.streams, "converge_s": args.converge_s, "tls_info": tls_info,
+                "agent_rss_mib": ferry_runner.agent_peak_rss_mib() if lab_up else {}}
         machine = {"measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    "nproc": os.cpu_count() or 0, "qemu": qemu_version()}
         if args.raw_json:

@@ -40,6 +40,21 @@ class FerryRunner:
                 log("warning: no agent pid for %s; its CPU is not counted" % h.get("name"))
         return pids
 
+    def agent_peak_rss_mib(self):
+        """{host: VmHWM in MiB}: each agent's peak resident memory so far,
+        over every migration of the batch (the goal: bounded, < 64 MiB,
+        whatever the VM size)."""
+        out = {}
+        for h, pid in zip(self.lab["hosts"], self.agent_pids()):
+            try:
+                with open("/proc/%d/status" % pid) as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            out[h["name"]] = int(line.split()[1]) / 1024.0
+            except OSError:
+                pass
+        return out
+
     def argv(self, *args):
         return [self.ferry] + list(args) + ["--client-config", self.lab["client_config"], "--json"]
 
