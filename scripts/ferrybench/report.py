@@ -14,6 +14,16 @@ from .common import BENCH_MD, DOWNTIME_LIMIT_MS, END_MARK, HB_MS, START_MARK, lo
 from .transports import FERRY, MULTIFD, POSTCOPY, SECURE, label
 
 
+
+def qemu_downtime(r):
+    """QEMU's own downtime figure, or None when it cannot be true: after an
+    early switch to post-copy QEMU 7.2 reported 13,992,016 ms for a 448 ms
+    migration."""
+    d, total = r.get("downtime_ms"), r.get("total_ms")
+    if d is not None and total is not None and d > total:
+        return None
+    return d
+
 def med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -109,7 +119,7 @@ def render(results, meta):
                      cell([r["blackout_ms"] for r in rs]),
                      cell([cpu_per_gb(r) for r in rs], d=2),
                      cell([r["progress_ms"] for r in rs]),
-                     cell([r["downtime_ms"] for r in rs]),
+                     cell([qemu_downtime(r) for r in rs]),
                      cell([r["total_ms"] for r in rs]),
                      cell([r["bytes"] for r in rs], MB),
                      cell([r["wall_ms"] for r in rs])]
@@ -258,7 +268,7 @@ def render_raw(out, results):
                 sent = val(r["bytes"])
             out.append("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 kind, r["round"], r["method"], sent, fmt(r["total_ms"]), fmt(r["wall_ms"]),
-                fmt(r["downtime_ms"]), fmt(r["blackout_ms"]), fmt(r["progress_ms"]),
+                fmt(qemu_downtime(r)), fmt(r["blackout_ms"]), fmt(r["progress_ms"]),
                 val(r["last_src_seq"]), val(r["first_dst_seq"]), val(r["replayed"]),
                 val(r["sweep_errors"]), fmt(r.get("cpu_s"), 2), by))
 
