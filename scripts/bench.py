@@ -60,7 +60,8 @@ from ferrybench.plot import svg_chart  # noqa: E402
 from ferrybench.qemutls import make_x509_dir, probe_qemu_tls  # noqa: E402
 from ferrybench.report import cpu_per_gb, fmt, render, write_md  # noqa: E402
 from ferrybench.ssh import SshServer  # noqa: E402
-from ferrybench.transports import (FERRY, GUESTS, TLS, TRANSPORTS, label,  # noqa: E402
+from ferrybench.stunnel import stunnel_binary  # noqa: E402
+from ferrybench.transports import (FERRY, GUESTS, TLS, TRANSPORTS, X509, label,  # noqa: E402
                                    runs_on)
 
 FAST_DIRTY = 256  # pages/ms of the fast-dirtying guest: ~1 GB/s (see BENCHMARKS.md)
@@ -110,8 +111,11 @@ def select_transports(args):
     else:
         transports = list(TRANSPORTS)
         if not shutil.which("openssl"):
-            log("openssl not found: skipping qemu-tls, qemu-tls-multifd")
-            transports = [t for t in transports if t not in TLS]
+            log("openssl not found: skipping qemu-tls, qemu-tls-multifd, stunnel")
+            transports = [t for t in transports if t not in X509]
+        if "stunnel" in transports and not stunnel_binary():
+            log("stunnel not found (apt-get install -y --no-install-recommends stunnel4): skipping stunnel")
+            transports.remove("stunnel")
         if not ((shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")) and shutil.which("ssh")
                 and shutil.which("ssh-keygen")):
             log("OpenSSH not found (apt-get install -y --no-install-recommends openssh-server "
@@ -256,8 +260,9 @@ def main():
         lab = json.loads(r.stdout)
         image = os.path.join(lab["images_dir"], lab["guest_image"])
         x509_dir = tls_info = None
-        if any(t in TLS for t in transports):
+        if any(t in X509 for t in transports):
             x509_dir = make_x509_dir(workdir)
+        if any(t in TLS for t in transports):
             tls_info = probe_qemu_tls(workdir, x509_dir, procs)
             log("QEMU TLS probe: %s" % tls_info)
         if "ssh" in transports:

@@ -1,5 +1,6 @@
 """QEMU-to-QEMU migrations without agents: plain (unix, TCP, multifd,
-post-copy), QEMU's native TLS (single channel and multifd) and an SSH tunnel."""
+post-copy), QEMU's native TLS (single channel and multifd), an SSH tunnel
+and stunnel."""
 
 import os
 import subprocess
@@ -10,6 +11,7 @@ from .common import (DOWNTIME_LIMIT_MS, MAX_BW, MIGRATE_TIMEOUT_S, NotConverged,
 from .console import SerialReader, blackout, max_gap, parse_console, wait_hbs, wait_ready
 from .cpu import CpuSampler
 from .qmp import QMP
+from .stunnel import Stunnel
 from .transports import MULTIFD, POSTCOPY, TLS
 
 
@@ -74,7 +76,7 @@ class PlainRunner:
         """One migration.  converge_s: cancel a migration that has not
         completed (or, for post-copy, not switched to post-copy) that many
         seconds after `migrate`, and return a "did not converge" row."""
-        src = dst = tunnel = sampler = None
+        src = dst = tunnel = stun = sampler = None
         tls = transport in TLS
         multifd = transport in MULTIFD
         postcopy = transport in POSTCOPY
@@ -121,6 +123,9 @@ class PlainRunner:
                     lport = free_port()
                     tunnel = self.ssh.forward(lport, port)
                     uri = "tcp:127.0.0.1:%d" % lport
+                if transport == "stunnel":
+                    stun = Stunnel(self.workdir, self.x509_dir, name, port)
+                    uri = "tcp:127.0.0.1:%d" % stun.port
             if caps:
                 sq.cmd("migrate-set-capabilities", {"capabilities": caps})
             params = {"max-bandwidth": MAX_BW, "downtime-limit": DOWNTIME_LIMIT_MS}
@@ -132,6 +137,8 @@ class PlainRunner:
             roots = [sp.pid, dp.pid]
             if transport == "ssh":
                 roots += [self.ssh.proc.pid, tunnel.pid]
+            if stun is not None:
+                roots += stun.pids()
             sampler = CpuSampler(roots, zero=[dp.pid])
             sampler.start()
             t0 = time.time()
@@ -213,6 +220,8 @@ class PlainRunner:
                 sampler.stop_flag.set()
             if tunnel is not None:
                 self.ssh.close_tunnel(tunnel)
+            if stun is not None:
+                stun.close()
             for t in (src, dst):
                 if t is None:
                     continue

@@ -1,15 +1,17 @@
 """Transport names (--transports), their labels, and which guests they run on."""
 
 TRANSPORTS = ["plain-unix", "plain-tcp", "plain-multifd", "plain-postcopy", "qemu-tls",
-              "qemu-tls-multifd", "ssh", "ferry", "ferry-multi", "ferry-postcopy"]
+              "qemu-tls-multifd", "ssh", "stunnel", "ferry", "ferry-multi", "ferry-postcopy"]
 # existing secure transports Ferry is compared with
-SECURE = ("qemu-tls", "qemu-tls-multifd", "ssh")
+SECURE = ("qemu-tls", "qemu-tls-multifd", "ssh", "stunnel")
 # Ferry's variants, each compared with the best of SECURE in its round
 FERRY = ("ferry", "ferry-multi", "ferry-postcopy")
 # post-copy only means something for a guest that does not converge otherwise
 POSTCOPY = ("plain-postcopy", "ferry-postcopy")
 MULTIFD = ("plain-multifd", "qemu-tls-multifd", "ferry-multi")
 TLS = ("qemu-tls", "qemu-tls-multifd")
+# transports that need the x509 directory
+X509 = TLS + ("stunnel",)
 
 GUESTS = ("idle", "dirtying", "fast")
 
@@ -24,6 +26,7 @@ def label(t, streams):
         "qemu-tls": "QEMU native TLS (x509, mutual)",
         "qemu-tls-multifd": "QEMU native TLS, multifd ×%d" % streams,
         "ssh": "SSH tunnel (aes128-gcm)",
+        "stunnel": "stunnel (TLS 1.3, mutual)",
         "ferry": "Ferry (mTLS, agents)",
         "ferry-multi": "Ferry, multifd ×%d (%d TLS streams)" % (streams, streams + 1),
         "ferry-postcopy": "Ferry, post-copy",
