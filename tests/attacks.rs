@@ -178,7 +178,7 @@ fn a_flipped_bit_anywhere_aborts_and_the_source_resumes() {
         let (ok, out, took) = migrate(&lab);
         let seen = mitm.log();
         assert!(!ok, "{name}: a tampered migration succeeded: {out}");
-        assert_eq!(seen.flipped.len(), 1, "{name}: the bit was not flipped ({seen:?})");
+        assert_eq!(seen.flipped.len(), 1, "{name}: the bit was not flipped ({seen:?}); migrate said: {out}");
         let t = Instant::now();
         assert_source_resumed(&lab, &log);
         let err: Value = serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or(Value::Null);

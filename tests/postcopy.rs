@@ -166,3 +166,20 @@ fn postcopy_is_refused_by_policy_and_with_multifd() {
     assert!(v["message"].as_str().unwrap_or("").contains("multifd"), "{v}");
     assert_eq!(lab.running_on("secret"), ["host2"]);
 }
+
+#[test]
+fn a_guest_that_converges_anyway_completes_with_postcopy_allowed() {
+    // Post-copy allowed, but an idle guest may finish in its first pass,
+    // before or just as the switch is asked for: either way it completes,
+    // with QEMU's return path relayed until the end.
+    let lab = TestLab::up(2, 0);
+    let src = lab.start_guest("host1", "calm", 256, "fill_mib=64 dirty=0 hb_ms=10");
+    let src_pid = src["pid"].as_i64().expect("pid") as i32;
+    let (ok, rec) = lab.ferry_json(&["migrate", "calm", "--to", "host2", "--host", "host1", "--postcopy"]);
+    assert!(ok, "{rec}");
+    assert_eq!(rec["state"], "completed", "{rec}");
+    let (_, dst) = lab.ferry_json(&["migrations", "show", rec["id"].as_str().expect("id"), "--host", "host2"]);
+    assert_eq!((&dst["state"], &dst["digest"]), (&serde_json::json!("completed"), &rec["digest"]), "{dst}");
+    wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
+    assert_eq!(lab.running_on("calm"), ["host2"]);
+}

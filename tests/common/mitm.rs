@@ -69,6 +69,8 @@ pub struct MitmLog {
     pub fault_at: Option<Instant>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Accepted connections the destination refused (the client was dropped).
+    pub upstream_refused: Vec<String>,
 }
 
 pub const MAX_RECORDS_LOGGED: usize = 64;
@@ -107,7 +109,13 @@ impl Mitm {
                     return;
                 }
                 let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(target) else { continue };
+                let server = match TcpStream::connect(target) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        lg.lock().expect("log").upstream_refused.push(e.to_string());
+                        continue;
+                    }
+                };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 let mode = *t.lock().expect("tamper");

@@ -129,6 +129,7 @@ fn query_outcome(agent: &Agent, peer: &PeerAuthenticated, id: &MigrationId) -> (
         Ok(Some(r)) if r.role == Role::Destination && &r.source == peer.host() => match r.state {
             MigrationState::Completed => (DestinationOutcome::Completed, r.receipt),
             MigrationState::Aborted => (DestinationOutcome::Aborted, None),
+            MigrationState::PostcopyActive => (DestinationOutcome::PostcopyActive, r.receipt),
             _ => (DestinationOutcome::InProgress, None),
         },
         _ => (DestinationOutcome::Unknown, None),

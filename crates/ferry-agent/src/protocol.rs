@@ -172,6 +172,9 @@ pub enum DestinationOutcome {
     Aborted,
     /// Still running on the destination side; ask again.
     InProgress,
+    /// Post-copy: the destination runs the VM (the reply carries its signed
+    /// handover) and still lacks pages the source holds: recover, never resume.
+    PostcopyActive,
     /// Never seen: the destination cannot resume it either.
     Unknown,
 }

@@ -75,6 +75,27 @@ pub async fn resolve(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRec
             release(agent, &rec.vm).await;
             Ok(rec)
         }
+        DestinationOutcome::PostcopyActive => {
+            // SECURITY: believed only with the destination's signed handover
+            // for exactly the switchover this host committed to.
+            let signed = receipt.ok_or_else(|| Fault::new(ErrorKind::InDoubt, format!("{to} claims the post-copy hand-over without its receipt")))?;
+            let expect = Expect { id: &id, source: &agent.host, destination: &to, vm: &rec.vm, binding: None };
+            let body = agent
+                .verify_from::<StreamBody>(&signed, evidence::HANDOVER, &to, &expect)
+                .map_err(|e| Fault::new(ErrorKind::InDoubt, format!("invalid handover receipt: {e}")))?;
+            if Some(body.digest) != rec.digest || body.bytes != rec.bytes {
+                return Err(Fault::new(ErrorKind::InDoubt, format!("{to}'s handover is for {} bytes / {}, not the switchover committed here", body.bytes, body.digest)));
+            }
+            let ev = evidence::event("receipt_received", &id, &rec.vm, &to, serde_json::json!({ "via": "resolve", "postcopy": "switchover" }), Some(signed.clone()));
+            if let Err(e) = agent.audit(ev).await {
+                tracing::error!(error = %e, "resolved handover not in the audit log");
+            }
+            rec.receipt = Some(signed);
+            rec.state = MigrationState::PostcopyActive;
+            rec.error = Some(format!("{to} took the VM over in post-copy; this host's QEMU holds pages it lacks: run `ferry migrations recover {id}`"));
+            save(agent, &mut rec);
+            Err(Fault::new(ErrorKind::InDoubt, rec.error.clone().unwrap_or_default()))
+        }
         DestinationOutcome::InProgress => Err(Fault::new(ErrorKind::InDoubt, format!("{to} is still completing migration {id}; ask again"))),
     }
 }
