@@ -4,8 +4,10 @@
 //! Failure policy: every error is returned, never swallowed, so the agent can
 //! fail closed (refuse to move the migration past the step it could not
 //! record). A write that fails part-way is rolled back if possible and the
-//! log is poisoned: later appends are refused until it is reopened, because
-//! the bytes at the tail of the file are then unknown.
+//! log is poisoned: the bytes at its tail are then unknown. The next append
+//! first reads the whole file back and carries on only if it holds exactly
+//! the chain this log acknowledged (so a freed disk brings the host back
+//! without a restart); otherwise appends stay refused.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Write as _};
@@ -156,9 +158,7 @@ impl AuditLog {
     /// may be assumed recorded: the caller must fail closed.
     pub fn append(&mut self, event: &AuditEvent) -> Result<u64, AuditError> {
         if self.poisoned {
-            return Err(AuditError::Poisoned {
-                path: self.path.clone(),
-            });
+            self.heal()?;
         }
         check_kind(&event.kind).map_err(|why| AuditError::BadKind {
             kind: event.kind.clone(),
@@ -207,6 +207,28 @@ impl AuditLog {
         self.prev_hash = line_hash(line.as_bytes());
         self.needs_cert = false;
         Ok(seq)
+    }
+
+    /// After a failed append: reopen and re-read the file; un-poison only if
+    /// it ends exactly at the last acknowledged record.
+    fn heal(&mut self) -> Result<(), AuditError> {
+        let poisoned = || AuditError::Poisoned {
+            path: self.path.clone(),
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|_| poisoned())?;
+        let (walker, len) = check_existing(&self.path, &file).map_err(|_| poisoned())?;
+        // SECURITY: anything but our own chain, to the byte, stays refused:
+        // appending after a torn or foreign tail would sign over it.
+        if (walker.next_seq, walker.prev_hash, len) != (self.next_seq, self.prev_hash, self.len) {
+            return Err(poisoned());
+        }
+        self.file = file;
+        self.poisoned = false;
+        Ok(())
     }
 
     /// The last record written: for embedding in signed messages as `log_head`.

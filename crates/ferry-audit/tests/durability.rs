@@ -87,6 +87,9 @@ fn full_filesystem_fails_closed_and_the_log_stays_intact() {
         eprintln!("mount not permitted: full-filesystem case skipped");
         return;
     };
+    // Something else on the disk, which the operator can delete later.
+    let ballast = dir.join("ballast");
+    std::fs::write(&ballast, vec![0u8; 24 << 10]).unwrap();
     let path = dir.join("audit.log");
     let mut log = AuditLog::open(&path, c.src_signer()).unwrap();
     let mut written = 1; // genesis
@@ -101,17 +104,46 @@ fn full_filesystem_fails_closed_and_the_log_stays_intact() {
         matches!(&err, AuditError::Write { source, .. } if source.raw_os_error() == Some(28)),
         "{err}"
     );
+    // Still full: the next append re-reads the log, finds its chain intact
+    // (the torn line was cut off) and fails closed on the write again.
+    assert!(matches!(
+        log.append(&big_event(written)),
+        Err(AuditError::Write { .. })
+    ));
+    assert_eq!(verify_log(&path, &c.ca).unwrap().records, written as u64);
+    // Space freed: the same log, without a restart, records again.
+    std::fs::remove_file(&ballast).unwrap();
+    log.append(&AuditEvent::new("disk_freed")).unwrap();
+    assert_eq!(verify_log(&path, &c.ca).unwrap().records, written as u64 + 1);
+    // A reopen sees the same chain.
+    drop(log);
+    let mut log = AuditLog::open(&path, c.src_signer()).unwrap();
+    log.append(&AuditEvent::new("reopened")).unwrap();
+}
+
+#[test]
+fn a_poisoned_log_whose_file_changed_stays_refused() {
+    let c = cluster();
+    let dir = c.path("swap");
+    let Some(_fs) = Tmpfs::mount(&dir, "64k") else {
+        eprintln!("mount not permitted: case skipped");
+        return;
+    };
+    let path = dir.join("audit.log");
+    let mut log = AuditLog::open(&path, c.src_signer()).unwrap();
+    let mut written = 1;
+    while log.append(&big_event(written)).is_ok() {
+        written += 1;
+        assert!(written < 100, "a 64 KiB filesystem never filled up");
+    }
+    // While poisoned, the file loses its last record (someone cut it):
+    // healing must notice the chain is no longer the acknowledged one.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.pop();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     assert!(matches!(
         log.append(&AuditEvent::new("x")),
         Err(AuditError::Poisoned { .. })
-    ));
-    drop(log);
-    // The torn line was cut off: the log verifies with every acknowledged
-    // record, and resumes (and fails closed again on the next full append).
-    assert_eq!(verify_log(&path, &c.ca).unwrap().records, written as u64);
-    let mut log = AuditLog::open(&path, c.src_signer()).unwrap();
-    assert!(matches!(
-        log.append(&big_event(0)),
-        Err(AuditError::Write { .. })
     ));
 }
