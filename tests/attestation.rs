@@ -103,4 +103,17 @@ fn hosts_without_attestation_are_refused_unless_insecure_is_explicit() {
     let (ok, rec) = lab.ferry_json(&["migrate", "g", "--to", "host2", "--host", "host1"]);
     assert!(ok, "{rec}");
     assert!(rec["insecure"].as_array().is_some_and(|a| !a.is_empty()), "insecure migration not marked: {rec}");
+
+    // Policy sees the platforms as unattested: above security level 0 the
+    // sample policy refuses the move before anything starts.
+    let o = lab.ferry(&[
+        "vm", "start", "--host", "host1", "--name", "guarded", "--kernel", "ferry-guest.elf",
+        "--cmdline", "fill_mib=16 hb_ms=10", "--security-level", "1",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (ok, v) = lab.ferry_json(&["migrate", "guarded", "--to", "host2", "--host", "host1"]);
+    assert!(!ok, "{v}");
+    assert_eq!(v["kind"], "denied", "{v}");
+    assert!(v["message"].as_str().unwrap_or("").contains("attested"), "{v}");
+    assert_eq!(lab.running_on("guarded"), ["host1"]);
 }

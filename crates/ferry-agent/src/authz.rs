@@ -77,7 +77,11 @@ impl Authz {
         source: &HostName,
         destination: &HostName,
         postcopy: bool,
+        attestation_on: bool,
     ) -> Result<Vec<String>, Fault> {
+        // With attestation on, this host refuses any destination whose quote
+        // does not verify, before a VM byte moves: both platforms will be
+        // attested, or the migration does not happen.
         let mut req = Request {
             principal: Principal::Operator { name: operator.clone(), role: role.to_owned() },
             action: Action::MigrateVm,
@@ -86,6 +90,8 @@ impl Authz {
             source: source.clone(),
             destination: destination.clone(),
             postcopy,
+            source_attested: attestation_on,
+            destination_attested: attestation_on,
             now_unix: now_unix(),
             resident_on_destination: Vec::new(),
         };
@@ -151,6 +157,7 @@ impl Authz {
         residents: Vec<Resident>,
         used: (u64, u32),
         postcopy: bool,
+        (source_attested, destination_attested): (bool, bool),
     ) -> Result<AdmissionTicket, (&'static str, String)> {
         let mut req = Request {
             principal: Principal::Host { name: source.clone() },
@@ -160,6 +167,8 @@ impl Authz {
             source: source.clone(),
             destination: destination.clone(),
             postcopy,
+            source_attested,
+            destination_attested,
             now_unix: now_unix(),
             resident_on_destination: residents,
         };

@@ -236,6 +236,8 @@ async fn receive(
         rec.insecure.push(format!("{} sent no quote", agent.host));
     }
     rec.setup_ms = Some(attestation.ms);
+    // What policy may rely on: the source's quote verified here, and ours sent.
+    let attested = (attestation.peer_verified, attestation.quoted);
     rec.streams = offer.streams;
     rec.postcopy = offer.postcopy;
     rec.attestation = Some(attestation);
@@ -275,6 +277,7 @@ async fn receive(
             residents,
             used,
             offer.postcopy,
+            attested,
         );
         let name_taken = table.contains_key(&vm) || !agent.reserve_incoming_name(&vm);
         drop(table);

@@ -92,7 +92,7 @@ pub async fn start(
         }
         // SECURITY (R3): default deny; a denial is a value with a reason,
         // audited, and nothing has been touched.
-        if let Err(denied) = agent.authz.authorize_outgoing(operator, role, &vm, &entry.labels, &agent.host, &to, postcopy) {
+        if let Err(denied) = agent.authz.authorize_outgoing(operator, role, &vm, &entry.labels, &agent.host, &to, postcopy, agent.attestation.enabled()) {
             agent.metrics.refused("policy");
             let ev = evidence::event("denied", &id, &vm, &to, serde_json::json!({ "operator": operator, "role": role, "reason": denied.message }), None);
             let _ = agent.audit(ev).await;

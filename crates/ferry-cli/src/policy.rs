@@ -45,6 +45,12 @@ pub enum PolicyCommand {
         to: HostName,
         #[arg(long)]
         postcopy: bool,
+        /// Decide as if the source's platform were not attested (attestation off there).
+        #[arg(long)]
+        source_unattested: bool,
+        /// Decide as if the destination's platform were not attested.
+        #[arg(long)]
+        destination_unattested: bool,
     },
     /// Ask an agent to reload its policy files (as SIGHUP does).
     Reload(Target),
@@ -62,7 +68,21 @@ pub async fn run(cmd: PolicyCommand, json: bool) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        PolicyCommand::Explain { files, entities, operator, role, vm, tenant, security_level, zones, from, to, postcopy } => {
+        PolicyCommand::Explain {
+            files,
+            entities,
+            operator,
+            role,
+            vm,
+            tenant,
+            security_level,
+            zones,
+            from,
+            to,
+            postcopy,
+            source_unattested,
+            destination_unattested,
+        } => {
             let engine = PolicyEngine::load(&files, &entities)?;
             let req = Request {
                 principal: Principal::Operator { name: operator, role },
@@ -72,6 +92,8 @@ pub async fn run(cmd: PolicyCommand, json: bool) -> Result<ExitCode> {
                 source: from,
                 destination: to,
                 postcopy,
+                source_attested: !source_unattested,
+                destination_attested: !destination_unattested,
                 now_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
                 resident_on_destination: vec![],
             };

@@ -525,6 +525,14 @@ impl PolicyEngine {
                 RestrictedExpression::new_bool(req.postcopy),
             ),
             (
+                "source_attested".to_owned(),
+                RestrictedExpression::new_bool(req.source_attested),
+            ),
+            (
+                "destination_attested".to_owned(),
+                RestrictedExpression::new_bool(req.destination_attested),
+            ),
+            (
                 "now".to_owned(),
                 RestrictedExpression::new_long(req.now_unix),
             ),

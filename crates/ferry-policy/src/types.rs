@@ -100,6 +100,9 @@ pub struct Request {
     pub source: HostName,
     pub destination: HostName,
     pub postcopy: bool,
+    /// Each host's platform attested for this migration (see the schema).
+    pub source_attested: bool,
+    pub destination_attested: bool,
     /// Seconds since the Unix epoch; passed in so decisions stay pure.
     pub now_unix: i64,
     /// Only the destination knows this; the source passes an empty list.

@@ -224,7 +224,7 @@ fn default_deny_when_no_policy_matches() {
     let path = dir.path().join("forbids.cedar");
     std::fs::write(&path, forbids).expect("write");
     let e = PolicyEngine::load(&[path], &example_entities()).expect("load");
-    assert_eq!(e.policies().len(), 4);
+    assert_eq!(e.policies().len(), 5);
     let reason = default_denied(&e.authorize(&request(
         operator("alice", "admin"),
         Action::MigrateVm,
@@ -352,4 +352,20 @@ when { context.now + 9223372036854775807 > 0 };
         }
         d => panic!("expected deny, got {d:?}"),
     }
+}
+
+#[test]
+fn only_security_level_zero_moves_between_unattested_platforms() {
+    let e = example_engine();
+    for (source_attested, destination_attested) in [(false, true), (true, false), (false, false)] {
+        let mut req = request(operator("alice", "admin"), Action::MigrateVm, labels("green", 1));
+        req.source_attested = source_attested;
+        req.destination_attested = destination_attested;
+        forbidden_by(&e.authorize(&req), "attested-platforms");
+        // The same move of a level-0 VM is for the other rules to decide.
+        req.labels = labels("green", 0);
+        allowed_by(&e.authorize(&req), "admin-migrate-any");
+    }
+    let req = request(operator("alice", "admin"), Action::MigrateVm, labels("green", 1));
+    allowed_by(&e.authorize(&req), "admin-migrate-any");
 }

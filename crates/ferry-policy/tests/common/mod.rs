@@ -54,6 +54,8 @@ pub fn request(principal: Principal, action: Action, labels: VmLabels) -> Reques
         source: "host-a".parse().expect("host"),
         destination: "host-b".parse().expect("host"),
         postcopy: false,
+        source_attested: true,
+        destination_attested: true,
         now_unix: 1_700_000_000,
         resident_on_destination: Vec::new(),
     }
