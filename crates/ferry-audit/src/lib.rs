@@ -22,6 +22,7 @@
 //! far yours went.
 
 mod bundle;
+pub mod fuzz;
 mod error;
 mod log;
 mod record;

@@ -62,4 +62,8 @@ pub enum PolicyError {
     /// than panicking so a daemon can say what is wrong.
     #[error("embedded Cedar schema is invalid: {0}")]
     Schema(String),
+
+    /// The loader thread could not start or died.
+    #[error("policy loader failed: {0}")]
+    Loader(String),
 }

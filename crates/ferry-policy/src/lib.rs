@@ -14,6 +14,7 @@
 mod admission;
 mod engine;
 mod error;
+pub mod fuzz;
 mod load;
 mod types;
 

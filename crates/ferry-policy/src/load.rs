@@ -51,6 +51,43 @@ fn read(path: &Path) -> Result<String, PolicyError> {
 }
 
 /// 1-based line and column (in characters) of a byte offset.
+/// Deepest bracket nesting a policy may use. Cedar's parser recurses per
+/// level and overflows the stack on a few thousand (found by fuzzing), which
+/// would abort the agent on a policy reload; real policies nest a handful.
+pub const MAX_POLICY_NESTING: usize = 48;
+
+/// The byte offset where `text` first nests brackets deeper than
+/// [`MAX_POLICY_NESTING`], outside string literals and comments.
+pub(crate) fn too_deep(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let (mut depth, mut i) = (0usize, 0usize);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_POLICY_NESTING {
+                    return Some(i);
+                }
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     // A label can in principle point inside a multi-byte character; back up
@@ -100,7 +137,27 @@ fn message(diag: &(impl Diagnostic + ?Sized)) -> String {
 /// Parses every file, names each policy by its `@id` (falling back to
 /// `<file name>#<index>`), and validates the whole set against `schema` in
 /// strict mode.
-pub(crate) fn load_policies(
+///
+/// Runs on a thread with [`LOADER_STACK`]: Cedar's parser and validator
+/// recurse once per level of an expression, and the agent reloads policy
+/// from a tokio worker with 2 MiB of stack. Brackets are capped by
+/// [`too_deep`]; other nesting (if-then-else, member chains) is not, and
+/// parsed 3,000 levels deep on 8 MiB.
+pub(crate) fn load_policies(files: &[PathBuf], schema: &Schema) -> Result<LoadedPolicies, PolicyError> {
+    let (files, schema) = (files.to_vec(), schema.clone());
+    std::thread::Builder::new()
+        .name("policy-loader".into())
+        .stack_size(LOADER_STACK)
+        .spawn(move || load_policies_here(&files, &schema))
+        .map_err(|e| PolicyError::Loader(format!("cannot start: {e}")))?
+        .join()
+        .unwrap_or_else(|_| Err(PolicyError::Loader("panicked".into())))
+}
+
+/// Stack for parsing and validating policy text (see [`load_policies`]).
+const LOADER_STACK: usize = 64 << 20;
+
+fn load_policies_here(
     files: &[PathBuf],
     schema: &Schema,
 ) -> Result<LoadedPolicies, PolicyError> {
@@ -111,6 +168,15 @@ pub(crate) fn load_policies(
 
     for path in files {
         let text = read(path)?;
+        if let Some(at) = too_deep(&text) {
+            let (line, column) = line_col(&text, at);
+            return Err(PolicyError::Syntax {
+                path: path.clone(),
+                line,
+                column,
+                message: format!("brackets nest deeper than {MAX_POLICY_NESTING} levels"),
+            });
+        }
         let parsed = PolicySet::from_str(&text).map_err(|e| {
             let (line, column) = first_offset(&e).map_or((1, 1), |o| line_col(&text, o));
             let more = e.iter().count().saturating_sub(1);

@@ -224,3 +224,50 @@ fn broken_reload_keeps_the_old_policy() {
     assert!(!shared.current().authorize(&allowed).is_allow());
     assert!(before.authorize(&allowed).is_allow());
 }
+
+#[test]
+fn absurdly_nested_policy_is_refused_not_a_stack_overflow() {
+    // Found by fuzzing: Cedar's parser recurses per bracket and overflowed
+    // the stack (aborting the process) at a few thousand levels.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let deep = format!(
+        "@id(\"deep\")\npermit (principal, action, resource)\nwhen {{ {}true{} }};\n",
+        "(".repeat(5000),
+        ")".repeat(5000)
+    );
+    let p = write(dir.path(), "deep.cedar", &deep);
+    match check_files(&[p], None) {
+        Err(PolicyError::Syntax { line, message, .. }) => {
+            assert_eq!(line, 3);
+            assert!(message.contains("nest deeper than"), "{message}");
+        }
+        other => panic!("expected a syntax error, got {other:?}"),
+    }
+    // At the limit Cedar still parses on a test thread's 2 MiB stack.
+    let at_limit = format!(
+        "@id(\"ok\")\npermit (principal, action, resource)\nwhen {{ {}true{} }};\n",
+        "(".repeat(47),
+        ")".repeat(47)
+    );
+    let p = write(dir.path(), "limit.cedar", &at_limit);
+    check_files(&[p], None).expect("47 parentheses inside one when block");
+    // Brackets inside strings and comments do not count.
+    let quoted = format!("// {}\n{GOOD}@id(\"s\")\nforbid (principal, action, resource) when {{ \"{}\" == \"\" }};\n", "(".repeat(100), "[".repeat(100));
+    let p = write(dir.path(), "quoted.cedar", &quoted);
+    check_files(&[p], None).expect("brackets in comments and strings are not nesting");
+}
+
+#[test]
+fn deep_nesting_without_brackets_loads_on_a_small_stack() {
+    // 3,000 nested if-then-else: no brackets, so not refused, and parsed
+    // on the loader's own large stack, not this 2 MiB test thread's.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "@id(\"ifs\")\npermit (principal, action, resource)\nwhen {{ {}true{} }};\n",
+        "if true then ".repeat(3000),
+        " else false".repeat(3000)
+    );
+    let p = write(dir.path(), "ifs.cedar", &text);
+    let s = check_files(&[p], None).expect("a deep but valid policy loads");
+    assert_eq!(s.policies.len(), 1);
+}
