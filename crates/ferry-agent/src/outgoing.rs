@@ -364,8 +364,9 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
                 match msg {
                     Some(Ok(PeerMessage::PostcopyReady { migration_id })) if ctx.postcopy && migration_id == ctx.id && pc.committed.is_none() => {
                         let at = (total, Digest32(*hasher.clone().finalize().as_bytes()));
-                        crate::postcopy::switchover_commit(ctx, rec, &mut writer, &binding, at).await?;
-                        pc.committed = Some(at);
+                        if crate::postcopy::switchover_commit(ctx, rec, &mut writer, &binding, at).await? {
+                            pc.committed = Some(at);
+                        }
                         continue;
                     }
                     Some(Ok(PeerMessage::Receipt { signed })) if pc.committed.is_some() && !pc.handed_over => {
@@ -493,7 +494,7 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     }
     let wait = mig.commit_timeout() + mig.io_timeout();
     let expect = ctx.expect(Some(&binding));
-    match tokio::time::timeout(wait, peer_rx.recv()).await {
+    match crate::postcopy::answer(&mut peer_rx, wait, ctx.postcopy).await {
         Ok(Some(Ok(PeerMessage::Receipt { signed }))) => {
             let receipt = agent
                 .verify_from::<StreamBody>(&signed, evidence::RECEIPT, &ctx.to, &expect)

@@ -85,15 +85,21 @@ pub(crate) async fn trigger(qmp: Arc<Mutex<Qmp>>) {
 
 /// Source: the destination holds the switchover package. Check that our
 /// copy is stopped, then commit to the stream so far, in-line after it.
+/// Returns false, committing nothing, if QEMU already sent everything: the
+/// destination is then one whole stream away from a plain final Commit.
 pub(crate) async fn switchover_commit(
     ctx: &Ctx,
     rec: &mut MigrationRecord,
     writer: &mut client::Writer,
     binding: &Digest32,
     at: StreamSum,
-) -> Result<(), Failure> {
+) -> Result<bool, Failure> {
     use Failure::BeforeCommit as Before;
     let status = ctx.qmp.lock().await.query_migrate().await.map_err(|e| Before(backend("query-migrate", e)))?;
+    if status.status == QemuMigration::Completed {
+        tracing::info!("post-copy ready, but QEMU already sent everything: committing the whole stream instead");
+        return Ok(false);
+    }
     let run = ctx.qmp.lock().await.status().await.map_err(|e| Before(backend("query-status", e)))?;
     // SECURITY: the destination may run the VM only once it stopped here.
     if status.status != QemuMigration::PostcopyActive || run == RunState::Running {
@@ -114,7 +120,25 @@ pub(crate) async fn switchover_commit(
     // SECURITY: durable before it is sent, as for a pre-copy commit.
     ctx.agent.records.save(rec).map_err(|e| Before(backend("recording the commit", e)))?;
     set_phase(ctx, "switchover");
-    writer.write_control(&PeerMessage::Commit { signed }).await.map_err(|e| Failure::InDoubt(peer_fault(ctx, e)))
+    writer.write_control(&PeerMessage::Commit { signed }).await.map_err(|e| Failure::InDoubt(peer_fault(ctx, e)))?;
+    Ok(true)
+}
+
+/// The destination's next word after a Commit. With post-copy allowed, a
+/// PostcopyReady may still be on its way from before QEMU finished: it is
+/// stale once the whole stream is committed, and skipped.
+pub(crate) async fn answer(
+    peer_rx: &mut mpsc::Receiver<Result<PeerMessage, String>>,
+    wait: Duration,
+    postcopy: bool,
+) -> Result<Option<Result<PeerMessage, String>>, tokio::time::error::Elapsed> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, peer_rx.recv()).await? {
+            Some(Ok(PeerMessage::PostcopyReady { .. })) if postcopy => continue,
+            other => return Ok(other),
+        }
+    }
 }
 
 /// Source: the destination signed for the VM at the switchover.
