@@ -5,10 +5,8 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::*;
-use ferry_cli::console;
 
 #[test]
 fn a_dirtying_guest_migrates_keeps_running_and_runs_once() {
@@ -47,19 +45,11 @@ fn a_dirtying_guest_migrates_keeps_running_and_runs_once() {
 
     // The guest kept running: its heartbeat goes on and two full memory
     // sweeps on the destination find no error.
-    let dst_vm = lab.vms("host2").into_iter().find(|v| v["name"] == "g1").expect("g1 on host2");
-    let dst_log = Path::new(dst_vm["console_log"].as_str().expect("log")).to_owned();
-    let dst_lines = wait_console(&dst_log, Duration::from_secs(60), "two sweeps", |l| {
-        l.iter().filter(|x| matches!(x.line, ferry_guest::GuestLine::Sweep { .. })).count() >= 2
-    });
-    let departed = lab.host("host1").state_dir.join("departed").join(&id).join("console.log");
-    let src_lines = console::read_console(&departed).expect("source console");
-    let c = console::analyze(&src_lines, &dst_lines);
-    assert!(c.heartbeat_continued, "heartbeat did not continue: {c:?}");
-    assert!(c.memory_consistent(), "guest memory check failed: {c:?}");
+    let c = assert_moved_intact(&lab, "g1", &id);
     let blackout = c.guest_blackout_ms.expect("blackout measured");
     eprintln!("guest blackout {blackout} ms, QEMU downtime {} ms", rec["qemu_downtime_ms"]);
-    assert_guest_runs(&dst_log);
+    let dst_vm = lab.vms("host2").into_iter().find(|v| v["name"] == "g1").expect("g1 on host2");
+    assert_guest_runs(Path::new(dst_vm["console_log"].as_str().expect("log")));
 
     // Records survive an agent restart, and the adopted VM still answers.
     lab.restart_agent("host2");
@@ -125,14 +115,7 @@ fn parallel_streams_carry_multifd_channels() {
     assert_eq!(metric(&scrape(lab.host("host2").metrics), "ferry_refusals_total{reason=\"stream_join\"}"), 0);
     assert_eq!(lab.running_on("m"), ["host2"]);
     assert!(!pid_alive(src_pid));
-    let dst_vm = lab.vms("host2").into_iter().find(|v| v["name"] == "m").expect("m on host2");
-    let dst_log = Path::new(dst_vm["console_log"].as_str().expect("log")).to_owned();
-    let dst_lines = wait_console(&dst_log, Duration::from_secs(60), "two sweeps", |l| {
-        l.iter().filter(|x| matches!(x.line, ferry_guest::GuestLine::Sweep { .. })).count() >= 2
-    });
-    let departed = lab.host("host1").state_dir.join("departed").join(rec["id"].as_str().expect("id")).join("console.log");
-    let c = console::analyze(&console::read_console(&departed).expect("src console"), &dst_lines);
-    assert!(c.heartbeat_continued && c.memory_consistent(), "{c:?}");
+    assert_moved_intact(&lab, "m", rec["id"].as_str().expect("id"));
     // Out of range is refused before anything starts.
     let o = lab.ferry(&["migrate", "m", "--to", "host1", "--host", "host2", "--streams", "9"]);
     assert!(!o.status.success());

@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use ferry_cli::console;
 
 /// The fast guest dirties 256 pages (1 MiB) per ms, far more than the
 /// 100 MiB/s the lab's link allows, so pre-copy never catches up.
@@ -58,14 +56,7 @@ fn a_guest_that_outruns_precopy_moves_with_postcopy() {
 
     // The guest kept running with its memory intact: every page it had not
     // yet received was fetched from the source on demand.
-    let dst_vm = lab.vms("host2").into_iter().find(|v| v["name"] == "fast").expect("fast on host2");
-    let dst_log = Path::new(dst_vm["console_log"].as_str().expect("log")).to_owned();
-    let dst_lines = wait_console(&dst_log, Duration::from_secs(60), "two sweeps", |l| {
-        l.iter().filter(|x| matches!(x.line, ferry_guest::GuestLine::Sweep { .. })).count() >= 2
-    });
-    let departed = lab.host("host1").state_dir.join("departed").join(&id).join("console.log");
-    let c = console::analyze(&console::read_console(&departed).expect("src console"), &dst_lines);
-    assert!(c.heartbeat_continued && c.memory_consistent(), "{c:?}");
+    assert_moved_intact(&lab, "fast", &id);
 }
 
 #[test]
@@ -130,14 +121,7 @@ fn a_link_lost_after_the_handover_keeps_both_halves_until_recovered() {
     assert_eq!(d["state"], "completed", "{d}");
     wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
     assert_eq!(lab.running_on("fast"), ["host2"]);
-    let dst_vm = lab.vms("host2").into_iter().find(|v| v["name"] == "fast").expect("fast on host2");
-    let dst_log = Path::new(dst_vm["console_log"].as_str().expect("log")).to_owned();
-    let dst_lines = wait_console(&dst_log, Duration::from_secs(60), "two sweeps", |l| {
-        l.iter().filter(|x| matches!(x.line, ferry_guest::GuestLine::Sweep { .. })).count() >= 2
-    });
-    let departed = lab.host("host1").state_dir.join("departed").join(&id).join("console.log");
-    let c = console::analyze(&console::read_console(&departed).expect("src console"), &dst_lines);
-    assert!(c.heartbeat_continued && c.memory_consistent(), "{c:?}");
+    assert_moved_intact(&lab, "fast", &id);
     let logs = [lab.host("host1").state_dir.join("audit.log"), lab.host("host2").state_dir.join("audit.log")];
     let (ok, v) = lab.ferry_json(&["audit", "verify", logs[0].to_str().expect("utf8"), logs[1].to_str().expect("utf8"), "--ca", lab.lab.ca.to_str().expect("utf8")]);
     assert!(ok, "{v}");

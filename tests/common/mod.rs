@@ -304,6 +304,24 @@ pub fn metric(text: &str, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// After migration `id` moved `vm` from host1 to host2: the guest runs on
+/// host2, completes two full memory sweeps there, its heartbeat continued
+/// from where host1's console (kept under departed/) stopped, and no page
+/// it checked was wrong.
+#[allow(dead_code)]
+pub fn assert_moved_intact(lab: &TestLab, vm: &str, id: &str) -> console::Continuity {
+    let dst_vm = lab.vms("host2").into_iter().find(|v| v["name"] == vm).unwrap_or_else(|| panic!("{vm} not on host2"));
+    let dst_log = PathBuf::from(dst_vm["console_log"].as_str().expect("log"));
+    let dst_lines = wait_console(&dst_log, Duration::from_secs(60), "two sweeps", |l| {
+        l.iter().filter(|x| matches!(x.line, ferry_guest::GuestLine::Sweep { .. })).count() >= 2
+    });
+    let departed = lab.host("host1").state_dir.join("departed").join(id).join("console.log");
+    let c = console::analyze(&console::read_console(&departed).expect("source console"), &dst_lines);
+    assert!(c.heartbeat_continued, "heartbeat did not continue: {c:?}");
+    assert!(c.memory_consistent(), "guest memory check failed: {c:?}");
+    c
+}
+
 /// `ferry migrate g --to host2 --host host1 --json`, running in the background.
 pub fn spawn_migrate(lab: &TestLab) -> std::process::Child {
     Command::new(FERRY)

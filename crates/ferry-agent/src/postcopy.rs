@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use ferry_audit::Signed;
 use ferry_types::Digest32;
 use ferry_vmm::{MigrationState as QemuMigration, Qmp, QemuProcess, RunState};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use crate::evidence::{self, StreamBody};
@@ -239,7 +239,7 @@ pub(crate) async fn receive(
     let _ready = AbortOnDrop(tokio::spawn(wait_ready(qmp.clone(), ready_tx)));
     let (commit_tx, mut commit_rx) = mpsc::channel::<(Signed, StreamSum)>(1);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let pump = pump_frames(reader, to_qemu, io_timeout, Some(commit_tx), stop_rx);
+    let pump = crate::streams::pump_frames(reader, to_qemu, io_timeout, Some(commit_tx), Some(stop_rx));
     // Our side of the connection: return path, readiness, the take-over.
     let mut resumed = false;
     let control = async {
@@ -310,48 +310,6 @@ pub(crate) fn return_path(mut from_qemu: OwnedReadHalf) -> (AbortOnDrop, mpsc::R
         }
     });
     (AbortOnDrop(task), rx)
-}
-
-/// Destination: frames from the source into QEMU until end of data. An
-/// in-line Commit goes to `commits` with the count and digest of exactly
-/// the bytes before it; without `commits` one is refused.
-pub(crate) async fn pump_frames(
-    reader: &mut server::Reader,
-    mut to_qemu: OwnedWriteHalf,
-    io_timeout: Duration,
-    commits: Option<mpsc::Sender<(Signed, StreamSum)>>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<StreamSum, String> {
-    let mut hasher = blake3::Hasher::new();
-    let mut total = 0u64;
-    loop {
-        let frame = tokio::select! {
-            f = reader.read_frame() => f.map_err(|e| crate::chain(&e))?,
-            _ = stop.changed() => return Err("stopped".to_owned()),
-        };
-        match frame {
-            ferry_channel::Incoming::Data(d) => {
-                hasher.update(d);
-                total += d.len() as u64;
-                match tokio::time::timeout(io_timeout, to_qemu.write_all(d)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(format!("destination QEMU stopped reading its stream: {e}")),
-                    Err(_) => return Err(format!("destination QEMU stalled for {io_timeout:?}")),
-                }
-            }
-            ferry_channel::Incoming::DataEnd => break,
-            ferry_channel::Incoming::Control(bytes) => match (serde_json::from_slice::<PeerMessage>(bytes), &commits) {
-                (Ok(PeerMessage::Commit { signed }), Some(tx)) => {
-                    let at = (total, Digest32(*hasher.clone().finalize().as_bytes()));
-                    tx.send((signed, at)).await.map_err(|_| "commit after the control side ended".to_owned())?;
-                }
-                (Ok(PeerMessage::Abort { reason, .. }), _) => return Err(format!("source aborted: {reason}")),
-                (Ok(other), _) => return Err(format!("unexpected {} during the transfer", other.name())),
-                (Err(e), _) => return Err(format!("malformed control message during the transfer: {e}")),
-            },
-        }
-    }
-    Ok((total, Digest32(*hasher.finalize().as_bytes())))
 }
 
 /// Destination: QEMU holds the switchover package once it reports

@@ -257,7 +257,7 @@ pub async fn serve(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32
     let (from_qemu, to_qemu) = qemu.into_split();
     let (_back, mut back_rx) = crate::postcopy::return_path(from_qemu);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let pump = crate::postcopy::pump_frames(&mut reader, to_qemu, io_timeout, None, stop_rx);
+    let pump = crate::streams::pump_frames(&mut reader, to_qemu, io_timeout, None, Some(stop_rx));
     let relay_back = async {
         while let Some(c) = back_rx.recv().await {
             let sent = async {

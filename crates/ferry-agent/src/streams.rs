@@ -95,30 +95,60 @@ pub async fn send_stream(
 /// Destination side: feed one stream's data frames into a QEMU socket,
 /// hashing them, until end of data.
 pub async fn pump_into_qemu(reader: &mut Reader, qemu: &mut UnixStream, io_timeout: Duration) -> Result<StreamSum, String> {
+    let sum = pump_frames(reader, &mut *qemu, io_timeout, None, None).await?;
+    let _ = qemu.shutdown().await;
+    Ok(sum)
+}
+
+/// A Commit found in-line, with the count and digest of the bytes before it.
+pub type InlineCommit = (ferry_audit::Signed, StreamSum);
+
+/// Destination side, every stream: data frames into QEMU, hashed, until end
+/// of data. An in-line Commit (post-copy's switchover) goes to `commits`
+/// with the sum of exactly the bytes before it; without `commits` it is
+/// refused like any other control message. `stop` ends the pump early.
+pub async fn pump_frames<W: tokio::io::AsyncWrite + Unpin>(
+    reader: &mut Reader,
+    mut to_qemu: W,
+    io_timeout: Duration,
+    commits: Option<mpsc::Sender<InlineCommit>>,
+    mut stop: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<StreamSum, String> {
     let mut hasher = blake3::Hasher::new();
     let mut total = 0u64;
     loop {
-        match reader.read_frame().await.map_err(|e| crate::chain(&e))? {
+        let stopped = async {
+            match stop.as_mut() {
+                Some(s) => drop(s.changed().await),
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let frame = tokio::select! {
+            f = reader.read_frame() => f.map_err(|e| crate::chain(&e))?,
+            () = stopped => return Err("stopped".to_owned()),
+        };
+        match frame {
             Incoming::Data(d) => {
                 hasher.update(d);
                 total += d.len() as u64;
-                match tokio::time::timeout(io_timeout, qemu.write_all(d)).await {
+                match tokio::time::timeout(io_timeout, to_qemu.write_all(d)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return Err(format!("destination QEMU stopped reading its stream: {e}")),
                     Err(_) => return Err(format!("destination QEMU stalled for {io_timeout:?}")),
                 }
             }
             Incoming::DataEnd => break,
-            Incoming::Control(bytes) => {
-                return Err(match serde_json::from_slice::<PeerMessage>(bytes) {
-                    Ok(PeerMessage::Abort { reason, .. }) => format!("source aborted: {reason}"),
-                    Ok(m) => format!("unexpected {} during the transfer", m.name()),
-                    Err(e) => format!("malformed control message during the transfer: {e}"),
-                })
-            }
+            Incoming::Control(bytes) => match (serde_json::from_slice::<PeerMessage>(bytes), &commits) {
+                (Ok(PeerMessage::Commit { signed }), Some(tx)) => {
+                    let at = (total, Digest32(*hasher.clone().finalize().as_bytes()));
+                    tx.send((signed, at)).await.map_err(|_| "commit after the control side ended".to_owned())?;
+                }
+                (Ok(PeerMessage::Abort { reason, .. }), _) => return Err(format!("source aborted: {reason}")),
+                (Ok(m), _) => return Err(format!("unexpected {} during the transfer", m.name())),
+                (Err(e), _) => return Err(format!("malformed control message during the transfer: {e}")),
+            },
         }
     }
-    let _ = qemu.shutdown().await;
     Ok((total, Digest32(*hasher.finalize().as_bytes())))
 }
 
