@@ -169,3 +169,29 @@ class SerialReader(threading.Thread):
             self.sock.close()
         except Exception:
             pass
+
+
+def migration_result(nbytes, total_ms, wall_ms, downtime_ms, srcc, dstc, cpu_s, cpu_by, **extra):
+    """One converged migration's figures, the same for every transport:
+    throughput from bytes / total time, blackout and continuity from the two
+    parsed consoles, CPU from the sampler; `extra` adds transport-specific keys."""
+    bo, lseq, fseq, prog, rep = blackout(srcc, dstc)
+    res = {
+        "bytes": nbytes,
+        "total_ms": total_ms,
+        "throughput": nbytes / (total_ms / 1000.0) if total_ms and nbytes is not None else None,
+        "wall_ms": wall_ms,
+        "downtime_ms": downtime_ms,
+        "blackout_ms": bo,
+        "last_src_seq": lseq,
+        "first_dst_seq": fseq,
+        "progress_ms": prog,
+        "replayed": rep,
+        "sweep_errors": srcc["sweep_errors"] + dstc["sweep_errors"],
+        "cpu_s": cpu_s,
+        "cpu_by": cpu_by,
+        "converged": True,
+        "dst_max_hb_gap_ms": max_gap(dstc),
+    }
+    res.update(extra)
+    return res

@@ -6,7 +6,7 @@ import subprocess
 import time
 
 from .common import MIGRATE_TIMEOUT_S, kill_proc, log
-from .console import blackout, max_gap, parse_console, read_console_file, wait_hbs, wait_ready
+from .console import migration_result, parse_console, read_console_file, wait_hbs, wait_ready
 from .cpu import CpuSampler
 from .plain import not_converged_result
 
@@ -193,30 +193,12 @@ class FerryRunner:
             wait_hbs(lambda: read_console_file(dst_log), name + " (ferry dst)",
                      srcc["hbs"][-1][1] if srcc["hbs"] else None)
             dstc = parse_console(read_console_file(dst_log))
-            bo, lseq, fseq, prog, rep = blackout(srcc, dstc)
             self.fer("vm", "stop", name, "--host", "host2", check=False, timeout=60)
             self.live.pop()
-            total = mig.get("total_ms")
-            return {
-                "bytes": mig.get("bytes"),
-                "total_ms": total,
-                "throughput": mig["bytes"] / (total / 1000.0) if total else None,
-                "wall_ms": wall_ms,
-                "downtime_ms": mig.get("qemu_downtime_ms"),
-                "blackout_ms": bo,
-                "last_src_seq": lseq,
-                "first_dst_seq": fseq,
-                "progress_ms": prog,
-                "replayed": rep,
-                "sweep_errors": srcc["sweep_errors"] + dstc["sweep_errors"],
-                "id": mig["id"],
-                "cpu_s": cpu_s,
-                "cpu_by": cpu_by,
-                "converged": True,
-                "streams": mig.get("streams"),
-                "postcopy_allowed": mig.get("postcopy"),
-                "dst_max_hb_gap_ms": max_gap(dstc),
-            }
+            return migration_result(mig.get("bytes"), mig.get("total_ms"), wall_ms,
+                                    mig.get("qemu_downtime_ms"), srcc, dstc, cpu_s, cpu_by,
+                                    id=mig["id"], streams=mig.get("streams"),
+                                    postcopy_allowed=mig.get("postcopy"))
         except Exception:
             self.cleanup()
             raise

@@ -8,7 +8,7 @@ import time
 
 from .common import (DOWNTIME_LIMIT_MS, MAX_BW, MIGRATE_TIMEOUT_S, NotConverged, free_port,
                      kill_proc, log, wait_listening)
-from .console import SerialReader, blackout, max_gap, parse_console, wait_hbs, wait_ready
+from .console import SerialReader, migration_result, parse_console, wait_hbs, wait_ready
 from .cpu import CpuSampler
 from .qmp import QMP
 from .stunnel import Stunnel
@@ -187,27 +187,10 @@ class PlainRunner:
                      srcc["hbs"][-1][1] if srcc["hbs"] else None)
             srcc = parse_console(sr.snapshot())
             dstc = parse_console(dr.snapshot())
-            bo, lseq, fseq, prog, rep = blackout(srcc, dstc)
             ram = src_info.get("ram", {})
-            total = src_info.get("total-time")
-            res = {
-                "bytes": ram.get("transferred"),
-                "total_ms": total,
-                "throughput": ram.get("transferred") / (total / 1000.0) if total else None,
-                "wall_ms": wall_ms,
-                "downtime_ms": src_info.get("downtime"),
-                "blackout_ms": bo,
-                "last_src_seq": lseq,
-                "first_dst_seq": fseq,
-                "progress_ms": prog,
-                "replayed": rep,
-                "sweep_errors": srcc["sweep_errors"] + dstc["sweep_errors"],
-                "cpu_s": cpu_s,
-                "cpu_by": cpu_by,
-                "converged": True,
-                "passes": ram.get("dirty-sync-count"),
-                "dst_max_hb_gap_ms": max_gap(dstc),
-            }
+            res = migration_result(ram.get("transferred"), src_info.get("total-time"), wall_ms,
+                                   src_info.get("downtime"), srcc, dstc, cpu_s, cpu_by,
+                                   passes=ram.get("dirty-sync-count"))
             if postcopy:
                 # migrate-start-postcopy only asks; a migration that completes
                 # in the same pass never enters post-copy
