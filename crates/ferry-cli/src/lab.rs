@@ -343,6 +343,16 @@ pub async fn start_agent(lab: &Lab, h: &LabHost) -> Result<u32> {
     if let Some(t) = &h.tpm {
         ensure_tpm(t)?;
     }
+    // A killed agent can keep its listener open for a moment after its main
+    // thread is already a zombie (the other threads still exiting). Probing
+    // then would find the old agent and report the new one ready too early.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(h.addr).await.is_ok() {
+        if Instant::now() > deadline {
+            bail!("{} is still in use: is the agent of {} already running?", h.addr, h.name);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let exe = std::env::current_exe().context("cannot find the ferry binary")?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&h.log)?;
     let child = std::process::Command::new(exe)
