@@ -59,13 +59,28 @@ fn a_guest_that_outruns_precopy_moves_with_postcopy() {
     assert_moved_intact(&lab, "fast", &id);
 }
 
-#[test]
-fn a_link_lost_after_the_handover_keeps_both_halves_until_recovered() {
+/// Host1 reaches host2 only through a proxy that can cut the link; the
+/// given `[migration]` settings go into host1's config.
+fn lab_with_cuttable_link(migration: &str) -> (TestLab, Proxy) {
     let lab = TestLab::up(2, LINK_MIB_S);
     let target = lab.host("host2").addr;
     let proxy = Proxy::start(target, ProxyMode::CutAfter(u64::MAX));
     lab.edit_config("host1", &format!("host2 = \"{target}\""), &format!("host2 = \"{}\"", proxy.addr));
+    lab.edit_config("host1", "[policy]", &format!("[migration]\n{migration}\n\n[policy]"));
     lab.restart_agent("host1");
+    (lab, proxy)
+}
+
+/// The state of a host's only migration.
+fn state(lab: &TestLab, host: &str) -> serde_json::Value {
+    let (_, list) = lab.ferry_json(&["migrations", "list", "--host", host]);
+    list["migrations"].as_array().and_then(|m| m.first()).map(|m| m["state"].clone()).unwrap_or_default()
+}
+
+/// Start a post-copy migration of a fast guest and cut the link once the
+/// destination has taken over. Returns what `ferry migrate` answered, the
+/// source QEMU's pid and the migration id.
+fn cut_after_handover(lab: &TestLab, proxy: &Proxy) -> (serde_json::Value, i32, String) {
     let src = lab.start_guest("host1", "fast", 512, FAST);
     let src_pid = src["pid"].as_i64().expect("pid") as i32;
     let child = std::process::Command::new(FERRY)
@@ -77,27 +92,37 @@ fn a_link_lost_after_the_handover_keeps_both_halves_until_recovered() {
         .expect("spawn migrate");
     // The post-copy phase sends what is left at the link's 100 MiB/s: the
     // link fails while the destination runs the VM and still lacks pages.
-    let state = |host: &str| {
-        let (_, list) = lab.ferry_json(&["migrations", "list", "--host", host]);
-        list["migrations"].as_array().and_then(|m| m.first()).map(|m| m["state"].clone()).unwrap_or_default()
-    };
-    wait_until(Duration::from_secs(90), "the hand-over", || state("host1") == "postcopy_active");
+    wait_until(Duration::from_secs(90), "the hand-over", || state(lab, "host1") == "postcopy_active");
     proxy.cut();
     let out = child.wait_with_output().expect("wait migrate");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     assert!(!out.status.success(), "{v}");
     assert_eq!(v["kind"], "in_doubt", "{v}");
     assert!(v["message"].as_str().unwrap_or("").contains("Do not stop either QEMU"), "{v}");
+    let (_, list) = lab.ferry_json(&["migrations", "list", "--host", "host1"]);
+    let id = list["migrations"][0]["id"].as_str().expect("id").to_owned();
+    (v, src_pid, id)
+}
+
+fn audit_verifies(lab: &TestLab) {
+    let logs = [lab.host("host1").state_dir.join("audit.log"), lab.host("host2").state_dir.join("audit.log")];
+    let (ok, v) = lab.ferry_json(&["audit", "verify", logs[0].to_str().expect("utf8"), logs[1].to_str().expect("utf8"), "--ca", lab.lab.ca.to_str().expect("utf8")]);
+    assert!(ok, "{v}");
+}
+
+#[test]
+fn a_link_lost_after_the_handover_keeps_both_halves_until_recovered() {
+    // Automatic recovery off: this is the operator's path.
+    let (lab, proxy) = lab_with_cuttable_link("postcopy_recover_retry_ms = 0");
+    let target = lab.host("host2").addr;
+    let (_, src_pid, id) = cut_after_handover(&lab, &proxy);
+    let state = |host: &str| state(&lab, host);
 
     // Neither half was stopped or resumed, now or after both agents restart.
     let dst_pid = || lab.vms("host2").iter().find(|v| v["name"] == "fast").and_then(|v| v["pid"].as_i64()).unwrap_or(0) as i32;
     wait_until(Duration::from_secs(20), "the destination to record the interruption", || state("host2") == "postcopy_active");
     let dst = dst_pid();
     assert!(dst != 0 && pid_alive(dst), "the destination's half is gone");
-    let id = {
-        let (_, list) = lab.ferry_json(&["migrations", "list", "--host", "host1"]);
-        list["migrations"][0]["id"].as_str().expect("id").to_owned()
-    };
     // The link comes back (no proxy); both agents restart meanwhile.
     lab.edit_config("host1", &format!("host2 = \"{}\"", proxy.addr), &format!("host2 = \"{target}\""));
     for host in ["host1", "host2"] {
@@ -122,9 +147,33 @@ fn a_link_lost_after_the_handover_keeps_both_halves_until_recovered() {
     wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
     assert_eq!(lab.running_on("fast"), ["host2"]);
     assert_moved_intact(&lab, "fast", &id);
-    let logs = [lab.host("host1").state_dir.join("audit.log"), lab.host("host2").state_dir.join("audit.log")];
-    let (ok, v) = lab.ferry_json(&["audit", "verify", logs[0].to_str().expect("utf8"), logs[1].to_str().expect("utf8"), "--ca", lab.lab.ca.to_str().expect("utf8")]);
-    assert!(ok, "{v}");
+    audit_verifies(&lab);
+}
+
+/// With automatic recovery on, attempts while the link is down fail and
+/// change nothing; once it is back the source resumes the stream by itself.
+#[test]
+fn the_source_resumes_an_interrupted_postcopy_by_itself_once_the_link_is_back() {
+    let (lab, proxy) = lab_with_cuttable_link("postcopy_recover_retry_ms = 500");
+    let (v, src_pid, id) = cut_after_handover(&lab, &proxy);
+    assert!(v["message"].as_str().unwrap_or("").contains("resumes it on its own"), "{v}");
+    let dst_pid = lab.vms("host2").iter().find(|v| v["name"] == "fast").and_then(|v| v["pid"].as_i64()).expect("destination half") as i32;
+
+    // Attempts at 0.5, 1.5 and 3.5 s all meet the cut link.
+    let audit1 = lab.host("host1").state_dir.join("audit.log");
+    wait_until(Duration::from_secs(30), "failed recovery attempts", || {
+        std::fs::read_to_string(&audit1).unwrap_or_default().matches("postcopy_recover_failed").count() >= 2
+    });
+    assert_eq!(state(&lab, "host1"), "postcopy_active");
+    assert!(pid_alive(src_pid) && pid_alive(dst_pid), "a half was stopped while the link was down");
+    assert_ne!(lab.vm_state("host1", "fast").as_deref(), Some("running"), "the source copy was resumed: the VM would run twice");
+
+    proxy.heal();
+    wait_until(Duration::from_secs(90), "recovery on both hosts", || state(&lab, "host1") == "completed" && state(&lab, "host2") == "completed");
+    wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
+    assert_eq!(lab.running_on("fast"), ["host2"]);
+    assert_moved_intact(&lab, "fast", &id);
+    audit_verifies(&lab);
 }
 
 #[test]

@@ -254,6 +254,12 @@ impl Proxy {
     pub fn cut(&self) {
         self.cut.store(true, Ordering::Relaxed);
     }
+
+    /// The link is back: connections made from now on are relayed again.
+    #[allow(dead_code)]
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Proxy {

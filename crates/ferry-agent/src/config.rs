@@ -190,7 +190,13 @@ pub struct MigrationSection {
     pub max_transfer_ms: u64,
     /// Data streams per migration: 1, or 1 + QEMU multifd channels (≤ 8).
     pub streams: u8,
+    /// First retry of an interrupted post-copy, doubling up to
+    /// [`MAX_POSTCOPY_RECOVER_RETRY_MS`]; 0 leaves recovery to the operator.
+    pub postcopy_recover_retry_ms: u64,
 }
+
+/// Longest pause between automatic post-copy recovery attempts.
+pub const MAX_POSTCOPY_RECOVER_RETRY_MS: u64 = 60_000;
 
 impl Default for MigrationSection {
     fn default() -> Self {
@@ -204,6 +210,7 @@ impl Default for MigrationSection {
             outgoing_window_ms: 60_000,
             max_transfer_ms: 600_000,
             streams: 1,
+            postcopy_recover_retry_ms: 5_000,
         }
     }
 }
@@ -220,6 +227,10 @@ impl MigrationSection {
     }
     pub fn commit_timeout(&self) -> Duration {
         Duration::from_millis(self.commit_timeout_ms)
+    }
+    /// None when automatic post-copy recovery is off.
+    pub fn postcopy_recover_retry(&self) -> Option<Duration> {
+        (self.postcopy_recover_retry_ms > 0).then(|| Duration::from_millis(self.postcopy_recover_retry_ms))
     }
 }
 
@@ -247,6 +258,11 @@ impl AgentConfig {
         cfg.attestation.paths(path)?;
         if cfg.migration.streams == 0 || cfg.migration.streams > crate::streams::MAX_STREAMS {
             return Err(invalid(format!("[migration] streams must be 1..={}", crate::streams::MAX_STREAMS)));
+        }
+        if cfg.migration.postcopy_recover_retry_ms > MAX_POSTCOPY_RECOVER_RETRY_MS {
+            return Err(invalid(format!(
+                "[migration] postcopy_recover_retry_ms must be at most {MAX_POSTCOPY_RECOVER_RETRY_MS} (0 turns automatic recovery off)"
+            )));
         }
         Ok(cfg)
     }
@@ -313,6 +329,11 @@ mod tests {
         let no_ak = MINIMAL.replace("ak = \"ak.json\"", "");
         let e = AgentConfig::parse(&no_ak, Path::new("a.toml")).unwrap_err().to_string();
         assert!(e.contains("[attestation] ak is required"), "{e}");
+        let slow_retry = format!("{MINIMAL}\n[migration]\npostcopy_recover_retry_ms = 3600000\n");
+        let e = AgentConfig::parse(&slow_retry, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(e.contains("postcopy_recover_retry_ms must be at most 60000"), "{e}");
+        let off = format!("{MINIMAL}\n[migration]\npostcopy_recover_retry_ms = 0\n");
+        assert_eq!(AgentConfig::parse(&off, Path::new("a.toml")).unwrap().migration.postcopy_recover_retry(), None);
     }
 
     /// The commented sample in docs/ must stay a valid, complete config.
@@ -323,5 +344,6 @@ mod tests {
         assert_eq!(c.host.name.as_str(), "host1");
         assert!(c.tls.crl.is_some());
         assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.migration.postcopy_recover_retry(), Some(Duration::from_secs(5)));
     }
 }

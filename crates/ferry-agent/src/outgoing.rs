@@ -142,6 +142,14 @@ pub(crate) async fn release(agent: &Agent, vm: &VmName) {
     }
 }
 
+/// What an operator should do about an interrupted post-copy.
+pub(crate) fn recover_advice(agent: &Agent, id: &MigrationId) -> String {
+    match agent.cfg.migration.postcopy_recover_retry() {
+        Some(d) => format!("this agent resumes it on its own once the link is back (first try in {} ms, then at most every minute), or run `ferry migrations recover {id}`", d.as_millis()),
+        None => format!("once the link is back, run `ferry migrations recover {id}`"),
+    }
+}
+
 async fn run(ctx: Ctx, mut rec: MigrationRecord) -> Result<MigrationRecord, Fault> {
     tracing::info!("migration started");
     let outcome = transfer(&ctx, &mut rec).await;
@@ -173,10 +181,13 @@ async fn run(ctx: Ctx, mut rec: MigrationRecord) -> Result<MigrationRecord, Faul
             tracing::error!(error = %fault, "post-copy interrupted; both QEMUs are kept");
             rec.state = MigrationState::PostcopyActive;
             rec.error = Some(format!(
-                "{fault}; post-copy was interrupted after {} took over the VM: it runs there, and the pages it still lacks are only in {}'s QEMU, which is kept paused. Do not stop either QEMU; once the link is back, run `ferry migrations recover {}`",
-                ctx.to, ctx.agent.host, ctx.id
+                "{fault}; post-copy was interrupted after {} took over the VM: it runs there, and the pages it still lacks are only in {}'s QEMU, which is kept paused. Do not stop either QEMU; {}",
+                ctx.to,
+                ctx.agent.host,
+                recover_advice(&ctx.agent, &ctx.id)
             ));
             save(&ctx.agent, &mut rec);
+            crate::recover::spawn_auto_recover(ctx.agent.clone(), ctx.id);
             Err(Fault::new(ErrorKind::InDoubt, rec.error.clone().unwrap_or_default()))
         }
     };

@@ -4,7 +4,8 @@
 //! new mTLS connection; the destination's QEMU listens again
 //! (`migrate-recover`), the source's resumes (`migrate` with `resume`), and
 //! the rest of the stream flows as before, both ways. It ends with the
-//! final Commit and Receipt, bound to the new connection.
+//! final Commit and Receipt, bound to the new connection. The source agent
+//! also tries this on its own ([`spawn_auto_recover`]) until it succeeds.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -95,6 +96,47 @@ pub async fn recover(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRec
             Err(Fault::new(ErrorKind::InDoubt, format!("{}; the migration stays post-copy interrupted: retry `ferry migrations recover {id}`", f.message)))
         }
     }
+}
+
+/// Source: keep resuming an interrupted post-copy until it completes, the
+/// first try after `postcopy_recover_retry_ms`, then doubling up to a
+/// minute. The VM stalls on the destination meanwhile, so giving up would
+/// only leave it stalled. Stops when the record leaves `postcopy_active`
+/// (an operator's recover finished it) or the source QEMU is gone (its
+/// pages are lost; nothing is left to resume from).
+pub fn spawn_auto_recover(agent: Arc<Agent>, id: MigrationId) {
+    let Some(first) = agent.cfg.migration.postcopy_recover_retry() else { return };
+    let longest = Duration::from_millis(crate::config::MAX_POSTCOPY_RECOVER_RETRY_MS).max(first);
+    let span = tracing::info_span!("auto_recover", migration_id = %id, role = "source");
+    let task = async move {
+        let mut delay = first;
+        for attempt in 1u32.. {
+            tokio::time::sleep(delay).await;
+            let rec = match agent.records.get(&id) {
+                Ok(Some(r)) if r.role == Role::Source && r.state == MigrationState::PostcopyActive => r,
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %crate::chain(&e), "cannot read the record; retrying");
+                    continue;
+                }
+            };
+            if !agent.vms.lock().await.contains_key(&rec.vm) {
+                tracing::error!(vm = %rec.vm, "the source QEMU is gone; automatic post-copy recovery stops");
+                return;
+            }
+            match recover(&agent, id).await {
+                Ok(r) => {
+                    tracing::info!(attempt, state = ?r.state, "post-copy resumed automatically");
+                    return;
+                }
+                Err(f) => {
+                    delay = (delay * 2).min(longest);
+                    tracing::warn!(attempt, error = %f, retry_in_ms = delay.as_millis() as u64, "automatic post-copy recovery failed");
+                }
+            }
+        }
+    };
+    tokio::spawn(tracing::Instrument::instrument(task, span));
 }
 
 struct ActiveGuard(Arc<Agent>, MigrationId);

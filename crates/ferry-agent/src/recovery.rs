@@ -8,6 +8,7 @@
 //! | destination | preparing, transferring   | kill the incoming QEMU: aborted           |
 //! | destination | resuming                  | running → completed, else kill → aborted  |
 //! | either      | postcopy_active           | keep both halves; completed once QEMU is  |
+//! |             |                           | done, else the source retries recovery    |
 
 use std::sync::Arc;
 
@@ -54,9 +55,12 @@ pub async fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
                         let _ = vms::kill(&proc).await;
                         agent.vms.lock().await.remove(&rec.vm);
                     }
-                    (_, false, Some(_)) => {
+                    (role, false, Some(_)) => {
                         if let Some(e) = agent.vms.lock().await.get_mut(&rec.vm) {
                             e.busy = Some(rec.id);
+                        }
+                        if role == Role::Source {
+                            crate::recover::spawn_auto_recover(agent.clone(), rec.id);
                         }
                     }
                     _ => {}

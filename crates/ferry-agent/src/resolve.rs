@@ -92,8 +92,9 @@ pub async fn resolve(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRec
             }
             rec.receipt = Some(signed);
             rec.state = MigrationState::PostcopyActive;
-            rec.error = Some(format!("{to} took the VM over in post-copy; this host's QEMU holds pages it lacks: run `ferry migrations recover {id}`"));
+            rec.error = Some(format!("{to} took the VM over in post-copy; this host's QEMU holds pages it lacks: {}", crate::outgoing::recover_advice(agent, &id)));
             save(agent, &mut rec);
+            crate::recover::spawn_auto_recover(agent.clone(), id);
             Err(Fault::new(ErrorKind::InDoubt, rec.error.clone().unwrap_or_default()))
         }
         DestinationOutcome::InProgress => Err(Fault::new(ErrorKind::InDoubt, format!("{to} is still completing migration {id}; ask again"))),
