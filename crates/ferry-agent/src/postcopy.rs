@@ -1,7 +1,8 @@
 //! Post-copy (QEMU `postcopy-ram`), opt-in per migration and allowed by
 //! policy on both hosts (Cedar context `postcopy`).
 //!
-//! QEMU switches after its first pass over memory: the source stops the VM
+//! Migrations start in pre-copy and switch only once pre-copy shows it will
+//! not converge ([`switch_reason`]). At the switch the source stops the VM
 //! and sends the device state, the destination may run the VM and fetches
 //! the pages it still lacks over QEMU's return path, which Ferry carries as
 //! data frames from destination to source. The destination runs the VM only
@@ -63,24 +64,49 @@ impl Switch {
     }
 }
 
-/// Source: ask QEMU to switch to post-copy once its first pass is done.
+/// Pre-copy passes after which the switch happens whatever the rates say:
+/// a guest that needs more has kept its migration running for long enough.
+const MAX_PRECOPY_PASSES: u64 = 8;
+
+/// Source: switch QEMU to post-copy only once pre-copy shows it will not
+/// converge soon. A guest that converges never takes post-copy's risk.
 pub(crate) async fn trigger(qmp: Arc<Mutex<Qmp>>) {
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let Ok(s) = qmp.lock().await.query_migrate().await else { return };
         match s.status {
             QemuMigration::Setup => {}
-            QemuMigration::Active if s.ram.as_ref().is_some_and(|r| r.dirty_sync_count >= 2) => {
+            QemuMigration::Active => {
+                let Some(why) = s.ram.as_ref().and_then(switch_reason) else { continue };
                 match qmp.lock().await.execute("migrate-start-postcopy", None).await {
-                    Ok(_) => tracing::info!("first pass done; switching to post-copy"),
+                    Ok(_) => tracing::info!(reason = %why, "switching to post-copy"),
                     Err(e) => tracing::warn!(error = %crate::chain(&e), "QEMU refused to start post-copy"),
                 }
                 return;
             }
-            QemuMigration::Active => {}
             _ => return,
         }
     }
+}
+
+/// Why pre-copy should give way to post-copy now, if it should. Only after
+/// the first pass (QEMU knows the dirty rate from its second bitmap sync
+/// on): when the guest dirties memory at least half as fast as the link
+/// carries it, pre-copy's remaining work shrinks too slowly to converge.
+fn switch_reason(ram: &ferry_vmm::RamStats) -> Option<String> {
+    if ram.dirty_sync_count < 2 {
+        return None;
+    }
+    let page = if ram.page_size == 0 { 4096 } else { ram.page_size };
+    let dirty = ram.dirty_pages_rate.saturating_mul(page) as f64;
+    let link = ram.mbps * 1e6 / 8.0;
+    if link > 0.0 && dirty * 2.0 >= link {
+        return Some(format!("the guest dirties {:.0} MB/s; the link carries {:.0} MB/s", dirty / 1e6, link / 1e6));
+    }
+    if ram.dirty_sync_count > MAX_PRECOPY_PASSES {
+        return Some(format!("pre-copy is still running after {} passes", ram.dirty_sync_count - 1));
+    }
+    None
 }
 
 /// Source: the destination holds the switchover package. Check that our
@@ -449,4 +475,31 @@ pub(crate) async fn recover(qmp: Option<Arc<Mutex<Qmp>>>, rec: &mut MigrationRec
         rec.error.get_or_insert_with(|| "agent restarted during post-copy; both QEMUs are kept".into());
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_vmm::RamStats;
+
+    fn ram(passes: u64, dirty_pages_per_s: u64, mbps: f64) -> RamStats {
+        RamStats { dirty_sync_count: passes, dirty_pages_rate: dirty_pages_per_s, mbps, page_size: 4096, ..Default::default() }
+    }
+
+    #[test]
+    fn switches_only_when_precopy_falls_behind() {
+        // During the first pass nothing is known yet.
+        assert_eq!(switch_reason(&ram(1, 1_000_000, 800.0)), None);
+        // 256 pages/ms = 1 GB/s against a 100 MiB/s link: switch.
+        let why = switch_reason(&ram(2, 256_000, 838.9)).expect("switch");
+        assert!(why.contains("1049 MB/s") && why.contains("105 MB/s"), "{why}");
+        // 64 pages/ms = 262 MB/s against ~800 MB/s: pre-copy converges.
+        assert_eq!(switch_reason(&ram(3, 64_000, 6400.0)), None);
+        // An idle guest, or a rate QEMU has not measured yet.
+        assert_eq!(switch_reason(&ram(2, 0, 6400.0)), None);
+        assert_eq!(switch_reason(&ram(2, 0, 0.0)), None);
+        // However slow the guest, pre-copy does not run forever.
+        let why = switch_reason(&ram(MAX_PRECOPY_PASSES + 1, 10, 6400.0)).expect("switch");
+        assert!(why.contains("8 passes"), "{why}");
+    }
 }
