@@ -24,10 +24,15 @@ use crate::{vms, Agent};
 const CLOCK_SKEW_MS: u64 = 30_000;
 
 pub async fn handle(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32], mut reader: Reader, mut writer: Writer) {
-    let first = match reader.read_control::<PeerMessage>().await {
+    let first = match read_first(&mut reader).await {
         Ok(m) => m,
-        Err(e) => {
+        Err((e, named)) => {
             tracing::info!(peer = %peer.host(), error = %crate::chain(&e), "peer sent no valid message");
+            // A peer on another protocol version learns why, if its message
+            // named a migration (the id is only echoed, never acted on).
+            if let Some(id) = named {
+                refuse_first(&mut writer, id, format!("{} could not read the message: {}", agent.host, crate::chain(&e))).await;
+            }
             return;
         }
     };
@@ -40,6 +45,9 @@ pub async fn handle(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 3
             // SECURITY: no offer is considered before both platforms attested.
             agent.metrics.refused("protocol");
             tracing::warn!(peer = %peer.host(), "offer without attestation refused");
+            if let Some(id) = first.migration_id() {
+                refuse_first(&mut writer, id, "an offer must follow a verified attestation on the same connection".into()).await;
+            }
         }
         PeerMessage::StreamJoin { migration_id, index } => {
             // SECURITY: only the migration's own source, authenticated on this
@@ -67,8 +75,35 @@ pub async fn handle(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 3
             let (outcome, receipt) = query_outcome(&agent, &peer, &migration_id);
             let _ = writer.write_control(&PeerMessage::QueryReply { migration_id, outcome, receipt }).await;
         }
-        other => tracing::info!(peer = %peer.host(), message = other.name(), "unexpected first message"),
+        other => {
+            tracing::info!(peer = %peer.host(), message = other.name(), "unexpected first message");
+            if let Some(id) = other.migration_id() {
+                refuse_first(&mut writer, id, format!("{} cannot open a connection", other.name())).await;
+            }
+        }
     }
+}
+
+/// The first message, or why there is none and the migration it named.
+async fn read_first(reader: &mut Reader) -> Result<PeerMessage, (ferry_channel::ChannelError, Option<MigrationId>)> {
+    use ferry_channel::{ChannelError, FrameKind, Incoming};
+    match reader.read_frame().await {
+        Ok(Incoming::Control(bytes)) => serde_json::from_slice(bytes).map_err(|e| (ChannelError::Json(e), named_migration(bytes))),
+        Ok(Incoming::Data(_)) => Err((ChannelError::UnexpectedFrame { expected: "control", got: FrameKind::Data }, None)),
+        Ok(Incoming::DataEnd) => Err((ChannelError::UnexpectedFrame { expected: "control", got: FrameKind::DataEnd }, None)),
+        Err(e) => Err((e, None)),
+    }
+}
+
+/// The `migration_id` a control message that failed to decode names at
+/// its top level, if any (serde_json's recursion limit bounds the parse).
+fn named_migration(bytes: &[u8]) -> Option<MigrationId> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    v.get("migration_id")?.as_str()?.parse().ok()
+}
+
+async fn refuse_first(writer: &mut Writer, migration_id: MigrationId, reason: String) {
+    let _ = writer.write_control(&PeerMessage::Refuse { migration_id, reason }).await;
 }
 
 /// Step 3, destination side: verify the source's quote first (an

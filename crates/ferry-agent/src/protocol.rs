@@ -213,6 +213,26 @@ pub enum PeerMessage {
 }
 
 impl PeerMessage {
+    /// The migration a message names: in the clear, or inside a signed
+    /// body (not verified here: only for echoing back in a refusal).
+    pub fn migration_id(&self) -> Option<MigrationId> {
+        match self {
+            PeerMessage::Attest { migration_id, .. }
+            | PeerMessage::Refuse { migration_id, .. }
+            | PeerMessage::Abort { migration_id, .. }
+            | PeerMessage::StreamJoin { migration_id, .. }
+            | PeerMessage::PostcopyReady { migration_id }
+            | PeerMessage::PostcopyRecover { migration_id }
+            | PeerMessage::PostcopyRecoverReady { migration_id }
+            | PeerMessage::Query { migration_id }
+            | PeerMessage::QueryReply { migration_id, .. } => Some(*migration_id),
+            PeerMessage::Offer { signed } | PeerMessage::Accept { signed } | PeerMessage::Commit { signed } | PeerMessage::Receipt { signed } => {
+                let body: serde_json::Value = serde_json::from_str(&signed.body).ok()?;
+                body.get("migration_id")?.as_str()?.parse().ok()
+            }
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             PeerMessage::Attest { .. } => "attest",
