@@ -150,7 +150,8 @@ fn a_link_lost_after_the_handover_keeps_both_halves_until_recovered() {
 }
 
 /// With automatic recovery on, attempts while the link is down fail and
-/// change nothing; once it is back the source resumes the stream by itself.
+/// change nothing; once it is back the source resumes the stream by itself,
+/// also after its agent restarted in between.
 #[test]
 fn the_source_resumes_an_interrupted_postcopy_by_itself_once_the_link_is_back() {
     let (lab, proxy) = lab_with_cuttable_link("postcopy_recover_retry_ms = 500");
@@ -167,6 +168,10 @@ fn the_source_resumes_an_interrupted_postcopy_by_itself_once_the_link_is_back() 
     assert!(pid_alive(src_pid) && pid_alive(dst_pid), "a half was stopped while the link was down");
     assert_ne!(lab.vm_state("host1", "fast").as_deref(), Some("running"), "the source copy was resumed: the VM would run twice");
 
+    // The source agent restarts meanwhile: the new one takes up the retries.
+    lab.restart_agent("host1");
+    assert_eq!(state(&lab, "host1"), "postcopy_active");
+    assert!(pid_alive(src_pid), "the restart stopped the source's half");
     proxy.heal();
     wait_until(Duration::from_secs(90), "recovery on both hosts", || state(&lab, "host1") == "completed" && state(&lab, "host2") == "completed");
     wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
