@@ -165,6 +165,7 @@ fn the_source_resumes_an_interrupted_postcopy_by_itself_once_the_link_is_back() 
         std::fs::read_to_string(&audit1).unwrap_or_default().matches("postcopy_recover_failed").count() >= 2
     });
     assert_eq!(state(&lab, "host1"), "postcopy_active");
+    assert!(metric(&scrape(lab.host("host1").metrics), "ferry_postcopy_recovery_failures_total") >= 2);
     assert!(pid_alive(src_pid) && pid_alive(dst_pid), "a half was stopped while the link was down");
     assert_ne!(lab.vm_state("host1", "fast").as_deref(), Some("running"), "the source copy was resumed: the VM would run twice");
 

@@ -28,6 +28,7 @@ pub struct Metrics {
     duration_ms_destination: AtomicU64,
     tls_failures: AtomicU64,
     attestation_failures: AtomicU64,
+    postcopy_recovery_failures: AtomicU64,
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -67,6 +68,12 @@ impl Metrics {
         self.attestation_failures.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// An attempt to resume an interrupted post-copy failed (the VM stays
+    /// stalled on the destination meanwhile: worth an alert).
+    pub fn postcopy_recovery_failure(&self) {
+        self.postcopy_recovery_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self, vms: usize, active: usize) -> String {
         let mut s = String::new();
@@ -99,6 +106,9 @@ impl Metrics {
         let _ = writeln!(s, "# HELP ferry_attestation_failures_total Peer platforms that failed attestation.");
         let _ = writeln!(s, "# TYPE ferry_attestation_failures_total counter");
         let _ = writeln!(s, "ferry_attestation_failures_total {}", self.attestation_failures.load(Ordering::Relaxed));
+        let _ = writeln!(s, "# HELP ferry_postcopy_recovery_failures_total Failed attempts to resume an interrupted post-copy.");
+        let _ = writeln!(s, "# TYPE ferry_postcopy_recovery_failures_total counter");
+        let _ = writeln!(s, "ferry_postcopy_recovery_failures_total {}", self.postcopy_recovery_failures.load(Ordering::Relaxed));
         let _ = writeln!(s, "# HELP ferry_vms VMs this agent runs.");
         let _ = writeln!(s, "# TYPE ferry_vms gauge");
         let _ = writeln!(s, "ferry_vms {vms}");
@@ -152,11 +162,13 @@ mod tests {
         m.migration_finished(Role::Source, "completed", 1000, Duration::from_millis(1500));
         m.migration_finished(Role::Source, "completed", 24, Duration::from_millis(500));
         m.refused("replay");
+        m.postcopy_recovery_failure();
         let text = m.render(2, 1);
         assert!(text.contains("ferry_migrations_total{role=\"source\",outcome=\"completed\"} 2"), "{text}");
         assert!(text.contains("ferry_migration_bytes_total{role=\"source\"} 1024"), "{text}");
         assert!(text.contains("ferry_migration_duration_seconds_total{role=\"source\"} 2.000"), "{text}");
         assert!(text.contains("ferry_refusals_total{reason=\"replay\"} 1"), "{text}");
+        assert!(text.contains("ferry_postcopy_recovery_failures_total 1"), "{text}");
         assert!(text.contains("ferry_vms 2"));
     }
 }

@@ -92,6 +92,7 @@ pub async fn recover(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRec
         }
         Err(Failure::BeforeCommit(f) | Failure::InDoubt(f) | Failure::Split(f)) => {
             tracing::warn!(error = %f, "post-copy recovery failed; both halves stay as they were");
+            agent.metrics.postcopy_recovery_failure();
             let _ = crate::outgoing::audit(&ctx, "postcopy_recover_failed", serde_json::json!({ "error": f.message }), None).await;
             Err(Fault::new(ErrorKind::InDoubt, format!("{}; the migration stays post-copy interrupted: retry `ferry migrations recover {id}`", f.message)))
         }
