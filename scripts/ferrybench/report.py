@@ -97,8 +97,10 @@ def render(results, meta):
         extra += " Multifd transports use %d channels (Ferry: `--streams %d`, one TLS stream " \
                  "per channel plus the main one)." % (streams, streams + 1)
     if any(t in POSTCOPY for t in every):
-        extra += " Post-copy transports switch to post-copy after the first pass " \
-                 "(`migrate-start-postcopy` once `dirty-sync-count` ≥ 2; Ferry: `--postcopy`)."
+        extra += " Plain QEMU post-copy switches after the first pass " \
+                 "(`migrate-start-postcopy` once `dirty-sync-count` ≥ 2). Ferry (`--postcopy`) " \
+                 "switches after the first pass only when QEMU's rates show the guest dirtying " \
+                 "at least half as fast as the link carries, or after 8 passes."
     if extra:
         out.append("")
         out.append(extra.strip())
