@@ -224,3 +224,20 @@ fn a_guest_that_converges_anyway_completes_with_postcopy_allowed() {
     assert!(records.contains("commit_sent") && !records.contains("\"switchover\""), "a converging guest switched to post-copy: {records}");
     audit_verifies(&lab);
 }
+
+/// The source's QEMU dies while the link is down: the pages only it held
+/// are gone, so the agent stops retrying, and still stops or resumes
+/// nothing on its own: the destination's half is the operator's to judge.
+#[test]
+fn losing_the_source_qemu_ends_automatic_recovery() {
+    let (lab, proxy) = lab_with_cuttable_link("postcopy_recover_retry_ms = 500");
+    let (_, src_pid, _) = cut_after_handover(&lab, &proxy);
+    let dst_pid = lab.vms("host2").iter().find(|v| v["name"] == "fast").and_then(|v| v["pid"].as_i64()).expect("destination half") as i32;
+    let _ = std::process::Command::new("kill").args(["-9", &src_pid.to_string()]).status();
+    let agent_log = lab.host("host1").log.clone();
+    wait_until(Duration::from_secs(30), "the agent to stop retrying", || {
+        std::fs::read_to_string(&agent_log).unwrap_or_default().contains("automatic post-copy recovery stops")
+    });
+    assert!(pid_alive(dst_pid), "the destination's half was stopped");
+    assert_eq!((state(&lab, "host1"), state(&lab, "host2")), ("postcopy_active".into(), "postcopy_active".into()));
+}

@@ -121,8 +121,8 @@ pub fn spawn_auto_recover(agent: Arc<Agent>, id: MigrationId) {
                     continue;
                 }
             };
-            if !agent.vms.lock().await.contains_key(&rec.vm) {
-                tracing::error!(vm = %rec.vm, "the source QEMU is gone; automatic post-copy recovery stops");
+            if !agent.vms.lock().await.get(&rec.vm).is_some_and(|e| e.proc.is_alive()) {
+                tracing::error!(vm = %rec.vm, "the source QEMU is gone, and the pages only it held with it; automatic post-copy recovery stops");
                 return;
             }
             match recover(&agent, id).await {
