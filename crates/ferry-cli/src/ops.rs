@@ -159,7 +159,9 @@ pub enum MigrationsCommand {
     },
     /// Resume a post-copy migration whose link broke after the destination
     /// took the VM over (state postcopy_active; ask its source host). Both
-    /// QEMUs must still run. Safe to repeat until it succeeds.
+    /// QEMUs must still run. Safe to repeat until it succeeds. The source
+    /// agent also tries this on its own ([migration]
+    /// postcopy_recover_retry_ms); this runs an attempt now.
     Recover {
         id: MigrationId,
         #[command(flatten)]
