@@ -82,7 +82,7 @@ pub async fn recover(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRec
             let digest = rec.digest.unwrap_or(Digest32([0; 32]));
             return finish_completed(agent, &mut rec, digest).await;
         }
-        Err(why) => return Err(Fault::new(ErrorKind::Backend, why)),
+        Err(why) => return Err(attempt_failed(&ctx, Fault::new(ErrorKind::Backend, why)).await),
     }
     match resume_stream(&ctx, &mut rec).await {
         Ok(digest) => {
@@ -90,13 +90,17 @@ pub async fn recover(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRec
             agent.metrics.migration_finished(Role::Source, "completed", rec.bytes, ctx.started.elapsed());
             finish_completed(agent, &mut rec, digest).await
         }
-        Err(Failure::BeforeCommit(f) | Failure::InDoubt(f) | Failure::Split(f)) => {
-            tracing::warn!(error = %f, "post-copy recovery failed; both halves stay as they were");
-            agent.metrics.postcopy_recovery_failure();
-            let _ = crate::outgoing::audit(&ctx, "postcopy_recover_failed", serde_json::json!({ "error": f.message }), None).await;
-            Err(Fault::new(ErrorKind::InDoubt, format!("{}; the migration stays post-copy interrupted: retry `ferry migrations recover {id}`", f.message)))
-        }
+        Err(Failure::BeforeCommit(f) | Failure::InDoubt(f) | Failure::Split(f)) => Err(attempt_failed(&ctx, f).await),
     }
+}
+
+/// An attempt that changed nothing: logged, counted and audited, whatever
+/// step it failed at, and the answer says it can be tried again.
+async fn attempt_failed(ctx: &Ctx, f: Fault) -> Fault {
+    tracing::warn!(error = %f, "post-copy recovery failed; both halves stay as they were");
+    ctx.agent.metrics.postcopy_recovery_failure();
+    let _ = crate::outgoing::audit(ctx, "postcopy_recover_failed", serde_json::json!({ "error": f.message }), None).await;
+    Fault::new(ErrorKind::InDoubt, format!("{}; the migration stays post-copy interrupted: retry `ferry migrations recover {}`", f.message, ctx.id))
 }
 
 /// Source: keep resuming an interrupted post-copy until it completes, the
@@ -111,7 +115,7 @@ pub fn spawn_auto_recover(agent: Arc<Agent>, id: MigrationId) {
     let span = tracing::info_span!("auto_recover", migration_id = %id, role = "source");
     let task = async move {
         let mut delay = first;
-        for attempt in 1u32.. {
+        for attempt in 1u64.. {
             tokio::time::sleep(delay).await;
             let rec = match agent.records.get(&id) {
                 Ok(Some(r)) if r.role == Role::Source && r.state == MigrationState::PostcopyActive => r,
