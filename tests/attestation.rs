@@ -28,7 +28,10 @@ fn refused(lab: &TestLab, log: &std::path::Path, expect: &[&str]) -> String {
     assert_eq!(lab.vm_state("host1", "g").as_deref(), Some("running"));
     assert_guest_runs(log);
     assert!(lab.vms("host2").is_empty(), "the destination holds a VM");
-    assert!(live_qemus_under(&lab.host("host2").state_dir).is_empty(), "the destination launched QEMU");
+    assert!(
+        live_qemus_under(&lab.host("host2").state_dir).is_empty(),
+        "the destination launched QEMU"
+    );
     out
 }
 
@@ -42,8 +45,12 @@ fn attested_platforms_migrate_and_record_it() {
     assert_eq!(rec["attestation"]["quoted"], true, "{rec}");
     assert_eq!(rec["insecure"], serde_json::json!([]), "{rec}");
     let setup = rec["setup_ms"].as_u64().expect("setup_ms");
-    eprintln!("setup (connect + TLS + mutual attestation): {setup} ms; attestation {} ms", rec["attestation"]["ms"]);
-    let (_, dst) = lab.ferry_json(&["migrations", "show", rec["id"].as_str().expect("id"), "--host", "host2"]);
+    eprintln!(
+        "setup (connect + TLS + mutual attestation): {setup} ms; attestation {} ms",
+        rec["attestation"]["ms"]
+    );
+    let (_, dst) =
+        lab.ferry_json(&["migrations", "show", rec["id"].as_str().expect("id"), "--host", "host2"]);
     assert_eq!(dst["attestation"]["peer_verified"], true, "{dst}");
 }
 
@@ -89,26 +96,50 @@ fn hosts_without_attestation_are_refused_unless_insecure_is_explicit() {
     let cfg = lab.host("host2").config.clone();
     let original = std::fs::read_to_string(&cfg).expect("cfg");
     let start = original.find("[attestation]").expect("section");
-    std::fs::write(&cfg, format!("{}[attestation]\ninsecure_disabled = true\n", &original[..start])).expect("cfg");
+    std::fs::write(
+        &cfg,
+        format!("{}[attestation]\ninsecure_disabled = true\n", &original[..start]),
+    )
+    .expect("cfg");
     lab.restart_agent("host2");
-    assert!(std::fs::read_to_string(&lab.host("host2").log).expect("log").contains("INSECURE"), "no start-up warning");
+    assert!(
+        std::fs::read_to_string(&lab.host("host2").log).expect("log").contains("INSECURE"),
+        "no start-up warning"
+    );
     refused(&lab, &log, &["host2", "no TPM quote"]);
 
     // host1 explicitly insecure too: allowed, and marked on both records.
     let cfg1 = lab.host("host1").config.clone();
     let original1 = std::fs::read_to_string(&cfg1).expect("cfg");
     let start1 = original1.find("[attestation]").expect("section");
-    std::fs::write(&cfg1, format!("{}[attestation]\ninsecure_disabled = true\n", &original1[..start1])).expect("cfg");
+    std::fs::write(
+        &cfg1,
+        format!("{}[attestation]\ninsecure_disabled = true\n", &original1[..start1]),
+    )
+    .expect("cfg");
     lab.restart_agent("host1");
     let (ok, rec) = lab.ferry_json(&["migrate", "g", "--to", "host2", "--host", "host1"]);
     assert!(ok, "{rec}");
-    assert!(rec["insecure"].as_array().is_some_and(|a| !a.is_empty()), "insecure migration not marked: {rec}");
+    assert!(
+        rec["insecure"].as_array().is_some_and(|a| !a.is_empty()),
+        "insecure migration not marked: {rec}"
+    );
 
     // Policy sees the platforms as unattested: above security level 0 the
     // sample policy refuses the move before anything starts.
     let o = lab.ferry(&[
-        "vm", "start", "--host", "host1", "--name", "guarded", "--kernel", "ferry-guest.elf",
-        "--cmdline", "fill_mib=16 hb_ms=10", "--security-level", "1",
+        "vm",
+        "start",
+        "--host",
+        "host1",
+        "--name",
+        "guarded",
+        "--kernel",
+        "ferry-guest.elf",
+        "--cmdline",
+        "fill_mib=16 hb_ms=10",
+        "--security-level",
+        "1",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let (ok, v) = lab.ferry_json(&["migrate", "guarded", "--to", "host2", "--host", "host1"]);

@@ -17,14 +17,14 @@ fn slow_lab() -> (TestLab, PathBuf) {
     (lab, log)
 }
 
-
 /// Wait until the destination has launched its incoming QEMU and some
 /// state has flowed; returns that QEMU's pid.
 fn wait_transfer_started(lab: &TestLab) -> i32 {
     let mut pid = 0;
     wait_until(Duration::from_secs(30), "the incoming VM on host2", || {
         let vms = lab.vms("host2");
-        pid = vms.iter().find(|v| v["name"] == "g").and_then(|v| v["pid"].as_i64()).unwrap_or(0) as i32;
+        pid = vms.iter().find(|v| v["name"] == "g").and_then(|v| v["pid"].as_i64()).unwrap_or(0)
+            as i32;
         pid != 0
     });
     std::thread::sleep(Duration::from_millis(1500));
@@ -40,13 +40,23 @@ fn finish(child: std::process::Child) -> (bool, String) {
 /// and no QEMU for the VM is left on the destination.
 fn assert_rolled_back(lab: &TestLab, log: &std::path::Path) {
     let started = Instant::now();
-    wait_until(Duration::from_secs(10), "the source copy to run again", || lab.vm_state("host1", "g").as_deref() == Some("running"));
-    eprintln!("source running again {} ms after the failure was reported", started.elapsed().as_millis());
+    wait_until(Duration::from_secs(10), "the source copy to run again", || {
+        lab.vm_state("host1", "g").as_deref() == Some("running")
+    });
+    eprintln!(
+        "source running again {} ms after the failure was reported",
+        started.elapsed().as_millis()
+    );
     assert_guest_runs(log);
     assert_eq!(lab.running_on("g"), ["host1"]);
-    wait_until(Duration::from_secs(10), "no QEMU left on host2", || live_qemus_under(&lab.host("host2").state_dir).is_empty());
+    wait_until(Duration::from_secs(10), "no QEMU left on host2", || {
+        live_qemus_under(&lab.host("host2").state_dir).is_empty()
+    });
     let lines = ferry_cli::console::read_console(log).expect("console");
-    assert!(!lines.iter().any(|l| matches!(l.line, ferry_guest::GuestLine::Corrupt { .. })), "guest memory corrupted");
+    assert!(
+        !lines.iter().any(|l| matches!(l.line, ferry_guest::GuestLine::Corrupt { .. })),
+        "guest memory corrupted"
+    );
 }
 
 #[test]
@@ -64,14 +74,17 @@ fn destination_agent_killed_mid_transfer() {
     assert!(t.elapsed() < Duration::from_secs(20), "took too long to notice");
     // The destination's QEMU is orphaned (paused, never resumed): host2 runs
     // nothing until its agent restarts and cleans it up.
-    wait_until(Duration::from_secs(10), "source running", || lab.vm_state("host1", "g").as_deref() == Some("running"));
+    wait_until(Duration::from_secs(10), "source running", || {
+        lab.vm_state("host1", "g").as_deref() == Some("running")
+    });
     assert_eq!(lab.running_on("g"), ["host1"]);
     lab.start_agent("host2");
     assert!(lab.vms("host2").is_empty(), "restarted host2 still lists the incoming VM");
     assert_rolled_back(&lab, &log);
     // The destination's record says it never ran the VM.
     let (_, list) = lab.ferry_json(&["migrations", "list", "--host", "host2"]);
-    let states: Vec<_> = list["migrations"].as_array().expect("list").iter().map(|m| m["state"].clone()).collect();
+    let states: Vec<_> =
+        list["migrations"].as_array().expect("list").iter().map(|m| m["state"].clone()).collect();
     assert_eq!(states, [serde_json::json!("aborted")], "{list}");
     let m = scrape(lab.host("host1").metrics);
     assert_eq!(metric(&m, "ferry_migrations_total{role=\"source\",outcome=\"aborted\"}"), 1, "{m}");
@@ -96,7 +109,11 @@ fn connection_cut_mid_transfer() {
     let (lab, log) = slow_lab();
     let target = lab.host("host2").addr;
     let proxy = Proxy::start(target, ProxyMode::CutAfter(64 << 20));
-    lab.edit_config("host1", &format!("host2 = \"{target}\""), &format!("host2 = \"{}\"", proxy.addr));
+    lab.edit_config(
+        "host1",
+        &format!("host2 = \"{target}\""),
+        &format!("host2 = \"{}\"", proxy.addr),
+    );
     lab.restart_agent("host1");
     let (ok, out) = finish(spawn_migrate(&lab));
     assert!(!ok, "migration reported success: {out}");
@@ -114,7 +131,11 @@ fn lost_receipt_leaves_the_migration_in_doubt_until_resolved() {
     let target = lab.host("host2").addr;
     // Everything the destination says after the bulk of the state passed is swallowed.
     let proxy = Proxy::start(target, ProxyMode::MuteDownstreamAfter(100 << 20));
-    lab.edit_config("host1", &format!("host2 = \"{target}\""), &format!("host2 = \"{}\"", proxy.addr));
+    lab.edit_config(
+        "host1",
+        &format!("host2 = \"{target}\""),
+        &format!("host2 = \"{}\"", proxy.addr),
+    );
     let cfg = &lab.host("host1").config;
     let mut s = std::fs::read_to_string(cfg).expect("cfg");
     s.push_str("\n[migration]\ncommit_timeout_ms = 1000\nio_timeout_ms = 2000\n");
@@ -135,7 +156,11 @@ fn lost_receipt_leaves_the_migration_in_doubt_until_resolved() {
     assert_ne!(lab.vm_state("host1", "g").as_deref(), Some("running"));
     // The network heals (the proxy goes) and the source agent restarts: the
     // migration is still in doubt and the source copy still paused.
-    lab.edit_config("host1", &format!("host2 = \"{}\"", proxy.addr), &format!("host2 = \"{target}\""));
+    lab.edit_config(
+        "host1",
+        &format!("host2 = \"{}\"", proxy.addr),
+        &format!("host2 = \"{target}\""),
+    );
     drop(proxy);
     lab.restart_agent("host1");
     assert_ne!(lab.vm_state("host1", "g").as_deref(), Some("running"));

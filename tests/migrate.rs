@@ -26,14 +26,20 @@ fn a_dirtying_guest_migrates_keeps_running_and_runs_once() {
     assert!(metric(&m1, "ferry_migration_bytes_total{role=\"source\"}") > 256 << 20, "{m1}");
     assert_eq!(metric(&scrape(lab.host("host2").metrics), received), 1);
     assert_eq!(rec["state"], "completed", "{rec}");
-    assert!(rec["bytes"].as_u64().unwrap_or(0) > 256 << 20, "less than the filled memory moved: {rec}");
+    assert!(
+        rec["bytes"].as_u64().unwrap_or(0) > 256 << 20,
+        "less than the filled memory moved: {rec}"
+    );
     let id = rec["id"].as_str().expect("id").to_owned();
 
     // Exactly one copy: running on host2, gone from host1, source QEMU dead.
     assert_eq!(lab.running_on("g1"), ["host2"]);
     assert!(lab.vm_state("host1", "g1").is_none(), "source still lists the VM");
     assert!(!pid_alive(src_pid), "source QEMU {src_pid} still alive");
-    assert!(live_qemus_under(&lab.host("host1").state_dir).is_empty(), "a QEMU still runs on host1");
+    assert!(
+        live_qemus_under(&lab.host("host1").state_dir).is_empty(),
+        "a QEMU still runs on host1"
+    );
     assert_eq!(live_qemus_under(&lab.host("host2").state_dir).len(), 1);
 
     // Both sides agree on what moved.
@@ -68,11 +74,34 @@ fn a_dirtying_guest_migrates_keeps_running_and_runs_once() {
 fn demo_json_reports_a_verified_migration() {
     let dir = tempfile::Builder::new().prefix("ferry-demo-").tempdir_in("/tmp").expect("tmp");
     let lab_dir = dir.path().join("lab");
-    let o = run(&["demo", "--json", "--memory", "256", "--fill", "128", "--dir", lab_dir.to_str().expect("utf8")], None);
+    let o = run(
+        &[
+            "demo",
+            "--json",
+            "--memory",
+            "256",
+            "--fill",
+            "128",
+            "--dir",
+            lab_dir.to_str().expect("utf8"),
+        ],
+        None,
+    );
     let out = text(&o);
     assert!(o.status.success(), "demo failed: {out}");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
-    for field in ["migrated", "vm", "source", "destination", "running_on", "bytes", "total_ms", "downtime_ms", "guest_blackout_ms", "checks"] {
+    for field in [
+        "migrated",
+        "vm",
+        "source",
+        "destination",
+        "running_on",
+        "bytes",
+        "total_ms",
+        "downtime_ms",
+        "guest_blackout_ms",
+        "checks",
+    ] {
         assert!(v.get(field).is_some(), "demo JSON lacks {field}: {v}");
     }
     assert_eq!(v["migrated"], true);
@@ -91,9 +120,11 @@ fn bad_requests_get_clear_errors() {
     assert!(text(&o).contains("no VM nope on host1"), "{}", text(&o));
     let o = lab.ferry(&["migrate", "nope", "--to", "host9", "--host", "host1"]);
     assert!(text(&o).contains("unknown destination host9"), "{}", text(&o));
-    let o = lab.ferry(&["vm", "start", "--host", "host1", "--name", "x", "--kernel", "../etc/passwd"]);
+    let o =
+        lab.ferry(&["vm", "start", "--host", "host1", "--name", "x", "--kernel", "../etc/passwd"]);
     assert!(!o.status.success() && text(&o).contains("image"), "{}", text(&o));
-    let o = lab.ferry(&["vm", "start", "--host", "host1", "--name", "x", "--kernel", "missing.elf"]);
+    let o =
+        lab.ferry(&["vm", "start", "--host", "host1", "--name", "x", "--kernel", "missing.elf"]);
     assert!(!o.status.success() && text(&o).contains("missing.elf"), "{}", text(&o));
     assert!(live_qemus_under(lab.dir.path()).is_empty());
 }
@@ -105,14 +136,19 @@ fn parallel_streams_carry_multifd_channels() {
     let lab = TestLab::up(2, 0);
     let vm = lab.start_guest("host1", "m", 512, "fill_mib=256 dirty=64 hb_ms=10");
     let src_pid = vm["pid"].as_i64().expect("pid") as i32;
-    let (ok, rec) = lab.ferry_json(&["migrate", "m", "--to", "host2", "--host", "host1", "--streams", "4"]);
+    let (ok, rec) =
+        lab.ferry_json(&["migrate", "m", "--to", "host2", "--host", "host1", "--streams", "4"]);
     assert!(ok, "multifd migration failed: {rec}");
     assert_eq!(rec["streams"], 4, "{rec}");
     assert!(rec["bytes"].as_u64().unwrap_or(0) > 256 << 20, "{rec}");
-    let (_, dst) = lab.ferry_json(&["migrations", "show", rec["id"].as_str().expect("id"), "--host", "host2"]);
+    let (_, dst) =
+        lab.ferry_json(&["migrations", "show", rec["id"].as_str().expect("id"), "--host", "host2"]);
     assert_eq!(dst["digest"], rec["digest"]);
     assert_eq!(dst["streams"], 4);
-    assert_eq!(metric(&scrape(lab.host("host2").metrics), "ferry_refusals_total{reason=\"stream_join\"}"), 0);
+    assert_eq!(
+        metric(&scrape(lab.host("host2").metrics), "ferry_refusals_total{reason=\"stream_join\"}"),
+        0
+    );
     assert_eq!(lab.running_on("m"), ["host2"]);
     assert!(!pid_alive(src_pid));
     assert_moved_intact(&lab, "m", rec["id"].as_str().expect("id"));

@@ -26,7 +26,13 @@ fn progress_is_drawn_on_a_terminal_and_ends_in_a_result() {
     assert!(o.status.success(), "{out}");
     let redraws = out.matches("\r\x1b[2K").count();
     assert!(redraws >= 3, "the bar was not redrawn in place ({redraws} times): {out:?}");
-    assert!(out.contains("transfer") && out.contains('%') && out.contains("MiB/s") && out.contains("ETA"), "{out:?}");
+    assert!(
+        out.contains("transfer")
+            && out.contains('%')
+            && out.contains("MiB/s")
+            && out.contains("ETA"),
+        "{out:?}"
+    );
     // After the last redraw of the bar comes the result, on lines of its own.
     let after_bar = out.rsplit("\r\x1b[2K").next().unwrap_or("");
     let result = after_bar.split_once('\n').map(|x| x.1).unwrap_or("");
@@ -53,24 +59,65 @@ fn every_json_output_parses_and_has_its_fields() {
     let (ok, s) = lab.ferry_json(&["status", "--host", "host1"]);
     assert!(ok);
     has(&s, &["host", "version", "protocol", "accel", "vms", "peers", "active_migrations"]);
-    assert_eq!(s["accel"], if std::path::Path::new("/sys/module/kvm_intel").exists() || std::path::Path::new("/sys/module/kvm_amd").exists() { "kvm" } else { "tcg" });
+    assert_eq!(
+        s["accel"],
+        if std::path::Path::new("/sys/module/kvm_intel").exists()
+            || std::path::Path::new("/sys/module/kvm_amd").exists()
+        {
+            "kvm"
+        } else {
+            "tcg"
+        }
+    );
     let (ok, l) = lab.ferry_json(&["vm", "list", "--host", "host1"]);
     assert!(ok);
     has(&l["vms"][0], &["name", "state", "pid", "migration", "console_log"]);
     let (ok, m) = lab.ferry_json(&["migrate", "g", "--to", "host2", "--host", "host1"]);
     assert!(ok);
-    has(&m, &["id", "role", "vm", "source", "destination", "state", "bytes", "digest", "total_ms", "qemu_downtime_ms", "setup_ms", "attestation", "insecure", "receipt"]);
+    has(
+        &m,
+        &[
+            "id",
+            "role",
+            "vm",
+            "source",
+            "destination",
+            "state",
+            "bytes",
+            "digest",
+            "total_ms",
+            "qemu_downtime_ms",
+            "setup_ms",
+            "attestation",
+            "insecure",
+            "receipt",
+        ],
+    );
     let id = m["id"].as_str().expect("id");
     let (ok, list) = lab.ferry_json(&["migrations", "list", "--host", "host2"]);
     assert!(ok);
     has(&list["migrations"][0], &["id", "role", "state"]);
     let (ok, show) = lab.ferry_json(&["migrations", "show", id, "--host", "host2"]);
     assert!(ok && show["role"] == "destination", "{show}");
-    let logs = [lab.host("host1").state_dir.join("audit.log"), lab.host("host2").state_dir.join("audit.log")];
-    let (ok, v) = lab.ferry_json(&["audit", "verify", logs[0].to_str().expect("utf8"), logs[1].to_str().expect("utf8"), "--ca", lab.lab.ca.to_str().expect("utf8")]);
+    let logs = [
+        lab.host("host1").state_dir.join("audit.log"),
+        lab.host("host2").state_dir.join("audit.log"),
+    ];
+    let (ok, v) = lab.ferry_json(&[
+        "audit",
+        "verify",
+        logs[0].to_str().expect("utf8"),
+        logs[1].to_str().expect("utf8"),
+        "--ca",
+        lab.lab.ca.to_str().expect("utf8"),
+    ]);
     assert!(ok, "{v}");
     has(&v, &["verified", "logs", "cross_check"]);
-    let (ok, p) = lab.ferry_json(&["policy", "check", lab.dir.path().join("policy/ferry.cedar").to_str().expect("utf8")]);
+    let (ok, p) = lab.ferry_json(&[
+        "policy",
+        "check",
+        lab.dir.path().join("policy/ferry.cedar").to_str().expect("utf8"),
+    ]);
     assert!(ok);
     has(&p, &["valid", "policies", "warnings"]);
     // Errors are JSON too, with a kind for scripts.
@@ -110,7 +157,15 @@ fn a_migration_can_be_cancelled_before_commit() {
     assert!(text(&o).contains("cancelled"), "{}", text(&o));
     assert_eq!(lab.vm_state("host1", "g").as_deref(), Some("running"));
     assert_guest_runs(&log);
-    wait_until(Duration::from_secs(10), "host2 to discard the incoming VM", || live_qemus_under(&lab.host("host2").state_dir).is_empty());
+    wait_until(Duration::from_secs(10), "host2 to discard the incoming VM", || {
+        live_qemus_under(&lab.host("host2").state_dir).is_empty()
+    });
     let (ok, e) = lab.ferry_json(&["migrations", "cancel", &id, "--host", "host1"]);
-    assert!(!ok && e["message"].as_str().unwrap_or("").contains("not an outgoing migration in progress"), "{e}");
+    assert!(
+        !ok && e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not an outgoing migration in progress"),
+        "{e}"
+    );
 }

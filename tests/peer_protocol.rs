@@ -7,11 +7,19 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-fn first_message_is_refused(lab: &TestLab, what: &str, send: fn(&mut RogueSource) -> Result<(), String>, expect: &str) {
-    let mut r = RogueSource::connect(lab, "host1", "host2").unwrap_or_else(|e| panic!("{what}: connect as host1: {e}"));
+fn first_message_is_refused(
+    lab: &TestLab,
+    what: &str,
+    send: fn(&mut RogueSource) -> Result<(), String>,
+    expect: &str,
+) {
+    let mut r = RogueSource::connect(lab, "host1", "host2")
+        .unwrap_or_else(|e| panic!("{what}: connect as host1: {e}"));
     send(&mut r).unwrap_or_else(|e| panic!("{what}: send: {e}"));
     let (answers, _) = r.read_until_closed();
-    let [answer] = answers.as_slice() else { panic!("{what}: expected one refusal, got {answers:?}") };
+    let [answer] = answers.as_slice() else {
+        panic!("{what}: expected one refusal, got {answers:?}")
+    };
     assert_eq!(answer["type"], "refuse", "{what}: {answer}");
     assert_eq!(answer["migration_id"], Value::String(r.id.to_string()), "{what}: {answer}");
     let reason = answer["reason"].as_str().unwrap_or("");
@@ -44,7 +52,9 @@ fn an_out_of_turn_first_message_gets_a_refusal_that_names_the_problem() {
     first_message_is_refused(
         &lab,
         "an attest message with an unknown field",
-        |r| r.send(&json!({"type": "attest", "migration_id": r.id, "evidence": null, "protocol_version": 9})),
+        |r| {
+            r.send(&json!({"type": "attest", "migration_id": r.id, "evidence": null, "protocol_version": 9}))
+        },
         "unknown field `protocol_version`",
     );
     // Nothing was started on host2.

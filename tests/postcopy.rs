@@ -28,26 +28,45 @@ fn a_guest_that_outruns_precopy_moves_with_postcopy() {
     assert!(failed["message"].as_str().unwrap_or("").contains("did not converge"), "{failed}");
     assert_eq!(lab.running_on("fast"), ["host1"], "the source copy runs again");
 
-    let (ok, rec) = lab.ferry_json(&["migrate", "fast", "--to", "host2", "--host", "host1", "--postcopy"]);
+    let (ok, rec) =
+        lab.ferry_json(&["migrate", "fast", "--to", "host2", "--host", "host1", "--postcopy"]);
     assert!(ok, "post-copy migration failed: {rec}");
     assert_eq!(rec["state"], "completed", "{rec}");
     assert_eq!(rec["postcopy"], true, "{rec}");
     let id = rec["id"].as_str().expect("id").to_owned();
     let (_, dst) = lab.ferry_json(&["migrations", "show", &id, "--host", "host2"]);
     assert_eq!(dst["state"], "completed", "{dst}");
-    assert_eq!((&dst["bytes"], &dst["digest"]), (&rec["bytes"], &rec["digest"]), "both sides signed for the same stream");
+    assert_eq!(
+        (&dst["bytes"], &dst["digest"]),
+        (&rec["bytes"], &rec["digest"]),
+        "both sides signed for the same stream"
+    );
     assert!(rec["receipt"].is_object(), "{rec}");
     assert_eq!(lab.running_on("fast"), ["host2"]);
     wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
 
     // The switchover is in both audit logs: commit sent before the
     // destination resumed, receipt after.
-    let logs = [lab.host("host1").state_dir.join("audit.log"), lab.host("host2").state_dir.join("audit.log")];
-    for (log, kinds) in logs.iter().zip([["commit_sent", "receipt_received"], ["commit_received", "receipt_sent"]]) {
-        let o = lab.ferry(&["audit", "show", log.to_str().expect("utf8"), "--migration", &id, "--json"]);
+    let logs = [
+        lab.host("host1").state_dir.join("audit.log"),
+        lab.host("host2").state_dir.join("audit.log"),
+    ];
+    for (log, kinds) in
+        logs.iter().zip([["commit_sent", "receipt_received"], ["commit_received", "receipt_sent"]])
+    {
+        let o = lab.ferry(&[
+            "audit",
+            "show",
+            log.to_str().expect("utf8"),
+            "--migration",
+            &id,
+            "--json",
+        ]);
         let records = text(&o);
         for kind in kinds {
-            let switchover = records.lines().any(|l| l.contains(&format!("\"{kind}\"")) && l.contains("\"switchover\""));
+            let switchover = records
+                .lines()
+                .any(|l| l.contains(&format!("\"{kind}\"")) && l.contains("\"switchover\""));
             assert!(switchover, "no switchover {kind} in {}: {records}", log.display());
         }
     }
@@ -64,7 +83,11 @@ fn lab_with_cuttable_link(migration: &str) -> (TestLab, Proxy) {
     let lab = TestLab::up(2, LINK_MIB_S);
     let target = lab.host("host2").addr;
     let proxy = Proxy::start(target, ProxyMode::CutAfter(u64::MAX));
-    lab.edit_config("host1", &format!("host2 = \"{target}\""), &format!("host2 = \"{}\"", proxy.addr));
+    lab.edit_config(
+        "host1",
+        &format!("host2 = \"{target}\""),
+        &format!("host2 = \"{}\"", proxy.addr),
+    );
     lab.edit_config("host1", "[policy]", &format!("[migration]\n{migration}\n\n[policy]"));
     lab.restart_agent("host1");
     (lab, proxy)
@@ -73,7 +96,11 @@ fn lab_with_cuttable_link(migration: &str) -> (TestLab, Proxy) {
 /// The state of a host's only migration.
 fn state(lab: &TestLab, host: &str) -> serde_json::Value {
     let (_, list) = lab.ferry_json(&["migrations", "list", "--host", host]);
-    list["migrations"].as_array().and_then(|m| m.first()).map(|m| m["state"].clone()).unwrap_or_default()
+    list["migrations"]
+        .as_array()
+        .and_then(|m| m.first())
+        .map(|m| m["state"].clone())
+        .unwrap_or_default()
 }
 
 /// Start a post-copy migration of a fast guest and cut the link once the
@@ -91,7 +118,9 @@ fn cut_after_handover(lab: &TestLab, proxy: &Proxy) -> (serde_json::Value, i32, 
         .expect("spawn migrate");
     // The post-copy phase sends what is left at the link's 100 MiB/s: the
     // link fails while the destination runs the VM and still lacks pages.
-    wait_until(Duration::from_secs(90), "the hand-over", || state(lab, "host1") == "postcopy_active");
+    wait_until(Duration::from_secs(90), "the hand-over", || {
+        state(lab, "host1") == "postcopy_active"
+    });
     proxy.cut();
     let out = child.wait_with_output().expect("wait migrate");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -104,8 +133,18 @@ fn cut_after_handover(lab: &TestLab, proxy: &Proxy) -> (serde_json::Value, i32, 
 }
 
 fn audit_verifies(lab: &TestLab) {
-    let logs = [lab.host("host1").state_dir.join("audit.log"), lab.host("host2").state_dir.join("audit.log")];
-    let (ok, v) = lab.ferry_json(&["audit", "verify", logs[0].to_str().expect("utf8"), logs[1].to_str().expect("utf8"), "--ca", lab.lab.ca.to_str().expect("utf8")]);
+    let logs = [
+        lab.host("host1").state_dir.join("audit.log"),
+        lab.host("host2").state_dir.join("audit.log"),
+    ];
+    let (ok, v) = lab.ferry_json(&[
+        "audit",
+        "verify",
+        logs[0].to_str().expect("utf8"),
+        logs[1].to_str().expect("utf8"),
+        "--ca",
+        lab.lab.ca.to_str().expect("utf8"),
+    ]);
     assert!(ok, "{v}");
 }
 
@@ -118,20 +157,39 @@ fn a_link_lost_after_the_handover_keeps_both_halves_until_recovered() {
     let state = |host: &str| state(&lab, host);
 
     // Neither half was stopped or resumed, now or after both agents restart.
-    let dst_pid = || lab.vms("host2").iter().find(|v| v["name"] == "fast").and_then(|v| v["pid"].as_i64()).unwrap_or(0) as i32;
-    wait_until(Duration::from_secs(20), "the destination to record the interruption", || state("host2") == "postcopy_active");
+    let dst_pid = || {
+        lab.vms("host2")
+            .iter()
+            .find(|v| v["name"] == "fast")
+            .and_then(|v| v["pid"].as_i64())
+            .unwrap_or(0) as i32
+    };
+    wait_until(Duration::from_secs(20), "the destination to record the interruption", || {
+        state("host2") == "postcopy_active"
+    });
     let dst = dst_pid();
     assert!(dst != 0 && pid_alive(dst), "the destination's half is gone");
     // The link comes back (no proxy); both agents restart meanwhile.
-    lab.edit_config("host1", &format!("host2 = \"{}\"", proxy.addr), &format!("host2 = \"{target}\""));
+    lab.edit_config(
+        "host1",
+        &format!("host2 = \"{}\"", proxy.addr),
+        &format!("host2 = \"{target}\""),
+    );
     for host in ["host1", "host2"] {
         lab.restart_agent(host);
     }
     assert!(pid_alive(src_pid), "the source's half (holding pages) was stopped");
     assert_eq!(dst_pid(), dst, "the destination's half was replaced");
     assert!(pid_alive(dst));
-    assert_eq!((state("host1"), state("host2")), ("postcopy_active".into(), "postcopy_active".into()));
-    assert_ne!(lab.vm_state("host1", "fast").as_deref(), Some("running"), "the source copy was resumed: the VM would run twice");
+    assert_eq!(
+        (state("host1"), state("host2")),
+        ("postcopy_active".into(), "postcopy_active".into())
+    );
+    assert_ne!(
+        lab.vm_state("host1", "fast").as_deref(),
+        Some("running"),
+        "the source copy was resumed: the VM would run twice"
+    );
     // Recovery only from the source, and only by the source host.
     let (ok, v) = lab.ferry_json(&["migrations", "recover", &id, "--host", "host2"]);
     assert!(!ok && v["kind"] == "request", "{v}");
@@ -157,24 +215,41 @@ fn the_source_resumes_an_interrupted_postcopy_by_itself_once_the_link_is_back() 
     let (lab, proxy) = lab_with_cuttable_link("postcopy_recover_retry_ms = 500");
     let (v, src_pid, id) = cut_after_handover(&lab, &proxy);
     assert!(v["message"].as_str().unwrap_or("").contains("resumes it on its own"), "{v}");
-    let dst_pid = lab.vms("host2").iter().find(|v| v["name"] == "fast").and_then(|v| v["pid"].as_i64()).expect("destination half") as i32;
+    let dst_pid = lab
+        .vms("host2")
+        .iter()
+        .find(|v| v["name"] == "fast")
+        .and_then(|v| v["pid"].as_i64())
+        .expect("destination half") as i32;
 
     // Attempts at 0.5, 1.5 and 3.5 s all meet the cut link.
     let audit1 = lab.host("host1").state_dir.join("audit.log");
     wait_until(Duration::from_secs(30), "failed recovery attempts", || {
-        std::fs::read_to_string(&audit1).unwrap_or_default().matches("postcopy_recover_failed").count() >= 2
+        std::fs::read_to_string(&audit1)
+            .unwrap_or_default()
+            .matches("postcopy_recover_failed")
+            .count()
+            >= 2
     });
     assert_eq!(state(&lab, "host1"), "postcopy_active");
-    assert!(metric(&scrape(lab.host("host1").metrics), "ferry_postcopy_recovery_failures_total") >= 2);
+    assert!(
+        metric(&scrape(lab.host("host1").metrics), "ferry_postcopy_recovery_failures_total") >= 2
+    );
     assert!(pid_alive(src_pid) && pid_alive(dst_pid), "a half was stopped while the link was down");
-    assert_ne!(lab.vm_state("host1", "fast").as_deref(), Some("running"), "the source copy was resumed: the VM would run twice");
+    assert_ne!(
+        lab.vm_state("host1", "fast").as_deref(),
+        Some("running"),
+        "the source copy was resumed: the VM would run twice"
+    );
 
     // The source agent restarts meanwhile: the new one takes up the retries.
     lab.restart_agent("host1");
     assert_eq!(state(&lab, "host1"), "postcopy_active");
     assert!(pid_alive(src_pid), "the restart stopped the source's half");
     proxy.heal();
-    wait_until(Duration::from_secs(90), "recovery on both hosts", || state(&lab, "host1") == "completed" && state(&lab, "host2") == "completed");
+    wait_until(Duration::from_secs(90), "recovery on both hosts", || {
+        state(&lab, "host1") == "completed" && state(&lab, "host2") == "completed"
+    });
     wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
     assert_eq!(lab.running_on("fast"), ["host2"]);
     assert_moved_intact(&lab, "fast", &id);
@@ -186,11 +261,22 @@ fn postcopy_is_refused_by_policy_and_with_multifd() {
     let lab = TestLab::up(2, 0);
     // The sample policy allows post-copy only up to security level 1.
     let o = lab.ferry(&[
-        "vm", "start", "--host", "host1", "--name", "secret", "--kernel", "ferry-guest.elf",
-        "--cmdline", "fill_mib=16 hb_ms=10", "--security-level", "2",
+        "vm",
+        "start",
+        "--host",
+        "host1",
+        "--name",
+        "secret",
+        "--kernel",
+        "ferry-guest.elf",
+        "--cmdline",
+        "fill_mib=16 hb_ms=10",
+        "--security-level",
+        "2",
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    let (ok, v) = lab.ferry_json(&["migrate", "secret", "--to", "host2", "--host", "host1", "--postcopy"]);
+    let (ok, v) =
+        lab.ferry_json(&["migrate", "secret", "--to", "host2", "--host", "host1", "--postcopy"]);
     assert!(!ok);
     assert_eq!(v["kind"], "denied", "{v}");
     assert!(v["message"].as_str().unwrap_or("").contains("post-copy is allowed only"), "{v}");
@@ -198,7 +284,17 @@ fn postcopy_is_refused_by_policy_and_with_multifd() {
     let (ok, v) = lab.ferry_json(&["migrate", "secret", "--to", "host2", "--host", "host1"]);
     assert!(ok, "{v}");
 
-    let (ok, v) = lab.ferry_json(&["migrate", "secret", "--to", "host1", "--host", "host2", "--postcopy", "--streams", "2"]);
+    let (ok, v) = lab.ferry_json(&[
+        "migrate",
+        "secret",
+        "--to",
+        "host1",
+        "--host",
+        "host2",
+        "--postcopy",
+        "--streams",
+        "2",
+    ]);
     assert!(!ok);
     assert_eq!(v["kind"], "request", "{v}");
     assert!(v["message"].as_str().unwrap_or("").contains("multifd"), "{v}");
@@ -212,16 +308,32 @@ fn a_guest_that_converges_anyway_completes_with_postcopy_allowed() {
     let lab = TestLab::up(2, 0);
     let src = lab.start_guest("host1", "calm", 256, "fill_mib=64 dirty=0 hb_ms=10");
     let src_pid = src["pid"].as_i64().expect("pid") as i32;
-    let (ok, rec) = lab.ferry_json(&["migrate", "calm", "--to", "host2", "--host", "host1", "--postcopy"]);
+    let (ok, rec) =
+        lab.ferry_json(&["migrate", "calm", "--to", "host2", "--host", "host1", "--postcopy"]);
     assert!(ok, "{rec}");
     assert_eq!(rec["state"], "completed", "{rec}");
-    let (_, dst) = lab.ferry_json(&["migrations", "show", rec["id"].as_str().expect("id"), "--host", "host2"]);
-    assert_eq!((&dst["state"], &dst["digest"]), (&serde_json::json!("completed"), &rec["digest"]), "{dst}");
+    let (_, dst) =
+        lab.ferry_json(&["migrations", "show", rec["id"].as_str().expect("id"), "--host", "host2"]);
+    assert_eq!(
+        (&dst["state"], &dst["digest"]),
+        (&serde_json::json!("completed"), &rec["digest"]),
+        "{dst}"
+    );
     wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
     assert_eq!(lab.running_on("calm"), ["host2"]);
     let log = lab.host("host1").state_dir.join("audit.log");
-    let records = text(&lab.ferry(&["audit", "show", log.to_str().expect("utf8"), "--migration", rec["id"].as_str().expect("id"), "--json"]));
-    assert!(records.contains("commit_sent") && !records.contains("\"switchover\""), "a converging guest switched to post-copy: {records}");
+    let records = text(&lab.ferry(&[
+        "audit",
+        "show",
+        log.to_str().expect("utf8"),
+        "--migration",
+        rec["id"].as_str().expect("id"),
+        "--json",
+    ]));
+    assert!(
+        records.contains("commit_sent") && !records.contains("\"switchover\""),
+        "a converging guest switched to post-copy: {records}"
+    );
     audit_verifies(&lab);
 }
 
@@ -232,12 +344,22 @@ fn a_guest_that_converges_anyway_completes_with_postcopy_allowed() {
 fn losing_the_source_qemu_ends_automatic_recovery() {
     let (lab, proxy) = lab_with_cuttable_link("postcopy_recover_retry_ms = 500");
     let (_, src_pid, _) = cut_after_handover(&lab, &proxy);
-    let dst_pid = lab.vms("host2").iter().find(|v| v["name"] == "fast").and_then(|v| v["pid"].as_i64()).expect("destination half") as i32;
+    let dst_pid = lab
+        .vms("host2")
+        .iter()
+        .find(|v| v["name"] == "fast")
+        .and_then(|v| v["pid"].as_i64())
+        .expect("destination half") as i32;
     let _ = std::process::Command::new("kill").args(["-9", &src_pid.to_string()]).status();
     let agent_log = lab.host("host1").log.clone();
     wait_until(Duration::from_secs(30), "the agent to stop retrying", || {
-        std::fs::read_to_string(&agent_log).unwrap_or_default().contains("automatic post-copy recovery stops")
+        std::fs::read_to_string(&agent_log)
+            .unwrap_or_default()
+            .contains("automatic post-copy recovery stops")
     });
     assert!(pid_alive(dst_pid), "the destination's half was stopped");
-    assert_eq!((state(&lab, "host1"), state(&lab, "host2")), ("postcopy_active".into(), "postcopy_active".into()));
+    assert_eq!(
+        (state(&lab, "host1"), state(&lab, "host2")),
+        ("postcopy_active".into(), "postcopy_active".into())
+    );
 }

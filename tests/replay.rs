@@ -81,13 +81,18 @@ fn recorded_message(log: &Path, event_kind: &str, id: &str) -> ferry_audit::Sign
     let line = text
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).expect("log line"))
-        .find(|v| v["record"]["event"]["kind"] == event_kind && v["record"]["event"]["migration_id"] == id)
+        .find(|v| {
+            v["record"]["event"]["kind"] == event_kind && v["record"]["event"]["migration_id"] == id
+        })
         .unwrap_or_else(|| panic!("no {event_kind} record for {id} in {}", log.display()));
     serde_json::from_value(line["record"]["event"]["signed"].clone()).expect("signed message")
 }
 
 fn host2_refusals(lab: &TestLab, reason: &str) -> u64 {
-    metric(&scrape(lab.host("host2").metrics), &format!("ferry_refusals_total{{reason=\"{reason}\"}}"))
+    metric(
+        &scrape(lab.host("host2").metrics),
+        &format!("ferry_refusals_total{{reason=\"{reason}\"}}"),
+    )
 }
 
 /// What host2 answered `r`'s offer with, then the connection must end.
@@ -136,10 +141,16 @@ fn a_recorded_offer_replayed_is_refused_even_after_a_restart() {
         r.send_signed_message("offer", &signed).expect("replay on the same connection");
         let (answers, _) = r.read_until_closed();
         assert!(answers.iter().any(|a| a["type"] == "abort"), "host2 did not abort: {answers:?}");
-        let reason = answers.iter().find(|a| a["type"] == "abort").map(|a| a["reason"].to_string()).unwrap_or_default();
+        let reason = answers
+            .iter()
+            .find(|a| a["type"] == "abort")
+            .map(|a| a["reason"].to_string())
+            .unwrap_or_default();
         assert!(reason.contains("unexpected offer"), "{reason}");
         eprintln!("offer replayed on its own connection: host2 aborted ({reason})");
-        wait_until(Duration::from_secs(10), "the incoming QEMU gone", || live_qemus_under(&h2.state_dir) == qemus);
+        wait_until(Duration::from_secs(10), "the incoming QEMU gone", || {
+            live_qemus_under(&h2.state_dir) == qemus
+        });
     }
     let records_base = records_before + 1;
 
@@ -152,7 +163,10 @@ fn a_recorded_offer_replayed_is_refused_even_after_a_restart() {
         r.attest().expect("real attestation for the recorded id");
         r.send_signed_message("offer", &offer).expect("send the recorded offer");
         let why = refusal(&mut r);
-        assert!(why.contains("not bound to this connection"), "{round}: recorded offer refused for another reason: {why}");
+        assert!(
+            why.contains("not bound to this connection"),
+            "{round}: recorded offer refused for another reason: {why}"
+        );
         assert_eq!(host2_refusals(&lab, "binding"), binding_before + 1);
         eprintln!("{round}: recorded offer on a new connection refused: {why}");
 
@@ -166,12 +180,19 @@ fn a_recorded_offer_replayed_is_refused_even_after_a_restart() {
         body["channel_binding"] = json!(r.binding());
         r.send_offer(body).expect("send the re-bound offer");
         let why = refusal(&mut r);
-        assert!(why.contains("already used"), "{round}: re-bound offer refused for another reason: {why}");
+        assert!(
+            why.contains("already used"),
+            "{round}: re-bound offer refused for another reason: {why}"
+        );
         assert_eq!(host2_refusals(&lab, "replay"), replay_before + 1);
         eprintln!("{round}: same id with a fresh binding refused: {why}");
 
         assert_eq!(live_qemus_under(&h2.state_dir), qemus, "{round}: host2 launched a QEMU");
-        assert_eq!(records(&lab, "host2").len(), records_base, "{round}: host2 recorded a new migration");
+        assert_eq!(
+            records(&lab, "host2").len(),
+            records_base,
+            "{round}: host2 recorded a new migration"
+        );
         let vms: Vec<Value> = lab.vms("host2").iter().map(|v| v["name"].clone()).collect();
         assert_eq!(vms, [json!("g")], "{round}");
     };
@@ -180,7 +201,10 @@ fn a_recorded_offer_replayed_is_refused_even_after_a_restart() {
     lab.restart_agent("host2");
     replay_round("after host2 restarted");
     let elapsed = mid.created_unix_ms().abs_diff(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64,
     );
     // The refusals above must be the seen-set's, not the validity window's.
     assert!(elapsed < 60_000, "the test outlived the offer's validity window ({elapsed} ms)");
@@ -259,15 +283,23 @@ fn a_whole_recorded_session_replayed_through_a_proxy_is_refused() {
     wait_until(Duration::from_secs(10), "the refusal to be counted", || {
         metric(&scrape(h2.metrics), "ferry_tls_handshake_failures_total") > failures_before
     });
-    let text = String::from_utf8_lossy(&std::fs::read(&h2.log).unwrap_or_default()[log_before as usize..]).into_owned();
-    let refused: Vec<&str> = text.lines().filter(|l| l.contains("connection refused") && l.contains("TLS handshake failed")).collect();
+    let text =
+        String::from_utf8_lossy(&std::fs::read(&h2.log).unwrap_or_default()[log_before as usize..])
+            .into_owned();
+    let refused: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("connection refused") && l.contains("TLS handshake failed"))
+        .collect();
     // Refusal logs are rate-limited (one line per second); the counter above
     // is the exact record, the log at most one line.
     assert!(refused.len() <= 1, "host2 logged more than one refused handshake:\n{text}");
     if let Some(line) = refused.first() {
         eprintln!("host2: {}", line.trim());
     }
-    assert!(!text.contains("peer=host1"), "the replayed session reached the peer protocol:\n{text}");
+    assert!(
+        !text.contains("peer=host1"),
+        "the replayed session reached the peer protocol:\n{text}"
+    );
     assert_eq!(records(&lab, "host2"), records_before, "the replay created a migration record");
     assert_eq!(live_qemus_under(&h2.state_dir), qemus, "the replay launched a QEMU");
     assert_eq!(lab.running_on("g"), ["host2"]);
@@ -296,7 +328,10 @@ fn lines_of(path: &Path) -> Vec<Vec<u8>> {
 fn edit_byte(lines: &mut [Vec<u8>], k: usize) -> usize {
     let line = &mut lines[k - 1];
     let mid = line.len() / 2;
-    let at = (mid..line.len()).chain(0..mid).find(|&i| line[i].is_ascii_alphanumeric()).expect("an alphanumeric byte");
+    let at = (mid..line.len())
+        .chain(0..mid)
+        .find(|&i| line[i].is_ascii_alphanumeric())
+        .expect("an alphanumeric byte");
     line[at] = match line[at] {
         b'0'..=b'8' | b'a'..=b'y' | b'A'..=b'Y' => line[at] + 1,
         b'9' => b'0',
@@ -329,11 +364,25 @@ fn tampered_audit_logs_and_evidence_fail_verification() {
         let (ok, out) = verify(&[log], ca);
         assert!(ok, "an untouched log does not verify: {out}");
     }
-    let o = run(&["audit", "verify", src.to_str().expect("utf8"), dst.to_str().expect("utf8"), "--ca", ca, "--json"], None);
+    let o = run(
+        &[
+            "audit",
+            "verify",
+            src.to_str().expect("utf8"),
+            dst.to_str().expect("utf8"),
+            "--ca",
+            ca,
+            "--json",
+        ],
+        None,
+    );
     assert!(o.status.success(), "cross-check failed: {}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).expect("verify json");
     let checked = v["cross_check"]["migrations"].as_array().expect("migrations");
-    assert!(checked.iter().any(|m| m["migration_id"] == id.as_str()), "the cross-check does not cover {id}: {v}");
+    assert!(
+        checked.iter().any(|m| m["migration_id"] == id.as_str()),
+        "the cross-check does not cover {id}: {v}"
+    );
     eprintln!("untouched logs verify; cross-check: {}", v["cross_check"]["migrations"]);
 
     let original = lines_of(&src);
@@ -350,7 +399,14 @@ fn tampered_audit_logs_and_evidence_fail_verification() {
         assert!(!ok, "{name}: a tampered log verifies: {out}");
         let seq = format!("line {line}");
         assert!(out.contains(&seq), "{name}: the error does not name {seq}: {out}");
-        eprintln!("{name}: {}", out.trim().replace(&format!("{}: ", p.display()), "").chars().take(300).collect::<String>());
+        eprintln!(
+            "{name}: {}",
+            out.trim()
+                .replace(&format!("{}: ", p.display()), "")
+                .chars()
+                .take(300)
+                .collect::<String>()
+        );
     };
     let mid = n / 2;
     for k in [1, 2, mid, n] {
@@ -381,7 +437,8 @@ fn tampered_audit_logs_and_evidence_fail_verification() {
         .iter()
         .position(|l| {
             let v: Value = serde_json::from_slice(l).expect("line");
-            v["record"]["event"]["kind"] == "commit_sent" && v["record"]["event"]["migration_id"] == id.as_str()
+            v["record"]["event"]["kind"] == "commit_sent"
+                && v["record"]["event"]["migration_id"] == id.as_str()
         })
         .expect("commit_sent record");
     let cut = write("cut-before-commit", &original[..commit_at]);
@@ -389,17 +446,31 @@ fn tampered_audit_logs_and_evidence_fail_verification() {
     assert!(ok, "a log cut at a record boundary should verify alone: {out}");
     let (ok, out) = verify(&[&cut, &dst], ca);
     assert!(!ok, "a source log cut back before its commit passes the cross-check: {out}");
-    eprintln!("cut before the commit: alone verifies; against host2's log: {}", out.trim().lines().last().unwrap_or(""));
+    eprintln!(
+        "cut before the commit: alone verifies; against host2's log: {}",
+        out.trim().lines().last().unwrap_or("")
+    );
 
     // Evidence bundle: verifies with only the CA certificate.
     let bundle = work.join("bundle.json");
     let o = run(
-        &["audit", "export", &id, "--log", src.to_str().expect("utf8"), "--log", dst.to_str().expect("utf8"), "--out", bundle.to_str().expect("utf8")],
+        &[
+            "audit",
+            "export",
+            &id,
+            "--log",
+            src.to_str().expect("utf8"),
+            "--log",
+            dst.to_str().expect("utf8"),
+            "--out",
+            bundle.to_str().expect("utf8"),
+        ],
         None,
     );
     assert!(o.status.success(), "export failed: {}", text(&o));
     let verify_bundle = |p: &Path| {
-        let o = run(&["audit", "verify-bundle", p.to_str().expect("utf8"), "--ca", ca, "--json"], None);
+        let o =
+            run(&["audit", "verify-bundle", p.to_str().expect("utf8"), "--ca", ca, "--json"], None);
         (o.status.success(), text(&o))
     };
     let (ok, out) = verify_bundle(&bundle);
@@ -408,8 +479,14 @@ fn tampered_audit_logs_and_evidence_fail_verification() {
     assert_eq!(summary["outcome"], "completed", "{summary}");
     assert_eq!(summary["messages"], json!(["offer", "accept", "commit", "receipt"]), "{summary}");
     eprintln!("bundle verifies: {summary}");
-    let b: Value = serde_json::from_slice(&std::fs::read(&bundle).expect("bundle")).expect("bundle json");
-    let kinds: Vec<&str> = b["messages"].as_array().expect("messages").iter().map(|m| m["kind"].as_str().expect("kind")).collect();
+    let b: Value =
+        serde_json::from_slice(&std::fs::read(&bundle).expect("bundle")).expect("bundle json");
+    let kinds: Vec<&str> = b["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["kind"].as_str().expect("kind"))
+        .collect();
 
     // Forged: one base64 character of the accept's signature changed.
     let mut forged = b.clone();
@@ -422,20 +499,27 @@ fn tampered_audit_logs_and_evidence_fail_verification() {
     std::fs::write(&p, forged.to_string()).expect("write");
     let (ok, out) = verify_bundle(&p);
     assert!(!ok, "a bundle with a forged signature verifies: {out}");
-    assert!(out.contains(&format!("message #1 ({})", kinds[1])), "the error does not name the message: {out}");
+    assert!(
+        out.contains(&format!("message #1 ({})", kinds[1])),
+        "the error does not name the message: {out}"
+    );
     eprintln!("forged accept signature: {}", out.trim());
 
     // Swapped: the offer's and the commit's signatures (same signer, so
     // only the signatures themselves can tell).
     let mut swapped = b.clone();
-    let (s0, s2) = (swapped["messages"][0]["signature"].clone(), swapped["messages"][2]["signature"].clone());
+    let (s0, s2) =
+        (swapped["messages"][0]["signature"].clone(), swapped["messages"][2]["signature"].clone());
     swapped["messages"][0]["signature"] = s2;
     swapped["messages"][2]["signature"] = s0;
     let p = work.join("swapped.json");
     std::fs::write(&p, swapped.to_string()).expect("write");
     let (ok, out) = verify_bundle(&p);
     assert!(!ok, "a bundle with swapped signatures verifies: {out}");
-    assert!(out.contains(&format!("message #0 ({})", kinds[0])), "the error does not name the message: {out}");
+    assert!(
+        out.contains(&format!("message #0 ({})", kinds[0])),
+        "the error does not name the message: {out}"
+    );
     eprintln!("swapped offer/commit signatures: {}", out.trim());
     eprintln!("whole test {} ms", t0.elapsed().as_millis());
 }
@@ -450,8 +534,17 @@ struct TmpfsMount {
 impl TmpfsMount {
     fn new(dir: &Path, size: &str) -> TmpfsMount {
         std::fs::create_dir_all(dir).expect("mkdir");
-        let o = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).output().expect("mount");
-        assert!(o.status.success(), "mount tmpfs on {} failed (are we root?): {}", dir.display(), text(&o));
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("mount");
+        assert!(
+            o.status.success(),
+            "mount tmpfs on {} failed (are we root?): {}",
+            dir.display(),
+            text(&o)
+        );
         TmpfsMount { dir: dir.to_owned() }
     }
 
@@ -504,10 +597,14 @@ fn rogue_record(lab: &TestLab, host: &str, log: &Path, cmdline_len: usize) -> u6
     let mut r = RogueSource::connect(lab, from, host).expect("connect as the other host");
     r.attest().expect("attest");
     let mut body = r.offer_body("e");
-    body["spec"]["boot"] = json!({"type": "kernel", "kernel": "missing.elf", "cmdline": "x".repeat(cmdline_len)});
+    body["spec"]["boot"] =
+        json!({"type": "kernel", "kernel": "missing.elf", "cmdline": "x".repeat(cmdline_len)});
     r.send_offer(body).expect("offer");
     let why = refusal(&mut r);
-    assert!(why.contains("cannot start the destination QEMU"), "padding offer refused for another reason: {why}");
+    assert!(
+        why.contains("cannot start the destination QEMU"),
+        "padding offer refused for another reason: {why}"
+    );
     std::fs::metadata(log).expect("audit log").len() - before
 }
 
@@ -533,7 +630,13 @@ fn pad_log(lab: &TestLab, host: &str, log: &Path, below: u64) -> u64 {
 /// After a migration refused because an audit log is full: it failed naming
 /// the audit log, no VM byte moved, host2 holds no VM and no QEMU, and the
 /// VM runs on host1 (heartbeats moving); the full log is still intact.
-fn assert_refused_before_any_byte(lab: &TestLab, vm_log: &Path, full_log: &Path, ok: bool, out: &str) {
+fn assert_refused_before_any_byte(
+    lab: &TestLab,
+    vm_log: &Path,
+    full_log: &Path,
+    ok: bool,
+    out: &str,
+) {
     assert!(!ok, "a migration with a full audit log succeeded: {out}");
     let lower = out.to_lowercase();
     assert!(lower.contains("audit log"), "the error does not name the audit log: {out}");
@@ -541,7 +644,9 @@ fn assert_refused_before_any_byte(lab: &TestLab, vm_log: &Path, full_log: &Path,
     assert_eq!(lab.vm_state("host1", "g").as_deref(), Some("running"), "{out}");
     assert_guest_runs(vm_log);
     assert_eq!(lab.running_on("g"), ["host1"]);
-    wait_until(Duration::from_secs(15), "no QEMU on host2", || live_qemus_under(&lab.host("host2").state_dir).is_empty());
+    wait_until(Duration::from_secs(15), "no QEMU on host2", || {
+        live_qemus_under(&lab.host("host2").state_dir).is_empty()
+    });
     assert!(lab.vms("host2").is_empty(), "host2 holds a VM");
     for host in ["host1", "host2"] {
         for (id, state, bytes, _) in records(lab, host) {
@@ -575,9 +680,14 @@ fn a_full_destination_audit_log_refuses_the_migration() {
     // The very first record of the migration failed: host2 refused the
     // offer before launching anything.
     assert!(out.contains("(offer_received)"), "not refused at the offer: {out}");
-    let h2_log = String::from_utf8_lossy(&std::fs::read(&lab.host("host2").log).unwrap_or_default()).into_owned();
+    let h2_log =
+        String::from_utf8_lossy(&std::fs::read(&lab.host("host2").log).unwrap_or_default())
+            .into_owned();
     let refused = h2_log.lines().rev().find(|l| l.contains("refusing migration")).unwrap_or("");
-    assert!(refused.contains("cannot write the audit record (offer_received)"), "host2's log does not show the audit refusal:\n{h2_log}");
+    assert!(
+        refused.contains("cannot write the audit record (offer_received)"),
+        "host2's log does not show the audit refusal:\n{h2_log}"
+    );
     eprintln!("host2: {}", refused.trim());
 
     // Space again: the same migration goes through. (host2 restarts only
@@ -612,10 +722,21 @@ fn a_full_source_audit_log_refuses_the_migration() {
     assert_refused_before_any_byte(&lab, &log, &audit, ok, &out);
     // The Offer was never sent: its record is written before it leaves.
     assert!(out.contains("(offer_sent)"), "not refused at the offer: {out}");
-    let h2_log = String::from_utf8_lossy(&std::fs::read(&lab.host("host2").log).unwrap_or_default()[h2_log_before as usize..]).into_owned();
+    let h2_log = String::from_utf8_lossy(
+        &std::fs::read(&lab.host("host2").log).unwrap_or_default()[h2_log_before as usize..],
+    )
+    .into_owned();
     assert!(!h2_log.contains("launching QEMU"), "host2 launched a QEMU:\n{h2_log}");
-    assert!(h2_log.contains("no offer after attestation"), "host2 did not see the source give up after attesting:\n{h2_log}");
-    assert!(records(&lab, "host2").iter().all(|(_, _, _, e)| e.contains("missing.elf") || e.contains("cannot start")), "host2 recorded the refused migration");
+    assert!(
+        h2_log.contains("no offer after attestation"),
+        "host2 did not see the source give up after attesting:\n{h2_log}"
+    );
+    assert!(
+        records(&lab, "host2")
+            .iter()
+            .all(|(_, _, _, e)| e.contains("missing.elf") || e.contains("cannot start")),
+        "host2 recorded the refused migration"
+    );
 
     // Space freed: the same agent, without a restart, records and migrates again.
     std::fs::remove_file(mount.dir.join("filler")).expect("rm filler");

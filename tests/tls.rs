@@ -18,17 +18,27 @@ fn issue(lab: &TestLab, ca: &Path, kind: &[&str], out: &str, extra: &[&str]) -> 
     let out_dir = lab.dir.path().join(out);
     let mut args = vec!["ca", "issue"];
     args.extend_from_slice(kind);
-    args.extend_from_slice(&["--ca", ca.to_str().expect("utf8"), "--out", out_dir.to_str().expect("utf8"), "--json"]);
+    args.extend_from_slice(&[
+        "--ca",
+        ca.to_str().expect("utf8"),
+        "--out",
+        out_dir.to_str().expect("utf8"),
+        "--json",
+    ]);
     args.extend_from_slice(extra);
     let o = run(&args, None);
     assert!(o.status.success(), "issue failed: {}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    Certs { cert: v["cert"].as_str().expect("cert").into(), key: v["key"].as_str().expect("key").into() }
+    Certs {
+        cert: v["cert"].as_str().expect("cert").into(),
+        key: v["key"].as_str().expect("key").into(),
+    }
 }
 
 fn other_ca(lab: &TestLab) -> PathBuf {
     let dir = lab.dir.path().join("other-ca");
-    let o = run(&["ca", "init", "--dir", dir.to_str().expect("utf8"), "--domain", "ferry.lab"], None);
+    let o =
+        run(&["ca", "init", "--dir", dir.to_str().expect("utf8"), "--domain", "ferry.lab"], None);
     assert!(o.status.success(), "{}", text(&o));
     dir
 }
@@ -39,8 +49,14 @@ fn with_identity(lab: &TestLab, host: &str, certs: &Certs, f: impl FnOnce()) {
     let original = std::fs::read_to_string(&cfg).expect("cfg");
     let h = lab.host(host);
     let swapped = original
-        .replace(&format!("cert = \"{}\"", h.cert.display()), &format!("cert = \"{}\"", certs.cert.display()))
-        .replace(&format!("key = \"{}\"", h.key.display()), &format!("key = \"{}\"", certs.key.display()));
+        .replace(
+            &format!("cert = \"{}\"", h.cert.display()),
+            &format!("cert = \"{}\"", certs.cert.display()),
+        )
+        .replace(
+            &format!("key = \"{}\"", h.key.display()),
+            &format!("key = \"{}\"", certs.key.display()),
+        );
     assert_ne!(swapped, original);
     std::fs::write(&cfg, swapped).expect("cfg");
     lab.restart_agent(host);
@@ -53,10 +69,16 @@ fn assert_refused(lab: &TestLab, log: &Path, causes: &[&str]) {
     let o = lab.ferry(&["migrate", "g", "--to", "host2", "--host", "host1"]);
     let out = text(&o).to_lowercase();
     assert!(!o.status.success(), "migration succeeded: {out}");
-    assert!(causes.iter().any(|c| out.contains(c)), "error does not name the cause ({causes:?}): {out}");
+    assert!(
+        causes.iter().any(|c| out.contains(c)),
+        "error does not name the cause ({causes:?}): {out}"
+    );
     assert_eq!(lab.vm_state("host1", "g").as_deref(), Some("running"));
     assert_guest_runs(log);
-    assert!(live_qemus_under(&lab.host("host2").state_dir).is_empty(), "the destination launched a QEMU");
+    assert!(
+        live_qemus_under(&lab.host("host2").state_dir).is_empty(),
+        "the destination launched a QEMU"
+    );
 }
 
 #[test]
@@ -73,14 +95,32 @@ fn a_source_refuses_destinations_with_bad_certificates() {
         let side = "host2";
         // A certificate for the right name from another CA.
         let c = issue(&lab, &foreign, &["host", side], &format!("foreign-{side}"), &[]);
-        with_identity(&lab, side, &c, || assert_refused(&lab, &log, &["unknown ca", "not issued by this cluster"]));
+        with_identity(&lab, side, &c, || {
+            assert_refused(&lab, &log, &["unknown ca", "not issued by this cluster"])
+        });
         // Expired.
-        let c = issue(&lab, &ca, &["host", side], &format!("expired-{side}"), &["--not-after", "2024-01-01T00:00:00Z"]);
+        let c = issue(
+            &lab,
+            &ca,
+            &["host", side],
+            &format!("expired-{side}"),
+            &["--not-after", "2024-01-01T00:00:00Z"],
+        );
         with_identity(&lab, side, &c, || assert_refused(&lab, &log, &["expired"]));
         // Revoked while the agents run: the CRL is honoured at the next connection.
         let c = issue(&lab, &ca, &["host", side], &format!("revoked-{side}"), &[]);
         with_identity(&lab, side, &c, || {
-            let o = run(&["ca", "revoke", "--ca", ca.to_str().expect("utf8"), "--cert", c.cert.to_str().expect("utf8")], None);
+            let o = run(
+                &[
+                    "ca",
+                    "revoke",
+                    "--ca",
+                    ca.to_str().expect("utf8"),
+                    "--cert",
+                    c.cert.to_str().expect("utf8"),
+                ],
+                None,
+            );
             assert!(o.status.success(), "{}", text(&o));
             assert_refused(&lab, &log, &["revoked"]);
         });
@@ -97,7 +137,10 @@ fn a_source_refuses_destinations_with_bad_certificates() {
         .replace(&h2.cert.display().to_string(), &h3.cert.display().to_string())
         .replace(&h2.key.display().to_string(), &h3.key.display().to_string())
         // A host's audit log belongs to it: an impostor keeps its own state.
-        .replace(&format!("state_dir = \"{}\"", h2.state_dir.display()), &format!("state_dir = \"{}-spoof\"", h2.state_dir.display()));
+        .replace(
+            &format!("state_dir = \"{}\"", h2.state_dir.display()),
+            &format!("state_dir = \"{}-spoof\"", h2.state_dir.display()),
+        );
     std::fs::write(&cfg, spoofed).expect("cfg");
     lab.restart_agent("host2");
     assert_refused(&lab, &log, &["host3"]);
@@ -119,11 +162,30 @@ fn a_destination_refuses_sources_with_bad_certificates() {
     let ca = lab.lab.ca_dir.clone();
     let foreign = other_ca(&lab);
     let revoked = issue(&lab, &ca, &["host", "host1"], "src-revoked", &[]);
-    let o = run(&["ca", "revoke", "--ca", ca.to_str().expect("utf8"), "--cert", revoked.cert.to_str().expect("utf8")], None);
+    let o = run(
+        &[
+            "ca",
+            "revoke",
+            "--ca",
+            ca.to_str().expect("utf8"),
+            "--cert",
+            revoked.cert.to_str().expect("utf8"),
+        ],
+        None,
+    );
     assert!(o.status.success(), "{}", text(&o));
     let cases: [(Certs, &[&str]); 4] = [
         (issue(&lab, &foreign, &["host", "host1"], "src-foreign", &[]), &["unknown ca"]),
-        (issue(&lab, &ca, &["host", "host1"], "src-expired", &["--not-after", "2024-01-01T00:00:00Z"]), &["expired"]),
+        (
+            issue(
+                &lab,
+                &ca,
+                &["host", "host1"],
+                "src-expired",
+                &["--not-after", "2024-01-01T00:00:00Z"],
+            ),
+            &["expired"],
+        ),
         (revoked, &["revoked"]),
         // Control: a good certificate is let in, so the refusals above are real.
         (issue(&lab, &ca, &["host", "host1"], "src-good", &[]), &[]),
@@ -131,21 +193,35 @@ fn a_destination_refuses_sources_with_bad_certificates() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let h2 = lab.host("host2");
     for (certs, causes) in cases {
-        let id = ferry_identity::Identity::load(&certs.cert, &certs.key, &lab.lab.ca, Some(&lab.lab.crl)).expect("identity");
+        let id = ferry_identity::Identity::load(
+            &certs.cert,
+            &certs.key,
+            &lab.lab.ca,
+            Some(&lab.lab.crl),
+        )
+        .expect("identity");
         let domain = id.domain().clone();
         let cfg = ferry_identity::client_config(&id).expect("client config");
         let result = rt.block_on(async {
             let timeout = std::time::Duration::from_secs(5);
-            let (stream, _) = ferry_agent::client::connect(h2.addr, &h2.name, cfg, &domain, timeout).await?;
+            let (stream, _) =
+                ferry_agent::client::connect(h2.addr, &h2.name, cfg, &domain, timeout).await?;
             ferry_agent::client::greet(stream, &h2.name, h2.addr, timeout).await.map(drop)
         });
         match (causes.is_empty(), result) {
             (true, Ok(())) => {}
-            (true, Err(e)) => panic!("a good source certificate was refused: {}", ferry_agent::chain(&e)),
-            (false, Ok(())) => panic!("host2 accepted a source with a bad certificate {}", certs.cert.display()),
+            (true, Err(e)) => {
+                panic!("a good source certificate was refused: {}", ferry_agent::chain(&e))
+            }
+            (false, Ok(())) => {
+                panic!("host2 accepted a source with a bad certificate {}", certs.cert.display())
+            }
             (false, Err(e)) => {
                 let msg = ferry_agent::chain(&e).to_lowercase();
-                assert!(causes.iter().any(|c| msg.contains(c)), "error does not name the cause {causes:?}: {msg}");
+                assert!(
+                    causes.iter().any(|c| msg.contains(c)),
+                    "error does not name the cause {causes:?}: {msg}"
+                );
             }
         }
     }
@@ -168,19 +244,53 @@ fn operators_need_a_valid_certificate_and_role() {
     let ca = lab.lab.ca_dir.clone();
     let foreign = other_ca(&lab);
     let cases: [(&str, Certs, &[&str]); 3] = [
-        ("foreign", issue(&lab, &foreign, &["operator", "mallory", "--role", "admin"], "op-foreign", &[]), &["unknown ca", "not issued by this cluster"]),
-        ("expired", issue(&lab, &ca, &["operator", "old", "--role", "admin"], "op-expired", &["--not-after", "2024-01-01T00:00:00Z"]), &["expired"]),
-        ("revoked", issue(&lab, &ca, &["operator", "gone", "--role", "admin"], "op-revoked", &[]), &["revoked"]),
+        (
+            "foreign",
+            issue(&lab, &foreign, &["operator", "mallory", "--role", "admin"], "op-foreign", &[]),
+            &["unknown ca", "not issued by this cluster"],
+        ),
+        (
+            "expired",
+            issue(
+                &lab,
+                &ca,
+                &["operator", "old", "--role", "admin"],
+                "op-expired",
+                &["--not-after", "2024-01-01T00:00:00Z"],
+            ),
+            &["expired"],
+        ),
+        (
+            "revoked",
+            issue(&lab, &ca, &["operator", "gone", "--role", "admin"], "op-revoked", &[]),
+            &["revoked"],
+        ),
     ];
     let revoked_cert = cases[2].1.cert.clone();
-    let o = run(&["ca", "revoke", "--ca", ca.to_str().expect("utf8"), "--cert", revoked_cert.to_str().expect("utf8")], None);
+    let o = run(
+        &[
+            "ca",
+            "revoke",
+            "--ca",
+            ca.to_str().expect("utf8"),
+            "--cert",
+            revoked_cert.to_str().expect("utf8"),
+        ],
+        None,
+    );
     assert!(o.status.success(), "{}", text(&o));
     for (name, certs, causes) in cases {
         let cfg = client_config_with(&lab, &certs, &format!("{name}.toml"));
-        let o = run(&["status", "--host", "host1", "--client-config", cfg.to_str().expect("utf8")], None);
+        let o = run(
+            &["status", "--host", "host1", "--client-config", cfg.to_str().expect("utf8")],
+            None,
+        );
         let out = text(&o).to_lowercase();
         assert!(!o.status.success(), "{name} operator reached the API: {out}");
-        assert!(causes.iter().any(|c| out.contains(c)), "{name}: error does not name the cause: {out}");
+        assert!(
+            causes.iter().any(|c| out.contains(c)),
+            "{name}: error does not name the cause: {out}"
+        );
     }
     // A valid operator whose role may only look.
     let viewer = issue(&lab, &ca, &["operator", "vera", "--role", "viewer"], "op-viewer", &[]);
@@ -188,7 +298,21 @@ fn operators_need_a_valid_certificate_and_role() {
     let cfg = cfg.to_str().expect("utf8");
     let o = run(&["status", "--host", "host1", "--client-config", cfg], None);
     assert!(o.status.success(), "viewer cannot read status: {}", text(&o));
-    let o = run(&["vm", "start", "--host", "host1", "--client-config", cfg, "--name", "v", "--kernel", "ferry-guest.elf"], None);
+    let o = run(
+        &[
+            "vm",
+            "start",
+            "--host",
+            "host1",
+            "--client-config",
+            cfg,
+            "--name",
+            "v",
+            "--kernel",
+            "ferry-guest.elf",
+        ],
+        None,
+    );
     assert!(!o.status.success() && text(&o).contains("may not start VMs"), "{}", text(&o));
     assert!(lab.vms("host1").is_empty());
 }

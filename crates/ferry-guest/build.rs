@@ -27,9 +27,7 @@ const CFLAGS: &[&str] = &[
 
 fn run(cmd: &mut Command) {
     let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("ferry-guest: cannot run {shown}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("ferry-guest: cannot run {shown}: {e}"));
     if !out.status.success() {
         panic!(
             "ferry-guest: {shown} failed ({}):\n{}{}",
@@ -41,12 +39,7 @@ fn run(cmd: &mut Command) {
 }
 
 fn compile(src: &Path, obj: &Path) {
-    run(Command::new("gcc")
-        .args(CFLAGS)
-        .arg("-c")
-        .arg(src)
-        .arg("-o")
-        .arg(obj));
+    run(Command::new("gcc").args(CFLAGS).arg("-c").arg(src).arg("-o").arg(obj));
 }
 
 fn main() {

@@ -12,7 +12,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         // Whatever is accepted re-encodes to something accepted again
         // (validation is not one-way, e.g. for VM specs inside offers).
         let again = serde_json::to_vec(&m).expect("encode");
-        let back: PeerMessage = serde_json::from_slice(&again).expect("accepted message does not round-trip");
+        let back: PeerMessage =
+            serde_json::from_slice(&again).expect("accepted message does not round-trip");
         assert_eq!(back.name(), m.name());
         if let (PeerMessage::Offer(a), PeerMessage::Offer(b)) = (&m, &back) {
             assert_eq!(a, b);

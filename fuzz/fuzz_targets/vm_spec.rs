@@ -13,7 +13,13 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     assert_eq!(back, spec);
     // The command line built from it: no argument may smuggle a new option
     // through a control character.
-    let args = qemu_args(&QemuConfig::default(), &spec, LaunchMode::Incoming, Accel::Tcg, Path::new("/run/ferry/vms/x"));
+    let args = qemu_args(
+        &QemuConfig::default(),
+        &spec,
+        LaunchMode::Incoming,
+        Accel::Tcg,
+        Path::new("/run/ferry/vms/x"),
+    );
     for a in &args {
         let s = a.to_string_lossy();
         assert!(!s.bytes().any(|b| b < 0x20), "control character in QEMU argument {s:?}");

@@ -1,6 +1,7 @@
 //! A TCP man in the middle for attack tests: capture, flip, cut, stall.
 #![allow(unused_imports)]
 use super::*;
+use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -8,7 +9,6 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use serde_json::Value;
 
 // ------------------------------------------------------------------------
 // Attack tooling (tests/attacks.rs): a man in the middle that can capture,
@@ -135,7 +135,8 @@ impl Mitm {
                     s.push(server.try_clone().expect("clone"));
                 }
                 let stalled = Arc::new(AtomicBool::new(false));
-                let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                let (c2, s2) =
+                    (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
                 let up = MitmPump {
                     dir: Dir::Up,
                     mode,
@@ -144,7 +145,11 @@ impl Mitm {
                     stalled: stalled.clone(),
                     capture: files.as_ref().map(|f| f.0.clone()),
                 };
-                let down = MitmPump { dir: Dir::Down, capture: files.as_ref().map(|f| f.1.clone()), ..up.clone() };
+                let down = MitmPump {
+                    dir: Dir::Down,
+                    capture: files.as_ref().map(|f| f.1.clone()),
+                    ..up.clone()
+                };
                 std::thread::spawn(move || up.run(client, server));
                 std::thread::spawn(move || down.run(s2, c2));
             }
@@ -222,7 +227,9 @@ impl MitmPump {
                 continue; // truncated: swallow
             }
             let limit = match self.mode {
-                Tamper::Stall { after } | Tamper::Truncate { after } if self.dir == Dir::Up => Some(after),
+                Tamper::Stall { after } | Tamper::Truncate { after } if self.dir == Dir::Up => {
+                    Some(after)
+                }
                 _ => None,
             };
             let mut fault_now = false;
@@ -282,7 +289,13 @@ impl RecordTracker {
     /// Track TLS records through `chunk` (logging the first ones) and, with
     /// a `target`, return the index of the first byte at stream offset >=
     /// `target` that lies inside an authenticated record body.
-    fn walk(&mut self, chunk: &[u8], target: Option<u64>, log: &std::sync::Mutex<MitmLog>, dir: Dir) -> Option<usize> {
+    fn walk(
+        &mut self,
+        chunk: &[u8],
+        target: Option<u64>,
+        log: &std::sync::Mutex<MitmLog>,
+        dir: Dir,
+    ) -> Option<usize> {
         let mut i = 0usize;
         let mut found = None;
         while i < chunk.len() {
@@ -316,7 +329,11 @@ impl RecordTracker {
                         Dir::Down => &mut g.records_down,
                     };
                     if list.len() < MAX_RECORDS_LOGGED {
-                        list.push(RecordSeen { offset: self.pos - 5, content_type: self.body_type, len });
+                        list.push(RecordSeen {
+                            offset: self.pos - 5,
+                            content_type: self.body_type,
+                            len,
+                        });
                     }
                 }
             }
@@ -358,7 +375,9 @@ pub fn file_contains(path: &Path, needle: &[u8]) -> bool {
 /// Resident memory of a process in KiB (VmRSS), if it exists.
 pub fn rss_kib(pid: i32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Append a `[migration]` table to a host's agent.toml (lab configs have none).
@@ -384,4 +403,3 @@ pub fn random_token() -> String {
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).expect("urandom");
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
-

@@ -42,9 +42,20 @@ pub fn text(o: &Output) -> String {
 
 impl TestLab {
     pub fn up(hosts: u32, bandwidth_mib_s: u64) -> TestLab {
-        let dir = tempfile::Builder::new().prefix("ferry-e2e-").tempdir_in("/tmp").expect("tempdir");
+        let dir =
+            tempfile::Builder::new().prefix("ferry-e2e-").tempdir_in("/tmp").expect("tempdir");
         let o = run(
-            &["lab", "up", "--json", "--hosts", &hosts.to_string(), "--max-bandwidth-mib-s", &bandwidth_mib_s.to_string(), "--dir", dir.path().to_str().expect("utf8")],
+            &[
+                "lab",
+                "up",
+                "--json",
+                "--hosts",
+                &hosts.to_string(),
+                "--max-bandwidth-mib-s",
+                &bandwidth_mib_s.to_string(),
+                "--dir",
+                dir.path().to_str().expect("utf8"),
+            ],
             None,
         );
         assert!(o.status.success(), "lab up failed: {}", text(&o));
@@ -75,17 +86,30 @@ impl TestLab {
     pub fn start_guest(&self, host: &str, vm: &str, memory_mib: u32, cmdline: &str) -> Value {
         let (ok, status) = self.ferry_json(&["status", "--host", host]);
         assert!(ok, "status of {host}: {status}");
-        let cmdline = if status["accel"] == "tcg" { format!("{cmdline} tlbflush=1") } else { cmdline.to_owned() };
+        let cmdline = if status["accel"] == "tcg" {
+            format!("{cmdline} tlbflush=1")
+        } else {
+            cmdline.to_owned()
+        };
         let spec = serde_json::json!({
             "name": vm, "memory_mib": memory_mib, "vcpus": 1, "machine": "q35",
             "boot": {"type": "kernel", "kernel": "ferry-guest.elf", "cmdline": cmdline},
         });
         let path = self.dir.path().join(format!("{vm}.spec.json"));
         std::fs::write(&path, spec.to_string()).expect("write spec");
-        let (ok, v) = self.ferry_json(&["vm", "start", "--host", host, "--spec", path.to_str().expect("utf8")]);
+        let (ok, v) = self.ferry_json(&[
+            "vm",
+            "start",
+            "--host",
+            host,
+            "--spec",
+            path.to_str().expect("utf8"),
+        ]);
         assert!(ok, "vm start failed: {v}");
         let log = PathBuf::from(v["console_log"].as_str().expect("console_log"));
-        wait_console(&log, Duration::from_secs(120), "READY and a clean sweep", |l| console::is_ready(l) && console::clean_sweeps(l) >= 1);
+        wait_console(&log, Duration::from_secs(120), "READY and a clean sweep", |l| {
+            console::is_ready(l) && console::clean_sweeps(l) >= 1
+        });
         v
     }
 
@@ -96,7 +120,10 @@ impl TestLab {
     }
 
     pub fn vm_state(&self, host: &str, vm: &str) -> Option<String> {
-        self.vms(host).iter().find(|v| v["name"] == vm).map(|v| v["state"].as_str().unwrap_or("").to_owned())
+        self.vms(host)
+            .iter()
+            .find(|v| v["name"] == vm)
+            .map(|v| v["state"].as_str().unwrap_or("").to_owned())
     }
 
     /// Hosts on which `vm` is running, as their agents report it.
@@ -111,7 +138,11 @@ impl TestLab {
     }
 
     pub fn agent_pid(&self, host: &str) -> i32 {
-        std::fs::read_to_string(&self.host(host).pid_file).expect("pid file").trim().parse().expect("pid")
+        std::fs::read_to_string(&self.host(host).pid_file)
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
     }
 
     pub fn kill_agent(&self, host: &str) {
@@ -124,7 +155,10 @@ impl TestLab {
     }
 
     pub fn start_agent(&self, host: &str) {
-        let o = run(&["lab", "start", "--dir", self.dir.path().to_str().expect("utf8"), "--host", host], None);
+        let o = run(
+            &["lab", "start", "--dir", self.dir.path().to_str().expect("utf8"), "--host", host],
+            None,
+        );
         assert!(o.status.success(), "agent {host} did not restart: {}", text(&o));
     }
 
@@ -142,12 +176,16 @@ impl TestLab {
     }
 
     pub fn console_lines(&self, vm_info: &Value) -> Vec<ConsoleLine> {
-        console::read_console(Path::new(vm_info["console_log"].as_str().expect("console_log"))).expect("console")
+        console::read_console(Path::new(vm_info["console_log"].as_str().expect("console_log")))
+            .expect("console")
     }
 }
 
 pub fn agent_alive(h: &ferry_cli::lab::LabHost) -> bool {
-    std::fs::read_to_string(&h.pid_file).ok().and_then(|s| s.trim().parse().ok()).is_some_and(pid_alive)
+    std::fs::read_to_string(&h.pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .is_some_and(pid_alive)
 }
 
 pub fn pid_alive(pid: i32) -> bool {
@@ -159,7 +197,9 @@ pub fn live_qemus_under(dir: &Path) -> Vec<i32> {
     let needle = dir.to_string_lossy().into_owned();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").expect("proc").flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd);
         if cmd.contains("qemu-system") && cmd.contains(&needle) && pid_alive(pid) {
@@ -169,7 +209,12 @@ pub fn live_qemus_under(dir: &Path) -> Vec<i32> {
     out
 }
 
-pub fn wait_console(log: &Path, timeout: Duration, what: &str, pred: impl Fn(&[ConsoleLine]) -> bool) -> Vec<ConsoleLine> {
+pub fn wait_console(
+    log: &Path,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&[ConsoleLine]) -> bool,
+) -> Vec<ConsoleLine> {
     let deadline = Instant::now() + timeout;
     loop {
         let lines = console::read_console(log).expect("read console");
@@ -201,8 +246,11 @@ pub fn heartbeats(lines: &[ConsoleLine]) -> Vec<u64> {
 
 /// Wait until the guest prints `n` more heartbeats: it is running.
 pub fn assert_guest_runs(log: &Path) {
-    let before = heartbeats(&console::read_console(log).expect("console")).last().copied().unwrap_or(0);
-    wait_console(log, Duration::from_secs(20), "new heartbeats", |l| heartbeats(l).last().copied().unwrap_or(0) > before + 5);
+    let before =
+        heartbeats(&console::read_console(log).expect("console")).last().copied().unwrap_or(0);
+    wait_console(log, Duration::from_secs(20), "new heartbeats", |l| {
+        heartbeats(l).last().copied().unwrap_or(0) > before + 5
+    });
 }
 
 /// A TCP proxy between the source and destination agents that the test
@@ -239,7 +287,8 @@ impl Proxy {
                 let Ok(client) = client else { continue };
                 let Ok(server) = TcpStream::connect(target) else { continue };
                 let ub = ub.clone();
-                let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                let (c2, s2) =
+                    (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
                 let ub2 = ub.clone();
                 let (ct1, ct2) = (ct.clone(), ct.clone());
                 std::thread::spawn(move || pump(client, server, Some(ub), mode, true, ct1));
@@ -269,7 +318,14 @@ impl Drop for Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, up: Option<Arc<AtomicU64>>, mode: ProxyMode, upstream: bool, cut: Arc<AtomicBool>) {
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    up: Option<Arc<AtomicU64>>,
+    mode: ProxyMode,
+    upstream: bool,
+    cut: Arc<AtomicBool>,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -278,7 +334,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: Option<Arc<AtomicU64>>, mode
             Ok(n) => n,
         };
         let counter = up.as_ref().expect("counter");
-        let so_far = if upstream { counter.fetch_add(n as u64, Ordering::Relaxed) + n as u64 } else { counter.load(Ordering::Relaxed) };
+        let so_far = if upstream {
+            counter.fetch_add(n as u64, Ordering::Relaxed) + n as u64
+        } else {
+            counter.load(Ordering::Relaxed)
+        };
         match mode {
             ProxyMode::CutAfter(limit) if so_far > limit => break,
             ProxyMode::MuteDownstreamAfter(limit) if !upstream && so_far > limit => continue,
@@ -316,13 +376,18 @@ pub fn metric(text: &str, series: &str) -> u64 {
 /// it checked was wrong.
 #[allow(dead_code)]
 pub fn assert_moved_intact(lab: &TestLab, vm: &str, id: &str) -> console::Continuity {
-    let dst_vm = lab.vms("host2").into_iter().find(|v| v["name"] == vm).unwrap_or_else(|| panic!("{vm} not on host2"));
+    let dst_vm = lab
+        .vms("host2")
+        .into_iter()
+        .find(|v| v["name"] == vm)
+        .unwrap_or_else(|| panic!("{vm} not on host2"));
     let dst_log = PathBuf::from(dst_vm["console_log"].as_str().expect("log"));
     let dst_lines = wait_console(&dst_log, Duration::from_secs(60), "two sweeps", |l| {
         l.iter().filter(|x| matches!(x.line, ferry_guest::GuestLine::Sweep { .. })).count() >= 2
     });
     let departed = lab.host("host1").state_dir.join("departed").join(id).join("console.log");
-    let c = console::analyze(&console::read_console(&departed).expect("source console"), &dst_lines);
+    let c =
+        console::analyze(&console::read_console(&departed).expect("source console"), &dst_lines);
     assert!(c.heartbeat_continued, "heartbeat did not continue: {c:?}");
     assert!(c.memory_consistent(), "guest memory check failed: {c:?}");
     c

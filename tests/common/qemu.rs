@@ -1,6 +1,7 @@
 //! Plain QEMU processes and a blocking QMP client, for control experiments.
 #![allow(unused_imports)]
 use super::*;
+use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -8,7 +9,6 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use serde_json::Value;
 
 /// A blocking QMP client for QEMU processes the test starts itself.
 pub struct SyncQmp {
@@ -29,7 +29,8 @@ impl SyncQmp {
             }
         };
         s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-        let mut q = SyncQmp { reader: std::io::BufReader::new(s.try_clone().expect("clone")), writer: s };
+        let mut q =
+            SyncQmp { reader: std::io::BufReader::new(s.try_clone().expect("clone")), writer: s };
         let greeting = q.line();
         assert!(greeting.get("QMP").is_some(), "not a QMP greeting: {greeting}");
         q.cmd("qmp_capabilities", serde_json::json!({}));
@@ -70,7 +71,13 @@ pub struct PlainQemu {
 impl PlainQemu {
     /// `qemu-system-x86_64` with the test guest, as scripts/bench.py starts it;
     /// `incoming` adds `-incoming defer -S`.
-    pub fn start(dir: &Path, name: &str, memory_mib: u32, append: &str, incoming: bool) -> PlainQemu {
+    pub fn start(
+        dir: &Path,
+        name: &str,
+        memory_mib: u32,
+        append: &str,
+        incoming: bool,
+    ) -> PlainQemu {
         let kernel = dir.join("ferry-guest.elf");
         if !kernel.exists() {
             ferry_guest::write_image(&kernel).expect("guest image");
@@ -109,4 +116,3 @@ impl Drop for PlainQemu {
         let _ = self.child.wait();
     }
 }
-

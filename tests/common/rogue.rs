@@ -1,6 +1,7 @@
 //! A rogue source: a real host's certificate, TPM and key, sending what a test wants.
 #![allow(unused_imports)]
 use super::*;
+use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -8,7 +9,6 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use serde_json::Value;
 
 // ------------------------------------------------------------------------
 // A rogue source (tests/attacks.rs, tests/replay.rs): the test itself plays
@@ -29,7 +29,8 @@ pub fn control(v: &Value) -> Vec<u8> {
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis()
+        as u64
 }
 
 /// A connection to `to_host`'s agent as `as_host` (blocking API; it owns a
@@ -60,21 +61,37 @@ impl RogueSource {
         let me = lab.host(as_host);
         let peer = lab.host(to_host);
         let tpm = me.tpm.as_ref().ok_or_else(|| format!("{as_host} has no TPM in this lab"))?;
-        let refs_path = lab.lab.reference_values.as_ref().ok_or("the lab has no reference values")?;
-        let refs = ferry_attest::ReferenceValues::load(refs_path).map_err(|e| ferry_agent::chain(&e))?;
-        let selection = refs.selection_for(&me.name).unwrap_or_else(|| ferry_attest::DEFAULT_PCR_SELECTION.to_vec());
-        let signer = ferry_audit::Signer::load(&me.cert, &me.key).map_err(|e| ferry_agent::chain(&e))?;
-        let identity = ferry_identity::Identity::load(&me.cert, &me.key, &lab.lab.ca, Some(&lab.lab.crl)).map_err(|e| ferry_agent::chain(&e))?;
+        let refs_path =
+            lab.lab.reference_values.as_ref().ok_or("the lab has no reference values")?;
+        let refs =
+            ferry_attest::ReferenceValues::load(refs_path).map_err(|e| ferry_agent::chain(&e))?;
+        let selection = refs
+            .selection_for(&me.name)
+            .unwrap_or_else(|| ferry_attest::DEFAULT_PCR_SELECTION.to_vec());
+        let signer =
+            ferry_audit::Signer::load(&me.cert, &me.key).map_err(|e| ferry_agent::chain(&e))?;
+        let identity =
+            ferry_identity::Identity::load(&me.cert, &me.key, &lab.lab.ca, Some(&lab.lab.crl))
+                .map_err(|e| ferry_agent::chain(&e))?;
         let domain = identity.domain().clone();
         let cfg = ferry_identity::client_config(&identity).map_err(|e| ferry_agent::chain(&e))?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let (addr, name) = (peer.addr, peer.name.clone());
         let (exporter, reader, writer) = rt.block_on(async move {
             let timeout = Duration::from_secs(10);
-            let (stream, _) = ferry_agent::client::connect(addr, &name, cfg, &domain, timeout).await.map_err(|e| ferry_agent::chain(&e))?;
-            let exporter = ferry_identity::channel_binding(stream.get_ref().1, ferry_agent::protocol::BINDING_LABEL, b"")
+            let (stream, _) = ferry_agent::client::connect(addr, &name, cfg, &domain, timeout)
+                .await
                 .map_err(|e| ferry_agent::chain(&e))?;
-            let (mut reader, writer) = ferry_agent::client::greet(stream, &name, addr, timeout).await.map_err(|e| ferry_agent::chain(&e))?;
+            let exporter = ferry_identity::channel_binding(
+                stream.get_ref().1,
+                ferry_agent::protocol::BINDING_LABEL,
+                b"",
+            )
+            .map_err(|e| ferry_agent::chain(&e))?;
+            let (mut reader, writer) = ferry_agent::client::greet(stream, &name, addr, timeout)
+                .await
+                .map_err(|e| ferry_agent::chain(&e))?;
             reader.set_timeout(Duration::from_secs(60));
             Ok::<_, String>((exporter, reader, writer))
         })?;
@@ -112,7 +129,8 @@ impl RogueSource {
     pub fn quote(&self, role: ferry_attest::QuoteRole) -> Result<ferry_attest::Evidence, String> {
         let qd = ferry_attest::qualifying_data(&self.exporter, &self.id, role);
         let ak = ferry_attest::AkBlob::load(&self.ak).map_err(|e| ferry_agent::chain(&e))?;
-        let mut attester = ferry_attest::Attester::open(&self.tcti, &ak).map_err(|e| ferry_agent::chain(&e))?;
+        let mut attester =
+            ferry_attest::Attester::open(&self.tcti, &ak).map_err(|e| ferry_agent::chain(&e))?;
         attester.quote(&self.selection, &qd).map_err(|e| ferry_agent::chain(&e))
     }
 
@@ -120,7 +138,10 @@ impl RogueSource {
     /// Ok(its Attest message); Err if it answered anything else or closed.
     pub fn attest(&mut self) -> Result<Value, String> {
         let evidence = self.quote(ferry_attest::QuoteRole::Source)?;
-        let msg = ferry_agent::protocol::PeerMessage::Attest { migration_id: self.id, evidence: Some(evidence) };
+        let msg = ferry_agent::protocol::PeerMessage::Attest {
+            migration_id: self.id,
+            evidence: Some(evidence),
+        };
         self.send(&serde_json::to_value(&msg).expect("attest json"))?;
         let answer = self.read()?;
         if answer["type"] != "attest" || answer["migration_id"] != json_str(&self.id) {
@@ -145,7 +166,8 @@ impl RogueSource {
             "labels": {"tenant": "default", "security_level": 0, "allowed_zones": [], "anti_affinity": []},
             "not_after_unix_ms": unix_ms() + 60_000,
         });
-        let typed: ferry_agent::evidence::OfferBody = serde_json::from_value(body.clone()).expect("offer_body is an OfferBody");
+        let typed: ferry_agent::evidence::OfferBody =
+            serde_json::from_value(body.clone()).expect("offer_body is an OfferBody");
         drop(typed);
         body
     }
@@ -171,14 +193,22 @@ impl RogueSource {
 
     /// Sign `body` as `kind` and send it as the message of that kind
     /// (`offer`, `accept`, `commit`, `receipt`; `abort` with a reason).
-    pub fn send_signed(&mut self, kind: &str, body: &impl serde::Serialize) -> Result<ferry_audit::Signed, String> {
+    pub fn send_signed(
+        &mut self,
+        kind: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<ferry_audit::Signed, String> {
         let signed = self.sign(kind, body);
         self.send_signed_message(kind, &signed)?;
         Ok(signed)
     }
 
     /// Send an already signed message (e.g. a recorded one) as `kind`.
-    pub fn send_signed_message(&mut self, kind: &str, signed: &ferry_audit::Signed) -> Result<(), String> {
+    pub fn send_signed_message(
+        &mut self,
+        kind: &str,
+        signed: &ferry_audit::Signed,
+    ) -> Result<(), String> {
         let signed_json = serde_json::to_value(signed).expect("signed json");
         let msg = if kind == "abort" {
             serde_json::json!({"type": "abort", "migration_id": json_str(&self.id), "reason": "rogue abort", "signed": signed_json})
@@ -198,11 +228,12 @@ impl RogueSource {
     pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), String> {
         use tokio::io::AsyncWriteExt;
         let w = self.writer.get_mut();
-        self.rt.block_on(async {
-            w.write_all(bytes).await?;
-            w.flush().await
-        })
-        .map_err(|e| e.to_string())
+        self.rt
+            .block_on(async {
+                w.write_all(bytes).await?;
+                w.flush().await
+            })
+            .map_err(|e| e.to_string())
     }
 
     /// Close our sending side (TLS close_notify).
@@ -246,4 +277,3 @@ pub fn append_config(lab: &TestLab, host: &str, section: &str) {
     s.push('\n');
     std::fs::write(cfg, s).expect("cfg");
 }
-

@@ -12,18 +12,27 @@ use crate::protocol::{ApiRequest, ApiResponse, ErrorKind, HostStatus};
 use crate::server::{Reader, Writer};
 use crate::{outgoing, vms, Agent, Fault};
 
-pub async fn handle(agent: Arc<Agent>, operator: OperatorName, role: String, mut reader: Reader, mut writer: Writer) {
+pub async fn handle(
+    agent: Arc<Agent>,
+    operator: OperatorName,
+    role: String,
+    mut reader: Reader,
+    mut writer: Writer,
+) {
     let request: ApiRequest = match reader.read_control().await {
         Ok(r) => r,
         Err(e) => {
             let message = format!("malformed request: {}", crate::chain(&e));
-            let _ = writer.write_control(&ApiResponse::Error { kind: ErrorKind::Request, message }).await;
+            let _ = writer
+                .write_control(&ApiResponse::Error { kind: ErrorKind::Request, message })
+                .await;
             return;
         }
     };
     tracing::info!(%operator, %role, request = ?request_name(&request), "operator request");
     let result = dispatch(&agent, &operator, &role, request, &mut writer).await;
-    let response = result.unwrap_or_else(|f| ApiResponse::Error { kind: f.kind, message: f.message });
+    let response =
+        result.unwrap_or_else(|f| ApiResponse::Error { kind: f.kind, message: f.message });
     let _ = writer.write_control(&response).await;
 }
 
@@ -43,13 +52,21 @@ fn request_name(r: &ApiRequest) -> &'static str {
     }
 }
 
-fn require_role(agent: &Agent, operator: &OperatorName, role: &str, what: &str) -> Result<(), Fault> {
+fn require_role(
+    agent: &Agent,
+    operator: &OperatorName,
+    role: &str,
+    what: &str,
+) -> Result<(), Fault> {
     if agent.cfg.migration.operator_roles.iter().any(|r| r == role) {
         Ok(())
     } else {
         Err(Fault::new(
             ErrorKind::Denied,
-            format!("operator {operator} (role {role}) may not {what}: allowed roles are {:?}", agent.cfg.migration.operator_roles),
+            format!(
+                "operator {operator} (role {role}) may not {what}: allowed roles are {:?}",
+                agent.cfg.migration.operator_roles
+            ),
         ))
     }
 }
@@ -81,17 +98,27 @@ async fn dispatch(
         }
         ApiRequest::VmStart { spec, labels } => {
             require_role(agent, operator, role, "start VMs")?;
-            let labels = labels.unwrap_or_else(|| ferry_policy::VmLabels { tenant: "default".into(), ..Default::default() });
+            let labels = labels.unwrap_or_else(|| ferry_policy::VmLabels {
+                tenant: "default".into(),
+                ..Default::default()
+            });
             if let Some(problem) = labels.problem() {
                 return Err(Fault::new(ErrorKind::Request, format!("VM labels: {problem}")));
             }
             let mut table = agent.vms.lock().await;
             if table.contains_key(&spec.name) {
-                return Err(Fault::new(ErrorKind::Request, format!("VM {} already exists on {}", spec.name, agent.host)));
+                return Err(Fault::new(
+                    ErrorKind::Request,
+                    format!("VM {} already exists on {}", spec.name, agent.host),
+                ));
             }
-            let entry = vms::launch(&agent.qemu, &spec, &labels, LaunchMode::Run)
-                .await
-                .map_err(|e| Fault::new(ErrorKind::Backend, format!("cannot start VM {}: {}", spec.name, crate::chain(&e))))?;
+            let entry =
+                vms::launch(&agent.qemu, &spec, &labels, LaunchMode::Run).await.map_err(|e| {
+                    Fault::new(
+                        ErrorKind::Backend,
+                        format!("cannot start VM {}: {}", spec.name, crate::chain(&e)),
+                    )
+                })?;
             let info = entry.info().await;
             table.insert(spec.name.clone(), entry);
             Ok(ApiResponse::Vm(info))
@@ -99,15 +126,18 @@ async fn dispatch(
         ApiRequest::VmStop { vm } => {
             require_role(agent, operator, role, "stop VMs")?;
             let mut table = agent.vms.lock().await;
-            let entry = table
-                .get(&vm)
-                .ok_or_else(|| Fault::new(ErrorKind::Request, format!("no VM {vm} on {}", agent.host)))?;
+            let entry = table.get(&vm).ok_or_else(|| {
+                Fault::new(ErrorKind::Request, format!("no VM {vm} on {}", agent.host))
+            })?;
             if let Some(id) = entry.busy {
-                return Err(Fault::new(ErrorKind::Request, format!("VM {vm} is held by migration {id}")));
+                return Err(Fault::new(
+                    ErrorKind::Request,
+                    format!("VM {vm} is held by migration {id}"),
+                ));
             }
-            vms::kill(&entry.proc)
-                .await
-                .map_err(|e| Fault::new(ErrorKind::Backend, format!("cannot stop VM {vm}: {}", crate::chain(&e))))?;
+            vms::kill(&entry.proc).await.map_err(|e| {
+                Fault::new(ErrorKind::Backend, format!("cannot stop VM {vm}: {}", crate::chain(&e)))
+            })?;
             let _ = std::fs::remove_dir_all(&entry.proc.dir);
             table.remove(&vm);
             Ok(ApiResponse::Stopped { vm })
@@ -116,15 +146,24 @@ async fn dispatch(
             require_role(agent, operator, role, "migrate VMs")?;
             let streams = streams.unwrap_or(agent.cfg.migration.streams);
             if streams == 0 || streams > crate::streams::MAX_STREAMS {
-                return Err(Fault::new(ErrorKind::Request, format!("streams must be 1..={}", crate::streams::MAX_STREAMS)));
+                return Err(Fault::new(
+                    ErrorKind::Request,
+                    format!("streams must be 1..={}", crate::streams::MAX_STREAMS),
+                ));
             }
             if postcopy && streams > 1 {
-                return Err(Fault::new(ErrorKind::Request, crate::postcopy::WITH_MULTIFD.to_owned()));
+                return Err(Fault::new(
+                    ErrorKind::Request,
+                    crate::postcopy::WITH_MULTIFD.to_owned(),
+                ));
             }
-            let (id, mut progress, done) = outgoing::start(agent.clone(), vm, to, operator, role, streams, postcopy).await?;
+            let (id, mut progress, done) =
+                outgoing::start(agent.clone(), vm, to, operator, role, streams, postcopy).await?;
             if !wait {
                 let rec = agent.records.get(&id).ok().flatten();
-                return rec.map(ApiResponse::Migration).ok_or_else(|| Fault::new(ErrorKind::Backend, "record missing"));
+                return rec
+                    .map(ApiResponse::Migration)
+                    .ok_or_else(|| Fault::new(ErrorKind::Backend, "record missing"));
             }
             let mut done = std::pin::pin!(done);
             loop {
@@ -155,7 +194,9 @@ async fn dispatch(
         }
         ApiRequest::MigrationShow { id } => match agent.records.get(&id) {
             Ok(Some(r)) => Ok(ApiResponse::Migration(r)),
-            Ok(None) => Err(Fault::new(ErrorKind::Request, format!("no migration {id} on {}", agent.host))),
+            Ok(None) => {
+                Err(Fault::new(ErrorKind::Request, format!("no migration {id} on {}", agent.host)))
+            }
             Err(e) => Err(Fault::new(ErrorKind::Backend, crate::chain(&e))),
         },
         ApiRequest::MigrationCancel { id } => {

@@ -45,17 +45,26 @@ impl Attestation {
     }
 
     /// Quote in `role` for this connection and migration; None when disabled.
-    pub async fn quote(&self, exporter: &[u8; 32], id: &MigrationId, role: QuoteRole) -> Result<Option<Evidence>, String> {
+    pub async fn quote(
+        &self,
+        exporter: &[u8; 32],
+        id: &MigrationId,
+        role: QuoteRole,
+    ) -> Result<Option<Evidence>, String> {
         let Some(p) = self.paths.clone() else { return Ok(None) };
         let qd = ferry_attest::qualifying_data(exporter, id, role);
         let refs = ReferenceValues::load(&p.reference_values).map_err(|e| crate::chain(&e))?;
         // Quote exactly the PCRs a verifier expects for this host's class.
-        let selection = refs.selection_for(&self.host).unwrap_or_else(|| ferry_attest::DEFAULT_PCR_SELECTION.to_vec());
+        let selection = refs
+            .selection_for(&self.host)
+            .unwrap_or_else(|| ferry_attest::DEFAULT_PCR_SELECTION.to_vec());
         tokio::task::spawn_blocking(move || {
             let ak = AkBlob::load(&p.ak).map_err(|e| crate::chain(&e))?;
             // The TPM context is not Send: open it on this blocking thread.
             let mut attester = Attester::open(&p.tcti, &ak).map_err(|e| crate::chain(&e))?;
-            attester.quote(&selection, &qd).map_err(|e| format!("cannot quote with the local TPM: {}", crate::chain(&e)))
+            attester
+                .quote(&selection, &qd)
+                .map_err(|e| format!("cannot quote with the local TPM: {}", crate::chain(&e)))
         })
         .await
         .map_err(|e| format!("quote task failed: {e}"))?
@@ -74,17 +83,30 @@ impl Attestation {
         started: Instant,
     ) -> Result<AttestationOutcome, String> {
         let Some(p) = &self.paths else {
-            return Ok(AttestationOutcome { peer_verified: false, quoted: false, peer_pcrs: vec![], ms: started.elapsed().as_millis() as u64 });
+            return Ok(AttestationOutcome {
+                peer_verified: false,
+                quoted: false,
+                peer_pcrs: vec![],
+                ms: started.elapsed().as_millis() as u64,
+            });
         };
         // SECURITY: with attestation on, a peer without a quote is refused;
         // only this host's own explicit insecure setting could allow it.
-        let evidence = evidence.ok_or_else(|| format!("{peer} presented no TPM quote (its attestation is disabled)"))?;
+        let evidence = evidence.ok_or_else(|| {
+            format!("{peer} presented no TPM quote (its attestation is disabled)")
+        })?;
         let registry = AkRegistry::load(&p.registry).map_err(|e| crate::chain(&e))?;
         let refs = ReferenceValues::load(&p.reference_values).map_err(|e| crate::chain(&e))?;
         let ak = registry.require(peer).map_err(|e| crate::chain(&e))?;
         let qd = ferry_attest::qualifying_data(exporter, id, peer_role);
-        let verified = ferry_attest::verify(evidence, ak, peer, &qd, &refs).map_err(|e| crate::chain(&e))?;
+        let verified =
+            ferry_attest::verify(evidence, ak, peer, &qd, &refs).map_err(|e| crate::chain(&e))?;
         // `quoted` (whether this host sent a quote) is for the caller to set.
-        Ok(AttestationOutcome { peer_verified: true, quoted: false, peer_pcrs: verified.pcrs.clone(), ms: started.elapsed().as_millis() as u64 })
+        Ok(AttestationOutcome {
+            peer_verified: true,
+            quoted: false,
+            peer_pcrs: verified.pcrs.clone(),
+            ms: started.elapsed().as_millis() as u64,
+        })
     }
 }

@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_policy::{Action, Admission, AdmissionTicket, Decision, Principal, RateLimiter, Request, Resident, SharedPolicy, VmLabels};
+use ferry_policy::{
+    Action, Admission, AdmissionTicket, Decision, Principal, RateLimiter, Request, Resident,
+    SharedPolicy, VmLabels,
+};
 use ferry_types::{HostName, OperatorName, VmName};
 
 use crate::config::AgentConfig;
@@ -47,7 +50,10 @@ impl Authz {
             files: cfg.policy.files.clone(),
             entities: cfg.policy.entities.clone(),
             admission: Admission::new(cfg.admission.clone()),
-            outgoing: RateLimiter::new(cfg.migration.outgoing_max, Duration::from_millis(cfg.migration.outgoing_window_ms)),
+            outgoing: RateLimiter::new(
+                cfg.migration.outgoing_max,
+                Duration::from_millis(cfg.migration.outgoing_window_ms),
+            ),
             cooldown: cfg.admission.vm_cooldown,
             last_moved: Mutex::new(HashMap::new()),
         })
@@ -97,20 +103,26 @@ impl Authz {
         };
         let d = self.decide(&req);
         if let Some(reason) = deny_reason(&d) {
-            return Err(Fault::new(ErrorKind::Denied, format!("policy denies {operator} migrating {vm} to {destination}: {reason}")));
+            return Err(Fault::new(
+                ErrorKind::Denied,
+                format!("policy denies {operator} migrating {vm} to {destination}: {reason}"),
+            ));
         }
         let mut policies = d.policies().to_vec();
         req.principal = Principal::Host { name: source.clone() };
         req.action = Action::SendVm;
         let d = self.decide(&req);
         if let Some(reason) = deny_reason(&d) {
-            return Err(Fault::new(ErrorKind::Denied, format!("policy denies {source} sending {vm} to {destination}: {reason}")));
+            return Err(Fault::new(
+                ErrorKind::Denied,
+                format!("policy denies {source} sending {vm} to {destination}: {reason}"),
+            ));
         }
         policies.extend(d.policies().iter().cloned());
         self.check_cooldown(vm)?;
-        self.outgoing
-            .check(destination.as_str(), Instant::now())
-            .map_err(|r| Fault::new(ErrorKind::Denied, format!("outgoing migration rate limit: {r}")))?;
+        self.outgoing.check(destination.as_str(), Instant::now()).map_err(|r| {
+            Fault::new(ErrorKind::Denied, format!("outgoing migration rate limit: {r}"))
+        })?;
         Ok(policies)
     }
 
@@ -178,7 +190,10 @@ impl Authz {
         req.principal = Principal::Host { name: destination.clone() };
         req.action = Action::ReceiveVm;
         if let Some(reason) = deny_reason(&self.decide(&req)) {
-            return Err(("policy", format!("policy denies {destination} receiving {vm}: {reason}")));
+            return Err((
+                "policy",
+                format!("policy denies {destination} receiving {vm}: {reason}"),
+            ));
         }
         self.check_cooldown(vm).map_err(|f| ("cooldown", f.message))?;
         self.admission

@@ -109,7 +109,11 @@ pub async fn greet(
     writer.write_control(&Hello { protocol: PROTOCOL_VERSION }).await.map_err(hello_err)?;
     let theirs: Hello = reader.read_control().await.map_err(hello_err)?;
     if theirs.protocol != PROTOCOL_VERSION {
-        return Err(ConnectError::Version { host: host.clone(), theirs: theirs.protocol, ours: PROTOCOL_VERSION });
+        return Err(ConnectError::Version {
+            host: host.clone(),
+            theirs: theirs.protocol,
+            ours: PROTOCOL_VERSION,
+        });
     }
     Ok((reader, writer))
 }

@@ -87,15 +87,20 @@ impl AttestationSection {
         if self.insecure_disabled {
             return Ok(None);
         }
-        let missing = |k: &str| ConfigError::Invalid {
+        let missing = |k: &str| {
+            ConfigError::Invalid {
             path: path.to_owned(),
             message: format!("[attestation] {k} is required (or set insecure_disabled = true, which is insecure)"),
+        }
         };
         Ok(Some(AttestationPaths {
             tcti: self.tcti.clone().ok_or_else(|| missing("tcti"))?,
             ak: self.ak.clone().ok_or_else(|| missing("ak"))?,
             registry: self.registry.clone().ok_or_else(|| missing("registry"))?,
-            reference_values: self.reference_values.clone().ok_or_else(|| missing("reference_values"))?,
+            reference_values: self
+                .reference_values
+                .clone()
+                .ok_or_else(|| missing("reference_values"))?,
         }))
     }
 }
@@ -230,15 +235,21 @@ impl MigrationSection {
     }
     /// None when automatic post-copy recovery is off.
     pub fn postcopy_recover_retry(&self) -> Option<Duration> {
-        (self.postcopy_recover_retry_ms > 0).then(|| Duration::from_millis(self.postcopy_recover_retry_ms))
+        (self.postcopy_recover_retry_ms > 0)
+            .then(|| Duration::from_millis(self.postcopy_recover_retry_ms))
     }
 }
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let len = std::fs::metadata(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?.len();
+        let len = std::fs::metadata(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?
+            .len();
         if len > MAX_CONFIG_FILE {
-            return Err(ConfigError::Invalid { path: path.to_owned(), message: format!("{len} bytes; a config is at most {MAX_CONFIG_FILE}") });
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: format!("{len} bytes; a config is at most {MAX_CONFIG_FILE}"),
+            });
         }
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
@@ -257,7 +268,10 @@ impl AgentConfig {
         }
         cfg.attestation.paths(path)?;
         if cfg.migration.streams == 0 || cfg.migration.streams > crate::streams::MAX_STREAMS {
-            return Err(invalid(format!("[migration] streams must be 1..={}", crate::streams::MAX_STREAMS)));
+            return Err(invalid(format!(
+                "[migration] streams must be 1..={}",
+                crate::streams::MAX_STREAMS
+            )));
         }
         if cfg.migration.postcopy_recover_retry_ms > MAX_POSTCOPY_RECOVER_RETRY_MS {
             return Err(invalid(format!(
@@ -333,7 +347,13 @@ mod tests {
         let e = AgentConfig::parse(&slow_retry, Path::new("a.toml")).unwrap_err().to_string();
         assert!(e.contains("postcopy_recover_retry_ms must be at most 60000"), "{e}");
         let off = format!("{MINIMAL}\n[migration]\npostcopy_recover_retry_ms = 0\n");
-        assert_eq!(AgentConfig::parse(&off, Path::new("a.toml")).unwrap().migration.postcopy_recover_retry(), None);
+        assert_eq!(
+            AgentConfig::parse(&off, Path::new("a.toml"))
+                .unwrap()
+                .migration
+                .postcopy_recover_retry(),
+            None
+        );
     }
 
     /// The commented sample in docs/ must stay a valid, complete config.

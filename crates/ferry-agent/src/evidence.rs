@@ -122,7 +122,8 @@ impl Agent {
     /// Sign `body` as `kind` with this host's key.
     pub fn sign<T: Serialize>(&self, kind: &str, body: &T) -> Result<Signed, String> {
         let log = self.audit.lock().map_err(|_| "audit log lock poisoned".to_owned())?;
-        Signed::sign(kind, body, log.signer()).map_err(|e| format!("cannot sign the {kind}: {}", crate::chain(&e)))
+        Signed::sign(kind, body, log.signer())
+            .map_err(|e| format!("cannot sign the {kind}: {}", crate::chain(&e)))
     }
 
     pub fn log_head(&self) -> LogHead {
@@ -141,8 +142,9 @@ impl Agent {
         from: &HostName,
         expect: &Expect<'_>,
     ) -> Result<T, String> {
-        let (body, signer): (T, String) =
-            signed.verify(kind, &self.ca_trust).map_err(|e| format!("{kind} from {from}: {}", crate::chain(&e)))?;
+        let (body, signer): (T, String) = signed
+            .verify(kind, &self.ca_trust)
+            .map_err(|e| format!("{kind} from {from}: {}", crate::chain(&e)))?;
         let signer_host = match signer.parse::<SpiffeId>() {
             Ok(SpiffeId::Host { name, .. }) => name,
             _ => return Err(format!("{kind} signed by {signer}, not by a host")),
@@ -153,7 +155,11 @@ impl Agent {
             return Err(format!("{kind} is signed by {signer_host}, expected {from}"));
         }
         let (id, source, destination, vm, binding) = body.address();
-        if id != expect.id || source != expect.source || destination != expect.destination || vm != expect.vm {
+        if id != expect.id
+            || source != expect.source
+            || destination != expect.destination
+            || vm != expect.vm
+        {
             return Err(format!(
                 "{kind} from {from} is about migration {id} of {vm} {source} -> {destination}, expected {} of {} {} -> {}",
                 expect.id, expect.vm, expect.source, expect.destination
@@ -161,7 +167,9 @@ impl Agent {
         }
         if let Some(b) = expect.binding {
             if binding != b {
-                return Err(format!("{kind} from {from} is bound to another connection (replayed or relayed)"));
+                return Err(format!(
+                    "{kind} from {from} is bound to another connection (replayed or relayed)"
+                ));
             }
         }
         Ok(body)
@@ -173,7 +181,9 @@ impl Agent {
         let kind = event.kind.clone();
         tokio::task::spawn_blocking(move || {
             let mut log = log.lock().map_err(|_| "audit log lock poisoned".to_owned())?;
-            log.append(&event).map_err(|e| format!("cannot write the audit record ({kind}): {}", crate::chain(&e)))
+            log.append(&event).map_err(|e| {
+                format!("cannot write the audit record ({kind}): {}", crate::chain(&e))
+            })
         })
         .await
         .map_err(|e| format!("audit task failed: {e}"))?
@@ -181,7 +191,14 @@ impl Agent {
 }
 
 /// An audit event about a migration.
-pub fn event(kind: &str, id: &MigrationId, vm: &VmName, peer: &HostName, detail: serde_json::Value, signed: Option<Signed>) -> AuditEvent {
+pub fn event(
+    kind: &str,
+    id: &MigrationId,
+    vm: &VmName,
+    peer: &HostName,
+    detail: serde_json::Value,
+    signed: Option<Signed>,
+) -> AuditEvent {
     AuditEvent {
         kind: kind.to_owned(),
         migration_id: Some(id.to_string()),

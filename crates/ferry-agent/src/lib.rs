@@ -147,7 +147,11 @@ impl Agent {
             Ok(n) => serde_json::json!({ "policies": n }),
             Err(e) => serde_json::json!({ "error": e.to_string() }),
         };
-        let mut ev = ferry_audit::AuditEvent::new(if result.is_ok() { "policy_reloaded" } else { "policy_reload_refused" });
+        let mut ev = ferry_audit::AuditEvent::new(if result.is_ok() {
+            "policy_reloaded"
+        } else {
+            "policy_reload_refused"
+        });
         ev.detail = detail;
         if let Err(e) = self.audit(ev).await {
             tracing::error!(error = %e, "policy reload not in the audit log");
@@ -159,7 +163,10 @@ impl Agent {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "policy reload refused; the old policy stays in force");
-                Err(Fault::new(ErrorKind::Request, format!("policy reload refused, the old policy stays in force: {e}")))
+                Err(Fault::new(
+                    ErrorKind::Request,
+                    format!("policy reload refused, the old policy stays in force: {e}"),
+                ))
             }
         }
     }
@@ -167,7 +174,8 @@ impl Agent {
     /// Load identity and state, adopt surviving VMs and settle interrupted
     /// migrations. The returned agent is ready to serve.
     pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
-        let identity = Identity::load(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.ca, cfg.tls.crl.as_deref())?;
+        let identity =
+            Identity::load(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.ca, cfg.tls.crl.as_deref())?;
         match identity.spiffe() {
             ferry_types::SpiffeId::Host { name, .. } if *name == cfg.host.name => {}
             other => {
@@ -203,7 +211,10 @@ impl Agent {
         let signer = ferry_audit::Signer::load(&cfg.tls.cert, &cfg.tls.key)?;
         let audit_path = cfg.audit_log_path();
         if let Some(dir) = audit_path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| ferry_vmm::VmmError::Io { what: format!("creating {}", dir.display()), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| ferry_vmm::VmmError::Io {
+                what: format!("creating {}", dir.display()),
+                source,
+            })?;
         }
         let audit = ferry_audit::AuditLog::open(&audit_path, signer)?;
         let ca_trust = ferry_audit::CaTrust::load(&cfg.tls.ca)?;

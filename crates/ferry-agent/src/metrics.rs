@@ -77,23 +77,50 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self, vms: usize, active: usize) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "# HELP ferry_migrations_total Migrations that ended, by role and outcome.");
+        let _ = writeln!(
+            s,
+            "# HELP ferry_migrations_total Migrations that ended, by role and outcome."
+        );
         let _ = writeln!(s, "# TYPE ferry_migrations_total counter");
         if let Ok(m) = self.outcomes.lock() {
             for ((role, outcome), n) in m.iter() {
-                let _ = writeln!(s, "ferry_migrations_total{{role=\"{role}\",outcome=\"{outcome}\"}} {n}");
+                let _ = writeln!(
+                    s,
+                    "ferry_migrations_total{{role=\"{role}\",outcome=\"{outcome}\"}} {n}"
+                );
             }
         }
-        let _ = writeln!(s, "# HELP ferry_migration_bytes_total VM state bytes moved by finished migrations.");
+        let _ = writeln!(
+            s,
+            "# HELP ferry_migration_bytes_total VM state bytes moved by finished migrations."
+        );
         let _ = writeln!(s, "# TYPE ferry_migration_bytes_total counter");
-        let _ = writeln!(s, "ferry_migration_bytes_total{{role=\"source\"}} {}", self.bytes_source.load(Ordering::Relaxed));
-        let _ = writeln!(s, "ferry_migration_bytes_total{{role=\"destination\"}} {}", self.bytes_destination.load(Ordering::Relaxed));
-        let _ = writeln!(s, "# HELP ferry_migration_duration_seconds_total Time spent in finished migrations.");
+        let _ = writeln!(
+            s,
+            "ferry_migration_bytes_total{{role=\"source\"}} {}",
+            self.bytes_source.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "ferry_migration_bytes_total{{role=\"destination\"}} {}",
+            self.bytes_destination.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP ferry_migration_duration_seconds_total Time spent in finished migrations."
+        );
         let _ = writeln!(s, "# TYPE ferry_migration_duration_seconds_total counter");
-        for (role, v) in [("source", &self.duration_ms_source), ("destination", &self.duration_ms_destination)] {
-            let _ = writeln!(s, "ferry_migration_duration_seconds_total{{role=\"{role}\"}} {:.3}", v.load(Ordering::Relaxed) as f64 / 1000.0);
+        for (role, v) in
+            [("source", &self.duration_ms_source), ("destination", &self.duration_ms_destination)]
+        {
+            let _ = writeln!(
+                s,
+                "ferry_migration_duration_seconds_total{{role=\"{role}\"}} {:.3}",
+                v.load(Ordering::Relaxed) as f64 / 1000.0
+            );
         }
-        let _ = writeln!(s, "# HELP ferry_refusals_total Offers and connections refused, by reason.");
+        let _ =
+            writeln!(s, "# HELP ferry_refusals_total Offers and connections refused, by reason.");
         let _ = writeln!(s, "# TYPE ferry_refusals_total counter");
         if let Ok(m) = self.refusals.lock() {
             for (reason, n) in m.iter() {
@@ -102,13 +129,28 @@ impl Metrics {
         }
         let _ = writeln!(s, "# HELP ferry_tls_handshake_failures_total TLS handshakes that failed (unauthenticated or invalid peers).");
         let _ = writeln!(s, "# TYPE ferry_tls_handshake_failures_total counter");
-        let _ = writeln!(s, "ferry_tls_handshake_failures_total {}", self.tls_failures.load(Ordering::Relaxed));
-        let _ = writeln!(s, "# HELP ferry_attestation_failures_total Peer platforms that failed attestation.");
+        let _ = writeln!(
+            s,
+            "ferry_tls_handshake_failures_total {}",
+            self.tls_failures.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP ferry_attestation_failures_total Peer platforms that failed attestation."
+        );
         let _ = writeln!(s, "# TYPE ferry_attestation_failures_total counter");
-        let _ = writeln!(s, "ferry_attestation_failures_total {}", self.attestation_failures.load(Ordering::Relaxed));
+        let _ = writeln!(
+            s,
+            "ferry_attestation_failures_total {}",
+            self.attestation_failures.load(Ordering::Relaxed)
+        );
         let _ = writeln!(s, "# HELP ferry_postcopy_recovery_failures_total Failed attempts to resume an interrupted post-copy.");
         let _ = writeln!(s, "# TYPE ferry_postcopy_recovery_failures_total counter");
-        let _ = writeln!(s, "ferry_postcopy_recovery_failures_total {}", self.postcopy_recovery_failures.load(Ordering::Relaxed));
+        let _ = writeln!(
+            s,
+            "ferry_postcopy_recovery_failures_total {}",
+            self.postcopy_recovery_failures.load(Ordering::Relaxed)
+        );
         let _ = writeln!(s, "# HELP ferry_vms VMs this agent runs.");
         let _ = writeln!(s, "# TYPE ferry_vms gauge");
         let _ = writeln!(s, "ferry_vms {vms}");
@@ -131,13 +173,14 @@ pub async fn serve(agent: Arc<crate::Agent>, listener: tokio::net::TcpListener) 
                 _ => return,
             };
             let first = String::from_utf8_lossy(&head[..n]);
-            let (status, body) = if first.starts_with("GET /metrics ") || first.starts_with("GET /metrics?") {
-                let vms = agent.vms.lock().await.len();
-                let active = agent.active.lock().await.len();
-                ("200 OK", agent.metrics.render(vms, active))
-            } else {
-                ("404 Not Found", "try /metrics\n".to_owned())
-            };
+            let (status, body) =
+                if first.starts_with("GET /metrics ") || first.starts_with("GET /metrics?") {
+                    let vms = agent.vms.lock().await.len();
+                    let active = agent.active.lock().await.len();
+                    ("200 OK", agent.metrics.render(vms, active))
+                } else {
+                    ("404 Not Found", "try /metrics\n".to_owned())
+                };
             let resp = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
@@ -164,9 +207,15 @@ mod tests {
         m.refused("replay");
         m.postcopy_recovery_failure();
         let text = m.render(2, 1);
-        assert!(text.contains("ferry_migrations_total{role=\"source\",outcome=\"completed\"} 2"), "{text}");
+        assert!(
+            text.contains("ferry_migrations_total{role=\"source\",outcome=\"completed\"} 2"),
+            "{text}"
+        );
         assert!(text.contains("ferry_migration_bytes_total{role=\"source\"} 1024"), "{text}");
-        assert!(text.contains("ferry_migration_duration_seconds_total{role=\"source\"} 2.000"), "{text}");
+        assert!(
+            text.contains("ferry_migration_duration_seconds_total{role=\"source\"} 2.000"),
+            "{text}"
+        );
         assert!(text.contains("ferry_refusals_total{reason=\"replay\"} 1"), "{text}");
         assert!(text.contains("ferry_postcopy_recovery_failures_total 1"), "{text}");
         assert!(text.contains("ferry_vms 2"));

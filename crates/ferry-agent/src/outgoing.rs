@@ -11,19 +11,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_channel::Incoming;
 use ferry_types::{Digest32, HostName, MigrationId, VmName};
 use ferry_vmm::{MigrationState as QemuMigration, Qmp, RunState, VmSpec};
-use ferry_channel::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::client::{self, Reader};
-use ferry_attest::QuoteRole;
 use crate::evidence::{self, AbortBody, AcceptBody, Expect, OfferBody, StreamBody};
 use crate::protocol::{offer_binding, PeerMessage, Progress};
 use crate::records::{MigrationRecord, MigrationState, Role};
 use crate::{Agent, ErrorKind, Fault};
+use ferry_attest::QuoteRole;
 
 /// Bytes read from QEMU per frame: large reads keep per-frame cost low.
 const PUMP_CHUNK: usize = 1024 * 1024;
@@ -79,37 +79,64 @@ pub async fn start(
         return Err(Fault::new(ErrorKind::Request, format!("VM {vm} is already on {to}")));
     }
     let addr = *agent.cfg.peers.get(&to).ok_or_else(|| {
-        Fault::new(ErrorKind::Request, format!("unknown destination {to}: not in this agent's [peers] table"))
+        Fault::new(
+            ErrorKind::Request,
+            format!("unknown destination {to}: not in this agent's [peers] table"),
+        )
     })?;
     let id = MigrationId::new();
     let (spec, labels, qmp, vm_dir) = {
         let mut table = agent.vms.lock().await;
-        let entry = table
-            .get_mut(&vm)
-            .ok_or_else(|| Fault::new(ErrorKind::Request, format!("no VM {vm} on {}", agent.host)))?;
+        let entry = table.get_mut(&vm).ok_or_else(|| {
+            Fault::new(ErrorKind::Request, format!("no VM {vm} on {}", agent.host))
+        })?;
         if let Some(other) = entry.busy {
-            return Err(Fault::new(ErrorKind::Request, format!("VM {vm} is already held by migration {other}")));
+            return Err(Fault::new(
+                ErrorKind::Request,
+                format!("VM {vm} is already held by migration {other}"),
+            ));
         }
         // SECURITY (R3): default deny; a denial is a value with a reason,
         // audited, and nothing has been touched.
-        if let Err(denied) = agent.authz.authorize_outgoing(operator, role, &vm, &entry.labels, &agent.host, &to, postcopy, agent.attestation.enabled()) {
+        if let Err(denied) = agent.authz.authorize_outgoing(
+            operator,
+            role,
+            &vm,
+            &entry.labels,
+            &agent.host,
+            &to,
+            postcopy,
+            agent.attestation.enabled(),
+        ) {
             agent.metrics.refused("policy");
-            let ev = evidence::event("denied", &id, &vm, &to, serde_json::json!({ "operator": operator, "role": role, "reason": denied.message }), None);
+            let ev = evidence::event(
+                "denied",
+                &id,
+                &vm,
+                &to,
+                serde_json::json!({ "operator": operator, "role": role, "reason": denied.message }),
+                None,
+            );
             let _ = agent.audit(ev).await;
             return Err(denied);
         }
         entry.busy = Some(id);
         (entry.spec.clone(), entry.labels.clone(), entry.qmp.clone(), entry.proc.dir.clone())
     };
-    let mut rec = MigrationRecord::new(id, Role::Source, vm.clone(), agent.host.clone(), to.clone());
+    let mut rec =
+        MigrationRecord::new(id, Role::Source, vm.clone(), agent.host.clone(), to.clone());
     rec.streams = streams;
     rec.postcopy = postcopy;
     if let Err(e) = agent.records.create(&mut rec) {
         release(&agent, &vm).await;
         // Fail closed: a migration without a durable record must not start.
-        return Err(Fault::new(ErrorKind::Backend, format!("cannot record migration: {}", crate::chain(&e))));
+        return Err(Fault::new(
+            ErrorKind::Backend,
+            format!("cannot record migration: {}", crate::chain(&e)),
+        ));
     }
-    let (tx, rx) = watch::channel(Progress { id: Some(id), phase: "connect".into(), ..Default::default() });
+    let (tx, rx) =
+        watch::channel(Progress { id: Some(id), phase: "connect".into(), ..Default::default() });
     agent.active.lock().await.insert(id, rx.clone());
     let (cancel_tx, cancel) = watch::channel(false);
     agent.cancels.lock().await.insert(id, cancel_tx);
@@ -198,7 +225,10 @@ async fn run(ctx: Ctx, mut rec: MigrationRecord) -> Result<MigrationRecord, Faul
         _ => ("aborted", "rolled_back"),
     };
     // The outcome is decided; a record that cannot be written now is logged.
-    if let Err(e) = audit(&ctx, event, serde_json::json!({ "error": rec.error, "bytes": rec.bytes }), None).await {
+    if let Err(e) =
+        audit(&ctx, event, serde_json::json!({ "error": rec.error, "bytes": rec.bytes }), None)
+            .await
+    {
         tracing::error!(error = %e, "outcome not in the audit log");
     }
     set_phase(&ctx, phase);
@@ -241,11 +271,13 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     let mig = &agent.cfg.migration;
     let config = agent.tls.client().map_err(|e| Before(backend("TLS configuration", e)))?;
     let setup_started = Instant::now();
-    let (stream, _proof) = client::connect(ctx.addr, &ctx.to, config, &agent.domain, mig.connect_timeout())
-        .await
-        .map_err(|e| Before(Fault::new(ErrorKind::Peer, crate::chain(&e))))?;
-    let exporter = ferry_identity::channel_binding(stream.get_ref().1, crate::protocol::BINDING_LABEL, b"")
-        .map_err(|e| Before(backend("channel binding", e)))?;
+    let (stream, _proof) =
+        client::connect(ctx.addr, &ctx.to, config, &agent.domain, mig.connect_timeout())
+            .await
+            .map_err(|e| Before(Fault::new(ErrorKind::Peer, crate::chain(&e))))?;
+    let exporter =
+        ferry_identity::channel_binding(stream.get_ref().1, crate::protocol::BINDING_LABEL, b"")
+            .map_err(|e| Before(backend("channel binding", e)))?;
     let (mut reader, mut writer) = client::greet(stream, &ctx.to, ctx.addr, mig.io_timeout())
         .await
         .map_err(|e| Before(Fault::new(ErrorKind::Peer, crate::chain(&e))))?;
@@ -268,10 +300,22 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
         streams: ctx.streams,
         postcopy: ctx.postcopy,
     };
-    let signed = agent.sign(evidence::OFFER, &offer).map_err(|e| Before(Fault::new(ErrorKind::Backend, e)))?;
+    let signed = agent
+        .sign(evidence::OFFER, &offer)
+        .map_err(|e| Before(Fault::new(ErrorKind::Backend, e)))?;
     // SECURITY (R6): logged before it is sent; no record, no offer.
-    audit(ctx, "offer_sent", serde_json::json!({ "operator": ctx.operator, "attestation": rec.attestation }), Some(signed.clone())).await.map_err(Before)?;
-    writer.write_control(&PeerMessage::Offer { signed }).await.map_err(|e| Before(peer_fault(ctx, e)))?;
+    audit(
+        ctx,
+        "offer_sent",
+        serde_json::json!({ "operator": ctx.operator, "attestation": rec.attestation }),
+        Some(signed.clone()),
+    )
+    .await
+    .map_err(Before)?;
+    writer
+        .write_control(&PeerMessage::Offer { signed })
+        .await
+        .map_err(|e| Before(peer_fault(ctx, e)))?;
     reader.set_timeout(ACCEPT_TIMEOUT);
     let expect = ctx.expect(Some(&binding));
     match reader.read_control::<PeerMessage>().await.map_err(|e| Before(peer_fault(ctx, e)))? {
@@ -279,25 +323,43 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
             agent
                 .verify_from::<AcceptBody>(&signed, evidence::ACCEPT, &ctx.to, &expect)
                 .map_err(|e| Before(Fault::new(ErrorKind::Peer, e)))?;
-            audit(ctx, "accept_received", serde_json::Value::Null, Some(signed)).await.map_err(Before)?;
+            audit(ctx, "accept_received", serde_json::Value::Null, Some(signed))
+                .await
+                .map_err(Before)?;
         }
         PeerMessage::Refuse { reason, .. } => {
-            let _ = audit(ctx, "refused_by_peer", serde_json::json!({ "reason": reason }), None).await;
-            return Err(Before(Fault::new(ErrorKind::Peer, format!("{} refused the migration: {reason}", ctx.to))));
+            let _ =
+                audit(ctx, "refused_by_peer", serde_json::json!({ "reason": reason }), None).await;
+            return Err(Before(Fault::new(
+                ErrorKind::Peer,
+                format!("{} refused the migration: {reason}", ctx.to),
+            )));
         }
         // The destination failed after starting to accept (its QEMU, its
         // audit log): same outcome as a refusal, and its signed word is kept.
         PeerMessage::Abort { reason, signed, .. } => {
-            let _ = audit(ctx, "abort_received", serde_json::json!({ "reason": reason }), signed).await;
-            return Err(Before(Fault::new(ErrorKind::Peer, format!("{} aborted the migration: {reason}", ctx.to))));
+            let _ =
+                audit(ctx, "abort_received", serde_json::json!({ "reason": reason }), signed).await;
+            return Err(Before(Fault::new(
+                ErrorKind::Peer,
+                format!("{} aborted the migration: {reason}", ctx.to),
+            )));
         }
-        other => return Err(Before(Fault::new(ErrorKind::Peer, format!("{} answered the offer with {}", ctx.to, other.name())))),
+        other => {
+            return Err(Before(Fault::new(
+                ErrorKind::Peer,
+                format!("{} answered the offer with {}", ctx.to, other.name()),
+            )))
+        }
     }
     reader.set_timeout(mig.io_timeout());
 
     if *ctx.cancel.borrow() {
         send_abort(ctx, &mut writer, &binding, "cancelled by the operator".into()).await;
-        return Err(Before(Fault::new(ErrorKind::Request, "cancelled by the operator before the transfer")));
+        return Err(Before(Fault::new(
+            ErrorKind::Request,
+            "cancelled by the operator before the transfer",
+        )));
     }
     set_phase(ctx, "transfer");
     rec.state = MigrationState::Transferring;
@@ -305,39 +367,64 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
 
     let sock = ctx.vm_dir.join("migrate-out.sock");
     let _ = std::fs::remove_file(&sock);
-    let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| Before(backend("listening for QEMU's stream", e)))?;
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .map_err(|e| Before(backend("listening for QEMU's stream", e)))?;
     {
         let mut q = ctx.qmp.lock().await;
-        q.set_migration_parameters(agent.qemu.max_bandwidth_bytes_per_s, agent.qemu.downtime_limit_ms)
+        q.set_migration_parameters(
+            agent.qemu.max_bandwidth_bytes_per_s,
+            agent.qemu.downtime_limit_ms,
+        )
+        .await
+        .map_err(|e| Before(backend("setting migration parameters", e)))?;
+        configure_multifd(&mut q, ctx.streams)
             .await
-            .map_err(|e| Before(backend("setting migration parameters", e)))?;
-        configure_multifd(&mut q, ctx.streams).await.map_err(|e| Before(backend("configuring multifd", e)))?;
-        q.set_capabilities(&[("postcopy-ram", ctx.postcopy)]).await.map_err(|e| Before(backend("configuring post-copy", e)))?;
-        q.migrate(&format!("unix:{}", sock.display())).await.map_err(|e| Before(backend("starting QEMU's migration", e)))?;
+            .map_err(|e| Before(backend("configuring multifd", e)))?;
+        q.set_capabilities(&[("postcopy-ram", ctx.postcopy)])
+            .await
+            .map_err(|e| Before(backend("configuring post-copy", e)))?;
+        q.migrate(&format!("unix:{}", sock.display()))
+            .await
+            .map_err(|e| Before(backend("starting QEMU's migration", e)))?;
     }
     // QEMU connects its main channel first, then the multifd channels.
     let qemu = match tokio::time::timeout(Duration::from_secs(10), listener.accept()).await {
         Ok(Ok((s, _))) => s,
         Ok(Err(e)) => return Err(Before(backend("accepting QEMU's stream", e))),
-        Err(_) => return Err(Before(Fault::new(ErrorKind::Backend, "QEMU did not connect its migration stream within 10 s"))),
+        Err(_) => {
+            return Err(Before(Fault::new(
+                ErrorKind::Backend,
+                "QEMU did not connect its migration stream within 10 s",
+            )))
+        }
     };
     let (mut qemu, qemu_back) = qemu.into_split();
     // Only post-copy uses QEMU's return path; otherwise the half is just held open.
-    let (return_path, _held_open) = if ctx.postcopy { (Some(qemu_back), None) } else { (None, Some(qemu_back)) };
+    let (return_path, _held_open) =
+        if ctx.postcopy { (Some(qemu_back), None) } else { (None, Some(qemu_back)) };
     // From here the peer may send Abort at any time: a task watches for it.
     let (peer_tx, mut peer_rx) = mpsc::channel::<Result<PeerMessage, String>>(4);
     let watcher = tokio::spawn(watch_peer(reader, peer_tx, return_path, mig.io_timeout()));
     let _watcher_guard = AbortOnDrop(watcher);
-    let _trigger = ctx.postcopy.then(|| AbortOnDrop(tokio::spawn(crate::postcopy::trigger(ctx.qmp.clone()))));
-    let (extra_tx, mut extra_rx) = mpsc::channel::<(u8, Result<crate::streams::StreamSum, String>)>(crate::streams::MAX_STREAMS as usize);
+    let _trigger =
+        ctx.postcopy.then(|| AbortOnDrop(tokio::spawn(crate::postcopy::trigger(ctx.qmp.clone()))));
+    let (extra_tx, mut extra_rx) = mpsc::channel::<(u8, Result<crate::streams::StreamSum, String>)>(
+        crate::streams::MAX_STREAMS as usize,
+    );
     let mut extra_tasks = Vec::new();
     for index in 1..ctx.streams {
         let conn = match tokio::time::timeout(Duration::from_secs(10), listener.accept()).await {
             Ok(Ok((s, _))) => s,
             Ok(Err(e)) => return Err(Before(backend("accepting a multifd channel", e))),
-            Err(_) => return Err(Before(Fault::new(ErrorKind::Backend, format!("QEMU did not open multifd channel {index} within 10 s")))),
+            Err(_) => {
+                return Err(Before(Fault::new(
+                    ErrorKind::Backend,
+                    format!("QEMU did not open multifd channel {index} within 10 s"),
+                )))
+            }
         };
-        let (agent, to, addr, id, tx) = (ctx.agent.clone(), ctx.to.clone(), ctx.addr, ctx.id, extra_tx.clone());
+        let (agent, to, addr, id, tx) =
+            (ctx.agent.clone(), ctx.to.clone(), ctx.addr, ctx.id, extra_tx.clone());
         extra_tasks.push(AbortOnDrop(tokio::spawn(async move {
             let r = crate::streams::send_stream(&agent, &to, addr, id, index, conn).await;
             let _ = tx.send((index, r)).await;
@@ -346,7 +433,12 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     drop(extra_tx);
     let _ = std::fs::remove_file(&sock);
     let mut extra_sums: Vec<Option<crate::streams::StreamSum>> = vec![None; ctx.streams as usize];
-    let ticker = tokio::spawn(progress_ticker(ctx.qmp.clone(), ctx.progress.clone(), ctx.bytes.clone(), ctx.started));
+    let ticker = tokio::spawn(progress_ticker(
+        ctx.qmp.clone(),
+        ctx.progress.clone(),
+        ctx.bytes.clone(),
+        ctx.started,
+    ));
     let _ticker_guard = AbortOnDrop(ticker);
 
     let mut hasher = blake3::Hasher::new();
@@ -360,7 +452,10 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     loop {
         if pc.committed.is_none() && *cancel.borrow_and_update() {
             send_abort(ctx, &mut writer, &binding, "cancelled by the operator".into()).await;
-            return Err(Before(Fault::new(ErrorKind::Request, "cancelled by the operator before commit")));
+            return Err(Before(Fault::new(
+                ErrorKind::Request,
+                "cancelled by the operator before commit",
+            )));
         }
         tokio::select! {
             _ = cancel.changed(), if pc.committed.is_none() => continue,
@@ -423,10 +518,12 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     }
     // QEMU closed its stream: it must also say the migration completed,
     // otherwise the stream is incomplete and the destination must not run it.
-    let status = wait_qemu_terminal(&ctx.qmp, Duration::from_secs(30)).await.map_err(|f| pc.fail(f))?;
+    let status =
+        wait_qemu_terminal(&ctx.qmp, Duration::from_secs(30)).await.map_err(|f| pc.fail(f))?;
     if status.status != QemuMigration::Completed {
         let why = status.error_desc.unwrap_or_else(|| format!("{:?}", status.status));
-        let fault = Fault::new(ErrorKind::Backend, format!("source QEMU's migration failed: {why}"));
+        let fault =
+            Fault::new(ErrorKind::Backend, format!("source QEMU's migration failed: {why}"));
         if pc.committed.is_some() {
             return Err(pc.fail(fault));
         }
@@ -443,15 +540,31 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
                 pc.handed_over = true;
             }
             Ok(Some(Ok(PeerMessage::Abort { reason, .. }))) => {
-                return Err(Before(Fault::new(ErrorKind::Peer, format!("{} aborted at the switchover: {reason}", ctx.to))))
+                return Err(Before(Fault::new(
+                    ErrorKind::Peer,
+                    format!("{} aborted at the switchover: {reason}", ctx.to),
+                )))
             }
-            _ => return Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("no switchover receipt from {} within {wait:?}", ctx.to)))),
+            _ => {
+                return Err(Failure::InDoubt(Fault::new(
+                    ErrorKind::Peer,
+                    format!("no switchover receipt from {} within {wait:?}", ctx.to),
+                )))
+            }
         }
     }
     if pc.handed_over {
         // QEMU completes a post-copy only after the destination closed its
         // return path, i.e. loaded every page: the VM is whole there now.
-        return crate::postcopy::final_commit(ctx, rec, writer, peer_rx, binding, (total, Digest32(*hasher.finalize().as_bytes()))).await;
+        return crate::postcopy::final_commit(
+            ctx,
+            rec,
+            writer,
+            peer_rx,
+            binding,
+            (total, Digest32(*hasher.finalize().as_bytes())),
+        )
+        .await;
     }
     writer.write_data_end().await.map_err(|e| pc.fail(peer_fault(ctx, e)))?;
 
@@ -486,7 +599,9 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
         bytes: total,
         digest,
     };
-    let signed = agent.sign(evidence::COMMIT, &commit).map_err(|e| Before(Fault::new(ErrorKind::Backend, e)))?;
+    let signed = agent
+        .sign(evidence::COMMIT, &commit)
+        .map_err(|e| Before(Fault::new(ErrorKind::Backend, e)))?;
     // SECURITY (R6): the commit is in the audit log before it leaves; if it
     // cannot be written, the migration is aborted and the source resumes.
     if let Err(e) = audit(ctx, "commit_sent", serde_json::Value::Null, Some(signed.clone())).await {
@@ -509,14 +624,21 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
         Ok(Some(Ok(PeerMessage::Receipt { signed }))) => {
             let receipt = agent
                 .verify_from::<StreamBody>(&signed, evidence::RECEIPT, &ctx.to, &expect)
-                .map_err(|e| Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("invalid receipt: {e}"))))?;
+                .map_err(|e| {
+                    Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("invalid receipt: {e}")))
+                })?;
             if receipt.bytes != total || receipt.digest != digest {
                 return Err(Failure::InDoubt(Fault::new(
                     ErrorKind::Peer,
-                    format!("{} signed for {} bytes / {}, we sent {total} / {digest}", ctx.to, receipt.bytes, receipt.digest),
+                    format!(
+                        "{} signed for {} bytes / {}, we sent {total} / {digest}",
+                        ctx.to, receipt.bytes, receipt.digest
+                    ),
                 )));
             }
-            if let Err(e) = audit(ctx, "receipt_received", serde_json::Value::Null, Some(signed.clone())).await {
+            if let Err(e) =
+                audit(ctx, "receipt_received", serde_json::Value::Null, Some(signed.clone())).await
+            {
                 // The destination runs the VM; the record file keeps the receipt.
                 tracing::error!(error = %e, "receipt not in the audit log");
             }
@@ -525,18 +647,35 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
         }
         Ok(Some(Ok(PeerMessage::Abort { reason, signed, .. }))) => {
             // The destination promises never to run this VM: resuming is safe.
-            let _ = audit(ctx, "abort_received", serde_json::json!({ "reason": reason }), signed).await;
-            Err(Before(Fault::new(ErrorKind::Peer, format!("{} aborted at commit: {reason}", ctx.to))))
+            let _ =
+                audit(ctx, "abort_received", serde_json::json!({ "reason": reason }), signed).await;
+            Err(Before(Fault::new(
+                ErrorKind::Peer,
+                format!("{} aborted at commit: {reason}", ctx.to),
+            )))
         }
-        Ok(Some(Ok(m))) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("{} answered the commit with {}", ctx.to, m.name())))),
+        Ok(Some(Ok(m))) => Err(Failure::InDoubt(Fault::new(
+            ErrorKind::Peer,
+            format!("{} answered the commit with {}", ctx.to, m.name()),
+        ))),
         Ok(Some(Err(e))) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, e))),
-        Ok(None) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("lost the connection to {} after commit", ctx.to)))),
-        Err(_) => Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("no receipt from {} within {wait:?}", ctx.to)))),
+        Ok(None) => Err(Failure::InDoubt(Fault::new(
+            ErrorKind::Peer,
+            format!("lost the connection to {} after commit", ctx.to),
+        ))),
+        Err(_) => Err(Failure::InDoubt(Fault::new(
+            ErrorKind::Peer,
+            format!("no receipt from {} within {wait:?}", ctx.to),
+        ))),
     }
 }
 
 impl Ctx {
-    pub(crate) fn stream_body(&self, binding: Digest32, (bytes, digest): crate::streams::StreamSum) -> StreamBody {
+    pub(crate) fn stream_body(
+        &self,
+        binding: Digest32,
+        (bytes, digest): crate::streams::StreamSum,
+    ) -> StreamBody {
         StreamBody {
             migration_id: self.id,
             source: self.agent.host.clone(),
@@ -550,20 +689,40 @@ impl Ctx {
     }
 
     pub(crate) fn expect<'a>(&'a self, binding: Option<&'a Digest32>) -> Expect<'a> {
-        Expect { id: &self.id, source: &self.agent.host, destination: &self.to, vm: &self.vm, binding }
+        Expect {
+            id: &self.id,
+            source: &self.agent.host,
+            destination: &self.to,
+            vm: &self.vm,
+            binding,
+        }
     }
 }
 
 /// Append an audit record about this migration; Err fails the step closed.
-pub(crate) async fn audit(ctx: &Ctx, kind: &str, detail: serde_json::Value, signed: Option<ferry_audit::Signed>) -> Result<u64, Fault> {
-    ctx.agent
-        .audit(evidence::event(kind, &ctx.id, &ctx.vm, &ctx.to, detail, signed))
-        .await
-        .map_err(|e| Fault::new(ErrorKind::Backend, format!("{e}; migration refused, the VM stays on {}", ctx.agent.host)))
+pub(crate) async fn audit(
+    ctx: &Ctx,
+    kind: &str,
+    detail: serde_json::Value,
+    signed: Option<ferry_audit::Signed>,
+) -> Result<u64, Fault> {
+    ctx.agent.audit(evidence::event(kind, &ctx.id, &ctx.vm, &ctx.to, detail, signed)).await.map_err(
+        |e| {
+            Fault::new(
+                ErrorKind::Backend,
+                format!("{e}; migration refused, the VM stays on {}", ctx.agent.host),
+            )
+        },
+    )
 }
 
 /// Tell the destination to abort, signed when possible.
-pub(crate) async fn send_abort(ctx: &Ctx, writer: &mut client::Writer, binding: &Digest32, reason: String) {
+pub(crate) async fn send_abort(
+    ctx: &Ctx,
+    writer: &mut client::Writer,
+    binding: &Digest32,
+    reason: String,
+) {
     let body = AbortBody {
         migration_id: ctx.id,
         source: ctx.agent.host.clone(),
@@ -575,7 +734,8 @@ pub(crate) async fn send_abort(ctx: &Ctx, writer: &mut client::Writer, binding: 
     };
     let signed = ctx.agent.sign(evidence::ABORT, &body).ok();
     let _ = audit(ctx, "abort_sent", serde_json::json!({ "reason": reason }), signed.clone()).await;
-    let _ = writer.write_control(&PeerMessage::Abort { migration_id: ctx.id, reason, signed }).await;
+    let _ =
+        writer.write_control(&PeerMessage::Abort { migration_id: ctx.id, reason, signed }).await;
 }
 
 /// Step 3, source side: send our quote, verify the destination's. Nothing
@@ -603,15 +763,33 @@ async fn attest(
     let theirs = match reader.read_control::<PeerMessage>().await.map_err(|e| peer_fault(ctx, e))? {
         PeerMessage::Attest { migration_id, evidence } if migration_id == ctx.id => evidence,
         PeerMessage::Refuse { reason, .. } => {
-            return Err(Fault::new(ErrorKind::Peer, format!("{} refused the migration: {reason}", ctx.to)))
+            return Err(Fault::new(
+                ErrorKind::Peer,
+                format!("{} refused the migration: {reason}", ctx.to),
+            ))
         }
-        other => return Err(Fault::new(ErrorKind::Peer, format!("{} answered our quote with {}", ctx.to, other.name()))),
+        other => {
+            return Err(Fault::new(
+                ErrorKind::Peer,
+                format!("{} answered our quote with {}", ctx.to, other.name()),
+            ))
+        }
     };
-    match agent.attestation.verify_peer(&ctx.to, theirs.as_ref(), exporter, &ctx.id, QuoteRole::Destination, started) {
+    match agent.attestation.verify_peer(
+        &ctx.to,
+        theirs.as_ref(),
+        exporter,
+        &ctx.id,
+        QuoteRole::Destination,
+        started,
+    ) {
         Ok(mut outcome) => {
             outcome.quoted = quoted;
             if !outcome.peer_verified {
-                rec.insecure.push(format!("attestation disabled on {}: {} not verified", agent.host, ctx.to));
+                rec.insecure.push(format!(
+                    "attestation disabled on {}: {} not verified",
+                    agent.host, ctx.to
+                ));
             }
             if !quoted {
                 rec.insecure.push(format!("{} sent no quote", agent.host));
@@ -623,7 +801,13 @@ async fn attest(
         Err(why) => {
             agent.metrics.attestation_failure();
             let reason = format!("destination {} failed attestation: {why}", ctx.to);
-            let _ = audit(ctx, "attestation_refused", serde_json::json!({ "peer": ctx.to, "why": why }), None).await;
+            let _ = audit(
+                ctx,
+                "attestation_refused",
+                serde_json::json!({ "peer": ctx.to, "why": why }),
+                None,
+            )
+            .await;
             let binding = offer_binding(exporter, &ctx.id);
             send_abort(ctx, writer, &binding, reason.clone()).await;
             Err(Fault::new(ErrorKind::Peer, reason))
@@ -636,7 +820,11 @@ async fn attest(
 pub async fn configure_multifd(q: &mut Qmp, streams: u8) -> Result<(), ferry_vmm::VmmError> {
     q.set_capabilities(&[("multifd", streams > 1)]).await?;
     if streams > 1 {
-        q.execute("migrate-set-parameters", Some(serde_json::json!({ "multifd-channels": streams - 1 }))).await?;
+        q.execute(
+            "migrate-set-parameters",
+            Some(serde_json::json!({ "multifd-channels": streams - 1 })),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -658,14 +846,17 @@ pub(crate) async fn watch_peer(
     reader.set_timeout(Duration::from_secs(24 * 3600));
     loop {
         let msg = match reader.read_frame().await {
-            Ok(Incoming::Control(bytes)) => serde_json::from_slice::<PeerMessage>(bytes).map_err(|e| format!("malformed control message: {e}")),
+            Ok(Incoming::Control(bytes)) => serde_json::from_slice::<PeerMessage>(bytes)
+                .map_err(|e| format!("malformed control message: {e}")),
             // SECURITY: bytes from the destination reach this QEMU only as
             // its post-copy return path, and only when post-copy was offered.
             Ok(Incoming::Data(d)) => match return_path.as_mut() {
                 Some(w) => match tokio::time::timeout(io_timeout, w.write_all(d)).await {
                     Ok(Ok(())) => continue,
                     Ok(Err(e)) => Err(format!("source QEMU's return path: {e}")),
-                    Err(_) => Err(format!("source QEMU did not read its return path for {io_timeout:?}")),
+                    Err(_) => {
+                        Err(format!("source QEMU did not read its return path for {io_timeout:?}"))
+                    }
                 },
                 None => Err("the destination sent VM data without post-copy".to_owned()),
             },
@@ -679,7 +870,12 @@ pub(crate) async fn watch_peer(
     }
 }
 
-async fn progress_ticker(qmp: Arc<Mutex<Qmp>>, tx: watch::Sender<Progress>, bytes: Arc<AtomicU64>, started: Instant) {
+async fn progress_ticker(
+    qmp: Arc<Mutex<Qmp>>,
+    tx: watch::Sender<Progress>,
+    bytes: Arc<AtomicU64>,
+    started: Instant,
+) {
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let status = qmp.lock().await.query_migrate().await;
@@ -698,7 +894,10 @@ async fn progress_ticker(qmp: Arc<Mutex<Qmp>>, tx: watch::Sender<Progress>, byte
     }
 }
 
-async fn wait_qemu_terminal(qmp: &Mutex<Qmp>, timeout: Duration) -> Result<ferry_vmm::MigrationStatus, Fault> {
+async fn wait_qemu_terminal(
+    qmp: &Mutex<Qmp>,
+    timeout: Duration,
+) -> Result<ferry_vmm::MigrationStatus, Fault> {
     let deadline = Instant::now() + timeout;
     loop {
         let s = qmp.lock().await.query_migrate().await.map_err(|e| backend("query-migrate", e))?;
@@ -706,7 +905,10 @@ async fn wait_qemu_terminal(qmp: &Mutex<Qmp>, timeout: Duration) -> Result<ferry
             return Ok(s);
         }
         if Instant::now() > deadline {
-            return Err(Fault::new(ErrorKind::Backend, format!("QEMU's migration did not finish within {timeout:?}")));
+            return Err(Fault::new(
+                ErrorKind::Backend,
+                format!("QEMU's migration did not finish within {timeout:?}"),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -730,7 +932,11 @@ pub(crate) async fn resume_source(qmp: &Mutex<Qmp>) -> Result<(), String> {
 
 /// The destination signed for the VM: quit the paused source copy and keep
 /// its directory (console log) under `departed/`.
-pub(crate) async fn finish_completed(agent: &Arc<Agent>, rec: &mut MigrationRecord, digest: Digest32) -> Result<MigrationRecord, Fault> {
+pub(crate) async fn finish_completed(
+    agent: &Arc<Agent>,
+    rec: &mut MigrationRecord,
+    digest: Digest32,
+) -> Result<MigrationRecord, Fault> {
     let entry = agent.vms.lock().await.remove(&rec.vm);
     agent.authz.moved(&rec.vm);
     if let Some(entry) = entry {

@@ -22,14 +22,16 @@ use std::time::{Duration, Instant};
 
 use ferry_audit::Signed;
 use ferry_types::Digest32;
-use ferry_vmm::{MigrationState as QemuMigration, Qmp, QemuProcess, RunState};
+use ferry_vmm::{MigrationState as QemuMigration, QemuProcess, Qmp, RunState};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use crate::evidence::{self, StreamBody};
 use crate::incoming::{self, Receiving};
-use crate::outgoing::{audit, backend, peer_fault, send_abort, set_phase, AbortOnDrop, Ctx, Failure};
+use crate::outgoing::{
+    audit, backend, peer_fault, send_abort, set_phase, AbortOnDrop, Ctx, Failure,
+};
 use crate::protocol::PeerMessage;
 use crate::records::{MigrationRecord, MigrationState, Role};
 use crate::streams::StreamSum;
@@ -80,7 +82,9 @@ pub(crate) async fn trigger(qmp: Arc<Mutex<Qmp>>) {
                 let Some(why) = s.ram.as_ref().and_then(switch_reason) else { continue };
                 match qmp.lock().await.execute("migrate-start-postcopy", None).await {
                     Ok(_) => tracing::info!(reason = %why, "switching to post-copy"),
-                    Err(e) => tracing::warn!(error = %crate::chain(&e), "QEMU refused to start post-copy"),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::chain(&e), "QEMU refused to start post-copy")
+                    }
                 }
                 return;
             }
@@ -101,10 +105,17 @@ fn switch_reason(ram: &ferry_vmm::RamStats) -> Option<String> {
     let dirty = ram.dirty_pages_rate.saturating_mul(page) as f64;
     let link = ram.mbps * 1e6 / 8.0;
     if link > 0.0 && dirty * 2.0 >= link {
-        return Some(format!("the guest dirties {:.0} MB/s; the link carries {:.0} MB/s", dirty / 1e6, link / 1e6));
+        return Some(format!(
+            "the guest dirties {:.0} MB/s; the link carries {:.0} MB/s",
+            dirty / 1e6,
+            link / 1e6
+        ));
     }
     if ram.dirty_sync_count > MAX_PRECOPY_PASSES {
-        return Some(format!("pre-copy is still running after {} passes", ram.dirty_sync_count - 1));
+        return Some(format!(
+            "pre-copy is still running after {} passes",
+            ram.dirty_sync_count - 1
+        ));
     }
     None
 }
@@ -121,21 +132,41 @@ pub(crate) async fn switchover_commit(
     at: StreamSum,
 ) -> Result<bool, Failure> {
     use Failure::BeforeCommit as Before;
-    let status = ctx.qmp.lock().await.query_migrate().await.map_err(|e| Before(backend("query-migrate", e)))?;
+    let status = ctx
+        .qmp
+        .lock()
+        .await
+        .query_migrate()
+        .await
+        .map_err(|e| Before(backend("query-migrate", e)))?;
     if status.status == QemuMigration::Completed {
         tracing::info!("post-copy ready, but QEMU already sent everything: committing the whole stream instead");
         return Ok(false);
     }
-    let run = ctx.qmp.lock().await.status().await.map_err(|e| Before(backend("query-status", e)))?;
+    let run =
+        ctx.qmp.lock().await.status().await.map_err(|e| Before(backend("query-status", e)))?;
     // SECURITY: the destination may run the VM only once it stopped here.
     if status.status != QemuMigration::PostcopyActive || run == RunState::Running {
-        let why = format!("{} reported post-copy ready, but this host's QEMU has not switched ({:?}, {:?})", ctx.to, status.status, run);
+        let why = format!(
+            "{} reported post-copy ready, but this host's QEMU has not switched ({:?}, {:?})",
+            ctx.to, status.status, run
+        );
         send_abort(ctx, writer, binding, why.clone()).await;
         return Err(Before(Fault::new(ErrorKind::Peer, why)));
     }
     let body = ctx.stream_body(*binding, at);
-    let signed = ctx.agent.sign(evidence::SWITCHOVER, &body).map_err(|e| Before(Fault::new(ErrorKind::Backend, e)))?;
-    if let Err(e) = audit(ctx, "commit_sent", serde_json::json!({ "postcopy": "switchover" }), Some(signed.clone())).await {
+    let signed = ctx
+        .agent
+        .sign(evidence::SWITCHOVER, &body)
+        .map_err(|e| Before(Fault::new(ErrorKind::Backend, e)))?;
+    if let Err(e) = audit(
+        ctx,
+        "commit_sent",
+        serde_json::json!({ "postcopy": "switchover" }),
+        Some(signed.clone()),
+    )
+    .await
+    {
         send_abort(ctx, writer, binding, "source cannot write its audit log".into()).await;
         return Err(Before(e));
     }
@@ -146,7 +177,10 @@ pub(crate) async fn switchover_commit(
     // SECURITY: durable before it is sent, as for a pre-copy commit.
     ctx.agent.records.save(rec).map_err(|e| Before(backend("recording the commit", e)))?;
     set_phase(ctx, "switchover");
-    writer.write_control(&PeerMessage::Commit { signed }).await.map_err(|e| Failure::InDoubt(peer_fault(ctx, e)))?;
+    writer
+        .write_control(&PeerMessage::Commit { signed })
+        .await
+        .map_err(|e| Failure::InDoubt(peer_fault(ctx, e)))?;
     Ok(true)
 }
 
@@ -178,12 +212,27 @@ pub(crate) async fn switchover_receipt(
     let body = ctx
         .agent
         .verify_from::<StreamBody>(&signed, evidence::HANDOVER, &ctx.to, &ctx.expect(Some(binding)))
-        .map_err(|e| Failure::InDoubt(Fault::new(ErrorKind::Peer, format!("invalid switchover receipt: {e}"))))?;
+        .map_err(|e| {
+            Failure::InDoubt(Fault::new(
+                ErrorKind::Peer,
+                format!("invalid switchover receipt: {e}"),
+            ))
+        })?;
     if (body.bytes, body.digest) != at {
-        let why = format!("{} signed for {} bytes / {}, the switchover was at {} / {}", ctx.to, body.bytes, body.digest, at.0, at.1);
+        let why = format!(
+            "{} signed for {} bytes / {}, the switchover was at {} / {}",
+            ctx.to, body.bytes, body.digest, at.0, at.1
+        );
         return Err(Failure::InDoubt(Fault::new(ErrorKind::Peer, why)));
     }
-    if let Err(e) = audit(ctx, "receipt_received", serde_json::json!({ "postcopy": "switchover" }), Some(signed.clone())).await {
+    if let Err(e) = audit(
+        ctx,
+        "receipt_received",
+        serde_json::json!({ "postcopy": "switchover" }),
+        Some(signed.clone()),
+    )
+    .await
+    {
         tracing::error!(error = %e, "switchover receipt not in the audit log");
     }
     rec.receipt = Some(signed);
@@ -210,21 +259,42 @@ pub(crate) async fn final_commit(
     let exchange = async {
         writer.write_data_end().await.map_err(|e| crate::chain(&e))?;
         let signed = ctx.agent.sign(evidence::COMMIT, &ctx.stream_body(binding, whole))?;
-        audit(ctx, "commit_sent", serde_json::json!({ "postcopy": "final" }), Some(signed.clone())).await.map_err(|f| f.message)?;
-        writer.write_control(&PeerMessage::Commit { signed }).await.map_err(|e| crate::chain(&e))?;
+        audit(ctx, "commit_sent", serde_json::json!({ "postcopy": "final" }), Some(signed.clone()))
+            .await
+            .map_err(|f| f.message)?;
+        writer
+            .write_control(&PeerMessage::Commit { signed })
+            .await
+            .map_err(|e| crate::chain(&e))?;
         let wait = ctx.agent.cfg.migration.commit_timeout() + ctx.agent.cfg.migration.io_timeout();
         let signed = match tokio::time::timeout(wait, peer_rx.recv()).await {
             Ok(Some(Ok(PeerMessage::Receipt { signed }))) => signed,
-            Ok(Some(Ok(m))) => return Err(format!("{} answered the final commit with {}", ctx.to, m.name())),
+            Ok(Some(Ok(m))) => {
+                return Err(format!("{} answered the final commit with {}", ctx.to, m.name()))
+            }
             Ok(Some(Err(e))) => return Err(e),
             Ok(None) => return Err(format!("lost the connection to {}", ctx.to)),
             Err(_) => return Err(format!("no final receipt within {wait:?}")),
         };
-        let body = ctx.agent.verify_from::<StreamBody>(&signed, evidence::RECEIPT, &ctx.to, &ctx.expect(Some(&binding)))?;
+        let body = ctx.agent.verify_from::<StreamBody>(
+            &signed,
+            evidence::RECEIPT,
+            &ctx.to,
+            &ctx.expect(Some(&binding)),
+        )?;
         if (body.bytes, body.digest) != whole {
-            return Err(format!("final receipt is for {} bytes / {}, not {} / {}", body.bytes, body.digest, whole.0, whole.1));
+            return Err(format!(
+                "final receipt is for {} bytes / {}, not {} / {}",
+                body.bytes, body.digest, whole.0, whole.1
+            ));
         }
-        let _ = audit(ctx, "receipt_received", serde_json::json!({ "postcopy": "final" }), Some(signed.clone())).await;
+        let _ = audit(
+            ctx,
+            "receipt_received",
+            serde_json::json!({ "postcopy": "final" }),
+            Some(signed.clone()),
+        )
+        .await;
         Ok::<_, String>(signed)
     };
     match exchange.await {
@@ -233,7 +303,8 @@ pub(crate) async fn final_commit(
             // QEMU completes a post-copy only after the destination loaded
             // every page, so the switchover receipt settles it.
             tracing::warn!(%why, "no final receipt; the switchover receipt stands");
-            let _ = audit(ctx, "final_receipt_missing", serde_json::json!({ "why": why }), None).await;
+            let _ =
+                audit(ctx, "final_receipt_missing", serde_json::json!({ "why": why }), None).await;
         }
     }
     Ok(whole.1)
@@ -265,7 +336,8 @@ pub(crate) async fn receive(
     let _ready = AbortOnDrop(tokio::spawn(wait_ready(qmp.clone(), ready_tx)));
     let (commit_tx, mut commit_rx) = mpsc::channel::<(Signed, StreamSum)>(1);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let pump = crate::streams::pump_frames(reader, to_qemu, io_timeout, Some(commit_tx), Some(stop_rx));
+    let pump =
+        crate::streams::pump_frames(reader, to_qemu, io_timeout, Some(commit_tx), Some(stop_rx));
     // Our side of the connection: return path, readiness, the take-over.
     let mut resumed = false;
     let control = async {
@@ -369,15 +441,34 @@ async fn take_over(
     resumed: &mut bool,
 ) -> Result<(), String> {
     let source = m.offer.source.clone();
-    let body = m.agent.verify_from::<StreamBody>(&signed, evidence::SWITCHOVER, &source, &m.expect()).map_err(|e| format!("invalid switchover commit: {e}"))?;
-    m.audit("commit_received", serde_json::json!({ "postcopy": "switchover" }), Some(signed)).await?;
+    let body = m
+        .agent
+        .verify_from::<StreamBody>(&signed, evidence::SWITCHOVER, &source, &m.expect())
+        .map_err(|e| format!("invalid switchover commit: {e}"))?;
+    m.audit("commit_received", serde_json::json!({ "postcopy": "switchover" }), Some(signed))
+        .await?;
     if (body.bytes, body.digest) != at {
-        return Err(format!("switchover commit is for {} bytes / {}, {} / {} arrived before it", body.bytes, body.digest, at.0, at.1));
+        return Err(format!(
+            "switchover commit is for {} bytes / {}, {} / {} arrived before it",
+            body.bytes, body.digest, at.0, at.1
+        ));
     }
     m.rec.state = MigrationState::Resuming;
-    m.agent.records.save(&mut m.rec).map_err(|e| format!("cannot record the resume: {}", crate::chain(&e)))?;
-    m.audit("resuming", serde_json::json!({ "bytes": at.0, "digest": at.1, "postcopy": true }), None).await?;
-    qmp.lock().await.cont().await.map_err(|e| format!("destination QEMU refused to resume: {}", crate::chain(&e)))?;
+    m.agent
+        .records
+        .save(&mut m.rec)
+        .map_err(|e| format!("cannot record the resume: {}", crate::chain(&e)))?;
+    m.audit(
+        "resuming",
+        serde_json::json!({ "bytes": at.0, "digest": at.1, "postcopy": true }),
+        None,
+    )
+    .await?;
+    qmp.lock()
+        .await
+        .cont()
+        .await
+        .map_err(|e| format!("destination QEMU refused to resume: {}", crate::chain(&e)))?;
     *resumed = true;
     let receipt = m.agent.sign(evidence::HANDOVER, &m.stream_body(at.0, at.1))?;
     m.rec.state = MigrationState::PostcopyActive;
@@ -385,18 +476,31 @@ async fn take_over(
     if let Err(e) = m.agent.records.save(&mut m.rec) {
         tracing::error!(error = %crate::chain(&e), "cannot record the post-copy hand-over");
     }
-    if let Err(e) = m.audit("receipt_sent", serde_json::json!({ "postcopy": "switchover" }), Some(receipt.clone())).await {
+    if let Err(e) = m
+        .audit(
+            "receipt_sent",
+            serde_json::json!({ "postcopy": "switchover" }),
+            Some(receipt.clone()),
+        )
+        .await
+    {
         tracing::error!(error = %e, "switchover receipt not in the audit log");
     }
     tracing::info!(bytes = at.0, "VM runs here (post-copy); fetching its remaining pages");
-    writer.write_control(&PeerMessage::Receipt { signed: receipt }).await.map_err(|e| crate::chain(&e))
+    writer
+        .write_control(&PeerMessage::Receipt { signed: receipt })
+        .await
+        .map_err(|e| crate::chain(&e))
 }
 
 /// Destination: the link broke after the VM started here. It stays; QEMU
 /// waits in postcopy-paused for the pages it lacks.
 async fn interrupted(m: &mut Receiving<'_>, why: String) {
     tracing::error!(reason = %why, "post-copy interrupted after the hand-over; the VM is kept");
-    let note = format!("{why}; post-copy interrupted: the VM runs here but pages are still on {}", m.offer.source);
+    let note = format!(
+        "{why}; post-copy interrupted: the VM runs here but pages are still on {}",
+        m.offer.source
+    );
     let _ = m.audit("postcopy_interrupted", serde_json::json!({ "reason": why }), None).await;
     m.rec.error = Some(note);
     if let Err(e) = m.agent.records.save(&mut m.rec) {
@@ -416,20 +520,33 @@ async fn finish(
 ) {
     let source = m.offer.source.clone();
     let commit = match reader.read_control::<PeerMessage>().await {
-        Ok(PeerMessage::Commit { signed }) => match m.agent.verify_from::<StreamBody>(&signed, evidence::COMMIT, &source, &m.expect()) {
-            Ok(body) if (body.bytes, body.digest) == whole => {
-                let _ = m.audit("commit_received", serde_json::json!({ "postcopy": "final" }), Some(signed)).await;
-                Ok(())
+        Ok(PeerMessage::Commit { signed }) => {
+            match m.agent.verify_from::<StreamBody>(&signed, evidence::COMMIT, &source, &m.expect())
+            {
+                Ok(body) if (body.bytes, body.digest) == whole => {
+                    let _ = m
+                        .audit(
+                            "commit_received",
+                            serde_json::json!({ "postcopy": "final" }),
+                            Some(signed),
+                        )
+                        .await;
+                    Ok(())
+                }
+                Ok(body) => Err(format!(
+                    "final commit is for {} bytes / {}, {} / {} arrived",
+                    body.bytes, body.digest, whole.0, whole.1
+                )),
+                Err(e) => Err(format!("invalid final commit: {e}")),
             }
-            Ok(body) => Err(format!("final commit is for {} bytes / {}, {} / {} arrived", body.bytes, body.digest, whole.0, whole.1)),
-            Err(e) => Err(format!("invalid final commit: {e}")),
-        },
+        }
         Ok(other) => Err(format!("expected the final commit, got {}", other.name())),
         Err(e) => Err(format!("no final commit: {}", crate::chain(&e))),
     };
     let loaded = incoming::wait_incoming(qmp, m.agent.cfg.migration.commit_timeout()).await;
     if let Err(why) = loaded {
-        return interrupted(m, format!("destination QEMU did not complete the post-copy: {why}")).await;
+        return interrupted(m, format!("destination QEMU did not complete the post-copy: {why}"))
+            .await;
     }
     m.rec.bytes = whole.0;
     m.rec.digest = Some(whole.1);
@@ -440,7 +557,10 @@ async fn finish(
         tracing::error!(%why, "post-copy finished without a valid final commit");
         m.rec.error = Some(why.clone());
     }
-    let receipt = commit.is_ok().then(|| m.agent.sign(evidence::RECEIPT, &m.stream_body(whole.0, whole.1)).ok()).flatten();
+    let receipt = commit
+        .is_ok()
+        .then(|| m.agent.sign(evidence::RECEIPT, &m.stream_body(whole.0, whole.1)).ok())
+        .flatten();
     if let Some(r) = &receipt {
         m.rec.receipt = Some(r.clone());
     }
@@ -454,7 +574,9 @@ async fn finish(
     m.agent.authz.moved(&vm);
     m.agent.metrics.migration_finished(Role::Destination, "completed", whole.0, started.elapsed());
     if let Some(signed) = receipt {
-        let _ = m.audit("receipt_sent", serde_json::json!({ "postcopy": "final" }), Some(signed.clone())).await;
+        let _ = m
+            .audit("receipt_sent", serde_json::json!({ "postcopy": "final" }), Some(signed.clone()))
+            .await;
         let _ = writer.write_control(&PeerMessage::Receipt { signed }).await;
     }
     tracing::info!(bytes = whole.0, "post-copy complete");
@@ -472,7 +594,8 @@ pub(crate) async fn recover(qmp: Option<Arc<Mutex<Qmp>>>, rec: &mut MigrationRec
     if done {
         rec.state = MigrationState::Completed;
     } else {
-        rec.error.get_or_insert_with(|| "agent restarted during post-copy; both QEMUs are kept".into());
+        rec.error
+            .get_or_insert_with(|| "agent restarted during post-copy; both QEMUs are kept".into());
     }
     done
 }
@@ -483,7 +606,13 @@ mod tests {
     use ferry_vmm::RamStats;
 
     fn ram(passes: u64, dirty_pages_per_s: u64, mbps: f64) -> RamStats {
-        RamStats { dirty_sync_count: passes, dirty_pages_rate: dirty_pages_per_s, mbps, page_size: 4096, ..Default::default() }
+        RamStats {
+            dirty_sync_count: passes,
+            dirty_pages_rate: dirty_pages_per_s,
+            mbps,
+            page_size: 4096,
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -68,7 +68,9 @@ pub enum ApiRequest {
         labels: Option<ferry_policy::VmLabels>,
     },
     VmList,
-    VmStop { vm: VmName },
+    VmStop {
+        vm: VmName,
+    },
     /// Migrate `vm` to `to`. With `wait`, progress messages follow until the end.
     /// `streams` > 1 carries QEMU's multifd channels on parallel connections.
     Migrate {
@@ -82,13 +84,21 @@ pub enum ApiRequest {
         postcopy: bool,
     },
     MigrationList,
-    MigrationShow { id: MigrationId },
+    MigrationShow {
+        id: MigrationId,
+    },
     /// Settle an in-doubt migration by asking its destination.
-    MigrationResolve { id: MigrationId },
+    MigrationResolve {
+        id: MigrationId,
+    },
     /// Stop an outgoing migration before it commits; the VM resumes here.
-    MigrationCancel { id: MigrationId },
+    MigrationCancel {
+        id: MigrationId,
+    },
     /// Resume a post-copy whose link broke after the hand-over (on its source).
-    MigrationRecover { id: MigrationId },
+    MigrationRecover {
+        id: MigrationId,
+    },
     /// Re-read the policy files (as SIGHUP does); the old policy stays on error.
     PolicyReload,
 }
@@ -184,32 +194,65 @@ pub enum DestinationOutcome {
 pub enum PeerMessage {
     /// A TPM quote bound to this connection, this migration and the sender's
     /// role; `None` only from a host whose attestation is (insecurely) off.
-    Attest { migration_id: MigrationId, evidence: Option<ferry_attest::Evidence> },
+    Attest {
+        migration_id: MigrationId,
+        evidence: Option<ferry_attest::Evidence>,
+    },
     /// Signed [`crate::evidence::OfferBody`].
-    Offer { signed: Signed },
+    Offer {
+        signed: Signed,
+    },
     /// Signed [`crate::evidence::AcceptBody`].
-    Accept { signed: Signed },
-    Refuse { migration_id: MigrationId, reason: String },
+    Accept {
+        signed: Signed,
+    },
+    Refuse {
+        migration_id: MigrationId,
+        reason: String,
+    },
     /// Signed [`crate::evidence::StreamBody`]: what the source sent.
-    Commit { signed: Signed },
+    Commit {
+        signed: Signed,
+    },
     /// Signed [`crate::evidence::StreamBody`]: what the destination received and resumed.
-    Receipt { signed: Signed },
+    Receipt {
+        signed: Signed,
+    },
     /// Signed [`crate::evidence::AbortBody`] when the sender could sign it.
-    Abort { migration_id: MigrationId, reason: String, signed: Option<Signed> },
+    Abort {
+        migration_id: MigrationId,
+        reason: String,
+        signed: Option<Signed>,
+    },
     /// First message of an extra data stream (a QEMU multifd channel) of a
     /// migration already offered and accepted on another connection.
-    StreamJoin { migration_id: MigrationId, index: u8 },
+    StreamJoin {
+        migration_id: MigrationId,
+        index: u8,
+    },
     /// Post-copy, destination to source: my QEMU holds the switchover
     /// package and waits, paused, for the source's Commit.
-    PostcopyReady { migration_id: MigrationId },
+    PostcopyReady {
+        migration_id: MigrationId,
+    },
     /// Post-copy, source to destination on a new connection after the link
     /// broke: resume the paused stream.
-    PostcopyRecover { migration_id: MigrationId },
+    PostcopyRecover {
+        migration_id: MigrationId,
+    },
     /// Destination: my QEMU listens for the resumed stream.
-    PostcopyRecoverReady { migration_id: MigrationId },
-    Query { migration_id: MigrationId },
+    PostcopyRecoverReady {
+        migration_id: MigrationId,
+    },
+    Query {
+        migration_id: MigrationId,
+    },
     /// With the signed receipt when the outcome is `Completed`.
-    QueryReply { migration_id: MigrationId, outcome: DestinationOutcome, receipt: Option<Signed> },
+    QueryReply {
+        migration_id: MigrationId,
+        outcome: DestinationOutcome,
+        receipt: Option<Signed>,
+    },
 }
 
 impl PeerMessage {
@@ -226,7 +269,10 @@ impl PeerMessage {
             | PeerMessage::PostcopyRecoverReady { migration_id }
             | PeerMessage::Query { migration_id }
             | PeerMessage::QueryReply { migration_id, .. } => Some(*migration_id),
-            PeerMessage::Offer { signed } | PeerMessage::Accept { signed } | PeerMessage::Commit { signed } | PeerMessage::Receipt { signed } => {
+            PeerMessage::Offer { signed }
+            | PeerMessage::Accept { signed }
+            | PeerMessage::Commit { signed }
+            | PeerMessage::Receipt { signed } => {
                 let body: serde_json::Value = serde_json::from_str(&signed.body).ok()?;
                 body.get("migration_id")?.as_str()?.parse().ok()
             }

@@ -91,7 +91,13 @@ pub fn now_unix_ms() -> u64 {
 }
 
 impl MigrationRecord {
-    pub fn new(id: MigrationId, role: Role, vm: VmName, source: HostName, destination: HostName) -> Self {
+    pub fn new(
+        id: MigrationId,
+        role: Role,
+        vm: VmName,
+        source: HostName,
+        destination: HostName,
+    ) -> Self {
         let now = now_unix_ms();
         Self {
             id,
@@ -148,7 +154,8 @@ pub struct RecordStore {
 
 impl RecordStore {
     pub fn open(dir: &Path) -> Result<Self, RecordError> {
-        std::fs::create_dir_all(dir).map_err(|source| RecordError::Write { path: dir.to_owned(), source })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| RecordError::Write { path: dir.to_owned(), source })?;
         Ok(Self { dir: dir.to_owned() })
     }
 
@@ -219,10 +226,15 @@ fn file_len(path: &Path) -> u64 {
 fn read_record(path: &Path) -> Result<MigrationRecord, RecordError> {
     let len = file_len(path);
     if len > MAX_RECORD_LEN {
-        return Err(RecordError::Corrupt { path: path.to_owned(), why: format!("{len} bytes is too large") });
+        return Err(RecordError::Corrupt {
+            path: path.to_owned(),
+            why: format!("{len} bytes is too large"),
+        });
     }
-    let bytes = std::fs::read(path).map_err(|source| RecordError::Read { path: path.to_owned(), source })?;
-    serde_json::from_slice(&bytes).map_err(|e| RecordError::Corrupt { path: path.to_owned(), why: e.to_string() })
+    let bytes = std::fs::read(path)
+        .map_err(|source| RecordError::Read { path: path.to_owned(), source })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| RecordError::Corrupt { path: path.to_owned(), why: e.to_string() })
 }
 
 /// Write `body` to `path` atomically and durably.

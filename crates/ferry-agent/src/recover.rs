@@ -29,34 +29,46 @@ const PAUSE_WAIT: Duration = Duration::from_secs(15);
 /// Source: resume an interrupted post-copy. Leaves the record as it was
 /// (`postcopy_active`) if the attempt fails, so it can be tried again.
 pub async fn recover(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRecord, Fault> {
-    let mut rec = agent
-        .records
-        .get(&id)
-        .map_err(|e| backend("reading the record", e))?
-        .ok_or_else(|| Fault::new(ErrorKind::Request, format!("no migration {id} on {}", agent.host)))?;
+    let mut rec =
+        agent.records.get(&id).map_err(|e| backend("reading the record", e))?.ok_or_else(|| {
+            Fault::new(ErrorKind::Request, format!("no migration {id} on {}", agent.host))
+        })?;
     if rec.role != Role::Source || rec.state != MigrationState::PostcopyActive {
-        let why = format!("migration {id} is {:?} here, not an interrupted post-copy; recover it on its source", rec.state);
+        let why = format!(
+            "migration {id} is {:?} here, not an interrupted post-copy; recover it on its source",
+            rec.state
+        );
         return Err(Fault::new(ErrorKind::Request, why.to_lowercase()));
     }
     let (qmp, vm_dir, spec, labels) = {
         let table = agent.vms.lock().await;
         let e = table.get(&rec.vm).ok_or_else(|| {
-            Fault::new(ErrorKind::Backend, format!("VM {}'s source QEMU is gone: the pages it held are lost", rec.vm))
+            Fault::new(
+                ErrorKind::Backend,
+                format!("VM {}'s source QEMU is gone: the pages it held are lost", rec.vm),
+            )
         })?;
         (e.qmp.clone(), e.proc.dir.clone(), e.spec.clone(), e.labels.clone())
     };
     // One attempt at a time.
-    let (progress, progress_rx) = watch::channel(Progress { id: Some(id), phase: "recover".into(), ..Default::default() });
+    let (progress, progress_rx) =
+        watch::channel(Progress { id: Some(id), phase: "recover".into(), ..Default::default() });
     {
         let mut active = agent.active.lock().await;
         if active.contains_key(&id) {
-            return Err(Fault::new(ErrorKind::Request, format!("migration {id} is already being worked on")));
+            return Err(Fault::new(
+                ErrorKind::Request,
+                format!("migration {id} is already being worked on"),
+            ));
         }
         active.insert(id, progress_rx);
     }
     let _active = ActiveGuard(agent.clone(), id);
     let to = rec.destination.clone();
-    let addr = *agent.cfg.peers.get(&to).ok_or_else(|| Fault::new(ErrorKind::Request, format!("{to} is no longer in [peers]")))?;
+    let addr =
+        *agent.cfg.peers.get(&to).ok_or_else(|| {
+            Fault::new(ErrorKind::Request, format!("{to} is no longer in [peers]"))
+        })?;
     let ctx = Ctx {
         agent: agent.clone(),
         id,
@@ -86,11 +98,24 @@ pub async fn recover(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRec
     }
     match resume_stream(&ctx, &mut rec).await {
         Ok(digest) => {
-            let _ = crate::outgoing::audit(&ctx, "completed", serde_json::json!({ "via": "postcopy_recover", "bytes": rec.bytes }), None).await;
-            agent.metrics.migration_finished(Role::Source, "completed", rec.bytes, ctx.started.elapsed());
+            let _ = crate::outgoing::audit(
+                &ctx,
+                "completed",
+                serde_json::json!({ "via": "postcopy_recover", "bytes": rec.bytes }),
+                None,
+            )
+            .await;
+            agent.metrics.migration_finished(
+                Role::Source,
+                "completed",
+                rec.bytes,
+                ctx.started.elapsed(),
+            );
             finish_completed(agent, &mut rec, digest).await
         }
-        Err(Failure::BeforeCommit(f) | Failure::InDoubt(f) | Failure::Split(f)) => Err(attempt_failed(&ctx, f).await),
+        Err(Failure::BeforeCommit(f) | Failure::InDoubt(f) | Failure::Split(f)) => {
+            Err(attempt_failed(&ctx, f).await)
+        }
     }
 }
 
@@ -99,8 +124,20 @@ pub async fn recover(agent: &Arc<Agent>, id: MigrationId) -> Result<MigrationRec
 async fn attempt_failed(ctx: &Ctx, f: Fault) -> Fault {
     tracing::warn!(error = %f, "post-copy recovery failed; both halves stay as they were");
     ctx.agent.metrics.postcopy_recovery_failure();
-    let _ = crate::outgoing::audit(ctx, "postcopy_recover_failed", serde_json::json!({ "error": f.message }), None).await;
-    Fault::new(ErrorKind::InDoubt, format!("{}; the migration stays post-copy interrupted: retry `ferry migrations recover {}`", f.message, ctx.id))
+    let _ = crate::outgoing::audit(
+        ctx,
+        "postcopy_recover_failed",
+        serde_json::json!({ "error": f.message }),
+        None,
+    )
+    .await;
+    Fault::new(
+        ErrorKind::InDoubt,
+        format!(
+            "{}; the migration stays post-copy interrupted: retry `ferry migrations recover {}`",
+            f.message, ctx.id
+        ),
+    )
 }
 
 /// Source: keep resuming an interrupted post-copy until it completes, the
@@ -118,7 +155,11 @@ pub fn spawn_auto_recover(agent: Arc<Agent>, id: MigrationId) {
         for attempt in 1u64.. {
             tokio::time::sleep(delay).await;
             let rec = match agent.records.get(&id) {
-                Ok(Some(r)) if r.role == Role::Source && r.state == MigrationState::PostcopyActive => r,
+                Ok(Some(r))
+                    if r.role == Role::Source && r.state == MigrationState::PostcopyActive =>
+                {
+                    r
+                }
                 Ok(_) => return,
                 Err(e) => {
                     tracing::warn!(error = %crate::chain(&e), "cannot read the record; retrying");
@@ -164,7 +205,9 @@ async fn wait_paused(qmp: &Mutex<Qmp>) -> Result<bool, String> {
         match s.status {
             QemuMigration::PostcopyPaused => return Ok(true),
             QemuMigration::Completed => return Ok(false),
-            other if Instant::now() > deadline => return Err(format!("QEMU is {other:?}, not postcopy-paused, after {PAUSE_WAIT:?}")),
+            other if Instant::now() > deadline => {
+                return Err(format!("QEMU is {other:?}, not postcopy-paused, after {PAUSE_WAIT:?}"))
+            }
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -177,21 +220,42 @@ async fn resume_stream(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32,
     let agent = &ctx.agent;
     let mig = &agent.cfg.migration;
     let config = agent.tls.client().map_err(|e| Failure::Split(backend("TLS configuration", e)))?;
-    let (stream, _) = client::connect(ctx.addr, &ctx.to, config, &agent.domain, mig.connect_timeout()).await.map_err(|e| fail(crate::chain(&e)))?;
-    let exporter = ferry_identity::channel_binding(stream.get_ref().1, crate::protocol::BINDING_LABEL, b"").map_err(|e| fail(crate::chain(&e)))?;
+    let (stream, _) =
+        client::connect(ctx.addr, &ctx.to, config, &agent.domain, mig.connect_timeout())
+            .await
+            .map_err(|e| fail(crate::chain(&e)))?;
+    let exporter =
+        ferry_identity::channel_binding(stream.get_ref().1, crate::protocol::BINDING_LABEL, b"")
+            .map_err(|e| fail(crate::chain(&e)))?;
     let binding = offer_binding(&exporter, &ctx.id);
-    let (mut reader, mut writer) = client::greet(stream, &ctx.to, ctx.addr, mig.io_timeout()).await.map_err(|e| fail(crate::chain(&e)))?;
-    let _ = crate::outgoing::audit(ctx, "postcopy_recover_sent", serde_json::Value::Null, None).await;
-    writer.write_control(&PeerMessage::PostcopyRecover { migration_id: ctx.id }).await.map_err(|e| fail(crate::chain(&e)))?;
+    let (mut reader, mut writer) = client::greet(stream, &ctx.to, ctx.addr, mig.io_timeout())
+        .await
+        .map_err(|e| fail(crate::chain(&e)))?;
+    let _ =
+        crate::outgoing::audit(ctx, "postcopy_recover_sent", serde_json::Value::Null, None).await;
+    writer
+        .write_control(&PeerMessage::PostcopyRecover { migration_id: ctx.id })
+        .await
+        .map_err(|e| fail(crate::chain(&e)))?;
     match reader.read_control::<PeerMessage>().await.map_err(|e| fail(crate::chain(&e)))? {
         PeerMessage::PostcopyRecoverReady { migration_id } if migration_id == ctx.id => {}
-        PeerMessage::Refuse { reason, .. } => return Err(fail(format!("{} refused the recovery: {reason}", ctx.to))),
-        other => return Err(fail(format!("{} answered the recovery with {}", ctx.to, other.name()))),
+        PeerMessage::Refuse { reason, .. } => {
+            return Err(fail(format!("{} refused the recovery: {reason}", ctx.to)))
+        }
+        other => {
+            return Err(fail(format!("{} answered the recovery with {}", ctx.to, other.name())))
+        }
     }
     let sock = ctx.vm_dir.join("recover-out.sock");
     let _ = std::fs::remove_file(&sock);
-    let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| Failure::Split(backend("listening for QEMU's stream", e)))?;
-    ctx.qmp.lock().await.migrate_resume(&format!("unix:{}", sock.display())).await.map_err(|e| Failure::Split(backend("resuming QEMU's post-copy", e)))?;
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .map_err(|e| Failure::Split(backend("listening for QEMU's stream", e)))?;
+    ctx.qmp
+        .lock()
+        .await
+        .migrate_resume(&format!("unix:{}", sock.display()))
+        .await
+        .map_err(|e| Failure::Split(backend("resuming QEMU's post-copy", e)))?;
     let qemu = match tokio::time::timeout(Duration::from_secs(10), listener.accept()).await {
         Ok(Ok((s, _))) => s,
         _ => return Err(fail("QEMU did not connect its resumed stream within 10 s".into())),
@@ -199,7 +263,8 @@ async fn resume_stream(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32,
     let _ = std::fs::remove_file(&sock);
     let (mut qemu, back) = qemu.into_split();
     let (peer_tx, mut peer_rx) = mpsc::channel(4);
-    let _watcher = AbortOnDrop(tokio::spawn(watch_peer(reader, peer_tx, Some(back), mig.io_timeout())));
+    let _watcher =
+        AbortOnDrop(tokio::spawn(watch_peer(reader, peer_tx, Some(back), mig.io_timeout())));
     tracing::info!("post-copy resumed on a new connection");
     let mut hasher = blake3::Hasher::new();
     let mut total = 0u64;
@@ -232,37 +297,84 @@ async fn resume_stream(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32,
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = ctx.qmp.lock().await.query_migrate().await.map_err(|e| Failure::Split(backend("query-migrate", e)))?;
+        let s = ctx
+            .qmp
+            .lock()
+            .await
+            .query_migrate()
+            .await
+            .map_err(|e| Failure::Split(backend("query-migrate", e)))?;
         match s.status {
             QemuMigration::Completed => break,
-            QemuMigration::PostcopyPaused | QemuMigration::Failed => return Err(fail(format!("source QEMU is {:?} after the resumed stream", s.status))),
-            _ if Instant::now() > deadline => return Err(fail("source QEMU did not complete within 30 s".into())),
+            QemuMigration::PostcopyPaused | QemuMigration::Failed => {
+                return Err(fail(format!("source QEMU is {:?} after the resumed stream", s.status)))
+            }
+            _ if Instant::now() > deadline => {
+                return Err(fail("source QEMU did not complete within 30 s".into()))
+            }
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
     // QEMU completed: the destination loaded every page. The final Commit
     // covers the resumed stream; without a final Receipt the hand-over stands.
-    crate::postcopy::final_commit(ctx, rec, writer, peer_rx, binding, (total, Digest32(*hasher.finalize().as_bytes()))).await
+    crate::postcopy::final_commit(
+        ctx,
+        rec,
+        writer,
+        peer_rx,
+        binding,
+        (total, Digest32(*hasher.finalize().as_bytes())),
+    )
+    .await
 }
 
 /// Destination: the source asks to resume a post-copy whose link broke.
-pub async fn serve(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32], id: MigrationId, mut reader: server::Reader, mut writer: server::Writer) {
+pub async fn serve(
+    agent: Arc<Agent>,
+    peer: PeerAuthenticated,
+    exporter: [u8; 32],
+    id: MigrationId,
+    mut reader: server::Reader,
+    mut writer: server::Writer,
+) {
     let refuse = |why: String| PeerMessage::Refuse { migration_id: id, reason: why };
     let rec = match agent.records.get(&id) {
         // SECURITY: only the migration's own source may resume it.
-        Ok(Some(r)) if r.role == Role::Destination && &r.source == peer.host() && r.state == MigrationState::PostcopyActive => r,
+        Ok(Some(r))
+            if r.role == Role::Destination
+                && &r.source == peer.host()
+                && r.state == MigrationState::PostcopyActive =>
+        {
+            r
+        }
         Ok(Some(r)) if r.role == Role::Destination && &r.source == peer.host() => {
-            let _ = writer.write_control(&refuse(format!("migration {id} is {:?} here, not an interrupted post-copy", r.state))).await;
+            let _ = writer
+                .write_control(&refuse(format!(
+                    "migration {id} is {:?} here, not an interrupted post-copy",
+                    r.state
+                )))
+                .await;
             return;
         }
         _ => {
             agent.metrics.refused("recover");
             tracing::warn!(%id, peer = %peer.host(), "post-copy recovery refused: no such interrupted migration from this host");
-            let _ = writer.write_control(&refuse(format!("no interrupted post-copy {id} from {} here", peer.host()))).await;
+            let _ = writer
+                .write_control(&refuse(format!(
+                    "no interrupted post-copy {id} from {} here",
+                    peer.host()
+                )))
+                .await;
             return;
         }
     };
-    let entry = agent.vms.lock().await.get(&rec.vm).filter(|e| e.busy == Some(id)).map(|e| (e.qmp.clone(), e.proc.dir.clone()));
+    let entry = agent
+        .vms
+        .lock()
+        .await
+        .get(&rec.vm)
+        .filter(|e| e.busy == Some(id))
+        .map(|e| (e.qmp.clone(), e.proc.dir.clone()));
     let Some((qmp, dir)) = entry else {
         let _ = writer.write_control(&refuse(format!("VM {} is not here any more", rec.vm))).await;
         return;
@@ -270,11 +382,15 @@ pub async fn serve(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32
     let mut rec = rec;
     let started = Instant::now();
     let (vm, source) = (rec.vm.clone(), rec.source.clone());
-    let ev = |kind: &str, detail: serde_json::Value, signed| evidence::event(kind, &id, &vm, &source, detail, signed);
+    let ev = |kind: &str, detail: serde_json::Value, signed| {
+        evidence::event(kind, &id, &vm, &source, detail, signed)
+    };
     match wait_paused(&qmp).await {
         Ok(true) => {}
         Ok(false) => {
-            let _ = writer.write_control(&refuse("this host's QEMU already completed the migration".into())).await;
+            let _ = writer
+                .write_control(&refuse("this host's QEMU already completed the migration".into()))
+                .await;
             return;
         }
         Err(why) => {
@@ -286,7 +402,12 @@ pub async fn serve(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32
     let _ = std::fs::remove_file(&sock);
     let listening = qmp.lock().await.migrate_recover(&format!("unix:{}", sock.display())).await;
     if let Err(e) = listening {
-        let _ = writer.write_control(&refuse(format!("destination QEMU cannot listen again: {}", crate::chain(&e)))).await;
+        let _ = writer
+            .write_control(&refuse(format!(
+                "destination QEMU cannot listen again: {}",
+                crate::chain(&e)
+            )))
+            .await;
         return;
     }
     let _ = agent.audit(ev("postcopy_recover_received", serde_json::Value::Null, None)).await;
@@ -297,7 +418,8 @@ pub async fn serve(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32
             return;
         }
     };
-    if writer.write_control(&PeerMessage::PostcopyRecoverReady { migration_id: id }).await.is_err() {
+    if writer.write_control(&PeerMessage::PostcopyRecoverReady { migration_id: id }).await.is_err()
+    {
         return;
     }
     let io_timeout = agent.cfg.migration.io_timeout();
@@ -327,22 +449,38 @@ pub async fn serve(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32
         Ok(sum) => sum,
         Err(why) => {
             tracing::warn!(%why, "resumed post-copy interrupted again; the VM is kept");
-            rec.error = Some(format!("{why}; post-copy interrupted again: the VM runs here but pages are still on {}", rec.source));
+            rec.error = Some(format!(
+                "{why}; post-copy interrupted again: the VM runs here but pages are still on {}",
+                rec.source
+            ));
             let _ = agent.records.save(&mut rec);
             return;
         }
     };
-    let expect = Expect { id: &id, source: &rec.source, destination: &agent.host, vm: &rec.vm, binding: Some(&offer_binding(&exporter, &id)) };
+    let expect = Expect {
+        id: &id,
+        source: &rec.source,
+        destination: &agent.host,
+        vm: &rec.vm,
+        binding: Some(&offer_binding(&exporter, &id)),
+    };
     let commit = match reader.read_control::<PeerMessage>().await {
-        Ok(PeerMessage::Commit { signed }) => match agent.verify_from::<StreamBody>(&signed, evidence::COMMIT, &rec.source, &expect) {
-            Ok(b) if (b.bytes, b.digest) == whole => Ok(signed),
-            Ok(b) => Err(format!("final commit is for {} bytes / {}, {} / {} arrived", b.bytes, b.digest, whole.0, whole.1)),
-            Err(e) => Err(format!("invalid final commit: {e}")),
-        },
+        Ok(PeerMessage::Commit { signed }) => {
+            match agent.verify_from::<StreamBody>(&signed, evidence::COMMIT, &rec.source, &expect) {
+                Ok(b) if (b.bytes, b.digest) == whole => Ok(signed),
+                Ok(b) => Err(format!(
+                    "final commit is for {} bytes / {}, {} / {} arrived",
+                    b.bytes, b.digest, whole.0, whole.1
+                )),
+                Err(e) => Err(format!("invalid final commit: {e}")),
+            }
+        }
         Ok(other) => Err(format!("expected the final commit, got {}", other.name())),
         Err(e) => Err(format!("no final commit: {}", crate::chain(&e))),
     };
-    if let Err(why) = crate::incoming::wait_incoming(&qmp, agent.cfg.migration.commit_timeout()).await {
+    if let Err(why) =
+        crate::incoming::wait_incoming(&qmp, agent.cfg.migration.commit_timeout()).await
+    {
         rec.error = Some(format!("destination QEMU did not complete the resumed post-copy: {why}"));
         let _ = agent.records.save(&mut rec);
         return;
@@ -352,7 +490,13 @@ pub async fn serve(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32
     rec.total_ms = Some(crate::records::now_unix_ms().saturating_sub(rec.created_unix_ms));
     let receipt = match &commit {
         Ok(signed) => {
-            let _ = agent.audit(ev("commit_received", serde_json::json!({ "postcopy": "final", "recovered": true }), Some(signed.clone()))).await;
+            let _ = agent
+                .audit(ev(
+                    "commit_received",
+                    serde_json::json!({ "postcopy": "final", "recovered": true }),
+                    Some(signed.clone()),
+                ))
+                .await;
             let body = StreamBody {
                 migration_id: id,
                 source: rec.source.clone(),
@@ -380,7 +524,13 @@ pub async fn serve(agent: Arc<Agent>, peer: PeerAuthenticated, exporter: [u8; 32
     agent.authz.moved(&rec.vm);
     agent.metrics.migration_finished(Role::Destination, "completed", whole.0, started.elapsed());
     if let Some(signed) = receipt {
-        let _ = agent.audit(ev("receipt_sent", serde_json::json!({ "postcopy": "final", "recovered": true }), Some(signed.clone()))).await;
+        let _ = agent
+            .audit(ev(
+                "receipt_sent",
+                serde_json::json!({ "postcopy": "final", "recovered": true }),
+                Some(signed.clone()),
+            ))
+            .await;
         let _ = writer.write_control(&PeerMessage::Receipt { signed }).await;
     }
     tracing::info!(bytes = whole.0, "resumed post-copy complete");

@@ -34,7 +34,8 @@ pub async fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
         if rec.state.is_final() {
             continue;
         }
-        let span = tracing::info_span!("recovery", migration_id = %rec.id, vm = %rec.vm, role = ?rec.role);
+        let span =
+            tracing::info_span!("recovery", migration_id = %rec.id, vm = %rec.vm, role = ?rec.role);
         let _g = span.enter();
         match (rec.role, rec.state) {
             (Role::Source, MigrationState::Committed | MigrationState::InDoubt) => {
@@ -46,8 +47,10 @@ pub async fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
                 tracing::warn!("migration in doubt after restart; the source copy stays paused");
             }
             (_, MigrationState::PostcopyActive) => {
-                let entry = agent.vms.lock().await.get(&rec.vm).map(|e| (e.qmp.clone(), e.proc.clone()));
-                let done = crate::postcopy::recover(entry.as_ref().map(|e| e.0.clone()), &mut rec).await;
+                let entry =
+                    agent.vms.lock().await.get(&rec.vm).map(|e| (e.qmp.clone(), e.proc.clone()));
+                let done =
+                    crate::postcopy::recover(entry.as_ref().map(|e| e.0.clone()), &mut rec).await;
                 match (rec.role, done, entry) {
                     // Every page reached the destination: the source half is spent.
                     (Role::Source, true, Some((qmp, proc))) => {
@@ -71,7 +74,8 @@ pub async fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
             (Role::Destination, _) => {
                 kill_incoming(agent, &rec).await;
                 rec.state = MigrationState::Aborted;
-                rec.error = Some("destination agent restarted before commit; incoming VM discarded".into());
+                rec.error =
+                    Some("destination agent restarted before commit; incoming VM discarded".into());
             }
         }
         agent.records.save(&mut rec)?;
@@ -93,7 +97,9 @@ async fn resume_source(agent: &Agent, rec: &mut MigrationRecord) {
             let _ = q.migrate_cancel().await;
             for _ in 0..100 {
                 match q.query_migrate().await {
-                    Ok(s) if !s.status.is_terminal() => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                    Ok(s) if !s.status.is_terminal() => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                    }
                     _ => break,
                 }
             }
@@ -136,6 +142,7 @@ async fn settle_resuming(agent: &Agent, rec: &mut MigrationRecord) {
     } else {
         kill_incoming(agent, rec).await;
         rec.state = MigrationState::Aborted;
-        rec.error = Some("destination agent restarted before resuming; incoming VM discarded".into());
+        rec.error =
+            Some("destination agent restarted before resuming; incoming VM discarded".into());
     }
 }

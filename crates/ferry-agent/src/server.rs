@@ -39,7 +39,10 @@ struct LogLimiter {
 
 impl LogLimiter {
     fn allow(&self) -> bool {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         self.last_second.swap(now, std::sync::atomic::Ordering::Relaxed) != now
     }
 }
@@ -95,34 +98,51 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
     let _ = tcp.set_nodelay(true);
     let config = agent.tls.server().map_err(|e| crate::chain(&e))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tokio::io::BufReader::with_capacity(RECV_BUFFER, tcp))).await {
+    let tls = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        acceptor.accept(tokio::io::BufReader::with_capacity(RECV_BUFFER, tcp)),
+    )
+    .await
+    {
         Err(_) => {
             agent.metrics.tls_failure();
             return Err("TLS handshake timed out".into());
         }
         Ok(Err(e)) => {
             agent.metrics.tls_failure();
-            return Err(format!("TLS handshake failed: {}", ferry_identity::describe_tls_error(&e)));
+            return Err(format!(
+                "TLS handshake failed: {}",
+                ferry_identity::describe_tls_error(&e)
+            ));
         }
         Ok(Ok(t)) => t,
     };
-    let peer = ferry_identity::peer_identity(tls.get_ref().1, &agent.domain).map_err(|e| crate::chain(&e))?;
+    let peer = ferry_identity::peer_identity(tls.get_ref().1, &agent.domain)
+        .map_err(|e| crate::chain(&e))?;
     let proof = match &peer {
-        PeerIdentity::Host(name) => {
-            Some(ferry_identity::authenticate_host(tls.get_ref().1, &agent.domain, name).map_err(|e| crate::chain(&e))?)
-        }
+        PeerIdentity::Host(name) => Some(
+            ferry_identity::authenticate_host(tls.get_ref().1, &agent.domain, name)
+                .map_err(|e| crate::chain(&e))?,
+        ),
         PeerIdentity::Operator { .. } => None,
     };
-    let binding = ferry_identity::channel_binding(tls.get_ref().1, crate::protocol::BINDING_LABEL, b"")
-        .map_err(|e| crate::chain(&e))?;
+    let binding =
+        ferry_identity::channel_binding(tls.get_ref().1, crate::protocol::BINDING_LABEL, b"")
+            .map_err(|e| crate::chain(&e))?;
     let timeout = agent.cfg.migration.io_timeout();
     let (r, w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r, HANDSHAKE_TIMEOUT);
     let mut writer = FrameWriter::new(w, timeout);
     let hello: Hello = reader.read_control().await.map_err(|e| crate::chain(&e))?;
-    writer.write_control(&Hello { protocol: PROTOCOL_VERSION }).await.map_err(|e| crate::chain(&e))?;
+    writer
+        .write_control(&Hello { protocol: PROTOCOL_VERSION })
+        .await
+        .map_err(|e| crate::chain(&e))?;
     if hello.protocol != PROTOCOL_VERSION {
-        return Err(format!("peer speaks protocol {}, we speak {PROTOCOL_VERSION}", hello.protocol));
+        return Err(format!(
+            "peer speaks protocol {}, we speak {PROTOCOL_VERSION}",
+            hello.protocol
+        ));
     }
     reader.set_timeout(timeout);
     match (peer, proof) {
@@ -134,7 +154,12 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
             if !agent.cfg.peers.contains_key(&name) {
                 agent.metrics.refused("unknown_peer");
                 let msg = format!("host {name} is not in this agent's [peers] table");
-                let _ = writer.write_control(&ApiResponse::Error { kind: ErrorKind::Denied, message: msg.clone() }).await;
+                let _ = writer
+                    .write_control(&ApiResponse::Error {
+                        kind: ErrorKind::Denied,
+                        message: msg.clone(),
+                    })
+                    .await;
                 return Err(msg);
             }
             incoming::handle(agent, proof, binding, reader, writer).await;

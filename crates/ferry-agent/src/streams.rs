@@ -62,9 +62,10 @@ pub async fn send_stream(
 ) -> Result<StreamSum, String> {
     let mig = &agent.cfg.migration;
     let config = agent.tls.client().map_err(|e| crate::chain(&e))?;
-    let (stream, _) = crate::client::connect(addr, to, config, &agent.domain, mig.connect_timeout())
-        .await
-        .map_err(|e| format!("stream {index}: {}", crate::chain(&e)))?;
+    let (stream, _) =
+        crate::client::connect(addr, to, config, &agent.domain, mig.connect_timeout())
+            .await
+            .map_err(|e| format!("stream {index}: {}", crate::chain(&e)))?;
     let (_reader, mut writer) = crate::client::greet(stream, to, addr, mig.io_timeout())
         .await
         .map_err(|e| format!("stream {index}: {}", crate::chain(&e)))?;
@@ -79,22 +80,34 @@ pub async fn send_stream(
         let n = match tokio::time::timeout(mig.io_timeout(), qemu.read(&mut buf)).await {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(format!("stream {index}: reading QEMU: {e}")),
-            Err(_) => return Err(format!("stream {index}: QEMU sent nothing for {:?}", mig.io_timeout())),
+            Err(_) => {
+                return Err(format!("stream {index}: QEMU sent nothing for {:?}", mig.io_timeout()))
+            }
         };
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
         total += n as u64;
-        writer.write_data(&buf[..n]).await.map_err(|e| format!("stream {index} to {to}: {}", crate::chain(&e)))?;
+        writer
+            .write_data(&buf[..n])
+            .await
+            .map_err(|e| format!("stream {index} to {to}: {}", crate::chain(&e)))?;
     }
-    writer.write_data_end().await.map_err(|e| format!("stream {index} to {to}: {}", crate::chain(&e)))?;
+    writer
+        .write_data_end()
+        .await
+        .map_err(|e| format!("stream {index} to {to}: {}", crate::chain(&e)))?;
     Ok((total, Digest32(*hasher.finalize().as_bytes())))
 }
 
 /// Destination side: feed one stream's data frames into a QEMU socket,
 /// hashing them, until end of data.
-pub async fn pump_into_qemu(reader: &mut Reader, qemu: &mut UnixStream, io_timeout: Duration) -> Result<StreamSum, String> {
+pub async fn pump_into_qemu(
+    reader: &mut Reader,
+    qemu: &mut UnixStream,
+    io_timeout: Duration,
+) -> Result<StreamSum, String> {
     let sum = pump_frames(reader, &mut *qemu, io_timeout, None, None).await?;
     let _ = qemu.shutdown().await;
     Ok(sum)
@@ -133,20 +146,32 @@ pub async fn pump_frames<W: tokio::io::AsyncWrite + Unpin>(
                 total += d.len() as u64;
                 match tokio::time::timeout(io_timeout, to_qemu.write_all(d)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(format!("destination QEMU stopped reading its stream: {e}")),
+                    Ok(Err(e)) => {
+                        return Err(format!("destination QEMU stopped reading its stream: {e}"))
+                    }
                     Err(_) => return Err(format!("destination QEMU stalled for {io_timeout:?}")),
                 }
             }
             Incoming::DataEnd => break,
-            Incoming::Control(bytes) => match (serde_json::from_slice::<PeerMessage>(bytes), &commits) {
-                (Ok(PeerMessage::Commit { signed }), Some(tx)) => {
-                    let at = (total, Digest32(*hasher.clone().finalize().as_bytes()));
-                    tx.send((signed, at)).await.map_err(|_| "commit after the control side ended".to_owned())?;
+            Incoming::Control(bytes) => {
+                match (serde_json::from_slice::<PeerMessage>(bytes), &commits) {
+                    (Ok(PeerMessage::Commit { signed }), Some(tx)) => {
+                        let at = (total, Digest32(*hasher.clone().finalize().as_bytes()));
+                        tx.send((signed, at))
+                            .await
+                            .map_err(|_| "commit after the control side ended".to_owned())?;
+                    }
+                    (Ok(PeerMessage::Abort { reason, .. }), _) => {
+                        return Err(format!("source aborted: {reason}"))
+                    }
+                    (Ok(m), _) => {
+                        return Err(format!("unexpected {} during the transfer", m.name()))
+                    }
+                    (Err(e), _) => {
+                        return Err(format!("malformed control message during the transfer: {e}"))
+                    }
                 }
-                (Ok(PeerMessage::Abort { reason, .. }), _) => return Err(format!("source aborted: {reason}")),
-                (Ok(m), _) => return Err(format!("unexpected {} during the transfer", m.name())),
-                (Err(e), _) => return Err(format!("malformed control message during the transfer: {e}")),
-            },
+            }
         }
     }
     Ok((total, Digest32(*hasher.finalize().as_bytes())))

@@ -72,7 +72,12 @@ impl VmEntry {
 pub type VmTable = Mutex<BTreeMap<VmName, VmEntry>>;
 
 /// Launch QEMU for `spec`, persist the spec beside it and start its console logger.
-pub async fn launch(cfg: &QemuConfig, spec: &VmSpec, labels: &VmLabels, mode: LaunchMode) -> Result<VmEntry, VmmError> {
+pub async fn launch(
+    cfg: &QemuConfig,
+    spec: &VmSpec,
+    labels: &VmLabels,
+    mode: LaunchMode,
+) -> Result<VmEntry, VmmError> {
     let proc = ferry_vmm::launch(cfg, spec, mode).await?;
     match attach(spec.clone(), labels.clone(), proc.clone(), true).await {
         Ok(entry) => Ok(entry),
@@ -84,7 +89,12 @@ pub async fn launch(cfg: &QemuConfig, spec: &VmSpec, labels: &VmLabels, mode: La
     }
 }
 
-async fn attach(spec: VmSpec, labels: VmLabels, proc: QemuProcess, persist: bool) -> Result<VmEntry, VmmError> {
+async fn attach(
+    spec: VmSpec,
+    labels: VmLabels,
+    proc: QemuProcess,
+    persist: bool,
+) -> Result<VmEntry, VmmError> {
     if persist {
         save_json(&proc.dir.join(SPEC_FILE), &spec)?;
         save_json(&proc.dir.join(LABELS_FILE), &labels)?;
@@ -95,9 +105,12 @@ async fn attach(spec: VmSpec, labels: VmLabels, proc: QemuProcess, persist: bool
 }
 
 fn save_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), VmmError> {
-    let body = serde_json::to_vec_pretty(value)
-        .map_err(|e| VmmError::Io { what: format!("encoding {}", path.display()), source: std::io::Error::other(e) })?;
-    write_durably(path, &body).map_err(|source| VmmError::Io { what: format!("writing {}", path.display()), source })
+    let body = serde_json::to_vec_pretty(value).map_err(|e| VmmError::Io {
+        what: format!("encoding {}", path.display()),
+        source: std::io::Error::other(e),
+    })?;
+    write_durably(path, &body)
+        .map_err(|source| VmmError::Io { what: format!("writing {}", path.display()), source })
 }
 
 /// Adopt every VM whose QEMU is still alive under `vms_dir`; directories
@@ -108,7 +121,9 @@ pub async fn adopt_all(vms_dir: &Path) -> Result<(Vec<VmEntry>, Vec<PathBuf>), V
     let entries = match std::fs::read_dir(vms_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((live, dead)),
-        Err(source) => return Err(VmmError::Io { what: format!("reading {}", vms_dir.display()), source }),
+        Err(source) => {
+            return Err(VmmError::Io { what: format!("reading {}", vms_dir.display()), source })
+        }
     };
     for entry in entries.flatten() {
         let dir = entry.path();
@@ -149,9 +164,10 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
 /// Kill a VM's QEMU without blocking the runtime.
 pub async fn kill(proc: &QemuProcess) -> Result<(), VmmError> {
     let p = proc.clone();
-    tokio::task::spawn_blocking(move || p.kill())
-        .await
-        .map_err(|e| VmmError::Io { what: "joining the kill task".into(), source: std::io::Error::other(e) })?
+    tokio::task::spawn_blocking(move || p.kill()).await.map_err(|e| VmmError::Io {
+        what: "joining the kill task".into(),
+        source: std::io::Error::other(e),
+    })?
 }
 
 /// Copy the guest's serial output to `log`, one `<unix_ms> <line>` per line.
@@ -174,7 +190,11 @@ async fn console_logger(socket: PathBuf, log: PathBuf) {
         let mut line = Vec::new();
         loop {
             line.clear();
-            let n = match (&mut reader).take(MAX_CONSOLE_LINE as u64).read_until(b'\n', &mut line).await {
+            let n = match (&mut reader)
+                .take(MAX_CONSOLE_LINE as u64)
+                .read_until(b'\n', &mut line)
+                .await
+            {
                 Ok(n) => n,
                 Err(_) => break,
             };
@@ -194,7 +214,8 @@ async fn console_logger(socket: PathBuf, log: PathBuf) {
             written += entry.len() as u64;
             if written > MAX_CONSOLE_LOG {
                 let _ = tokio::fs::rename(&log, log.with_extension("log.1")).await;
-                out = match tokio::fs::OpenOptions::new().create(true).append(true).open(&log).await {
+                out = match tokio::fs::OpenOptions::new().create(true).append(true).open(&log).await
+                {
                     Ok(f) => f,
                     Err(_) => return,
                 };

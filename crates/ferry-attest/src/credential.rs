@@ -151,9 +151,7 @@ pub fn check_ek_cert(ek_der: &[u8], manufacturer_cas: &[PathBuf]) -> Result<(), 
         }
     }
     if ca_ders.is_empty() {
-        return Err(untrusted(
-            "no trusted TPM-manufacturer CA configured".into(),
-        ));
+        return Err(untrusted("no trusted TPM-manufacturer CA configured".into()));
     }
     let anchors = ca_ders
         .iter()
@@ -173,11 +171,7 @@ pub fn check_ek_cert(ek_der: &[u8], manufacturer_cas: &[PathBuf]) -> Result<(), 
             None,
             None,
         )
-        .map_err(|e| {
-            untrusted(format!(
-                "does not chain to a trusted TPM-manufacturer CA: {e}"
-            ))
-        })?;
+        .map_err(|e| untrusted(format!("does not chain to a trusted TPM-manufacturer CA: {e}")))?;
     Ok(())
 }
 
@@ -189,10 +183,7 @@ fn ek_public_key(ek_der: &[u8]) -> Result<RsaPublicKey, AttestError> {
     let untrusted = |why: &str| AttestError::UntrustedEk { why: why.into() };
     let (_, cert) = x509_parser::parse_x509_certificate(ek_der)
         .map_err(|_| untrusted("cannot parse EK certificate"))?;
-    let key = cert
-        .public_key()
-        .parsed()
-        .map_err(|_| untrusted("cannot parse EK public key"))?;
+    let key = cert.public_key().parsed().map_err(|_| untrusted("cannot parse EK public key"))?;
     let x509_parser::public_key::PublicKey::RSA(rsa) = key else {
         return Err(untrusted("only RSA 2048 EKs are supported"));
     };
@@ -244,10 +235,7 @@ fn encrypt_credential(
     credential_blob.extend_from_slice(&(outer_hmac.len() as u16).to_be_bytes());
     credential_blob.extend_from_slice(&outer_hmac);
     credential_blob.extend_from_slice(&enc_identity);
-    Ok(CredentialChallenge {
-        credential_blob,
-        encrypted_secret,
-    })
+    Ok(CredentialChallenge { credential_blob, encrypted_secret })
 }
 
 /// KDFa (SP 800-108 counter mode, HMAC-SHA-256) as TPM 2.0 Part 1 §11.4.10.2
@@ -281,9 +269,6 @@ mod tests {
     fn kdfa_lengths() {
         assert_eq!(kdfa(b"k", b"STORAGE", b"n", 128).len(), 16);
         assert_eq!(kdfa(b"k", b"INTEGRITY", b"", 256).len(), 32);
-        assert_ne!(
-            kdfa(b"k", b"STORAGE", b"n", 128),
-            kdfa(b"k", b"STORAGE", b"m", 128)
-        );
+        assert_ne!(kdfa(b"k", b"STORAGE", b"n", 128), kdfa(b"k", b"STORAGE", b"m", 128));
     }
 }

@@ -12,12 +12,7 @@ pub enum AttestError {
     /// A PCR in the quote differs from the host's reference value: the
     /// platform runs something other than what was approved.
     #[error("{host}: PCR {pcr} is {actual}, reference value is {expected}")]
-    PcrMismatch {
-        host: HostName,
-        pcr: u8,
-        expected: String,
-        actual: String,
-    },
+    PcrMismatch { host: HostName, pcr: u8, expected: String, actual: String },
     /// The quote's qualifying data is not the one derived from this channel,
     /// this migration and this role: a replayed or relayed quote.
     #[error(
@@ -29,20 +24,13 @@ pub enum AttestError {
     NotEnrolled { host: HostName },
     /// The AK handed to `verify` was enrolled for a different host.
     #[error("{host}: the attestation key offered was enrolled for host {enrolled_for}")]
-    AkHostMismatch {
-        host: HostName,
-        enrolled_for: HostName,
-    },
+    AkHostMismatch { host: HostName, enrolled_for: HostName },
     /// The signature does not verify under the enrolled AK.
     #[error("{host}: quote signature does not verify under the enrolled attestation key")]
     BadSignature { host: HostName },
     /// The quote covers a different PCR selection than the reference policy.
     #[error("{host}: quote covers PCRs {quoted:?} in the SHA-256 bank, reference values name {expected:?}")]
-    SelectionMismatch {
-        host: HostName,
-        quoted: Vec<u8>,
-        expected: Vec<u8>,
-    },
+    SelectionMismatch { host: HostName, quoted: Vec<u8>, expected: Vec<u8> },
     /// The reported PCR values do not hash to the digest the TPM signed.
     #[error("{host}: reported PCR values do not match the PCR digest the TPM signed")]
     PcrDigestMismatch { host: HostName },
@@ -54,11 +42,7 @@ pub enum AttestError {
     Malformed { what: &'static str, why: String },
     /// Input larger than its named limit; refused before it is decoded.
     #[error("{what} is {len} bytes, over the limit of {max}")]
-    TooLarge {
-        what: &'static str,
-        len: usize,
-        max: usize,
-    },
+    TooLarge { what: &'static str, len: usize, max: usize },
     /// The EK certificate does not chain to a trusted TPM-manufacturer CA.
     #[error("EK certificate not trusted: {why}")]
     UntrustedEk { why: String },
@@ -99,23 +83,14 @@ pub enum AttestError {
 
 impl AttestError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        AttestError::Io {
-            path: path.into(),
-            source,
-        }
+        AttestError::Io { path: path.into(), source }
     }
 
     pub(crate) fn malformed(what: &'static str, why: impl Into<String>) -> Self {
-        AttestError::Malformed {
-            what,
-            why: why.into(),
-        }
+        AttestError::Malformed { what, why: why.into() }
     }
 
     pub(crate) fn config(path: impl Into<PathBuf>, why: impl Into<String>) -> Self {
-        AttestError::Config {
-            path: path.into(),
-            why: why.into(),
-        }
+        AttestError::Config { path: path.into(), why: why.into() }
     }
 }

@@ -151,10 +151,7 @@ macro_rules! hex_field {
                 s.serialize_str(&hex::encode(v))
             }
             pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-                d.deserialize_str(BoundedHex {
-                    max: $max,
-                    what: $what,
-                })
+                d.deserialize_str(BoundedHex { max: $max, what: $what })
             }
         }
     };
@@ -171,10 +168,7 @@ struct PcrMapVisitor;
 impl<'de> Visitor<'de> for PcrMapVisitor {
     type Value = BTreeMap<u8, [u8; 32]>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(
-            f,
-            "a map of at most {MAX_PCRS} PCR indices to SHA-256 hex values"
-        )
+        write!(f, "a map of at most {MAX_PCRS} PCR indices to SHA-256 hex values")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut out = BTreeMap::new();
@@ -182,9 +176,7 @@ impl<'de> Visitor<'de> for PcrMapVisitor {
         // count is capped as we go, so a huge map fails early and cheaply.
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             if out.len() >= MAX_PCRS {
-                return Err(de::Error::custom(format_args!(
-                    "more than {MAX_PCRS} PCR values"
-                )));
+                return Err(de::Error::custom(format_args!("more than {MAX_PCRS} PCR values")));
             }
             let pcr: u8 = key
                 .parse()
@@ -237,15 +229,10 @@ mod tests {
         assert!(Evidence::from_json(unknown).is_err());
         let bad_pcr = br#"{"attest":"","signature":"","pcrs":{"24":"00"}}"#;
         assert!(Evidence::from_json(bad_pcr).is_err());
-        let long_attest = format!(
-            r#"{{"attest":"{}","signature":"","pcrs":{{}}}}"#,
-            "00".repeat(MAX_ATTEST + 1)
-        );
+        let long_attest =
+            format!(r#"{{"attest":"{}","signature":"","pcrs":{{}}}}"#, "00".repeat(MAX_ATTEST + 1));
         assert!(Evidence::from_json(long_attest.as_bytes()).is_err());
         let huge = vec![b' '; MAX_EVIDENCE_JSON + 1];
-        assert!(matches!(
-            Evidence::from_json(&huge),
-            Err(AttestError::TooLarge { .. })
-        ));
+        assert!(matches!(Evidence::from_json(&huge), Err(AttestError::TooLarge { .. })));
     }
 }

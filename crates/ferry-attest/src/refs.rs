@@ -80,10 +80,7 @@ impl ReferenceValues {
     /// Parse reference values from TOML text.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         let raw: RawFile = toml::from_str(text).map_err(|e| e.to_string())?;
-        let mut out = ReferenceValues {
-            hosts: raw.hosts,
-            classes: BTreeMap::new(),
-        };
+        let mut out = ReferenceValues { hosts: raw.hosts, classes: BTreeMap::new() };
         for (name, class) in raw.classes {
             let mut pcrs = BTreeMap::new();
             for (k, v) in class.pcrs {
@@ -99,9 +96,7 @@ impl ReferenceValues {
                 pcrs.insert(pcr, value);
             }
             if pcrs.is_empty() {
-                return Err(format!(
-                    "class {name}: no PCRs (an empty selection attests nothing)"
-                ));
+                return Err(format!("class {name}: no PCRs (an empty selection attests nothing)"));
             }
             out.classes.insert(name, pcrs);
         }
@@ -123,10 +118,7 @@ impl ReferenceValues {
                 .classes
                 .iter()
                 .map(|(name, pcrs)| {
-                    let pcrs = pcrs
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), hex::encode(v)))
-                        .collect();
+                    let pcrs = pcrs.iter().map(|(k, v)| (k.to_string(), hex::encode(v))).collect();
                     (name.clone(), RawClass { pcrs })
                 })
                 .collect(),
@@ -147,9 +139,7 @@ impl ReferenceValues {
 
     /// The reference values for the host's class.
     pub fn expected(&self, host: &HostName) -> Option<&BTreeMap<u8, [u8; 32]>> {
-        self.hosts
-            .get(host)
-            .and_then(|class| self.classes.get(class))
+        self.hosts.get(host).and_then(|class| self.classes.get(class))
     }
 }
 
@@ -161,8 +151,7 @@ mod tests {
     fn round_trip_and_validation() {
         let host: HostName = "alpha".parse().expect("host");
         let mut r = ReferenceValues::new();
-        r.set_class("lab", BTreeMap::from([(0, [1; 32]), (7, [2; 32])]))
-            .expect("class");
+        r.set_class("lab", BTreeMap::from([(0, [1; 32]), (7, [2; 32])])).expect("class");
         r.assign(host.clone(), "lab");
         let text = r.to_toml().expect("toml");
         let back = ReferenceValues::from_toml(&text).expect("parse");

@@ -67,10 +67,7 @@ impl AkRegistry {
             // Security: the file name is what the authority wrote for the host;
             // a record whose content names another host was moved or forged and
             // must not let one host's AK vouch for another.
-            let stem = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default();
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
             if stem != ak.host.as_str() {
                 return Err(AttestError::config(
                     &path,
@@ -89,8 +86,7 @@ impl AkRegistry {
 
     /// The AK enrolled for `host`, or `NotEnrolled` naming it.
     pub fn require(&self, host: &HostName) -> Result<&EnrolledAk, AttestError> {
-        self.get(host)
-            .ok_or_else(|| AttestError::NotEnrolled { host: host.clone() })
+        self.get(host).ok_or_else(|| AttestError::NotEnrolled { host: host.clone() })
     }
 
     /// Record an enrolled AK as `dir/<host>.json` (replacing an older one).
@@ -116,14 +112,9 @@ impl AkRegistry {
 pub(crate) fn read_capped(path: &Path, max: u64) -> Result<String, AttestError> {
     let file = std::fs::File::open(path).map_err(|e| AttestError::io(path, e))?;
     let mut text = String::new();
-    file.take(max + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| AttestError::io(path, e))?;
+    file.take(max + 1).read_to_string(&mut text).map_err(|e| AttestError::io(path, e))?;
     if text.len() as u64 > max {
-        return Err(AttestError::config(
-            path,
-            format!("larger than {max} bytes"),
-        ));
+        return Err(AttestError::config(path, format!("larger than {max} bytes")));
     }
     Ok(text)
 }

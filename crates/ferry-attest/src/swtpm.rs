@@ -29,8 +29,7 @@ fn swtpm_err(why: impl Into<String>) -> AttestError {
 }
 
 fn utf8(path: &Path) -> Result<&str, AttestError> {
-    path.to_str()
-        .ok_or_else(|| swtpm_err(format!("{} is not UTF-8", path.display())))
+    path.to_str().ok_or_else(|| swtpm_err(format!("{} is not UTF-8", path.display())))
 }
 
 fn write(path: &Path, text: &str, mode: u32) -> Result<(), AttestError> {
@@ -60,17 +59,13 @@ impl Swtpm {
             let key = rcgen::KeyPair::generate().map_err(gen)?;
             let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
             params.distinguished_name = rcgen::DistinguishedName::new();
-            params
-                .distinguished_name
-                .push(rcgen::DnType::OrganizationName, "Ferry lab");
+            params.distinguished_name.push(rcgen::DnType::OrganizationName, "Ferry lab");
             params
                 .distinguished_name
                 .push(rcgen::DnType::CommonName, "Ferry lab TPM manufacturer CA");
             params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-            params.key_usages = vec![
-                rcgen::KeyUsagePurpose::KeyCertSign,
-                rcgen::KeyUsagePurpose::CrlSign,
-            ];
+            params.key_usages =
+                vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
             let cert = params.self_signed(&key).map_err(gen)?;
             // The key signs EK certificates: whoever reads it can mint "TPMs".
             write(&key_path, &key.serialize_pem(), 0o600)?;
@@ -94,9 +89,7 @@ impl Swtpm {
     /// any previous state there.
     pub fn provision(state_dir: &Path, manufacturer_ca_dir: &Path) -> Result<(), AttestError> {
         std::fs::create_dir_all(state_dir).map_err(|e| AttestError::io(state_dir, e))?;
-        let state_dir = state_dir
-            .canonicalize()
-            .map_err(|e| AttestError::io(state_dir, e))?;
+        let state_dir = state_dir.canonicalize().map_err(|e| AttestError::io(state_dir, e))?;
         let ca_dir = manufacturer_ca_dir
             .canonicalize()
             .map_err(|e| AttestError::io(manufacturer_ca_dir, e))?;
@@ -127,9 +120,7 @@ impl Swtpm {
             .arg(&conf_path)
             .output()
             .map_err(|e| {
-                swtpm_err(format!(
-                    "cannot run swtpm_setup (is swtpm-tools installed?): {e}"
-                ))
+                swtpm_err(format!("cannot run swtpm_setup (is swtpm-tools installed?): {e}"))
             })?;
         if !out.status.success() {
             return Err(swtpm_err(format!(
@@ -148,9 +139,7 @@ impl Swtpm {
         let ctrl = port
             .checked_add(1)
             .ok_or_else(|| swtpm_err("port must leave room for the control port"))?;
-        let dir = state_dir
-            .canonicalize()
-            .map_err(|e| AttestError::io(state_dir, e))?;
+        let dir = state_dir.canonicalize().map_err(|e| AttestError::io(state_dir, e))?;
         let pid_path = dir.join(PID_FILE);
         let _ = std::fs::remove_file(&pid_path);
         let out = Command::new("swtpm")
@@ -160,12 +149,7 @@ impl Swtpm {
             .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
             .arg("--ctrl")
             .arg(format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"))
-            .args([
-                "--flags",
-                "not-need-init,startup-clear",
-                "--daemon",
-                "--pid",
-            ])
+            .args(["--flags", "not-need-init,startup-clear", "--daemon", "--pid"])
             .arg(format!("file={}", utf8(&pid_path)?))
             .arg("--log")
             .arg(format!("file={},level=1", utf8(&dir.join(LOG_FILE))?))
@@ -190,17 +174,10 @@ impl Swtpm {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        let tpm = Swtpm {
-            dir,
-            port,
-            pid,
-            stop_on_drop: true,
-        };
+        let tpm = Swtpm { dir, port, pid, stop_on_drop: true };
         while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
             if Instant::now() > deadline {
-                return Err(swtpm_err(format!(
-                    "swtpm on port {port} does not accept connections"
-                )));
+                return Err(swtpm_err(format!("swtpm on port {port} does not accept connections")));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -225,9 +202,7 @@ impl Swtpm {
     /// pid file, if it is still running. The result is detached: dropping it
     /// leaves the daemon running.
     pub fn adopt(state_dir: &Path, port: u16) -> Result<Option<Swtpm>, AttestError> {
-        let dir = state_dir
-            .canonicalize()
-            .map_err(|e| AttestError::io(state_dir, e))?;
+        let dir = state_dir.canonicalize().map_err(|e| AttestError::io(state_dir, e))?;
         let Ok(text) = std::fs::read_to_string(dir.join(PID_FILE)) else {
             return Ok(None);
         };
@@ -239,12 +214,7 @@ impl Swtpm {
         {
             return Ok(None);
         }
-        Ok(Some(Swtpm {
-            dir,
-            port,
-            pid,
-            stop_on_drop: false,
-        }))
+        Ok(Some(Swtpm { dir, port, pid, stop_on_drop: false }))
     }
 
     /// TCTI string for tss-esapi.
@@ -289,9 +259,7 @@ impl Swtpm {
         }
         if Path::new(&proc_path).exists() {
             // Only this daemon's own pid, never a name-based kill.
-            let _ = Command::new("kill")
-                .args(["-9", &self.pid.to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-9", &self.pid.to_string()]).status();
         }
     }
 }
@@ -309,10 +277,7 @@ pub fn free_port_pair() -> Result<u16, AttestError> {
     for _ in 0..64 {
         let first = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .map_err(|e| swtpm_err(format!("bind: {e}")))?;
-        let port = first
-            .local_addr()
-            .map_err(|e| swtpm_err(format!("bind: {e}")))?
-            .port();
+        let port = first.local_addr().map_err(|e| swtpm_err(format!("bind: {e}")))?.port();
         let Some(next) = port.checked_add(1) else {
             continue;
         };

@@ -79,18 +79,12 @@ fn tpm_err<'a>(
     tcti: &'a str,
     op: &'static str,
 ) -> impl FnOnce(tss_esapi::Error) -> AttestError + 'a {
-    move |source| AttestError::Tpm {
-        tcti: tcti.to_owned(),
-        op,
-        source,
-    }
+    move |source| AttestError::Tpm { tcti: tcti.to_owned(), op, source }
 }
 
 fn connect(tcti: &str) -> Result<Context, AttestError> {
-    let conf = TctiNameConf::from_str(tcti).map_err(|e| AttestError::BadTcti {
-        tcti: tcti.to_owned(),
-        why: e.to_string(),
-    })?;
+    let conf = TctiNameConf::from_str(tcti)
+        .map_err(|e| AttestError::BadTcti { tcti: tcti.to_owned(), why: e.to_string() })?;
     Context::new(conf).map_err(tpm_err(tcti, "connect"))
 }
 
@@ -168,9 +162,8 @@ fn load_ak(ctx: &mut Context, tcti: &str, ak: &AkBlob) -> Result<KeyHandle, Atte
     let public = Public::unmarshall(&ak.public).map_err(tpm_err(tcti, "unmarshal AK public"))?;
     let private = Private::try_from(ak.private.clone()).map_err(tpm_err(tcti, "AK private"))?;
     let srk = create_srk(ctx, tcti)?;
-    let loaded = ctx.execute_with_session(Some(AuthSession::Password), |c| {
-        c.load(srk, private, public)
-    });
+    let loaded =
+        ctx.execute_with_session(Some(AuthSession::Password), |c| c.load(srk, private, public));
     // Flush even when Load failed, so transient slots are not leaked.
     let flushed = ctx.flush_context(ObjectHandle::from(srk));
     let handle = loaded.map_err(tpm_err(tcti, "Load(AK)"))?;
@@ -250,10 +243,8 @@ pub fn extend_pcr(tcti: &str, pcr: u8, data: &[u8]) -> Result<(), AttestError> {
         Digest::try_from(Sha256::digest(data).to_vec()).map_err(tpm_err(tcti, "digest"))?;
     let mut values = DigestValues::new();
     values.set(HashingAlgorithm::Sha256, digest);
-    ctx.execute_with_session(Some(AuthSession::Password), |c| {
-        c.pcr_extend(handle, values)
-    })
-    .map_err(tpm_err(tcti, "PCR_Extend"))
+    ctx.execute_with_session(Some(AuthSession::Password), |c| c.pcr_extend(handle, values))
+        .map_err(tpm_err(tcti, "PCR_Extend"))
 }
 
 /// A TPM with the enrolled AK loaded, ready to quote.
@@ -268,9 +259,7 @@ pub struct Attester {
 
 impl std::fmt::Debug for Attester {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Attester")
-            .field("tcti", &self.tcti)
-            .finish_non_exhaustive()
+        f.debug_struct("Attester").field("tcti", &self.tcti).finish_non_exhaustive()
     }
 }
 
@@ -279,11 +268,7 @@ impl Attester {
     pub fn open(tcti: &str, ak: &AkBlob) -> Result<Attester, AttestError> {
         let mut ctx = connect(tcti)?;
         let handle = load_ak(&mut ctx, tcti, ak)?;
-        Ok(Attester {
-            ctx,
-            tcti: tcti.to_owned(),
-            ak: handle,
-        })
+        Ok(Attester { ctx, tcti: tcti.to_owned(), ak: handle })
     }
 
     /// Quote the SHA-256 bank over `pcrs` with the given qualifying data and
@@ -297,26 +282,19 @@ impl Attester {
         let (_, list) = selection(pcrs)?;
         let qd =
             Data::try_from(qualifying_data.to_vec()).map_err(tpm_err(tcti, "qualifying data"))?;
-        let scheme = SignatureScheme::EcDsa {
-            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
-        };
+        let scheme =
+            SignatureScheme::EcDsa { hash_scheme: HashScheme::new(HashingAlgorithm::Sha256) };
         let ak = self.ak;
         let (attest, signature) = self
             .ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.quote(ak, qd, scheme, list)
-            })
+            .execute_with_session(Some(AuthSession::Password), |c| c.quote(ak, qd, scheme, list))
             .map_err(tpm_err(tcti, "Quote"))?;
         // Read after quoting: if a PCR changed in between, the values will not
         // hash to the signed digest and the verifier refuses (fails closed).
         let values = read_pcrs_ctx(&mut self.ctx, tcti, pcrs)?;
         Ok(Evidence {
-            attest: attest
-                .marshall()
-                .map_err(tpm_err(tcti, "marshal TPMS_ATTEST"))?,
-            signature: signature
-                .marshall()
-                .map_err(tpm_err(tcti, "marshal TPMT_SIGNATURE"))?,
+            attest: attest.marshall().map_err(tpm_err(tcti, "marshal TPMS_ATTEST"))?,
+            signature: signature.marshall().map_err(tpm_err(tcti, "marshal TPMT_SIGNATURE"))?,
             pcrs: values,
         })
     }
@@ -344,29 +322,17 @@ pub fn request_enrollment(
     let flushed = ctx.flush_context(ObjectHandle::from(srk));
     let created = created.map_err(tpm_err(tcti, "Create(AK)"))?;
     flushed.map_err(tpm_err(tcti, "FlushContext(SRK)"))?;
-    let public = created
-        .out_public
-        .marshall()
-        .map_err(tpm_err(tcti, "marshal AK public"))?;
+    let public = created.out_public.marshall().map_err(tpm_err(tcti, "marshal AK public"))?;
     let blob = AkBlob {
         parent: AK_PARENT.to_owned(),
         public: public.clone(),
         private: created.out_private.value().to_vec(),
     };
-    let ek_cert_der = ek::retrieve_ek_pubcert(
-        &mut ctx,
-        AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
-    )
-    .map_err(tpm_err(tcti, "NV_Read(EK certificate)"))?;
+    let ek_cert_der =
+        ek::retrieve_ek_pubcert(&mut ctx, AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048))
+            .map_err(tpm_err(tcti, "NV_Read(EK certificate)"))?;
     let ek_cert_der = trim_der(ek_cert_der);
-    Ok((
-        blob,
-        EnrollmentRequest {
-            host: host.clone(),
-            ek_cert_der,
-            ak_public: public,
-        },
-    ))
+    Ok((blob, EnrollmentRequest { host: host.clone(), ek_cert_der, ak_public: public }))
 }
 
 /// Host side, step 2: let the TPM open the authority's credential.
@@ -380,10 +346,7 @@ pub fn activate_credential(
     ak: &AkBlob,
     challenge: &CredentialChallenge,
 ) -> Result<ActivationResponse, AttestError> {
-    let refused = |why: String| AttestError::ActivationFailed {
-        host: host.clone(),
-        why,
-    };
+    let refused = |why: String| AttestError::ActivationFailed { host: host.clone(), why };
     let id_object = IdObject::try_from(challenge.credential_blob.clone())
         .map_err(|e| refused(format!("credential blob: {e}")))?;
     let secret = EncryptedSecret::try_from(challenge.encrypted_secret.clone())
@@ -433,9 +396,7 @@ pub fn activate_credential(
         let _ = ctx.flush_context(handle);
     }
     let digest = result?;
-    Ok(ActivationResponse {
-        secret: digest.value().to_vec(),
-    })
+    Ok(ActivationResponse { secret: digest.value().to_vec() })
 }
 
 /// NV indices are fixed-size and some TPMs pad the certificate after its DER

@@ -76,9 +76,8 @@ pub fn verify(
         return Err(AttestError::BindingMismatch { host: host.clone() });
     }
 
-    let expected = refs
-        .expected(host)
-        .ok_or_else(|| AttestError::NoReferenceValues { host: host.clone() })?;
+    let expected =
+        refs.expected(host).ok_or_else(|| AttestError::NoReferenceValues { host: host.clone() })?;
     let expected_sel: Vec<u8> = expected.keys().copied().collect();
     let reported_sel: Vec<u8> = e.pcrs.keys().copied().collect();
     // Security: the TPM-signed selection, the reported values and the policy
@@ -106,14 +105,11 @@ pub fn verify(
     for (pcr, want) in expected {
         // Both maps have the same keys (checked above); a missing one is a bug
         // that must still fail closed.
-        let got = e
-            .pcrs
-            .get(pcr)
-            .ok_or_else(|| AttestError::SelectionMismatch {
-                host: host.clone(),
-                quoted: reported_sel.clone(),
-                expected: expected_sel.clone(),
-            })?;
+        let got = e.pcrs.get(pcr).ok_or_else(|| AttestError::SelectionMismatch {
+            host: host.clone(),
+            quoted: reported_sel.clone(),
+            expected: expected_sel.clone(),
+        })?;
         if got != want {
             return Err(AttestError::PcrMismatch {
                 host: host.clone(),

@@ -85,10 +85,7 @@ impl<'a> Reader<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(AttestError::malformed(
-                self.what,
-                format!("{} trailing bytes", self.buf.len()),
-            ))
+            Err(AttestError::malformed(self.what, format!("{} trailing bytes", self.buf.len())))
         }
     }
 }
@@ -111,16 +108,10 @@ pub(crate) fn parse_quote(attest: &[u8]) -> Result<QuoteInfo, AttestError> {
     // external data the (restricted) AK was asked to sign; restricted keys
     // refuse to sign digests of data starting with this value.
     if r.u32()? != TPM_GENERATED_VALUE {
-        return Err(AttestError::malformed(
-            "TPMS_ATTEST",
-            "magic is not TPM_GENERATED_VALUE",
-        ));
+        return Err(AttestError::malformed("TPMS_ATTEST", "magic is not TPM_GENERATED_VALUE"));
     }
     if r.u16()? != TPM_ST_ATTEST_QUOTE {
-        return Err(AttestError::malformed(
-            "TPMS_ATTEST",
-            "type is not TPM_ST_ATTEST_QUOTE",
-        ));
+        return Err(AttestError::malformed("TPMS_ATTEST", "type is not TPM_ST_ATTEST_QUOTE"));
     }
     let _qualified_signer = r.tpm2b(2 + 64)?;
     let extra_data = r.tpm2b(64)?.to_vec();
@@ -134,10 +125,7 @@ pub(crate) fn parse_quote(attest: &[u8]) -> Result<QuoteInfo, AttestError> {
     r.u64()?;
     let count = r.u32()?;
     if count > 16 {
-        return Err(AttestError::malformed(
-            "TPMS_ATTEST",
-            format!("{count} PCR banks"),
-        ));
+        return Err(AttestError::malformed("TPMS_ATTEST", format!("{count} PCR banks")));
     }
     let mut sha256_pcrs = Vec::new();
     let mut other_banks = false;
@@ -146,10 +134,7 @@ pub(crate) fn parse_quote(attest: &[u8]) -> Result<QuoteInfo, AttestError> {
         let hash = r.u16()?;
         let size = usize::from(r.u8()?);
         if size > 4 {
-            return Err(AttestError::malformed(
-                "TPMS_ATTEST",
-                "PCR select bitmap over 4 bytes",
-            ));
+            return Err(AttestError::malformed("TPMS_ATTEST", "PCR select bitmap over 4 bytes"));
         }
         let bitmap = r.take(size)?;
         let pcrs = bitmap_to_pcrs(bitmap);
@@ -162,12 +147,7 @@ pub(crate) fn parse_quote(attest: &[u8]) -> Result<QuoteInfo, AttestError> {
     }
     let pcr_digest = r.tpm2b(64)?.to_vec();
     r.finish()?;
-    Ok(QuoteInfo {
-        extra_data,
-        sha256_pcrs,
-        other_banks,
-        pcr_digest,
-    })
+    Ok(QuoteInfo { extra_data, sha256_pcrs, other_banks, pcr_digest })
 }
 
 fn bitmap_to_pcrs(bitmap: &[u8]) -> Vec<u8> {
@@ -189,10 +169,7 @@ pub(crate) fn parse_ecdsa_signature(sig: &[u8]) -> Result<[u8; 64], AttestError>
         return Err(AttestError::malformed("TPMT_SIGNATURE", "not ECDSA"));
     }
     if r.u16()? != TPM_ALG_SHA256 {
-        return Err(AttestError::malformed(
-            "TPMT_SIGNATURE",
-            "hash is not SHA-256",
-        ));
+        return Err(AttestError::malformed("TPMT_SIGNATURE", "hash is not SHA-256"));
     }
     let sig_r = r.tpm2b(32)?;
     let sig_s = r.tpm2b(32)?;
@@ -223,9 +200,7 @@ pub(crate) struct AkPublic {
 /// TPM-generated structures such as quotes, so nobody can get it to sign a
 /// forged TPMS_ATTEST), not decrypt, and the only scheme ECDSA/SHA-256.
 pub(crate) fn parse_ak_public(tpmt_public: &[u8]) -> Result<AkPublic, AttestError> {
-    let unsuitable = |why: &str| AttestError::UnsuitableAk {
-        why: why.to_owned(),
-    };
+    let unsuitable = |why: &str| AttestError::UnsuitableAk { why: why.to_owned() };
     let mut r = Reader::new(tpmt_public, "TPMT_PUBLIC");
     if r.u16()? != TPM_ALG_ECC {
         return Err(unsuitable("not an ECC key"));
@@ -249,9 +224,7 @@ pub(crate) fn parse_ak_public(tpmt_public: &[u8]) -> Result<AkPublic, AttestErro
     }
     let _auth_policy = r.tpm2b(64)?;
     if r.u16()? != TPM_ALG_NULL {
-        return Err(unsuitable(
-            "a signing key must have a NULL symmetric algorithm",
-        ));
+        return Err(unsuitable("a signing key must have a NULL symmetric algorithm"));
     }
     if r.u16()? != TPM_ALG_ECDSA || r.u16()? != TPM_ALG_SHA256 {
         return Err(unsuitable("scheme must be ECDSA with SHA-256"));
@@ -275,10 +248,7 @@ pub(crate) fn parse_ak_public(tpmt_public: &[u8]) -> Result<AkPublic, AttestErro
     // Reject points that are not on the curve now rather than at first use.
     p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
         .map_err(|_| unsuitable("public point is not on P-256"))?;
-    Ok(AkPublic {
-        sec1,
-        name: sha256_name(tpmt_public),
-    })
+    Ok(AkPublic { sec1, name: sha256_name(tpmt_public) })
 }
 
 /// TPM name of an object whose nameAlg is SHA-256.
@@ -294,10 +264,7 @@ mod tests {
 
     #[test]
     fn bitmap_decodes_in_ascending_order() {
-        assert_eq!(
-            bitmap_to_pcrs(&[0b1000_0001, 0, 0b0000_0010]),
-            vec![0, 7, 17]
-        );
+        assert_eq!(bitmap_to_pcrs(&[0b1000_0001, 0, 0b0000_0010]), vec![0, 7, 17]);
     }
 
     #[test]

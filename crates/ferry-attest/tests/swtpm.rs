@@ -45,20 +45,12 @@ impl Lab {
         let t = Instant::now();
         let (blob, enrolled) =
             enroll(&tpm.tcti(), &host, std::slice::from_ref(&self.ca)).expect("enroll");
-        println!(
-            "{name}: provision+start {provisioned:?}, enroll {:?}",
-            t.elapsed()
-        );
+        println!("{name}: provision+start {provisioned:?}, enroll {:?}", t.elapsed());
         let blob_path = self.dir.path().join(name).join("ak.json");
         blob.save(&blob_path).expect("save blob");
         assert_eq!(AkBlob::load(&blob_path).expect("load blob"), blob);
         AkRegistry::insert(&self.registry, &enrolled).expect("registry insert");
-        Host {
-            name: host,
-            tpm,
-            blob,
-            enrolled,
-        }
+        Host { name: host, tpm, blob, enrolled }
     }
 
     /// All hosts in class "lab" with the first host's current PCR values.
@@ -141,12 +133,7 @@ fn extended_pcr_is_refused_naming_host_pcr_and_values() {
     let e = quote(&alpha, &q);
     let err = verify(&e, &alpha.enrolled, &alpha.name, &q, &refs).expect_err("must refuse");
     match &err {
-        AttestError::PcrMismatch {
-            host,
-            pcr,
-            expected,
-            actual,
-        } => {
+        AttestError::PcrMismatch { host, pcr, expected, actual } => {
             assert_eq!(host, &alpha.name);
             assert_eq!(*pcr, 7);
             assert_eq!(expected, &hex::encode(before));
@@ -193,27 +180,15 @@ fn evidence_from_another_hosts_ak_or_an_unenrolled_ak_is_refused() {
     let e = quote(&alpha, &q);
 
     // alpha's quote presented by a peer whose certificate says "beta".
-    let err = verify(
-        &e,
-        registry.require(&beta.name).expect("beta"),
-        &beta.name,
-        &q,
-        &refs,
-    )
-    .expect_err("refuse");
-    assert!(
-        matches!(err, AttestError::BadSignature { ref host } if host == &beta.name),
-        "{err}"
-    );
+    let err = verify(&e, registry.require(&beta.name).expect("beta"), &beta.name, &q, &refs)
+        .expect_err("refuse");
+    assert!(matches!(err, AttestError::BadSignature { ref host } if host == &beta.name), "{err}");
     // alpha's AK record handed over for beta.
     let err = verify(&e, &alpha.enrolled, &beta.name, &q, &refs).expect_err("refuse");
     assert!(matches!(err, AttestError::AkHostMismatch { .. }), "{err}");
     // A host that never enrolled.
     let gamma: HostName = "gamma".parse().expect("name");
-    assert!(matches!(
-        registry.require(&gamma),
-        Err(AttestError::NotEnrolled { .. })
-    ));
+    assert!(matches!(registry.require(&gamma), Err(AttestError::NotEnrolled { .. })));
 
     // An AK created in alpha's TPM but never activated: its quotes do not
     // verify under alpha's enrolled AK.
@@ -247,13 +222,8 @@ fn ak_from_another_tpm_than_the_ek_is_not_enrolled() {
     // TPM A has the EK but cannot load B's AK.
     assert!(activate_credential(&a.tcti(), &host, &blob_b, &challenge).is_err());
     // Guessing the answer fails too.
-    let err = check_activation(
-        pending,
-        &ActivationResponse {
-            secret: vec![0; 32],
-        },
-    )
-    .expect_err("wrong secret");
+    let err = check_activation(pending, &ActivationResponse { secret: vec![0; 32] })
+        .expect_err("wrong secret");
     assert!(matches!(err, AttestError::ActivationFailed { .. }), "{err}");
 }
 
@@ -265,10 +235,7 @@ fn ek_certificate_from_an_untrusted_manufacturer_is_refused() {
     let host: HostName = "alpha".parse().expect("name");
     let err = enroll(&tpm.tcti(), &host, &[other_ca]).expect_err("untrusted EK");
     assert!(matches!(err, AttestError::UntrustedEk { .. }), "{err}");
-    assert!(
-        err.to_string().contains("EK certificate not trusted"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("EK certificate not trusted"), "{err}");
     let err = enroll(&tpm.tcti(), &host, &[]).expect_err("no CA");
     assert!(matches!(err, AttestError::UntrustedEk { .. }), "{err}");
 }
@@ -286,10 +253,7 @@ fn tampered_or_oversized_evidence_is_refused() {
         let mut t = e.clone();
         t.attest[i] ^= 1;
         let err = verify(&t, &alpha.enrolled, &alpha.name, &q, &refs).expect_err("tampered attest");
-        assert!(
-            matches!(err, AttestError::BadSignature { .. }),
-            "byte {i}: {err}"
-        );
+        assert!(matches!(err, AttestError::BadSignature { .. }), "byte {i}: {err}");
     }
     let mut t = e.clone();
     let last = t.signature.len() - 1;
@@ -330,14 +294,8 @@ fn tampered_or_oversized_evidence_is_refused() {
     ));
     let mut json = e.to_json().expect("json");
     json.resize(MAX_EVIDENCE_JSON + 1, b' ');
-    assert!(matches!(
-        Evidence::from_json(&json),
-        Err(AttestError::TooLarge { .. })
-    ));
-    assert!(matches!(
-        Evidence::from_json(b"{\"attest\":1}"),
-        Err(AttestError::Malformed { .. })
-    ));
+    assert!(matches!(Evidence::from_json(&json), Err(AttestError::TooLarge { .. })));
+    assert!(matches!(Evidence::from_json(b"{\"attest\":1}"), Err(AttestError::Malformed { .. })));
 }
 
 #[test]
@@ -351,11 +309,6 @@ fn registry_refuses_a_record_filed_under_another_host() {
     };
     AkRegistry::insert(dir.path(), &ak).expect("insert");
     std::fs::rename(dir.path().join("alpha.json"), dir.path().join("beta.json")).expect("rename");
-    assert!(matches!(
-        AkRegistry::load(dir.path()),
-        Err(AttestError::Config { .. })
-    ));
-    assert!(AkRegistry::load(Path::new("/nonexistent/registry"))
-        .expect("empty")
-        .is_empty());
+    assert!(matches!(AkRegistry::load(dir.path()), Err(AttestError::Config { .. })));
+    assert!(AkRegistry::load(Path::new("/nonexistent/registry")).expect("empty").is_empty());
 }

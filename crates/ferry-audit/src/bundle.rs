@@ -78,12 +78,7 @@ pub struct BundleSummary {
 fn mentions(parsed: &crate::record::Parsed, migration_id: &str) -> bool {
     let ev = &parsed.record.event;
     ev.migration_id.as_deref() == Some(migration_id)
-        || ev
-            .signed
-            .as_ref()
-            .and_then(Signed::body_migration_id)
-            .as_deref()
-            == Some(migration_id)
+        || ev.signed.as_ref().and_then(Signed::body_migration_id).as_deref() == Some(migration_id)
 }
 
 /// Collect the evidence about `migration_id` from the given logs (typically
@@ -118,10 +113,7 @@ fn export_one(
     migration_id: &str,
     messages: &mut Vec<Signed>,
 ) -> Result<Option<BundleLog>, AuditError> {
-    let read_err = |source| AuditError::Read {
-        path: path.to_owned(),
-        source,
-    };
+    let read_err = |source| AuditError::Read { path: path.to_owned(), source };
     let damaged = |line, fault| {
         AuditError::Damaged(Box::new(VerifyError::Record {
             path: display(path),
@@ -144,13 +136,7 @@ fn export_one(
         let text = String::from_utf8_lossy(&bytes).into_owned();
         if parsed.record.cert.is_some() {
             host = parsed.record.host.clone();
-            cert_line = Some((
-                BundleRecord {
-                    line,
-                    text: text.clone(),
-                },
-                false,
-            ));
+            cert_line = Some((BundleRecord { line, text: text.clone() }, false));
         }
         if !mentions(&parsed, migration_id) {
             continue;
@@ -171,11 +157,7 @@ fn export_one(
             }
         }
     }
-    Ok((!records.is_empty()).then(|| BundleLog {
-        host,
-        file: display(path),
-        records,
-    }))
+    Ok((!records.is_empty()).then(|| BundleLog { host, file: display(path), records }))
 }
 
 /// Verify a bundle with only the CA certificate: every message's signature
@@ -198,22 +180,15 @@ pub fn verify_bundle(bundle: &EvidenceBundle, ca: &CaTrust) -> Result<BundleSumm
         let mut walker = Walker::new();
         let mut prev: Option<(u64, [u8; 32])> = None;
         for rec in &log.records {
-            let fail = |seq, fault| VerifyError::Record {
-                path: name.clone(),
-                line: rec.line,
-                seq,
-                fault,
-            };
+            let fail =
+                |seq, fault| VerifyError::Record { path: name.clone(), line: rec.line, seq, fault };
             let parsed = parse_line(rec.text.as_bytes()).map_err(|f| fail(None, f))?;
             let seq = parsed.record.seq;
             if let Some((pseq, phash)) = prev {
                 if seq <= pseq {
                     return Err(fail(
                         Some(seq),
-                        crate::error::RecordFault::Sequence {
-                            expected: pseq + 1,
-                            found: seq,
-                        },
+                        crate::error::RecordFault::Sequence { expected: pseq + 1, found: seq },
                     ));
                 }
                 // SECURITY: where the bundle has consecutive records, their
@@ -223,9 +198,7 @@ pub fn verify_bundle(bundle: &EvidenceBundle, ca: &CaTrust) -> Result<BundleSumm
                     return Err(fail(Some(seq), crate::error::RecordFault::Chain));
                 }
             }
-            walker
-                .step_unchained(&parsed, Depth::Full(ca))
-                .map_err(|f| fail(Some(seq), f))?;
+            walker.step_unchained(&parsed, Depth::Full(ca)).map_err(|f| fail(Some(seq), f))?;
             if parsed.record.cert.is_none() && !mentions(&parsed, mid) {
                 return Err(fail(
                     Some(seq),
@@ -252,10 +225,7 @@ pub fn verify_bundle(bundle: &EvidenceBundle, ca: &CaTrust) -> Result<BundleSumm
     let mut signers: Vec<(String, String)> = Vec::new();
     for (i, msg) in bundle.messages.iter().enumerate() {
         let what = format!("message #{i} ({})", msg.kind);
-        let fail = |fault| VerifyError::Message {
-            what: what.clone(),
-            fault,
-        };
+        let fail = |fault| VerifyError::Message { what: what.clone(), fault };
         if !PROTOCOL_KINDS.contains(&msg.kind.as_str()) {
             return Err(fail(MessageFault::Malformed(format!(
                 "{:?} is not a protocol message kind",
@@ -270,9 +240,8 @@ pub fn verify_bundle(bundle: &EvidenceBundle, ca: &CaTrust) -> Result<BundleSumm
             .map_or_else(OffsetDateTime::now_utc, |(_, t)| *t);
         let signer = msg.check(ca, at).map_err(fail)?;
         // Either side may abort; of everything else there is one.
-        let second = signers
-            .iter()
-            .any(|(k, s)| k == &msg.kind && (msg.kind != "abort" || s == &signer));
+        let second =
+            signers.iter().any(|(k, s)| k == &msg.kind && (msg.kind != "abort" || s == &signer));
         if second {
             return Err(fail(MessageFault::Body(format!(
                 "a second {:?} message for one migration",
@@ -300,12 +269,7 @@ pub fn verify_bundle(bundle: &EvidenceBundle, ca: &CaTrust) -> Result<BundleSumm
             )));
         }
     }
-    let signer_of = |k: &str| {
-        signers
-            .iter()
-            .find(|(kind, _)| kind == k)
-            .map(|(_, s)| s.clone())
-    };
+    let signer_of = |k: &str| signers.iter().find(|(kind, _)| kind == k).map(|(_, s)| s.clone());
     let (source, destination) = (signer_of("offer"), signer_of("accept"));
     let roles = SIGNED_BY_SOURCE
         .iter()
@@ -314,11 +278,7 @@ pub fn verify_bundle(bundle: &EvidenceBundle, ca: &CaTrust) -> Result<BundleSumm
     for (kind, expected) in roles {
         if let (Some(s), Some(e)) = (signer_of(kind), expected) {
             if &s != e {
-                let i = bundle
-                    .messages
-                    .iter()
-                    .position(|m| m.kind == kind)
-                    .unwrap_or(0);
+                let i = bundle.messages.iter().position(|m| m.kind == kind).unwrap_or(0);
                 return Err(VerifyError::Message {
                     what: format!("message #{i} ({kind})"),
                     fault: MessageFault::Untrusted(format!("signed by {s}, expected {e}")),

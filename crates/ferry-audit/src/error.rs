@@ -36,11 +36,7 @@ pub enum AuditError {
     #[error("refusing to resume the audit log: {0}")]
     Damaged(#[source] Box<VerifyError>),
     #[error("the audit log {path} belongs to {log_host}, not to this host ({signer})")]
-    NotOurLog {
-        path: PathBuf,
-        log_host: String,
-        signer: String,
-    },
+    NotOurLog { path: PathBuf, log_host: String, signer: String },
     /// An earlier append failed part-way; the tail of the file is unknown, so
     /// every later append is refused until the log is reopened (and checked).
     #[error("the audit log {path} is unusable after an earlier write failure; reopen it")]
@@ -59,12 +55,7 @@ pub enum VerifyError {
     Message { what: String, fault: MessageFault },
     /// A record of an audit log is not acceptable. `line` is 1-based.
     #[error("{path} line {line}{}: {fault}", seq_text(*.seq))]
-    Record {
-        path: String,
-        line: u64,
-        seq: Option<u64>,
-        fault: RecordFault,
-    },
+    Record { path: String, line: u64, seq: Option<u64>, fault: RecordFault },
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -133,10 +124,7 @@ pub enum RecordFault {
     #[error("the embedded signed message is refused: {0}")]
     Embedded(MessageFault),
     #[error("the record says migration {record:?} but its signed message is about {message:?}")]
-    MigrationMismatch {
-        record: Option<String>,
-        message: String,
-    },
+    MigrationMismatch { record: Option<String>, message: String },
     #[error("{0}")]
     Other(String),
 }

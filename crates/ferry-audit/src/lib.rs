@@ -22,8 +22,8 @@
 //! far yours went.
 
 mod bundle;
-pub mod fuzz;
 mod error;
+pub mod fuzz;
 mod log;
 mod record;
 mod signed;

@@ -102,10 +102,7 @@ impl AuditLog {
     /// A damaged tail (e.g. a torn write) is refused, not repaired: the
     /// operator must look at it with `ferry audit verify`.
     pub fn open(path: &Path, signer: Signer) -> Result<AuditLog, AuditError> {
-        let write_err = |source| AuditError::Write {
-            path: path.to_owned(),
-            source,
-        };
+        let write_err = |source| AuditError::Write { path: path.to_owned(), source };
         let file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -125,10 +122,7 @@ impl AuditLog {
                 });
             }
         }
-        let needs_cert = walker
-            .cert
-            .as_ref()
-            .is_none_or(|c| c.der != signer.cert_der());
+        let needs_cert = walker.cert.as_ref().is_none_or(|c| c.der != signer.cert_der());
         let mut log = AuditLog {
             path: path.to_owned(),
             file,
@@ -160,10 +154,8 @@ impl AuditLog {
         if self.poisoned {
             self.heal()?;
         }
-        check_kind(&event.kind).map_err(|why| AuditError::BadKind {
-            kind: event.kind.clone(),
-            why,
-        })?;
+        check_kind(&event.kind)
+            .map_err(|why| AuditError::BadKind { kind: event.kind.clone(), why })?;
         let seq = self.next_seq;
         let record = Record {
             seq,
@@ -173,23 +165,16 @@ impl AuditLog {
             cert: self.needs_cert.then(|| B64.encode(self.signer.cert_der())),
             event,
         };
-        let raw = serde_json::to_string(&record).map_err(|source| AuditError::Encode {
-            what: "an audit record",
-            source,
-        })?;
-        let sig = self
-            .signer
-            .sign(&signing_input(RECORD_KIND, raw.as_bytes()));
+        let raw = serde_json::to_string(&record)
+            .map_err(|source| AuditError::Encode { what: "an audit record", source })?;
+        let sig = self.signer.sign(&signing_input(RECORD_KIND, raw.as_bytes()));
         let line = render_line(&raw, &sig);
         let mut bytes = Vec::with_capacity(line.len() + 1);
         bytes.extend_from_slice(line.as_bytes());
         bytes.push(b'\n');
         // One write of the whole line (O_APPEND), then fdatasync: the record
         // is on stable storage before we report it recorded.
-        let result = self
-            .file
-            .write_all(&bytes)
-            .and_then(|()| self.file.sync_data());
+        let result = self.file.write_all(&bytes).and_then(|()| self.file.sync_data());
         if let Err(source) = result {
             self.poisoned = true;
             // Best effort: cut a torn line off so that a reopen finds an
@@ -197,10 +182,7 @@ impl AuditLog {
             if self.file.set_len(self.len).is_ok() {
                 let _ = self.file.sync_data();
             }
-            return Err(AuditError::Write {
-                path: self.path.clone(),
-                source,
-            });
+            return Err(AuditError::Write { path: self.path.clone(), source });
         }
         self.len += bytes.len() as u64;
         self.next_seq += 1;
@@ -212,14 +194,9 @@ impl AuditLog {
     /// After a failed append: reopen and re-read the file; un-poison only if
     /// it ends exactly at the last acknowledged record.
     fn heal(&mut self) -> Result<(), AuditError> {
-        let poisoned = || AuditError::Poisoned {
-            path: self.path.clone(),
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|_| poisoned())?;
+        let poisoned = || AuditError::Poisoned { path: self.path.clone() };
+        let file =
+            OpenOptions::new().read(true).append(true).open(&self.path).map_err(|_| poisoned())?;
         let (walker, len) = check_existing(&self.path, &file).map_err(|_| poisoned())?;
         // SECURITY: anything but our own chain, to the byte, stays refused:
         // appending after a torn or foreign tail would sign over it.
@@ -233,10 +210,7 @@ impl AuditLog {
 
     /// The last record written: for embedding in signed messages as `log_head`.
     pub fn head(&self) -> LogHead {
-        LogHead {
-            seq: self.next_seq.saturating_sub(1),
-            hash: hex::encode(self.prev_hash),
-        }
+        LogHead { seq: self.next_seq.saturating_sub(1), hash: hex::encode(self.prev_hash) }
     }
 
     pub fn path(&self) -> &Path {
@@ -255,21 +229,13 @@ impl AuditLog {
 }
 
 fn damaged(path: &Path, line: u64, seq: Option<u64>, fault: RecordFault) -> AuditError {
-    AuditError::Damaged(Box::new(VerifyError::Record {
-        path: display(path),
-        line,
-        seq,
-        fault,
-    }))
+    AuditError::Damaged(Box::new(VerifyError::Record { path: display(path), line, seq, fault }))
 }
 
 /// Walk an existing log's structure and check its last signature.
 /// Returns the walker state and the file length.
 fn check_existing(path: &Path, file: &File) -> Result<(Walker, u64), AuditError> {
-    let read_err = |source| AuditError::Read {
-        path: path.to_owned(),
-        source,
-    };
+    let read_err = |source| AuditError::Read { path: path.to_owned(), source };
     let mut lines = Lines::new(BufReader::new(file.try_clone().map_err(read_err)?));
     let mut walker = Walker::new();
     let mut last: Option<(Parsed, u64)> = None;
@@ -286,9 +252,7 @@ fn check_existing(path: &Path, file: &File) -> Result<(Walker, u64), AuditError>
         }
         let parsed = parse_line(&bytes).map_err(|f| damaged(path, n, None, f))?;
         let seq = parsed.record.seq;
-        walker
-            .step(&parsed, Depth::Structure)
-            .map_err(|f| damaged(path, n, Some(seq), f))?;
+        walker.step(&parsed, Depth::Structure).map_err(|f| damaged(path, n, Some(seq), f))?;
         len += bytes.len() as u64 + 1;
         last = Some((parsed, n));
     }
@@ -296,9 +260,7 @@ fn check_existing(path: &Path, file: &File) -> Result<(Walker, u64), AuditError>
     // last record (including one that the last record itself carries).
     if let Some((parsed, n)) = last {
         let seq = parsed.record.seq;
-        walker
-            .check_signature(&parsed)
-            .map_err(|f| damaged(path, n, Some(seq), f))?;
+        walker.check_signature(&parsed).map_err(|f| damaged(path, n, Some(seq), f))?;
     }
     Ok((walker, len))
 }

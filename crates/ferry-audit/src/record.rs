@@ -58,10 +58,7 @@ struct LineRepr<'a> {
 
 /// Render a line (without the newline) from the record JSON and signature.
 pub(crate) fn render_line(record_json: &str, sig: &[u8]) -> String {
-    format!(
-        "{{\"record\":{record_json},\"sig\":\"{}\"}}",
-        B64.encode(sig)
-    )
+    format!("{{\"record\":{record_json},\"sig\":\"{}\"}}", B64.encode(sig))
 }
 
 pub(crate) fn line_hash(line: &[u8]) -> [u8; 32] {
@@ -94,12 +91,7 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, RecordFault> {
     }
     let record: Record<AuditEvent> = serde_json::from_str(repr.record.get())
         .map_err(|e| RecordFault::Malformed(e.to_string()))?;
-    Ok(Parsed {
-        raw: repr.record.get().to_owned(),
-        record,
-        sig,
-        hash: line_hash(line),
-    })
+    Ok(Parsed { raw: repr.record.get().to_owned(), record, sig, hash: line_hash(line) })
 }
 
 /// Read lines (without `\n`) from a reader, each with whether it ended in a
@@ -160,12 +152,7 @@ impl CertInForce {
             .map_err(|e| RecordFault::Untrusted(format!("not an X.509 certificate: {e}")))?;
         let v = cert.validity();
         let (not_before, not_after) = (v.not_before.timestamp(), v.not_after.timestamp());
-        Ok(CertInForce {
-            der,
-            host,
-            not_before,
-            not_after,
-        })
+        Ok(CertInForce { der, host, not_before, not_after })
     }
 }
 
@@ -179,11 +166,7 @@ pub(crate) struct Walker {
 
 impl Walker {
     pub fn new() -> Self {
-        Walker {
-            next_seq: 0,
-            prev_hash: GENESIS_PREV,
-            cert: None,
-        }
+        Walker { next_seq: 0, prev_hash: GENESIS_PREV, cert: None }
     }
 
     /// Check the record that follows the last one stepped over.
@@ -192,10 +175,7 @@ impl Walker {
         // SECURITY: seq numbers are dense from 0, so a deleted, inserted or
         // reordered record shows up here, at the first record out of place.
         if r.seq != self.next_seq {
-            return Err(RecordFault::Sequence {
-                expected: self.next_seq,
-                found: r.seq,
-            });
+            return Err(RecordFault::Sequence { expected: self.next_seq, found: r.seq });
         }
         // SECURITY: the hash chain pins the exact bytes of the line before;
         // an edit anywhere before this record breaks the chain here even if
@@ -218,9 +198,9 @@ impl Walker {
                 .decode(b64)
                 .map_err(|e| RecordFault::Malformed(format!("cert is not base64: {e}")))?;
             let host = match depth {
-                Depth::Full(ca) => ca
-                    .check_host_cert(&der, r.ts)
-                    .map_err(RecordFault::Untrusted)?,
+                Depth::Full(ca) => {
+                    ca.check_host_cert(&der, r.ts).map_err(RecordFault::Untrusted)?
+                }
                 Depth::Structure => crate::signed::host_of(&der).map_err(RecordFault::Untrusted)?,
             };
             // SECURITY: a log belongs to one host for its whole life; a
@@ -279,15 +259,12 @@ impl Walker {
         let Some(cert) = &self.cert else {
             return Err(RecordFault::NoCertificate);
         };
-        verify_with_cert(
-            &cert.der,
-            &signing_input(RECORD_KIND, p.raw.as_bytes()),
-            &p.sig,
+        verify_with_cert(&cert.der, &signing_input(RECORD_KIND, p.raw.as_bytes()), &p.sig).map_err(
+            |f| match f {
+                MessageFault::BadSignature => RecordFault::BadSignature,
+                other => RecordFault::Other(other.to_string()),
+            },
         )
-        .map_err(|f| match f {
-            MessageFault::BadSignature => RecordFault::BadSignature,
-            other => RecordFault::Other(other.to_string()),
-        })
     }
 }
 
@@ -316,10 +293,7 @@ mod tests {
         }
         // Unknown fields inside the record are refused, not ignored.
         let extra = line(&rec.replacen("{\"seq\"", "{\"x\":1,\"seq\"", 1));
-        assert!(matches!(
-            parse_line(extra.as_bytes()),
-            Err(RecordFault::Malformed(_))
-        ));
+        assert!(matches!(parse_line(extra.as_bytes()), Err(RecordFault::Malformed(_))));
     }
 
     #[test]

@@ -47,20 +47,14 @@ pub(crate) fn check_kind(kind: &str) -> Result<(), &'static str> {
     if kind.is_empty() || kind.len() > MAX_KIND {
         return Err("must be 1 to 32 characters");
     }
-    if !kind
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-    {
+    if !kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
         return Err("may contain only a-z, 0-9 and '_'");
     }
     Ok(())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, AuditError> {
-    std::fs::read(path).map_err(|source| AuditError::Read {
-        path: path.to_owned(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| AuditError::Read { path: path.to_owned(), source })
 }
 
 fn first_cert_pem(path: &Path) -> Result<Vec<u8>, AuditError> {
@@ -106,10 +100,7 @@ fn host_spiffe(der: &[u8]) -> Result<SpiffeId, String> {
         })
         .collect();
     let [uri] = uris.as_slice() else {
-        return Err(format!(
-            "{} URI SANs, exactly one SPIFFE id is required",
-            uris.len()
-        ));
+        return Err(format!("{} URI SANs, exactly one SPIFFE id is required", uris.len()));
     };
     let id: SpiffeId = uri.parse().map_err(|e| format!("{e}"))?;
     if !matches!(id, SpiffeId::Host { .. }) {
@@ -137,9 +128,7 @@ pub struct Signer {
 impl std::fmt::Debug for Signer {
     // The private key is never printed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer")
-            .field("spiffe", &self.spiffe)
-            .finish_non_exhaustive()
+        f.debug_struct("Signer").field("spiffe", &self.spiffe).finish_non_exhaustive()
     }
 }
 
@@ -162,10 +151,7 @@ impl Signer {
                 why: format!("not an ECDSA P-256 private key in PEM: {e}"),
             })?;
         let key = SigningKey::from(secret);
-        let bad_cert = |why: String| AuditError::Invalid {
-            path: cert_pem.to_owned(),
-            why,
-        };
+        let bad_cert = |why: String| AuditError::Invalid { path: cert_pem.to_owned(), why };
         let cert = parse_x509(&cert_der).map_err(bad_cert)?;
         let ours = key.verifying_key().to_encoded_point(false);
         if cert.public_key().subject_public_key.data.as_ref() != ours.as_bytes() {
@@ -175,11 +161,7 @@ impl Signer {
             });
         }
         let spiffe = host_spiffe(&cert_der).map_err(bad_cert)?.to_string();
-        Ok(Signer {
-            key,
-            cert_der,
-            spiffe,
-        })
+        Ok(Signer { key, cert_der, spiffe })
     }
 
     /// The host's SPIFFE id, `spiffe://<domain>/host/<name>`.
@@ -218,10 +200,7 @@ impl CaTrust {
     /// Load the CA certificate (PEM; the first certificate in the file).
     pub fn load(ca_pem: &Path) -> Result<Self, AuditError> {
         let der = first_cert_pem(ca_pem)?;
-        Self::from_der(&der).map_err(|why| AuditError::Invalid {
-            path: ca_pem.to_owned(),
-            why,
-        })
+        Self::from_der(&der).map_err(|why| AuditError::Invalid { path: ca_pem.to_owned(), why })
     }
 
     /// The CA from its DER encoding.
@@ -289,9 +268,7 @@ impl CaTrust {
         sig: &[u8],
         at: OffsetDateTime,
     ) -> Result<String, MessageFault> {
-        let spiffe = self
-            .check_host_cert(cert_der, at)
-            .map_err(MessageFault::Untrusted)?;
+        let spiffe = self.check_host_cert(cert_der, at).map_err(MessageFault::Untrusted)?;
         verify_with_cert(cert_der, msg, sig)?;
         Ok(spiffe)
     }
@@ -344,14 +321,9 @@ impl Signed {
     /// not break verification, but it would make equal bodies compare unequal
     /// across the two logs (`cross_check`).
     pub fn sign<T: Serialize>(kind: &str, body: &T, signer: &Signer) -> Result<Signed, AuditError> {
-        check_kind(kind).map_err(|why| AuditError::BadKind {
-            kind: kind.to_owned(),
-            why,
-        })?;
-        let body = serde_json::to_string(body).map_err(|source| AuditError::Encode {
-            what: "a message body",
-            source,
-        })?;
+        check_kind(kind).map_err(|why| AuditError::BadKind { kind: kind.to_owned(), why })?;
+        let body = serde_json::to_string(body)
+            .map_err(|source| AuditError::Encode { what: "a message body", source })?;
         let sig = signer.sign(&signing_input(kind, body.as_bytes()));
         Ok(Signed {
             kind: kind.to_owned(),
@@ -395,10 +367,8 @@ impl Signed {
                 },
             });
         }
-        let spiffe = self.check(ca, at).map_err(|fault| VerifyError::Message {
-            what: what(),
-            fault,
-        })?;
+        let spiffe =
+            self.check(ca, at).map_err(|fault| VerifyError::Message { what: what(), fault })?;
         let body = serde_json::from_str(&self.body).map_err(|e| VerifyError::Message {
             what: what(),
             fault: MessageFault::Body(e.to_string()),
@@ -415,12 +385,7 @@ impl Signed {
         let sig = B64
             .decode(&self.signature)
             .map_err(|e| MessageFault::Malformed(format!("signature is not base64: {e}")))?;
-        ca.check_signature(
-            &cert,
-            &signing_input(&self.kind, self.body.as_bytes()),
-            &sig,
-            at,
-        )
+        ca.check_signature(&cert, &signing_input(&self.kind, self.body.as_bytes()), &sig, at)
     }
 
     pub(crate) fn cert_der(&self) -> Result<Vec<u8>, MessageFault> {
@@ -473,10 +438,7 @@ mod tests {
 
     #[test]
     fn signing_input_is_domain_separated() {
-        assert_eq!(
-            signing_input("offer", b"{}"),
-            b"ferry-signed-v1\0offer\0{}".to_vec()
-        );
+        assert_eq!(signing_input("offer", b"{}"), b"ferry-signed-v1\0offer\0{}".to_vec());
         assert_ne!(signing_input("offer", b"x"), signing_input("offe", b"rx"));
     }
 }

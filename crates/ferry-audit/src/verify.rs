@@ -28,7 +28,8 @@ use crate::signed::{body_field, display, CaTrust};
 /// migration (of an Abort, one per signer: either side may abort), and both
 /// hosts must hold the same one. `switchover` and `handover` are post-copy's
 /// Commit and Receipt for the stream up to the switch.
-pub(crate) const PROTOCOL_KINDS: [&str; 7] = ["offer", "accept", "switchover", "handover", "commit", "receipt", "abort"];
+pub(crate) const PROTOCOL_KINDS: [&str; 7] =
+    ["offer", "accept", "switchover", "handover", "commit", "receipt", "abort"];
 
 /// Who must sign each kind: the Offer's signer (the source) or the Accept's.
 pub(crate) const SIGNED_BY_SOURCE: [&str; 2] = ["switchover", "commit"];
@@ -72,10 +73,7 @@ pub(crate) fn load_verified(
     ca: &CaTrust,
 ) -> Result<(LogSummary, Vec<Located>), VerifyError> {
     let name = display(path);
-    let read_err = |source| VerifyError::Read {
-        path: path.to_owned(),
-        source,
-    };
+    let read_err = |source| VerifyError::Read { path: path.to_owned(), source };
     let file = File::open(path).map_err(read_err)?;
     let mut lines = Lines::new(BufReader::new(file));
     let mut walker = Walker::new();
@@ -83,12 +81,7 @@ pub(crate) fn load_verified(
     let mut migrations = BTreeSet::new();
     while let Some((bytes, complete)) = lines.next_line().map_err(read_err)? {
         let line = lines.line_no;
-        let fail = |seq, fault| VerifyError::Record {
-            path: name.clone(),
-            line,
-            seq,
-            fault,
-        };
+        let fail = |seq, fault| VerifyError::Record { path: name.clone(), line, seq, fault };
         if !complete {
             let fault = if bytes.len() > MAX_LINE {
                 RecordFault::TooLong(MAX_LINE)
@@ -98,9 +91,7 @@ pub(crate) fn load_verified(
             return Err(fail(None, fault));
         }
         let parsed = parse_line(&bytes).map_err(|f| fail(None, f))?;
-        walker
-            .step(&parsed, Depth::Full(ca))
-            .map_err(|f| fail(Some(parsed.record.seq), f))?;
+        walker.step(&parsed, Depth::Full(ca)).map_err(|f| fail(Some(parsed.record.seq), f))?;
         if let Some(m) = &parsed.record.event.migration_id {
             migrations.insert(m.clone());
         }
@@ -114,10 +105,7 @@ pub(crate) fn load_verified(
         path: name,
         host: cert.host.clone(),
         records: out.len() as u64,
-        head: LogHead {
-            seq: last.parsed.record.seq,
-            hash: hex::encode(last.parsed.hash),
-        },
+        head: LogHead { seq: last.parsed.record.seq, hash: hex::encode(last.parsed.hash) },
         first: first.parsed.record.ts,
         last: last.parsed.record.ts,
         migrations: migrations.into_iter().collect(),
@@ -169,14 +157,13 @@ fn index(records: &[Located]) -> BTreeMap<MsgKey, Held> {
         let Some(msg) = &r.parsed.record.event.signed else {
             continue;
         };
-        map.entry((msg.kind.clone(), msg.body.clone()))
-            .or_insert_with(|| Held {
-                line: r.line,
-                seq: r.parsed.record.seq,
-                migration: r.parsed.record.event.migration_id.clone(),
-                // Already verified by load_verified, so the claim is checked.
-                signer: msg.claimed_signer().unwrap_or_default(),
-            });
+        map.entry((msg.kind.clone(), msg.body.clone())).or_insert_with(|| Held {
+            line: r.line,
+            seq: r.parsed.record.seq,
+            migration: r.parsed.record.event.migration_id.clone(),
+            // Already verified by load_verified, so the claim is checked.
+            signer: msg.claimed_signer().unwrap_or_default(),
+        });
     }
     map
 }
@@ -216,20 +203,10 @@ pub fn cross_check(
     }
 
     let mut migrations = Vec::new();
-    let both: Vec<&String> = src
-        .migrations
-        .iter()
-        .filter(|m| dst.migrations.binary_search(m).is_ok())
-        .collect();
+    let both: Vec<&String> =
+        src.migrations.iter().filter(|m| dst.migrations.binary_search(m).is_ok()).collect();
     for mid in both {
-        migrations.push(check_migration(
-            mid,
-            &src,
-            &src_index,
-            &dst,
-            &dst_index,
-            &mut warnings,
-        )?);
+        migrations.push(check_migration(mid, &src, &src_index, &dst, &dst_index, &mut warnings)?);
     }
     for (a, b) in [(&src, &dst), (&dst, &src)] {
         for m in &a.migrations {
@@ -238,12 +215,7 @@ pub fn cross_check(
             }
         }
     }
-    Ok(CrossSummary {
-        source: src,
-        destination: dst,
-        migrations,
-        warnings,
-    })
+    Ok(CrossSummary { source: src, destination: dst, migrations, warnings })
 }
 
 /// Messages `owner` signed that `holder`'s log holds must be in `owner`'s log,
@@ -280,9 +252,7 @@ fn check_witnessed(
                 holder.path, held.line
             ),
         })?;
-        let found = usize::try_from(head.seq)
-            .ok()
-            .and_then(|i| owner_records.get(i));
+        let found = usize::try_from(head.seq).ok().and_then(|i| owner_records.get(i));
         let ok = found.is_some_and(|r| hex::encode(r.parsed.hash) == head.hash);
         if !ok {
             let what = match found {
@@ -327,10 +297,7 @@ fn check_migration(
     dst_index: &BTreeMap<MsgKey, Held>,
     warnings: &mut Vec<String>,
 ) -> Result<MigrationCheck, VerifyError> {
-    let disagree = |why: String| VerifyError::Disagree {
-        migration_id: mid.to_owned(),
-        why,
-    };
+    let disagree = |why: String| VerifyError::Disagree { migration_id: mid.to_owned(), why };
     let mut agreed = Vec::new();
     let mut signers: BTreeMap<&str, String> = BTreeMap::new();
     let groups = PROTOCOL_KINDS.iter().flat_map(|&kind| {
@@ -343,7 +310,11 @@ fn check_migration(
         for (i, list) in [in_src, in_dst].into_iter().enumerate() {
             for m in list {
                 let slot = by.entry(m.1.signer.as_str()).or_default();
-                if i == 0 { slot.0.push(m) } else { slot.1.push(m) }
+                if i == 0 {
+                    slot.0.push(m)
+                } else {
+                    slot.1.push(m)
+                }
             }
         }
         by.into_values().map(|(a, b)| (kind, a, b)).collect()
@@ -353,10 +324,8 @@ fn check_migration(
             // SECURITY: two different signed Commits (or Offers, ...) for one
             // migration is equivocation, whoever signed them.
             if found.len() > 1 {
-                let lines: Vec<String> = found
-                    .iter()
-                    .map(|(_, h)| format!("line {}", h.line))
-                    .collect();
+                let lines: Vec<String> =
+                    found.iter().map(|(_, h)| format!("line {}", h.line)).collect();
                 return Err(disagree(format!(
                     "{} holds {} different {kind:?} messages ({})",
                     log.path,
@@ -393,9 +362,7 @@ fn check_migration(
     for (kind, expected, who) in roles {
         if let (Some(s), Some(e)) = (signers.get(kind), expected) {
             if s != e {
-                return Err(disagree(format!(
-                    "the {kind:?} is signed by {s}, not by {who} {e}"
-                )));
+                return Err(disagree(format!("the {kind:?} is signed by {s}, not by {who} {e}")));
             }
         }
     }

@@ -50,11 +50,7 @@ fn measure_append_and_verify() {
 
     let t = Instant::now();
     AuditLog::open(&path, c.src_signer()).unwrap();
-    eprintln!(
-        "AuditLog::open (resume check of {} records): {:?}",
-        s.records,
-        t.elapsed()
-    );
+    eprintln!("AuditLog::open (resume check of {} records): {:?}", s.records, t.elapsed());
 
     let (sp, dp) = (c.path("s.log"), c.path("d.log"));
     let mut sl = AuditLog::open(&sp, c.src_signer()).unwrap();

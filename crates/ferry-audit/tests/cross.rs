@@ -41,20 +41,11 @@ fn matching_logs_cross_check() {
     for m in &s.migrations {
         assert_eq!(m.outcome, "completed");
         assert_eq!(m.agreed, ["offer", "accept", "commit", "receipt"]);
-        assert_eq!(
-            m.source.as_deref(),
-            Some("spiffe://ferry.test/host/src-host")
-        );
-        assert_eq!(
-            m.destination.as_deref(),
-            Some("spiffe://ferry.test/host/dst-host")
-        );
+        assert_eq!(m.source.as_deref(), Some("spiffe://ferry.test/host/src-host"));
+        assert_eq!(m.destination.as_deref(), Some("spiffe://ferry.test/host/dst-host"));
     }
     assert!(s.warnings.is_empty(), "{:?}", s.warnings);
-    assert!(matches!(
-        cross_check(&sp, &sp, &c.ca),
-        Err(VerifyError::CrossCheck(_))
-    ));
+    assert!(matches!(cross_check(&sp, &sp, &c.ca), Err(VerifyError::CrossCheck(_))));
 }
 
 #[test]
@@ -88,10 +79,7 @@ fn source_log_cut_back_below_a_signed_log_head_is_caught() {
     write_lines(&sp, &lines);
     let (mid, why) = disagreement(cross_check(&sp, &dp, &c.ca));
     assert_eq!(mid, M2);
-    assert!(
-        why.contains("does not contain") || why.contains("cut back"),
-        "{why}"
-    );
+    assert!(why.contains("does not contain") || why.contains("cut back"), "{why}");
 }
 
 #[test]
@@ -105,13 +93,7 @@ fn lost_receipt_at_the_source_tail_is_a_warning_not_proof() {
     lines.pop();
     write_lines(&sp, &lines);
     let s = cross_check(&sp, &dp, &c.ca).unwrap();
-    assert!(
-        s.warnings
-            .iter()
-            .any(|w| w.contains(M2) && w.contains("Receipt")),
-        "{:?}",
-        s.warnings
-    );
+    assert!(s.warnings.iter().any(|w| w.contains(M2) && w.contains("Receipt")), "{:?}", s.warnings);
 }
 
 #[test]
@@ -166,9 +148,7 @@ fn bundle_verifies_offline_with_only_the_ca() {
 fn forged_signature_in_bundle_names_the_message() {
     let c = cluster();
     let mut b = bundle(&c);
-    b.messages[2].body = b.messages[2]
-        .body
-        .replace(&"00".repeat(32), &"01".repeat(32));
+    b.messages[2].body = b.messages[2].body.replace(&"00".repeat(32), &"01".repeat(32));
     let (what, fault) = message_failure(&b, &c);
     assert_eq!(what, "message #2 (commit)");
     assert_eq!(fault, MessageFault::BadSignature);
@@ -178,10 +158,8 @@ fn forged_signature_in_bundle_names_the_message() {
 fn signature_swapped_between_messages_names_the_message() {
     let c = cluster();
     let mut b = bundle(&c);
-    let (offer_sig, commit_sig) = (
-        b.messages[0].signature.clone(),
-        b.messages[2].signature.clone(),
-    );
+    let (offer_sig, commit_sig) =
+        (b.messages[0].signature.clone(), b.messages[2].signature.clone());
     b.messages[0].signature = commit_sig;
     b.messages[2].signature = offer_sig;
     let (what, fault) = message_failure(&b, &c);
@@ -199,10 +177,7 @@ fn bundle_hiding_or_editing_a_record_fails() {
     let c = cluster();
     let mut b = bundle(&c);
     b.messages.pop(); // drop the Receipt from the list, records still hold it
-    assert!(matches!(
-        verify_bundle(&b, &c.ca),
-        Err(VerifyError::Bundle(_))
-    ));
+    assert!(matches!(verify_bundle(&b, &c.ca), Err(VerifyError::Bundle(_))));
 
     let mut b = bundle(&c);
     let rec = &mut b.logs[1].records[3];
@@ -253,7 +228,13 @@ fn postcopy_switchover_and_aborts_from_both_sides_cross_check() {
     ];
     exchange(&c.ca, &mut s, &mut d, M1, &postcopy);
     // The source gives up and says so; the destination answers with its own.
-    exchange(&c.ca, &mut s, &mut d, M2, &[("offer", true), ("accept", false), ("abort", true), ("abort", false)]);
+    exchange(
+        &c.ca,
+        &mut s,
+        &mut d,
+        M2,
+        &[("offer", true), ("accept", false), ("abort", true), ("abort", false)],
+    );
     let summary = cross_check(&sp, &dp, &c.ca).unwrap();
     let m1 = summary.migrations.iter().find(|m| m.migration_id == M1).unwrap();
     assert_eq!(m1.agreed, ["offer", "accept", "switchover", "handover", "commit", "receipt"]);
@@ -274,7 +255,13 @@ fn a_switchover_signed_by_the_destination_is_refused() {
     let mut s = AuditLog::open(&sp, c.src_signer()).unwrap();
     let mut d = AuditLog::open(&dp, c.dst_signer()).unwrap();
     // A destination that vouches for the source's switchover itself.
-    exchange(&c.ca, &mut s, &mut d, M1, &[("offer", true), ("accept", false), ("switchover", false)]);
+    exchange(
+        &c.ca,
+        &mut s,
+        &mut d,
+        M1,
+        &[("offer", true), ("accept", false), ("switchover", false)],
+    );
     let (mid, why) = disagreement(cross_check(&sp, &dp, &c.ca));
     assert_eq!(mid, M1);
     assert!(why.contains("\"switchover\" is signed by"), "{why}");
@@ -290,7 +277,13 @@ fn two_commits_or_two_aborts_by_one_side_are_equivocation() {
         let (sp, dp) = (c.path("src.log"), c.path("dst.log"));
         let mut s = AuditLog::open(&sp, c.src_signer()).unwrap();
         let mut d = AuditLog::open(&dp, c.dst_signer()).unwrap();
-        exchange(&c.ca, &mut s, &mut d, M1, &[("offer", true), ("accept", false), (second, true), (second, true)]);
+        exchange(
+            &c.ca,
+            &mut s,
+            &mut d,
+            M1,
+            &[("offer", true), ("accept", false), (second, true), (second, true)],
+        );
         let (_, why) = disagreement(cross_check(&sp, &dp, &c.ca));
         assert!(why.contains(&format!("2 different \"{second}\" messages")), "{why}");
         let b = export_bundle(&[sp, dp], M1).unwrap();

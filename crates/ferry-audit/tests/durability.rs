@@ -106,10 +106,7 @@ fn full_filesystem_fails_closed_and_the_log_stays_intact() {
     );
     // Still full: the next append re-reads the log, finds its chain intact
     // (the torn line was cut off) and fails closed on the write again.
-    assert!(matches!(
-        log.append(&big_event(written)),
-        Err(AuditError::Write { .. })
-    ));
+    assert!(matches!(log.append(&big_event(written)), Err(AuditError::Write { .. })));
     assert_eq!(verify_log(&path, &c.ca).unwrap().records, written as u64);
     // Space freed: the same log, without a restart, records again.
     std::fs::remove_file(&ballast).unwrap();
@@ -142,8 +139,5 @@ fn a_poisoned_log_whose_file_changed_stays_refused() {
     let mut lines: Vec<&str> = text.lines().collect();
     lines.pop();
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    assert!(matches!(
-        log.append(&AuditEvent::new("x")),
-        Err(AuditError::Poisoned { .. })
-    ));
+    assert!(matches!(log.append(&AuditEvent::new("x")), Err(AuditError::Poisoned { .. })));
 }

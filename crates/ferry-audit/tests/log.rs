@@ -32,9 +32,7 @@ fn log_with(c: &Cluster, name: &str, n: u64) -> std::path::PathBuf {
 /// (line, seq, fault) of a failed verification.
 fn failure(path: &Path, c: &Cluster) -> (u64, Option<u64>, RecordFault) {
     match verify_log(path, &c.ca) {
-        Err(VerifyError::Record {
-            line, seq, fault, ..
-        }) => (line, seq, fault),
+        Err(VerifyError::Record { line, seq, fault, .. }) => (line, seq, fault),
         Err(e) => panic!("unexpected error {e}"),
         Ok(s) => panic!("tampered log verified: {s:?}"),
     }
@@ -81,17 +79,7 @@ fn deleted_record_is_named() {
     let mut lines = read_lines(&path);
     lines.remove(5);
     write_lines(&path, &lines);
-    assert_eq!(
-        failure(&path, &c),
-        (
-            6,
-            Some(6),
-            RecordFault::Sequence {
-                expected: 5,
-                found: 6
-            }
-        )
-    );
+    assert_eq!(failure(&path, &c), (6, Some(6), RecordFault::Sequence { expected: 5, found: 6 }));
 }
 
 #[test]
@@ -103,14 +91,7 @@ fn swapped_records_are_named() {
     write_lines(&path, &lines);
     assert_eq!(
         failure(&path, &c),
-        (
-            10,
-            Some(10),
-            RecordFault::Sequence {
-                expected: 9,
-                found: 10
-            }
-        )
+        (10, Some(10), RecordFault::Sequence { expected: 9, found: 10 })
     );
 }
 
@@ -172,10 +153,7 @@ fn forged_tail_signature_is_refused_on_resume() {
     lines[4] = forged;
     write_lines(&path, &lines);
     assert_eq!(failure(&path, &c), (5, Some(4), RecordFault::BadSignature));
-    assert!(matches!(
-        AuditLog::open(&path, c.src_signer()),
-        Err(AuditError::Damaged(_))
-    ));
+    assert!(matches!(AuditLog::open(&path, c.src_signer()), Err(AuditError::Damaged(_))));
 }
 
 #[test]
@@ -213,11 +191,9 @@ fn renewed_certificate_is_recorded_and_verifies() {
             &c.path("renewed"),
         )
         .unwrap();
-    let mut log = AuditLog::open(
-        &path,
-        ferry_audit::Signer::load(&renewed.cert, &renewed.key).unwrap(),
-    )
-    .unwrap();
+    let mut log =
+        AuditLog::open(&path, ferry_audit::Signer::load(&renewed.cert, &renewed.key).unwrap())
+            .unwrap();
     log.append(&note(99)).unwrap();
     drop(log);
     let lines = read_lines(&path);

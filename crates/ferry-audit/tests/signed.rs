@@ -17,10 +17,7 @@ fn body() -> Body {
         vm: "vm-1".into(),
         channel_binding: "cd".repeat(32),
         digests: vec![],
-        log_head: LogHead {
-            seq: 3,
-            hash: "00".repeat(32),
-        },
+        log_head: LogHead { seq: 3, hash: "00".repeat(32) },
     }
 }
 
@@ -82,18 +79,11 @@ fn signer_from_another_ca_is_refused() {
     let c = cluster();
     let other = CaDir::init(&c.path("other-ca"), &"ferry.test".parse().unwrap(), 365).unwrap();
     let rogue = other
-        .issue_host(
-            &"src-host".parse().unwrap(),
-            Validity::days(30),
-            &c.path("rogue"),
-        )
+        .issue_host(&"src-host".parse().unwrap(), Validity::days(30), &c.path("rogue"))
         .unwrap();
     let rogue = Signer::load(&rogue.cert, &rogue.key).unwrap();
     let msg = Signed::sign("offer", &body(), &rogue).unwrap();
-    assert!(matches!(
-        fault(msg.verify("offer", &c.ca)),
-        MessageFault::Untrusted(_)
-    ));
+    assert!(matches!(fault(msg.verify("offer", &c.ca)), MessageFault::Untrusted(_)));
     // ... and it verifies under its own CA, so the refusal is about trust.
     let other_trust = CaTrust::load(&other.cert_path()).unwrap();
     msg.verify::<Body>("offer", &other_trust).unwrap();
@@ -107,24 +97,12 @@ fn expired_signer_is_refused() {
         not_before: now - time::Duration::days(10),
         not_after: now - time::Duration::days(1),
     };
-    let old = c
-        .ca_dir
-        .issue_host(&"old-host".parse().unwrap(), v, &c.path("old"))
-        .unwrap();
-    let msg = Signed::sign(
-        "offer",
-        &body(),
-        &Signer::load(&old.cert, &old.key).unwrap(),
-    )
-    .unwrap();
+    let old = c.ca_dir.issue_host(&"old-host".parse().unwrap(), v, &c.path("old")).unwrap();
+    let msg = Signed::sign("offer", &body(), &Signer::load(&old.cert, &old.key).unwrap()).unwrap();
     let f = fault(msg.verify("offer", &c.ca));
-    assert!(
-        matches!(&f, MessageFault::Untrusted(why) if why.contains("xpired")),
-        "{f:?}"
-    );
+    assert!(matches!(&f, MessageFault::Untrusted(why) if why.contains("xpired")), "{f:?}");
     // It was valid five days ago: evidence made then still verifies at that time.
-    msg.verify_at::<Body>("offer", &c.ca, now - time::Duration::days(5))
-        .unwrap();
+    msg.verify_at::<Body>("offer", &c.ca, now - time::Duration::days(5)).unwrap();
 }
 
 #[test]
@@ -132,17 +110,11 @@ fn kind_mismatch_is_refused() {
     let c = cluster();
     let accept = Signed::sign("accept", &body(), &c.dst_signer()).unwrap();
     // Presented as a Receipt: refused on the label...
-    assert!(matches!(
-        fault(accept.verify("receipt", &c.ca)),
-        MessageFault::WrongKind { .. }
-    ));
+    assert!(matches!(fault(accept.verify("receipt", &c.ca)), MessageFault::WrongKind { .. }));
     // ... and relabelled, refused by the signature, which covers the kind.
     let mut relabelled = accept;
     relabelled.kind = "receipt".into();
-    assert_eq!(
-        fault(relabelled.verify("receipt", &c.ca)),
-        MessageFault::BadSignature
-    );
+    assert_eq!(fault(relabelled.verify("receipt", &c.ca)), MessageFault::BadSignature);
 }
 
 #[test]
@@ -170,15 +142,7 @@ fn operator_certificate_cannot_sign() {
     let c = cluster();
     let op = c
         .ca_dir
-        .issue_operator(
-            &"alice".parse().unwrap(),
-            "admin",
-            Validity::days(1),
-            &c.path("op"),
-        )
+        .issue_operator(&"alice".parse().unwrap(), "admin", Validity::days(1), &c.path("op"))
         .unwrap();
-    assert!(matches!(
-        Signer::load(&op.cert, &op.key),
-        Err(AuditError::Invalid { .. })
-    ));
+    assert!(matches!(Signer::load(&op.cert, &op.key), Err(AuditError::Invalid { .. })));
 }

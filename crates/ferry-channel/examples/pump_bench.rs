@@ -97,41 +97,49 @@ fn tls() -> Tls {
     }
 }
 
-fn feeder(path: std::path::PathBuf, total: u64, data: Arc<Vec<u8>>) -> std::thread::JoinHandle<f64> {
-    std::thread::Builder::new().name("qemu-src".into()).spawn(move || {
-        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
-        let mut left = total;
-        let mut off = 0usize;
-        while left > 0 {
-            let n = (left as usize).min(FEED_WRITE);
-            if off + n > data.len() {
-                off = 0;
+fn feeder(
+    path: std::path::PathBuf,
+    total: u64,
+    data: Arc<Vec<u8>>,
+) -> std::thread::JoinHandle<f64> {
+    std::thread::Builder::new()
+        .name("qemu-src".into())
+        .spawn(move || {
+            let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            let mut left = total;
+            let mut off = 0usize;
+            while left > 0 {
+                let n = (left as usize).min(FEED_WRITE);
+                if off + n > data.len() {
+                    off = 0;
+                }
+                s.write_all(&data[off..off + n]).unwrap();
+                off += n;
+                left -= n as u64;
             }
-            s.write_all(&data[off..off + n]).unwrap();
-            off += n;
-            left -= n as u64;
-        }
-        drop(s);
-        rusage(libc::RUSAGE_THREAD)
-    })
-    .unwrap()
+            drop(s);
+            rusage(libc::RUSAGE_THREAD)
+        })
+        .unwrap()
 }
 
 fn sink(l: std::os::unix::net::UnixListener) -> std::thread::JoinHandle<(u64, f64)> {
-    std::thread::Builder::new().name("qemu-dst".into()).spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        let mut buf = vec![0u8; SINK_READ];
-        let mut got = 0u64;
-        loop {
-            let n = s.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
+    std::thread::Builder::new()
+        .name("qemu-dst".into())
+        .spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = vec![0u8; SINK_READ];
+            let mut got = 0u64;
+            loop {
+                let n = s.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
             }
-            got += n as u64;
-        }
-        (got, rusage(libc::RUSAGE_THREAD))
-    })
-    .unwrap()
+            (got, rusage(libc::RUSAGE_THREAD))
+        })
+        .unwrap()
 }
 
 /// Source agent, as `outgoing::transfer`: read, hash, frame, write.
@@ -177,7 +185,11 @@ async fn ferry_dest<R: tokio::io::AsyncRead + Unpin>(
     (total, *hasher.finalize().as_bytes())
 }
 
-async fn tls_dest<IO>(acceptor: tokio_rustls::TlsAcceptor, io: IO, q: &mut tokio::net::UnixStream) -> (u64, [u8; 32])
+async fn tls_dest<IO>(
+    acceptor: tokio_rustls::TlsAcceptor,
+    io: IO,
+    q: &mut tokio::net::UnixStream,
+) -> (u64, [u8; 32])
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -233,7 +245,8 @@ impl Bench {
             "plain" | "ferry" => {
                 let ferry = mode == "ferry";
                 let s = sink(sink_l);
-                let tcp_l = self.dst_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+                let tcp_l =
+                    self.dst_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
                 let addr = tcp_l.local_addr().unwrap();
                 let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.server.clone());
                 let dst_task = self.dst_rt.spawn(async move {
@@ -248,11 +261,21 @@ impl Bench {
                         return None;
                     }
                     Some(match env("FERRY_BENCH_RBUF") {
-                        Some(cap) => tls_dest(acceptor, tokio::io::BufReader::with_capacity(cap, tcp), &mut q).await,
+                        Some(cap) => {
+                            tls_dest(
+                                acceptor,
+                                tokio::io::BufReader::with_capacity(cap, tcp),
+                                &mut q,
+                            )
+                            .await
+                        }
                         None => tls_dest(acceptor, tcp, &mut q).await,
                     })
                 });
-                let unix_l = self.src_rt.block_on(async { tokio::net::UnixListener::bind(&src_sock) }).unwrap();
+                let unix_l = self
+                    .src_rt
+                    .block_on(async { tokio::net::UnixListener::bind(&src_sock) })
+                    .unwrap();
                 let connector = tokio_rustls::TlsConnector::from(self.tls.client.clone());
                 let name = self.tls.name.clone();
                 // Connect (and handshake) before the clock starts.
@@ -321,16 +344,29 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let gib: f64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1.0);
     let runs: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(5);
-    let modes: Vec<String> =
-        args.get(3).map(|m| m.split(',').map(str::to_owned).collect()).unwrap_or(vec!["direct".into(), "plain".into(), "ferry".into()]);
+    let modes: Vec<String> = args
+        .get(3)
+        .map(|m| m.split(',').map(str::to_owned).collect())
+        .unwrap_or(vec!["direct".into(), "plain".into(), "ferry".into()]);
     let bytes = (gib * (1u64 << 30) as f64) as u64;
     // 64 MiB of incompressible bytes, reused cyclically.
     let mut data = vec![0u8; 64 << 20];
     blake3::Hasher::new().update(b"ferry pump bench").finalize_xof().fill(&mut data);
     let rt = |name: &str| {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name(name).enable_all().build().unwrap()
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .unwrap()
     };
-    let bench = Bench { src_rt: rt("src-agent"), dst_rt: rt("dst-agent"), tls: tls(), data: Arc::new(data), bytes };
+    let bench = Bench {
+        src_rt: rt("src-agent"),
+        dst_rt: rt("dst-agent"),
+        tls: tls(),
+        data: Arc::new(data),
+        bytes,
+    };
     let gb = bytes as f64 / 1e9;
     println!(
         "# {gib} GiB per run, {runs} runs, read chunk {} B, tls buffer limit {:?}, receive BufReader {:?}",
@@ -338,7 +374,8 @@ fn main() {
         env("FERRY_BENCH_TLS_BUF"),
         env("FERRY_BENCH_RBUF")
     );
-    let mut results: Vec<(String, Vec<Sample>)> = modes.iter().map(|m| (m.clone(), Vec::new())).collect();
+    let mut results: Vec<(String, Vec<Sample>)> =
+        modes.iter().map(|m| (m.clone(), Vec::new())).collect();
     for run in 0..runs {
         for (mode, samples) in results.iter_mut() {
             let s = bench.run(mode);

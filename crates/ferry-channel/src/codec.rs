@@ -96,7 +96,9 @@ mod tests {
 
     #[test]
     fn headers_round_trip() {
-        for (k, l) in [(FrameKind::Control, 5), (FrameKind::Data, MAX_DATA_LEN), (FrameKind::DataEnd, 0)] {
+        for (k, l) in
+            [(FrameKind::Control, 5), (FrameKind::Data, MAX_DATA_LEN), (FrameKind::DataEnd, 0)]
+        {
             let h = FrameHeader::new(k, l).unwrap();
             assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
         }
@@ -106,10 +108,16 @@ mod tests {
     fn bad_headers_are_refused_before_allocation() {
         assert_eq!(FrameHeader::decode(&[0, 0, 0, 0, 0, 0, 0, 1]), Err(FrameError::InvalidKind(0)));
         assert_eq!(FrameHeader::decode(&[9, 0, 0, 0, 0, 0, 0, 1]), Err(FrameError::InvalidKind(9)));
-        assert_eq!(FrameHeader::decode(&[1, 0, 1, 0, 0, 0, 0, 1]), Err(FrameError::ReservedNotZero));
+        assert_eq!(
+            FrameHeader::decode(&[1, 0, 1, 0, 0, 0, 0, 1]),
+            Err(FrameError::ReservedNotZero)
+        );
         let huge = FrameHeader::decode(&[1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).unwrap_err();
         assert!(matches!(huge, FrameError::TooLong { kind: FrameKind::Control, .. }));
-        assert!(FrameHeader::decode(&[3, 0, 0, 0, 0, 0, 0, 1]).is_err(), "DataEnd carries no payload");
+        assert!(
+            FrameHeader::decode(&[3, 0, 0, 0, 0, 0, 0, 1]).is_err(),
+            "DataEnd carries no payload"
+        );
         let data = (MAX_DATA_LEN + 1).to_be_bytes();
         assert!(FrameHeader::decode(&[2, 0, 0, 0, data[0], data[1], data[2], data[3]]).is_err());
     }
@@ -136,7 +144,11 @@ mod tests {
                     x ^= x >> 17;
                     x ^= x << 5;
                     // Bias towards small kinds so valid headers occur too.
-                    if x.is_multiple_of(3) { (x % 4) as u8 } else { (x >> 8) as u8 }
+                    if x.is_multiple_of(3) {
+                        (x % 4) as u8
+                    } else {
+                        (x >> 8) as u8
+                    }
                 })
                 .collect();
             let _ = split_frame(&bytes);

@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use crate::codec::{split_frame, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN, MAX_DATA_LEN};
+use crate::codec::{
+    split_frame, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN, MAX_DATA_LEN,
+};
 use crate::io::{ChannelError, FrameReader, Incoming};
 
 fn max_len(kind: FrameKind) -> u32 {
@@ -45,7 +47,8 @@ pub fn frames(data: &[u8]) -> Vec<usize> {
                 // More bytes needed: either no whole header, or a valid
                 // header whose (bounded) payload has not all arrived.
                 if let Some(head) = rest.first_chunk::<HEADER_LEN>() {
-                    let h = FrameHeader::decode(head).expect("split_frame waited on an invalid header");
+                    let h =
+                        FrameHeader::decode(head).expect("split_frame waited on an invalid header");
                     assert!(rest.len() < HEADER_LEN + h.len as usize);
                 }
                 return found;
@@ -76,7 +79,10 @@ pub fn reader(data: &[u8]) {
             }
         };
         assert_eq!(got, expected, "the reader and the splitter disagree");
-        assert!(matches!(end, ChannelError::Closed | ChannelError::Frame(_)), "unexpected end: {end}");
+        assert!(
+            matches!(end, ChannelError::Closed | ChannelError::Frame(_)),
+            "unexpected end: {end}"
+        );
     });
 }
 

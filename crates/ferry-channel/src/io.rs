@@ -75,10 +75,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.inner
     }
 
-    async fn read_exact_timed(inner: &mut R, buf: &mut [u8], timeout: Duration, doing: &'static str) -> Result<(), ChannelError> {
+    async fn read_exact_timed(
+        inner: &mut R,
+        buf: &mut [u8],
+        timeout: Duration,
+        doing: &'static str,
+    ) -> Result<(), ChannelError> {
         match tokio::time::timeout(timeout, inner.read_exact(buf)).await {
             Err(_) => Err(ChannelError::Timeout { doing, after: timeout }),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ChannelError::Closed),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(ChannelError::Closed)
+            }
             Ok(Err(source)) => Err(ChannelError::Io { doing, source }),
             Ok(Ok(_)) => Ok(()),
         }
@@ -87,7 +94,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Read one frame, waiting at most the reader's timeout for each part.
     pub async fn read_frame(&mut self) -> Result<Incoming<'_>, ChannelError> {
         let mut head = [0u8; HEADER_LEN];
-        Self::read_exact_timed(&mut self.inner, &mut head, self.timeout, "reading a frame header").await?;
+        Self::read_exact_timed(&mut self.inner, &mut head, self.timeout, "reading a frame header")
+            .await?;
         // SECURITY: the header check bounds `len` by the kind's maximum
         // before the payload buffer is sized.
         let h = FrameHeader::decode(&head)?;
@@ -96,7 +104,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // Zero-filled once per growth, not per frame.
             self.buf.resize(n, 0);
         }
-        Self::read_exact_timed(&mut self.inner, &mut self.buf[..n], self.timeout, "reading a frame payload").await?;
+        Self::read_exact_timed(
+            &mut self.inner,
+            &mut self.buf[..n],
+            self.timeout,
+            "reading a frame payload",
+        )
+        .await?;
         let payload = &self.buf[..n];
         Ok(match h.kind {
             FrameKind::Control => Incoming::Control(payload),
@@ -109,8 +123,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn read_control<T: DeserializeOwned>(&mut self) -> Result<T, ChannelError> {
         match self.read_frame().await? {
             Incoming::Control(bytes) => serde_json::from_slice(bytes).map_err(ChannelError::Json),
-            Incoming::Data(_) => Err(ChannelError::UnexpectedFrame { expected: "control", got: FrameKind::Data }),
-            Incoming::DataEnd => Err(ChannelError::UnexpectedFrame { expected: "control", got: FrameKind::DataEnd }),
+            Incoming::Data(_) => {
+                Err(ChannelError::UnexpectedFrame { expected: "control", got: FrameKind::Data })
+            }
+            Incoming::DataEnd => {
+                Err(ChannelError::UnexpectedFrame { expected: "control", got: FrameKind::DataEnd })
+            }
         }
     }
 }
@@ -127,7 +145,11 @@ where
 }
 
 /// Write `head` then `payload`, as few writes as the writer allows.
-async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, head: &[u8], mut payload: &[u8]) -> std::io::Result<()> {
+async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    head: &[u8],
+    mut payload: &[u8],
+) -> std::io::Result<()> {
     let mut head = head;
     while !head.is_empty() {
         let bufs = [std::io::IoSlice::new(head), std::io::IoSlice::new(payload)];
@@ -208,7 +230,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         let inner = &mut self.inner;
         timed(self.timeout, "flushing", async move { inner.flush().await }).await
     }
-
 }
 
 #[cfg(test)]
@@ -273,10 +294,16 @@ mod tests {
         fn is_write_vectored(&self) -> bool {
             true
         }
-        fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
             std::task::Poll::Ready(Ok(()))
         }
-        fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
             std::task::Poll::Ready(Ok(()))
         }
     }

@@ -38,14 +38,20 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     if let Some(addr) = agent.cfg.metrics.listen {
-        let l = ferry_agent::metrics::bind(addr).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
+        let l = ferry_agent::metrics::bind(addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
         tokio::spawn(ferry_agent::metrics::serve(agent.clone(), l));
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     }
     {
         let agent = agent.clone();
         tokio::spawn(async move {
-            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
             while hup.recv().await.is_some() {
                 let _ = agent.reload_policy().await;
             }
@@ -53,10 +59,11 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     }
     tracing::info!(host = %agent.host, %listen, accel = agent.accel.qemu_name(), "agent ready");
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

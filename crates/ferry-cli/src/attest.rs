@@ -66,16 +66,19 @@ pub fn run(cmd: AttestCommand, json: bool) -> Result<ExitCode> {
             let (blob, enrolled) = ferry_attest::enroll(&tcti, &host, &manufacturer_cas)
                 .with_context(|| format!("enrolling the AK of {host} (TPM {tcti})"))?;
             blob.save(&ak_out)?;
-            std::fs::create_dir_all(&registry).with_context(|| format!("cannot create {}", registry.display()))?;
+            std::fs::create_dir_all(&registry)
+                .with_context(|| format!("cannot create {}", registry.display()))?;
             AkRegistry::insert(&registry, &enrolled)?;
             serde_json::json!({ "host": host, "ak": ak_out, "registry": registry, "ek_cert_sha256": enrolled.ek_cert_sha256 })
         }
         AttestCommand::Measure { tcti, pcrs, add_to, class, host } => {
-            let values = ferry_attest::read_pcrs(&tcti, &pcrs).with_context(|| format!("reading PCRs from {tcti}"))?;
+            let values = ferry_attest::read_pcrs(&tcti, &pcrs)
+                .with_context(|| format!("reading PCRs from {tcti}"))?;
             if let (Some(path), Some(class), Some(host)) = (&add_to, &class, &host) {
                 add_reference(path, class, host, &values)?;
             }
-            let shown: BTreeMap<String, String> = values.iter().map(|(k, v)| (k.to_string(), hex::encode(v))).collect();
+            let shown: BTreeMap<String, String> =
+                values.iter().map(|(k, v)| (k.to_string(), hex::encode(v))).collect();
             serde_json::json!({ "tcti": tcti, "pcrs": shown })
         }
         AttestCommand::Extend { tcti, pcr, data } => {
@@ -93,8 +96,14 @@ pub fn run(cmd: AttestCommand, json: bool) -> Result<ExitCode> {
 }
 
 /// Add `host` as a member of `class` with these values to a reference file.
-pub fn add_reference(path: &std::path::Path, class: &str, host: &HostName, values: &BTreeMap<u8, [u8; 32]>) -> Result<()> {
-    let mut refs = if path.exists() { ReferenceValues::load(path)? } else { ReferenceValues::new() };
+pub fn add_reference(
+    path: &std::path::Path,
+    class: &str,
+    host: &HostName,
+    values: &BTreeMap<u8, [u8; 32]>,
+) -> Result<()> {
+    let mut refs =
+        if path.exists() { ReferenceValues::load(path)? } else { ReferenceValues::new() };
     refs.set_class(class, values.clone())?;
     refs.assign(host.clone(), class);
     refs.save(path)?;

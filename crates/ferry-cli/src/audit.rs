@@ -53,18 +53,32 @@ pub fn run(cmd: AuditCommand, json: bool) -> Result<ExitCode> {
             let ca = CaTrust::load(&ca)?;
             let mut summaries = Vec::new();
             for log in &logs {
-                let s = ferry_audit::verify_log(log, &ca).map_err(|e| anyhow::anyhow!("{}: {e}", log.display()))?;
+                let s = ferry_audit::verify_log(log, &ca)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", log.display()))?;
                 if !json {
-                    println!("{}: {} records by {}, intact; head seq {} {}", log.display(), s.records, s.host, s.head.seq, s.head.hash);
+                    println!(
+                        "{}: {} records by {}, intact; head seq {} {}",
+                        log.display(),
+                        s.records,
+                        s.host,
+                        s.head.seq,
+                        s.head.hash
+                    );
                 }
                 summaries.push(serde_json::to_value(&s)?);
             }
             let mut cross = None;
             if logs.len() == 2 {
-                let c = ferry_audit::cross_check(&logs[0], &logs[1], &ca).map_err(|e| anyhow::anyhow!("cross-check: {e}"))?;
+                let c = ferry_audit::cross_check(&logs[0], &logs[1], &ca)
+                    .map_err(|e| anyhow::anyhow!("cross-check: {e}"))?;
                 if !json {
                     for m in &c.migrations {
-                        println!("migration {}: {} (agreed: {})", m.migration_id, m.outcome, m.agreed.join(", "));
+                        println!(
+                            "migration {}: {} (agreed: {})",
+                            m.migration_id,
+                            m.outcome,
+                            m.agreed.join(", ")
+                        );
                     }
                     for w in &c.warnings {
                         println!("warning: {w}");
@@ -73,30 +87,50 @@ pub fn run(cmd: AuditCommand, json: bool) -> Result<ExitCode> {
                 cross = Some(serde_json::to_value(&c)?);
             }
             if json {
-                println!("{}", serde_json::json!({ "verified": true, "logs": summaries, "cross_check": cross }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "verified": true, "logs": summaries, "cross_check": cross })
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Export { migration_id, logs, out } => {
             let bundle = ferry_audit::export_bundle(&logs, &migration_id)?;
-            std::fs::write(&out, serde_json::to_vec_pretty(&bundle)?).with_context(|| format!("cannot write {}", out.display()))?;
+            std::fs::write(&out, serde_json::to_vec_pretty(&bundle)?)
+                .with_context(|| format!("cannot write {}", out.display()))?;
             if json {
-                println!("{}", serde_json::json!({ "bundle": out, "messages": bundle.messages.len() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "bundle": out, "messages": bundle.messages.len() })
+                );
             } else {
-                println!("evidence for {migration_id}: {} signed messages -> {}", bundle.messages.len(), out.display());
+                println!(
+                    "evidence for {migration_id}: {} signed messages -> {}",
+                    bundle.messages.len(),
+                    out.display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::VerifyBundle { bundle, ca } => {
             let ca = CaTrust::load(&ca)?;
-            let text = std::fs::read(&bundle).with_context(|| format!("cannot read {}", bundle.display()))?;
-            let b: ferry_audit::EvidenceBundle =
-                serde_json::from_slice(&text).with_context(|| format!("{} is not an evidence bundle", bundle.display()))?;
-            let s = ferry_audit::verify_bundle(&b, &ca).map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
+            let text = std::fs::read(&bundle)
+                .with_context(|| format!("cannot read {}", bundle.display()))?;
+            let b: ferry_audit::EvidenceBundle = serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not an evidence bundle", bundle.display()))?;
+            let s = ferry_audit::verify_bundle(&b, &ca)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
-                println!("migration {}: {} ({} -> {}), messages {}", s.migration_id, s.outcome, s.source.as_deref().unwrap_or("?"), s.destination.as_deref().unwrap_or("?"), s.messages.join(", "));
+                println!(
+                    "migration {}: {} ({} -> {}), messages {}",
+                    s.migration_id,
+                    s.outcome,
+                    s.source.as_deref().unwrap_or("?"),
+                    s.destination.as_deref().unwrap_or("?"),
+                    s.messages.join(", ")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -104,13 +138,16 @@ pub fn run(cmd: AuditCommand, json: bool) -> Result<ExitCode> {
 }
 
 fn show(log: &std::path::Path, migration: Option<&str>, json: bool) -> Result<ExitCode> {
-    let len = std::fs::metadata(log).with_context(|| format!("cannot read {}", log.display()))?.len();
+    let len =
+        std::fs::metadata(log).with_context(|| format!("cannot read {}", log.display()))?.len();
     if len > MAX_SHOW_LOG {
         bail!("{} is {len} bytes; use `ferry audit export` for one migration", log.display());
     }
-    let text = std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
     for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{} holds a malformed line", log.display()))?;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} holds a malformed line", log.display()))?;
         let rec = &v["record"];
         let ev = &rec["event"];
         if migration.is_some_and(|m| ev["migration_id"].as_str() != Some(m)) {

@@ -77,7 +77,8 @@ pub enum IssueCommand {
 fn validity(opts: &IssueOpts) -> Result<Validity> {
     let mut v = Validity::days(opts.days);
     if let Some(s) = &opts.not_after {
-        let t = OffsetDateTime::parse(s, &Rfc3339).with_context(|| format!("--not-after {s:?} is not RFC 3339"))?;
+        let t = OffsetDateTime::parse(s, &Rfc3339)
+            .with_context(|| format!("--not-after {s:?} is not RFC 3339"))?;
         v.not_after = t;
         if v.not_before >= t {
             v.not_before = t - time::Duration::days(2);
@@ -89,23 +90,29 @@ fn validity(opts: &IssueOpts) -> Result<Validity> {
 pub fn run(cmd: CaCommand, json: bool) -> Result<ExitCode> {
     let out = match cmd {
         CaCommand::Init { dir, domain, days } => {
-            let ca = CaDir::init(&dir, &domain, days).with_context(|| format!("cannot create a CA in {}", dir.display()))?;
+            let ca = CaDir::init(&dir, &domain, days)
+                .with_context(|| format!("cannot create a CA in {}", dir.display()))?;
             serde_json::json!({ "ca": ca.cert_path(), "crl": ca.crl_path(), "domain": domain.as_str() })
         }
         CaCommand::Issue(IssueCommand::Host { name, opts }) => {
-            let ca = CaDir::open(&opts.ca).with_context(|| format!("cannot open the CA in {}", opts.ca.display()))?;
-            std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+            let ca = CaDir::open(&opts.ca)
+                .with_context(|| format!("cannot open the CA in {}", opts.ca.display()))?;
+            std::fs::create_dir_all(&opts.out)
+                .with_context(|| format!("cannot create {}", opts.out.display()))?;
             let c = ca.issue_host(&name, validity(&opts)?, &opts.out)?;
             serde_json::json!({ "cert": c.cert, "key": c.key, "serial": c.serial, "spiffe": c.spiffe.to_string() })
         }
         CaCommand::Issue(IssueCommand::Operator { name, role, opts }) => {
-            let ca = CaDir::open(&opts.ca).with_context(|| format!("cannot open the CA in {}", opts.ca.display()))?;
-            std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+            let ca = CaDir::open(&opts.ca)
+                .with_context(|| format!("cannot open the CA in {}", opts.ca.display()))?;
+            std::fs::create_dir_all(&opts.out)
+                .with_context(|| format!("cannot create {}", opts.out.display()))?;
             let c = ca.issue_operator(&name, &role, validity(&opts)?, &opts.out)?;
             serde_json::json!({ "cert": c.cert, "key": c.key, "serial": c.serial, "spiffe": c.spiffe.to_string(), "role": role })
         }
         CaCommand::Revoke { ca, cert, serial } => {
-            let dir = CaDir::open(&ca).with_context(|| format!("cannot open the CA in {}", ca.display()))?;
+            let dir = CaDir::open(&ca)
+                .with_context(|| format!("cannot open the CA in {}", ca.display()))?;
             let target = match (cert, serial) {
                 (Some(c), _) => RevokeTarget::CertFile(c),
                 (None, Some(s)) => RevokeTarget::Serial(s),

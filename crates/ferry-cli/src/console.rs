@@ -41,7 +41,12 @@ pub fn read_console(path: &Path) -> Result<Vec<ConsoleLine>> {
 }
 
 /// Wait until `pred` holds for the console log at `path`.
-pub async fn wait_for(path: &Path, timeout: Duration, what: &str, pred: impl Fn(&[ConsoleLine]) -> bool) -> Result<Vec<ConsoleLine>> {
+pub async fn wait_for(
+    path: &Path,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&[ConsoleLine]) -> bool,
+) -> Result<Vec<ConsoleLine>> {
     let deadline = Instant::now() + timeout;
     loop {
         let lines = read_console(path)?;

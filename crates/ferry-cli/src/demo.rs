@@ -81,7 +81,11 @@ async fn vms_on(c: &OpClient, host: &HostName) -> Result<Vec<VmInfo>> {
     }
 }
 
-async fn record_on(c: &OpClient, host: &HostName, id: ferry_types::MigrationId) -> Result<MigrationRecord> {
+async fn record_on(
+    c: &OpClient,
+    host: &HostName,
+    id: ferry_types::MigrationId,
+) -> Result<MigrationRecord> {
     match c.call(host, &ApiRequest::MigrationShow { id }).await? {
         ApiResponse::Migration(m) => Ok(m),
         other => Err(anyhow!("unexpected answer {other:?}")),
@@ -113,10 +117,27 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!();
-        println!("VM {} moved {} -> {} in {} ms ({:.1} MiB)", report.vm, report.source, report.destination, report.total_ms, report.bytes as f64 / 1048576.0);
-        println!("  setup (TLS + mutual attestation) {} ms, before any VM byte moved", fmt(report.setup_ms));
-        println!("  QEMU downtime {} ms; blackout seen by the guest {} ms", fmt(report.downtime_ms), fmt(report.guest_blackout_ms));
-        println!("  runs on: {:?}", report.running_on.iter().map(|h| h.as_str()).collect::<Vec<_>>());
+        println!(
+            "VM {} moved {} -> {} in {} ms ({:.1} MiB)",
+            report.vm,
+            report.source,
+            report.destination,
+            report.total_ms,
+            report.bytes as f64 / 1048576.0
+        );
+        println!(
+            "  setup (TLS + mutual attestation) {} ms, before any VM byte moved",
+            fmt(report.setup_ms)
+        );
+        println!(
+            "  QEMU downtime {} ms; blackout seen by the guest {} ms",
+            fmt(report.downtime_ms),
+            fmt(report.guest_blackout_ms)
+        );
+        println!(
+            "  runs on: {:?}",
+            report.running_on.iter().map(|h| h.as_str()).collect::<Vec<_>>()
+        );
         let c = &report.checks;
         for (name, v) in [
             ("mutual TLS 1.3, certified host names", c.mutual_tls),
@@ -167,24 +188,40 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
         "boot": {"type": "kernel", "kernel": lab.guest_image, "cmdline": params.cmdline()},
     }))
     .context("demo VM spec")?;
-    say(&format!("starting the test guest on {src} ({} MiB, {} MiB filled, dirtying {} pages/ms)", args.memory, args.fill, args.dirty));
+    say(&format!(
+        "starting the test guest on {src} ({} MiB, {} MiB filled, dirtying {} pages/ms)",
+        args.memory, args.fill, args.dirty
+    ));
     let info = match client.call(&src, &ApiRequest::VmStart { spec, labels: None }).await? {
         ApiResponse::Vm(v) => v,
         other => return Err(anyhow!("unexpected answer {other:?}")),
     };
     let src_log = PathBuf::from(&info.console_log);
-    console::wait_for(&src_log, Duration::from_secs(120), "the guest to fill its memory and sweep it once", |l| {
-        console::is_ready(l) && console::clean_sweeps(l) >= 1
-    })
+    console::wait_for(
+        &src_log,
+        Duration::from_secs(120),
+        "the guest to fill its memory and sweep it once",
+        |l| console::is_ready(l) && console::clean_sweeps(l) >= 1,
+    )
     .await?;
     say(&format!("migrating {vm} {src} -> {dst}"));
     let mut view = crate::progress::ProgressView::new();
     let resp = client
-        .request(&src, &ApiRequest::Migrate { vm: vm.clone(), to: dst.clone(), wait: true, streams: None, postcopy: false }, |p| {
-            if !json {
-                view.update(p);
-            }
-        })
+        .request(
+            &src,
+            &ApiRequest::Migrate {
+                vm: vm.clone(),
+                to: dst.clone(),
+                wait: true,
+                streams: None,
+                postcopy: false,
+            },
+            |p| {
+                if !json {
+                    view.update(p);
+                }
+            },
+        )
         .await?;
     view.finish();
     let rec = match resp {
@@ -197,12 +234,19 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
     let dst_log = dst_info.as_ref().map(|v| PathBuf::from(&v.console_log));
     if let Some(log) = &dst_log {
         say("waiting for two full memory sweeps on the destination");
-        let _ = console::wait_for(log, Duration::from_secs(60), "two memory sweeps on the destination", |l| {
-            l.iter().filter(|x| matches!(x.line, ferry_guest::GuestLine::Sweep { .. })).count() >= 2
-        })
+        let _ = console::wait_for(
+            log,
+            Duration::from_secs(60),
+            "two memory sweeps on the destination",
+            |l| {
+                l.iter().filter(|x| matches!(x.line, ferry_guest::GuestLine::Sweep { .. })).count()
+                    >= 2
+            },
+        )
         .await;
     }
-    let src_departed = lab.host(&src)?.state_dir.join("departed").join(rec.id.to_string()).join("console.log");
+    let src_departed =
+        lab.host(&src)?.state_dir.join("departed").join(rec.id.to_string()).join("console.log");
     let src_lines = console::read_console(&src_departed)?;
     let dst_lines = match &dst_log {
         Some(l) => console::read_console(l)?,
@@ -217,7 +261,8 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
     }
     let src_qemu_gone = !lab::pid_alive(info.pid as i32);
     let dst_rec = record_on(&client, &dst, rec.id).await?;
-    let migrated = rec.state == MigrationState::Completed && dst_rec.state == MigrationState::Completed;
+    let migrated =
+        rec.state == MigrationState::Completed && dst_rec.state == MigrationState::Completed;
     Ok(DemoReport {
         migrated,
         vm,
@@ -234,7 +279,10 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
             mutual_attestation: migrated
                 && rec.attestation.as_ref().is_some_and(|a| a.peer_verified && a.quoted)
                 && dst_rec.attestation.as_ref().is_some_and(|a| a.peer_verified && a.quoted),
-            digest_verified: migrated && rec.digest.is_some() && rec.digest == dst_rec.digest && rec.bytes == dst_rec.bytes,
+            digest_verified: migrated
+                && rec.digest.is_some()
+                && rec.digest == dst_rec.digest
+                && rec.bytes == dst_rec.bytes,
             single_copy: running_on == [dst.clone()] && src_qemu_gone,
             heartbeat_continued: cont.heartbeat_continued,
             memory_consistent: cont.memory_consistent(),
@@ -255,4 +303,3 @@ fn evidence_verified(lab: &Lab, src: &HostName, dst: &HostName, id: &str) -> boo
         Err(_) => false,
     }
 }
-

@@ -22,7 +22,12 @@ pub fn man(dir: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_page(cmd: &clap::Command, name: &str, dir: &Path, written: &mut Vec<PathBuf>) -> Result<()> {
+fn write_page(
+    cmd: &clap::Command,
+    name: &str,
+    dir: &Path,
+    written: &mut Vec<PathBuf>,
+) -> Result<()> {
     let page = clap_mangen::Man::new(cmd.clone().name(name.to_owned()));
     let mut buf = Vec::new();
     page.render(&mut buf)?;
@@ -54,8 +59,15 @@ mod tests {
     fn every_subcommand_gets_a_man_page() {
         let dir = tempfile::tempdir().unwrap();
         man(dir.path()).unwrap();
-        for page in ["ferry.1", "ferry-migrate.1", "ferry-ca-issue-host.1", "ferry-audit-verify.1", "ferry-policy-explain.1"] {
-            let text = std::fs::read_to_string(dir.path().join(page)).unwrap_or_else(|_| panic!("{page} missing"));
+        for page in [
+            "ferry.1",
+            "ferry-migrate.1",
+            "ferry-ca-issue-host.1",
+            "ferry-audit-verify.1",
+            "ferry-policy-explain.1",
+        ] {
+            let text = std::fs::read_to_string(dir.path().join(page))
+                .unwrap_or_else(|_| panic!("{page} missing"));
             assert!(text.contains(".TH"), "{page} is not a man page");
         }
         let migrate = std::fs::read_to_string(dir.path().join("ferry-migrate.1")).unwrap();

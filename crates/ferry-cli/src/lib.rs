@@ -10,10 +10,10 @@ pub mod console;
 pub mod demo;
 pub mod docs;
 pub mod lab;
+pub mod opclient;
 pub mod ops;
 pub mod policy;
 pub mod progress;
-pub mod opclient;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -37,14 +37,19 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl OpClient {
     pub fn load(path: &Path) -> Result<Self> {
-        let len = std::fs::metadata(path).with_context(|| format!("cannot read client config {}", path.display()))?.len();
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("cannot read client config {}", path.display()))?
+            .len();
         if len > ferry_agent::config::MAX_CONFIG_FILE {
             bail!("client config {} is {len} bytes; refusing to read it", path.display());
         }
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read client config {}", path.display()))?;
-        let cfg: ClientConfig = toml::from_str(&text).with_context(|| format!("client config {} is invalid", path.display()))?;
-        let id = Identity::load(&cfg.cert, &cfg.key, &cfg.ca, cfg.crl.as_deref())
-            .with_context(|| format!("cannot load the operator identity named in {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read client config {}", path.display()))?;
+        let cfg: ClientConfig = toml::from_str(&text)
+            .with_context(|| format!("client config {} is invalid", path.display()))?;
+        let id = Identity::load(&cfg.cert, &cfg.key, &cfg.ca, cfg.crl.as_deref()).with_context(
+            || format!("cannot load the operator identity named in {}", path.display()),
+        )?;
         let domain = id.domain().clone();
         let tls = ferry_identity::client_config(&id)?;
         Ok(Self { cfg, tls, domain })
@@ -58,24 +63,37 @@ impl OpClient {
 
     /// Send one request; progress messages go to `on_progress`; the final
     /// response is returned (an `Error` response too, for the caller to map).
-    pub async fn request(&self, host: &HostName, req: &ApiRequest, mut on_progress: impl FnMut(&Progress)) -> Result<ApiResponse> {
-        let addr = *self
-            .cfg
-            .agents
-            .get(host)
-            .ok_or_else(|| anyhow!("host {host} is not in the client config's [agents] table"))?;
-        let (stream, _proof) = ferry_agent::client::connect(addr, host, self.tls.clone(), &self.domain, Duration::from_secs(10))
-            .await
-            .map_err(|e| anyhow!(ferry_agent::chain(&e)))?;
-        let (mut reader, mut writer) = ferry_agent::client::greet(stream, host, addr, REQUEST_TIMEOUT)
-            .await
-            .map_err(|e| anyhow!(ferry_agent::chain(&e)))?;
-        writer.write_control(req).await.map_err(|e| anyhow!("sending the request to {host}: {}", ferry_agent::chain(&e)))?;
-        loop {
-            let resp: ApiResponse = reader
-                .read_control()
+    pub async fn request(
+        &self,
+        host: &HostName,
+        req: &ApiRequest,
+        mut on_progress: impl FnMut(&Progress),
+    ) -> Result<ApiResponse> {
+        let addr =
+            *self.cfg.agents.get(host).ok_or_else(|| {
+                anyhow!("host {host} is not in the client config's [agents] table")
+            })?;
+        let (stream, _proof) = ferry_agent::client::connect(
+            addr,
+            host,
+            self.tls.clone(),
+            &self.domain,
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|e| anyhow!(ferry_agent::chain(&e)))?;
+        let (mut reader, mut writer) =
+            ferry_agent::client::greet(stream, host, addr, REQUEST_TIMEOUT)
                 .await
-                .map_err(|e| anyhow!("reading the answer from {host}: {}", ferry_agent::chain(&e)))?;
+                .map_err(|e| anyhow!(ferry_agent::chain(&e)))?;
+        writer
+            .write_control(req)
+            .await
+            .map_err(|e| anyhow!("sending the request to {host}: {}", ferry_agent::chain(&e)))?;
+        loop {
+            let resp: ApiResponse = reader.read_control().await.map_err(|e| {
+                anyhow!("reading the answer from {host}: {}", ferry_agent::chain(&e))
+            })?;
             match resp {
                 ApiResponse::Progress(p) => on_progress(&p),
                 other => return Ok(other),

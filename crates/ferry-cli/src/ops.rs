@@ -94,12 +94,16 @@ pub struct VmStartArgs {
 impl VmStartArgs {
     fn spec(&self) -> Result<VmSpec> {
         if let Some(path) = &self.spec {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            return serde_json::from_str(&text).with_context(|| format!("VM spec {} is invalid", path.display()));
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            return serde_json::from_str(&text)
+                .with_context(|| format!("VM spec {} is invalid", path.display()));
         }
         let name = self.name.as_ref().ok_or_else(|| anyhow!("give --spec or --name"))?;
         let boot = match (&self.kernel, &self.disk) {
-            (Some(k), _) => serde_json::json!({"type": "kernel", "kernel": k, "initrd": self.initrd, "cmdline": self.cmdline}),
+            (Some(k), _) => {
+                serde_json::json!({"type": "kernel", "kernel": k, "initrd": self.initrd, "cmdline": self.cmdline})
+            }
             (None, Some(d)) => serde_json::json!({"type": "disk", "image": d}),
             (None, None) => bail!("give --kernel or --disk"),
         };
@@ -196,8 +200,14 @@ pub async fn status(t: Target, json: bool) -> Result<ExitCode> {
     let resp = c.request(&host, &ApiRequest::Status, |_| {}).await?;
     finish(resp, json, |r| {
         if let ApiResponse::Status(s) = r {
-            println!("host {}  version {}  protocol {}  accel {}", s.host, s.version, s.protocol, s.accel);
-            println!("vms {}  active migrations {}  peers {:?}", s.vms, s.active_migrations, s.peers);
+            println!(
+                "host {}  version {}  protocol {}  accel {}",
+                s.host, s.version, s.protocol, s.accel
+            );
+            println!(
+                "vms {}  active migrations {}  peers {:?}",
+                s.vms, s.active_migrations, s.peers
+            );
         }
     })
 }
@@ -213,7 +223,9 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
                 anti_affinity: args.anti_affinity.clone(),
             };
             let (c, host) = args.target.open()?;
-            let resp = c.request(&host, &ApiRequest::VmStart { spec, labels: Some(labels) }, |_| {}).await?;
+            let resp = c
+                .request(&host, &ApiRequest::VmStart { spec, labels: Some(labels) }, |_| {})
+                .await?;
             finish(resp, json, |r| {
                 if let ApiResponse::Vm(v) = r {
                     println!("started {} on {host} (pid {}, {})", v.name, v.pid, v.accel);
@@ -225,10 +237,20 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
             let resp = c.request(&host, &ApiRequest::VmList, |_| {}).await?;
             finish(resp, json, |r| {
                 if let ApiResponse::Vms { vms } = r {
-                    println!("{:<20} {:<12} {:>8} {:>6} {:>5}  MIGRATION", "NAME", "STATE", "PID", "MiB", "CPUS");
+                    println!(
+                        "{:<20} {:<12} {:>8} {:>6} {:>5}  MIGRATION",
+                        "NAME", "STATE", "PID", "MiB", "CPUS"
+                    );
                     for v in vms {
                         let m = v.migration.map(|m| m.to_string()).unwrap_or_default();
-                        println!("{:<20} {:<12} {:>8} {:>6} {:>5}  {m}", v.name.as_str(), v.state, v.pid, v.memory_mib, v.vcpus);
+                        println!(
+                            "{:<20} {:<12} {:>8} {:>6} {:>5}  {m}",
+                            v.name.as_str(),
+                            v.state,
+                            v.pid,
+                            v.memory_mib,
+                            v.vcpus
+                        );
                     }
                 }
             })
@@ -247,7 +269,13 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
 
 pub async fn migrate(args: MigrateArgs, json: bool) -> Result<ExitCode> {
     let (c, host) = args.target.open()?;
-    let req = ApiRequest::Migrate { vm: args.vm.clone(), to: args.to.clone(), wait: !args.no_wait, streams: args.streams, postcopy: args.postcopy };
+    let req = ApiRequest::Migrate {
+        vm: args.vm.clone(),
+        to: args.to.clone(),
+        wait: !args.no_wait,
+        streams: args.streams,
+        postcopy: args.postcopy,
+    };
     let show = !json && !args.no_wait;
     let mut view = crate::progress::ProgressView::new();
     let resp = c
@@ -267,9 +295,17 @@ pub async fn migrate(args: MigrateArgs, json: bool) -> Result<ExitCode> {
 
 pub fn print_record(m: &MigrationRecord) {
     println!("migration {}: {} {} -> {}: {:?}", m.id, m.vm, m.source, m.destination, m.state);
-    println!("  bytes {}  total {} ms  QEMU downtime {} ms  setup {} ms", m.bytes, opt(m.total_ms), opt(m.qemu_downtime_ms), opt(m.setup_ms));
+    println!(
+        "  bytes {}  total {} ms  QEMU downtime {} ms  setup {} ms",
+        m.bytes,
+        opt(m.total_ms),
+        opt(m.qemu_downtime_ms),
+        opt(m.setup_ms)
+    );
     match &m.attestation {
-        Some(a) if a.peer_verified => println!("  attestation: {} verified (PCRs {:?}), {} ms", m.peer(), a.peer_pcrs, a.ms),
+        Some(a) if a.peer_verified => {
+            println!("  attestation: {} verified (PCRs {:?}), {} ms", m.peer(), a.peer_pcrs, a.ms)
+        }
         Some(_) => println!("  attestation: NOT verified"),
         None => {}
     }
@@ -305,7 +341,10 @@ pub async fn migrations(cmd: MigrationsCommand, json: bool) -> Result<ExitCode> 
         ApiResponse::Migration(m) => print_record(m),
         ApiResponse::Migrations { migrations } => {
             for m in migrations {
-                println!("{}  {:<11?} {:<11?} {} {} -> {}", m.id, m.role, m.state, m.vm, m.source, m.destination);
+                println!(
+                    "{}  {:<11?} {:<11?} {} {} -> {}",
+                    m.id, m.role, m.state, m.vm, m.source, m.destination
+                );
             }
         }
         _ => {}

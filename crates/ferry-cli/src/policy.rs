@@ -62,7 +62,10 @@ pub async fn run(cmd: PolicyCommand, json: bool) -> Result<ExitCode> {
             let summary = ferry_policy::check_files(&files, entities.as_deref())?;
             if json {
                 let ids: Vec<_> = summary.policies.iter().map(|p| p.id.clone()).collect();
-                println!("{}", serde_json::json!({ "valid": true, "policies": ids, "entities": summary.entities, "warnings": summary.warnings }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "valid": true, "policies": ids, "entities": summary.entities, "warnings": summary.warnings })
+                );
             } else {
                 print!("{summary}");
             }
@@ -88,13 +91,21 @@ pub async fn run(cmd: PolicyCommand, json: bool) -> Result<ExitCode> {
                 principal: Principal::Operator { name: operator, role },
                 action: Action::MigrateVm,
                 vm,
-                labels: VmLabels { tenant, security_level, allowed_zones: zones, anti_affinity: vec![] },
+                labels: VmLabels {
+                    tenant,
+                    security_level,
+                    allowed_zones: zones,
+                    anti_affinity: vec![],
+                },
                 source: from,
                 destination: to,
                 postcopy,
                 source_attested: !source_unattested,
                 destination_attested: !destination_unattested,
-                now_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+                now_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0),
                 resident_on_destination: vec![],
             };
             let decision = engine.authorize(&req);
@@ -103,7 +114,10 @@ pub async fn run(cmd: PolicyCommand, json: bool) -> Result<ExitCode> {
                     ferry_policy::Decision::Allow { .. } => (true, None),
                     ferry_policy::Decision::Deny { reason, .. } => (false, Some(reason.clone())),
                 };
-                println!("{}", serde_json::json!({ "allow": allow, "reason": reason, "policies": decision.policies() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "allow": allow, "reason": reason, "policies": decision.policies() })
+                );
             } else {
                 println!("{}", engine.explain(&req));
             }
@@ -114,7 +128,10 @@ pub async fn run(cmd: PolicyCommand, json: bool) -> Result<ExitCode> {
             match c.request(&host, &ApiRequest::PolicyReload, |_| {}).await? {
                 ApiResponse::PolicyReloaded { policies } => {
                     if json {
-                        println!("{}", serde_json::json!({ "reloaded": true, "policies": policies }));
+                        println!(
+                            "{}",
+                            serde_json::json!({ "reloaded": true, "policies": policies })
+                        );
                     } else {
                         println!("{host}: policy reloaded ({policies} policies)");
                     }

@@ -64,7 +64,11 @@ pub fn render(p: &Progress) -> String {
         0.0
     };
     let filled = ((fraction * BAR as f64).round() as usize).min(BAR);
-    let eta = if rate > 0.0 && p.ram_remaining > 0 { format!("{:.1}s", mib(p.ram_remaining) / rate) } else { "-".into() };
+    let eta = if rate > 0.0 && p.ram_remaining > 0 {
+        format!("{:.1}s", mib(p.ram_remaining) / rate)
+    } else {
+        "-".into()
+    };
     format!(
         "{:<9} [{}{}] {:>3.0}%  {:>8.1} MiB  {:>7.1} MiB/s  left {:>7.1} MiB  dirty {:>6} pg/s  iter {:<3} ETA {}",
         p.phase,

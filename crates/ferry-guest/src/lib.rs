@@ -124,10 +124,7 @@ mod tests {
 
     #[test]
     fn default_cmdline() {
-        assert_eq!(
-            GuestParams::default().cmdline(),
-            "fill_mib=64 dirty=64 hb_ms=10"
-        );
+        assert_eq!(GuestParams::default().cmdline(), "fill_mib=64 dirty=64 hb_ms=10");
     }
 
     #[test]
@@ -139,10 +136,7 @@ mod tests {
             marker: Some("FERRY-SECRET-42".into()),
             tlb_flush: false,
         };
-        assert_eq!(
-            p.cmdline(),
-            "fill_mib=512 dirty=0 hb_ms=5 marker=FERRY-SECRET-42"
-        );
+        assert_eq!(p.cmdline(), "fill_mib=512 dirty=0 hb_ms=5 marker=FERRY-SECRET-42");
     }
 
     #[test]
@@ -158,20 +152,14 @@ mod tests {
         bad(|p| p.marker = Some("two words".into()));
         bad(|p| p.marker = Some("é".into()));
         bad(|p| p.marker = Some("x".repeat(MARKER_MAX + 1)));
-        let ok = GuestParams {
-            marker: Some("x".repeat(MARKER_MAX)),
-            ..GuestParams::default()
-        };
+        let ok = GuestParams { marker: Some("x".repeat(MARKER_MAX)), ..GuestParams::default() };
         assert!(ok.validate().is_ok());
     }
 
     #[test]
     #[should_panic(expected = "invalid GuestParams")]
     fn cmdline_panics_on_invalid() {
-        let p = GuestParams {
-            marker: Some("a b".into()),
-            ..GuestParams::default()
-        };
+        let p = GuestParams { marker: Some("a b".into()), ..GuestParams::default() };
         let _ = p.cmdline();
     }
 
@@ -186,10 +174,7 @@ mod tests {
     #[test]
     fn image_is_elf32_i386_executable() {
         assert_eq!(&IMAGE[..4], b"\x7fELF");
-        assert_eq!(
-            IMAGE[4], 1,
-            "ELFCLASS32: QEMU's multiboot loader refuses ELF64"
-        );
+        assert_eq!(IMAGE[4], 1, "ELFCLASS32: QEMU's multiboot loader refuses ELF64");
         assert_eq!(IMAGE[5], 1, "little endian");
         assert_eq!(le16(IMAGE, 16), 2, "ET_EXEC");
         assert_eq!(le16(IMAGE, 18), 3, "EM_386");

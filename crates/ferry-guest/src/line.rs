@@ -39,29 +39,17 @@ fn parse_known(line: &str) -> Option<GuestLine> {
     let line = match keyword {
         "READY" => {
             let v = get(&["fill_mib", "pages"])?;
-            GuestLine::Ready {
-                fill_mib: num(v[0])?,
-                pages: num(v[1])?,
-            }
+            GuestLine::Ready { fill_mib: num(v[0])?, pages: num(v[1])? }
         }
         "HB" => {
             let v = get(&["seq", "dirtied"])?;
-            GuestLine::Heartbeat {
-                seq: num(v[0])?,
-                dirtied: num(v[1])?,
-            }
+            GuestLine::Heartbeat { seq: num(v[0])?, dirtied: num(v[1])? }
         }
         "SWEEP" => {
             let v = get(&["pass", "pages", "errors"])?;
-            GuestLine::Sweep {
-                pass: num(v[0])?,
-                pages: num(v[1])?,
-                errors: num(v[2])?,
-            }
+            GuestLine::Sweep { pass: num(v[0])?, pages: num(v[1])?, errors: num(v[2])? }
         }
-        "CORRUPT" => GuestLine::Corrupt {
-            page: num(get(&["page"])?[0])?,
-        },
+        "CORRUPT" => GuestLine::Corrupt { page: num(get(&["page"])?[0])? },
         _ => return None,
     };
     Some(line)
@@ -87,30 +75,17 @@ mod tests {
     fn parses_every_event() {
         assert_eq!(
             parse_line("READY fill_mib=64 pages=16384\n"),
-            GuestLine::Ready {
-                fill_mib: 64,
-                pages: 16384
-            }
+            GuestLine::Ready { fill_mib: 64, pages: 16384 }
         );
         assert_eq!(
             parse_line("HB seq=18446744073709551615 dirtied=0"),
-            GuestLine::Heartbeat {
-                seq: u64::MAX,
-                dirtied: 0
-            }
+            GuestLine::Heartbeat { seq: u64::MAX, dirtied: 0 }
         );
         assert_eq!(
             parse_line("SWEEP pass=3 pages=8192 errors=1\r\n"),
-            GuestLine::Sweep {
-                pass: 3,
-                pages: 8192,
-                errors: 1
-            }
+            GuestLine::Sweep { pass: 3, pages: 8192, errors: 1 }
         );
-        assert_eq!(
-            parse_line("CORRUPT page=4096"),
-            GuestLine::Corrupt { page: 4096 }
-        );
+        assert_eq!(parse_line("CORRUPT page=4096"), GuestLine::Corrupt { page: 4096 });
     }
 
     #[test]

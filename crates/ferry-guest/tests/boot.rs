@@ -52,14 +52,7 @@ impl Qemu {
         write_image(&image).expect("write image");
         let qmp = dir.path().join("qmp.sock");
         let mut child = Command::new("qemu-system-x86_64")
-            .args([
-                "-machine",
-                "q35",
-                "-accel",
-                "tcg",
-                "-nodefaults",
-                "-no-reboot",
-            ])
+            .args(["-machine", "q35", "-accel", "tcg", "-nodefaults", "-no-reboot"])
             .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
             .arg("-m")
             .arg(mem_mib.to_string())
@@ -77,13 +70,7 @@ impl Qemu {
         let (tx, lines) = channel();
         pump(child.stdout.take().expect("stdout"), "", tx.clone());
         pump(child.stderr.take().expect("stderr"), "qemu stderr: ", tx);
-        Qemu {
-            child,
-            lines,
-            seen: Vec::new(),
-            deadline: Instant::now() + TIMEOUT,
-            dir,
-        }
+        Qemu { child, lines, seen: Vec::new(), deadline: Instant::now() + TIMEOUT, dir }
     }
 
     fn qmp_path(&self) -> PathBuf {
@@ -167,9 +154,7 @@ fn boots_fills_sweeps_and_heartbeats() {
     assert_eq!(q.ready(), (32, 32 * 256));
 
     q.until("a clean SWEEP", no_corruption, |l| match l {
-        GuestLine::Sweep {
-            pages, errors: 0, ..
-        } => {
+        GuestLine::Sweep { pages, errors: 0, .. } => {
             assert_eq!(*pages, 32 * 256);
             Some(())
         }
@@ -186,10 +171,7 @@ fn boots_fills_sweeps_and_heartbeats() {
         if let GuestLine::Heartbeat { seq, dirtied } = *l {
             if let Some((s, d)) = last {
                 assert_eq!(seq, s + 1, "heartbeat seq gap");
-                assert!(
-                    dirtied > d && dirtied - d <= per_hb,
-                    "dirtied {d} -> {dirtied}"
-                );
+                assert!(dirtied > d && dirtied - d <= per_hb, "dirtied {d} -> {dirtied}");
             }
             last = Some((seq, dirtied));
             count += 1;
@@ -198,11 +180,7 @@ fn boots_fills_sweeps_and_heartbeats() {
     });
     // 19 intervals of 10 ms of virtual time: wall time can only be longer
     // (minus a little line buffering jitter).
-    assert!(
-        start.elapsed() >= Duration::from_millis(150),
-        "{:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() >= Duration::from_millis(150), "{:?}", start.elapsed());
 }
 
 #[test]
@@ -211,12 +189,7 @@ fn detects_corruption_the_guest_injects() {
     // the full-page sweep can see it, so this proves the sweep can fail.
     let cmdline = format!(
         "{} corrupt_after_ms=300",
-        GuestParams {
-            fill_mib: 8,
-            heartbeat_ms: 50,
-            ..GuestParams::default()
-        }
-        .cmdline()
+        GuestParams { fill_mib: 8, heartbeat_ms: 50, ..GuestParams::default() }.cmdline()
     );
     let mut q = Qemu::boot(&cmdline, 128);
     let (_, pages) = q.ready();
@@ -276,18 +249,12 @@ fn refuses_fill_larger_than_ram() {
 
 /// A minimal QMP exchange: send one command, return its reply line.
 fn qmp(stream: &mut BufReader<UnixStream>, cmd: &str) -> String {
-    stream
-        .get_mut()
-        .write_all(cmd.as_bytes())
-        .expect("qmp write");
+    stream.get_mut().write_all(cmd.as_bytes()).expect("qmp write");
     stream.get_mut().write_all(b"\n").expect("qmp write");
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(
-            stream.read_line(&mut line).expect("qmp read") > 0,
-            "QMP closed"
-        );
+        assert!(stream.read_line(&mut line).expect("qmp read") > 0, "QMP closed");
         // Skip asynchronous events; the reply carries "return" or "error".
         if line.contains("\"return\"") || line.contains("\"error\"") {
             assert!(line.contains("\"return\""), "QMP error for {cmd}: {line}");
@@ -306,10 +273,7 @@ fn pmemsave(stream: &mut BufReader<UnixStream>, addr: u64, path: &Path) -> Vec<u
     );
     let bytes = std::fs::read(path).expect("read pmemsave dump");
     assert_eq!(bytes.len(), 4096);
-    bytes
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 #[test]
@@ -348,9 +312,6 @@ fn host_sees_documented_page_layout_and_marker() {
     let w = pmemsave(&mut qs, FILL_BASE + u64::from(pages) * 4096, &dump);
     let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
     let marker = params.marker.as_deref().unwrap_or_default().as_bytes();
-    assert!(
-        bytes.windows(marker.len()).any(|win| win == marker),
-        "marker page"
-    );
+    assert!(bytes.windows(marker.len()).any(|win| win == marker), "marker page");
     assert_eq!(bytes[0..marker.len()], *marker);
 }

@@ -52,10 +52,7 @@ impl Validity {
     /// Valid from (a little before) now for `days` days.
     pub fn days(days: u32) -> Validity {
         let now = OffsetDateTime::now_utc();
-        Validity {
-            not_before: now - BACKDATE,
-            not_after: now + Duration::days(i64::from(days)),
-        }
+        Validity { not_before: now - BACKDATE, not_after: now + Duration::days(i64::from(days)) }
     }
 
     fn check(&self) -> Result<(), IdentityError> {
@@ -112,7 +109,11 @@ impl CaDir {
     /// Create a new CA for `domain` in `dir` (created if missing, mode 0700).
     /// Refuses if `dir` already holds a CA certificate or key: overwriting a
     /// CA would silently cut every host of the cluster off.
-    pub fn init(dir: &Path, domain: &TrustDomain, validity_days: u32) -> Result<CaDir, IdentityError> {
+    pub fn init(
+        dir: &Path,
+        domain: &TrustDomain,
+        validity_days: u32,
+    ) -> Result<CaDir, IdentityError> {
         for name in [CA_CERT, CA_KEY] {
             let existing = dir.join(name);
             if existing.exists() {
@@ -209,17 +210,23 @@ impl CaDir {
     /// Ferry checks) and DNS SAN `<name>` (what rustls's server-name check
     /// can match, since webpki ignores URI SANs). EKU serverAuth and
     /// clientAuth: an agent both accepts and opens connections.
-    pub fn issue_host(&self, name: &HostName, validity: Validity, out_dir: &Path) -> Result<IssuedCert, IdentityError> {
+    pub fn issue_host(
+        &self,
+        name: &HostName,
+        validity: Validity,
+        out_dir: &Path,
+    ) -> Result<IssuedCert, IdentityError> {
         // A name rustls cannot verify as a server name would yield a
         // certificate no client could ever connect to.
         crate::tls::server_name(name)?;
         let domain = self.trust_domain()?;
         let spiffe = SpiffeId::Host { domain, name: name.clone() };
         let mut params = leaf_params(name.as_str(), &spiffe, validity)?;
-        params.subject_alt_names.push(SanType::DnsName(
-            name.as_str().try_into().map_err(gen("the host DNS SAN"))?,
-        ));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(name.as_str().try_into().map_err(gen("the host DNS SAN"))?));
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         self.issue(params, spiffe, None, out_dir, name.as_str())
     }
 
@@ -253,8 +260,11 @@ impl CaDir {
     ) -> Result<IssuedCert, IdentityError> {
         let issuer = self.issuer()?;
         let key = new_key("a leaf key")?;
-        let cert = params.signed_by(&key, &issuer).map_err(gen(format!("the certificate for {spiffe}")))?;
-        let serial = x509::serial_hex(params.serial_number.as_ref().map(|s| s.as_ref()).unwrap_or_default());
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(gen(format!("the certificate for {spiffe}")))?;
+        let serial =
+            x509::serial_hex(params.serial_number.as_ref().map(|s| s.as_ref()).unwrap_or_default());
 
         // Record the certificate before handing it out: a certificate that
         // exists but is missing from the registry could not be revoked by serial.
@@ -286,13 +296,16 @@ impl CaDir {
     /// Running agents pick the new CRL up at their next connection.
     pub fn revoke(&self, target: RevokeTarget) -> Result<(), IdentityError> {
         let serial = match &target {
-            RevokeTarget::Serial(s) => x509::normalize_serial(s).ok_or_else(|| IdentityError::UnknownSerial {
-                dir: self.0.clone(),
-                serial: s.chars().take(64).collect(),
-            })?,
+            RevokeTarget::Serial(s) => {
+                x509::normalize_serial(s).ok_or_else(|| IdentityError::UnknownSerial {
+                    dir: self.0.clone(),
+                    serial: s.chars().take(64).collect(),
+                })?
+            }
             RevokeTarget::CertFile(path) => {
                 let der = pem::first_cert(path)?;
-                let cert = x509::parse(&der).map_err(|why| IdentityError::Invalid { path: path.clone(), why })?;
+                let cert = x509::parse(&der)
+                    .map_err(|why| IdentityError::Invalid { path: path.clone(), why })?;
                 x509::serial_hex(cert.raw_serial())
             }
         };
@@ -309,10 +322,8 @@ impl CaDir {
 
     fn issuer(&self) -> Result<Issuer<'static, KeyPair>, IdentityError> {
         let key_path = self.0.join(CA_KEY);
-        let key_pem = String::from_utf8(fsutil::read(&key_path)?).map_err(|e| IdentityError::Parse {
-            path: key_path.clone(),
-            what: "the CA key",
-            source: Box::new(e),
+        let key_pem = String::from_utf8(fsutil::read(&key_path)?).map_err(|e| {
+            IdentityError::Parse { path: key_path.clone(), what: "the CA key", source: Box::new(e) }
         })?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| IdentityError::Parse {
             path: key_path,
@@ -394,7 +405,11 @@ fn trimmed_be(n: u64) -> Vec<u8> {
     b[start..].to_vec()
 }
 
-fn leaf_params(cn: &str, spiffe: &SpiffeId, validity: Validity) -> Result<CertificateParams, IdentityError> {
+fn leaf_params(
+    cn: &str,
+    spiffe: &SpiffeId,
+    validity: Validity,
+) -> Result<CertificateParams, IdentityError> {
     validity.check()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();

@@ -58,7 +58,11 @@ fn when(t: rustls_pki_types::UnixTime) -> String {
 fn describe_cert_error(c: &CertificateError) -> String {
     match c {
         CertificateError::ExpiredContext { time, not_after } => {
-            format!("peer certificate expired (not after {}, now {})", when(*not_after), when(*time))
+            format!(
+                "peer certificate expired (not after {}, now {})",
+                when(*not_after),
+                when(*time)
+            )
         }
         CertificateError::Expired => "peer certificate expired".into(),
         CertificateError::NotValidYetContext { time, not_before } => format!(
@@ -72,22 +76,25 @@ fn describe_cert_error(c: &CertificateError) -> String {
             "unknown CA (peer certificate not issued by this cluster's CA)".into()
         }
         CertificateError::UnknownRevocationStatus => {
-            "peer certificate's revocation status is unknown (our CRL is not from its issuer)".into()
+            "peer certificate's revocation status is unknown (our CRL is not from its issuer)"
+                .into()
         }
-        CertificateError::ExpiredRevocationList | CertificateError::ExpiredRevocationListContext { .. } => {
-            "our CRL has expired".into()
-        }
+        CertificateError::ExpiredRevocationList
+        | CertificateError::ExpiredRevocationListContext { .. } => "our CRL has expired".into(),
         // webpki reports a certificate from a foreign CA whose subject name
         // equals our CA's as a bad signature, not as an unknown issuer.
         CertificateError::BadSignature => {
-            "peer certificate has a bad signature (not issued by this cluster's CA, or altered)".into()
+            "peer certificate has a bad signature (not issued by this cluster's CA, or altered)"
+                .into()
         }
         CertificateError::NotValidForNameContext { expected, presented } => format!(
             "peer certificate is for {} but we expected {}",
             presented.iter().map(|p| unwrap_name(p)).collect::<Vec<_>>().join(", "),
             expected.to_str()
         ),
-        CertificateError::NotValidForName => "peer certificate is not for the host we expected".into(),
+        CertificateError::NotValidForName => {
+            "peer certificate is not for the host we expected".into()
+        }
         CertificateError::InvalidPurposeContext { required, presented } => format!(
             "peer certificate not valid for this use (needs {required:?}, has {presented:?}); \
              an operator certificate cannot act as an agent"
@@ -165,7 +172,8 @@ mod tests {
 
     #[test]
     fn alerts_name_the_cause() {
-        let s = describe_tls_error(&wrap(Error::AlertReceived(AlertDescription::CertificateRevoked)));
+        let s =
+            describe_tls_error(&wrap(Error::AlertReceived(AlertDescription::CertificateRevoked)));
         assert!(s.contains("revoked") && s.contains("refused our certificate"), "{s}");
         let s = describe_tls_error(&wrap(Error::AlertReceived(AlertDescription::UnknownCA)));
         assert!(s.contains("unknown CA"), "{s}");
@@ -174,8 +182,12 @@ mod tests {
     #[test]
     fn expiry_shows_the_date() {
         let e = Error::InvalidCertificate(CertificateError::ExpiredContext {
-            time: rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_700_000_000)),
-            not_after: rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_600_000_000)),
+            time: rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                1_700_000_000,
+            )),
+            not_after: rustls_pki_types::UnixTime::since_unix_epoch(
+                std::time::Duration::from_secs(1_600_000_000),
+            ),
         });
         let s = describe_tls_error(&wrap(e));
         assert!(s.contains("expired") && s.contains("2020-09-13"), "{s}");

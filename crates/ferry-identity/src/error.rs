@@ -53,19 +53,14 @@ pub enum IdentityError {
     Random { what: &'static str },
     #[error("role {role:?} is invalid: must be 1 to 32 characters of a-z and '-'")]
     InvalidRole { role: String },
-    #[error("validity window is empty: not_before {not_before} is not before not_after {not_after}")]
-    EmptyValidity {
-        not_before: time::OffsetDateTime,
-        not_after: time::OffsetDateTime,
-    },
+    #[error(
+        "validity window is empty: not_before {not_before} is not before not_after {not_after}"
+    )]
+    EmptyValidity { not_before: time::OffsetDateTime, not_after: time::OffsetDateTime },
     #[error("no certificate with serial {serial} was issued by the CA in {dir}")]
     UnknownSerial { dir: PathBuf, serial: String },
     #[error("certificate {path} is not for trust domain {expected} (the CA's) but for {actual}")]
-    DomainMismatch {
-        path: PathBuf,
-        expected: TrustDomain,
-        actual: TrustDomain,
-    },
+    DomainMismatch { path: PathBuf, expected: TrustDomain, actual: TrustDomain },
     #[error("key {key} does not belong to certificate {cert}")]
     KeyMismatch {
         cert: PathBuf,
@@ -96,17 +91,11 @@ pub enum IdentityError {
     #[error("peer certificate is unusable: {why}")]
     PeerCertificate { why: String },
     #[error("peer is in trust domain {actual}, but ours is {expected}")]
-    PeerDomain {
-        expected: TrustDomain,
-        actual: TrustDomain,
-    },
+    PeerDomain { expected: TrustDomain, actual: TrustDomain },
     #[error("peer is host {actual}, but the expected host is {expected}")]
     WrongHost { expected: HostName, actual: HostName },
     #[error("peer is operator {actual}, but the expected host is {expected}")]
-    NotAHost {
-        expected: HostName,
-        actual: OperatorName,
-    },
+    NotAHost { expected: HostName, actual: OperatorName },
     #[error("cannot derive channel binding")]
     ChannelBinding {
         #[source]

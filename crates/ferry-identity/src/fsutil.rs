@@ -14,10 +14,7 @@ pub(crate) const KEY_MODE: u32 = 0o600;
 pub(crate) const PUBLIC_MODE: u32 = 0o644;
 
 pub(crate) fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
-    fs::read(path).map_err(|source| IdentityError::Read {
-        path: path.to_owned(),
-        source,
-    })
+    fs::read(path).map_err(|source| IdentityError::Read { path: path.to_owned(), source })
 }
 
 /// Write `bytes` to `path` so that a reader sees either the old file or the
@@ -42,10 +39,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), I
         .mode(mode)
         .open(&tmp)
         .map_err(werr(&tmp))?;
-    let res = f
-        .write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .and_then(|()| fs::rename(&tmp, path));
+    let res = f.write_all(bytes).and_then(|()| f.sync_all()).and_then(|()| fs::rename(&tmp, path));
     if let Err(source) = res {
         let _ = fs::remove_file(&tmp);
         return Err(IdentityError::Write { path: path.to_owned(), source });
@@ -72,11 +66,7 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), IdentityError> {
 /// Create `path` with `mode`, failing if it already exists (O_EXCL).
 pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError> {
     let werr = |source| IdentityError::Write { path: path.to_owned(), source };
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(werr)?;
+    let mut f =
+        OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(werr)?;
     f.write_all(bytes).and_then(|()| f.sync_all()).map_err(werr)
 }

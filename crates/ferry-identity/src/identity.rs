@@ -47,15 +47,24 @@ impl Identity {
     /// The certificate's validity period is deliberately not checked here: an
     /// expired identity still loads, and the *peer* refuses it (tests rely on
     /// that to exercise the peer's checks).
-    pub fn load(cert: &Path, key: &Path, ca: &Path, crl: Option<&Path>) -> Result<Identity, IdentityError> {
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        crl: Option<&Path>,
+    ) -> Result<Identity, IdentityError> {
         let chain = pem::certs(cert)?;
-        let leaf = x509::leaf_info(&chain[0]).map_err(|why| IdentityError::Invalid { path: cert.to_owned(), why })?;
+        let leaf = x509::leaf_info(&chain[0])
+            .map_err(|why| IdentityError::Invalid { path: cert.to_owned(), why })?;
         let key_der = pem::private_key(key)?;
         // Catch a key/cert mix-up here, with both paths in the message,
         // rather than as an opaque error when the TLS config is built.
-        rustls::sign::CertifiedKey::from_der(chain.clone(), key_der.clone_key(), &tls::provider()).map_err(
-            |source| IdentityError::KeyMismatch { cert: cert.to_owned(), key: key.to_owned(), source },
-        )?;
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key_der.clone_key(), &tls::provider())
+            .map_err(|source| IdentityError::KeyMismatch {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+                source,
+            })?;
 
         let mut roots = RootCertStore::empty();
         for ca_der in pem::certs(ca)? {

@@ -25,7 +25,10 @@ pub enum PeerIdentity {
 /// - exactly one SPIFFE id, in *our* trust domain (a CA shared with another
 ///   domain must not let that domain's hosts in);
 /// - the identity is well formed (see `x509::leaf_info`).
-pub fn peer_identity(conn: &CommonState, domain: &TrustDomain) -> Result<PeerIdentity, IdentityError> {
+pub fn peer_identity(
+    conn: &CommonState,
+    domain: &TrustDomain,
+) -> Result<PeerIdentity, IdentityError> {
     if conn.is_handshaking() {
         return Err(IdentityError::HandshakeIncomplete);
     }
@@ -43,10 +46,8 @@ pub fn peer_identity(conn: &CommonState, domain: &TrustDomain) -> Result<PeerIde
             ),
         });
     }
-    let leaf = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or(IdentityError::NoPeerCertificate)?;
+    let leaf =
+        conn.peer_certificates().and_then(|c| c.first()).ok_or(IdentityError::NoPeerCertificate)?;
     let info = x509::leaf_info(leaf).map_err(|why| IdentityError::PeerCertificate { why })?;
     if info.spiffe.domain() != domain {
         return Err(IdentityError::PeerDomain {
@@ -60,7 +61,9 @@ pub fn peer_identity(conn: &CommonState, domain: &TrustDomain) -> Result<PeerIde
             Some(role) => Ok(PeerIdentity::Operator { name, role }),
             // leaf_info always yields a role for operators; refuse rather
             // than invent one if that ever changes.
-            None => Err(IdentityError::PeerCertificate { why: "operator certificate without a role".into() }),
+            None => Err(IdentityError::PeerCertificate {
+                why: "operator certificate without a role".into(),
+            }),
         },
     }
 }
@@ -91,8 +94,12 @@ pub fn authenticate_host(
 ) -> Result<PeerAuthenticated, IdentityError> {
     match peer_identity(conn, domain)? {
         PeerIdentity::Host(actual) if &actual == expected => Ok(PeerAuthenticated { host: actual }),
-        PeerIdentity::Host(actual) => Err(IdentityError::WrongHost { expected: expected.clone(), actual }),
-        PeerIdentity::Operator { name, .. } => Err(IdentityError::NotAHost { expected: expected.clone(), actual: name }),
+        PeerIdentity::Host(actual) => {
+            Err(IdentityError::WrongHost { expected: expected.clone(), actual })
+        }
+        PeerIdentity::Operator { name, .. } => {
+            Err(IdentityError::NotAHost { expected: expected.clone(), actual: name })
+        }
     }
 }
 
@@ -109,7 +116,12 @@ macro_rules! tls_session {
             fn common_state(&self) -> &CommonState {
                 self
             }
-            fn export(&self, out: &mut [u8], label: &[u8], context: &[u8]) -> Result<(), rustls::Error> {
+            fn export(
+                &self,
+                out: &mut [u8],
+                label: &[u8],
+                context: &[u8],
+            ) -> Result<(), rustls::Error> {
                 self.export_keying_material(out, label, Some(context)).map(|_| ())
             }
         }
@@ -137,7 +149,11 @@ impl TlsSession for Connection {
 ///
 /// SECURITY: refused unless the handshake is complete and the session is
 /// TLS 1.3, whose exporter is bound to the full handshake transcript.
-pub fn channel_binding(conn: &impl TlsSession, label: &[u8], context: &[u8]) -> Result<[u8; 32], IdentityError> {
+pub fn channel_binding(
+    conn: &impl TlsSession,
+    label: &[u8],
+    context: &[u8],
+) -> Result<[u8; 32], IdentityError> {
     let common = conn.common_state();
     if common.is_handshaking() {
         return Err(IdentityError::HandshakeIncomplete);

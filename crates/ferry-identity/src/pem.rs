@@ -8,7 +8,10 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 use crate::fsutil;
 use crate::IdentityError;
 
-fn parse_err(path: &Path, what: &'static str) -> impl FnOnce(rustls_pki_types::pem::Error) -> IdentityError {
+fn parse_err(
+    path: &Path,
+    what: &'static str,
+) -> impl FnOnce(rustls_pki_types::pem::Error) -> IdentityError {
     let path = path.to_owned();
     move |e| IdentityError::Parse { path, what, source: Box::new(e) }
 }
@@ -43,7 +46,9 @@ pub(crate) fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Identit
 }
 
 /// All CRLs in a PEM file; at least one.
-pub(crate) fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, IdentityError> {
+pub(crate) fn crls(
+    path: &Path,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, IdentityError> {
     let bytes = fsutil::read(path)?;
     let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
@@ -54,7 +59,9 @@ pub(crate) fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'stat
     Ok(crls)
 }
 
-pub(crate) fn first_crl(path: &Path) -> Result<CertificateRevocationListDer<'static>, IdentityError> {
+pub(crate) fn first_crl(
+    path: &Path,
+) -> Result<CertificateRevocationListDer<'static>, IdentityError> {
     let mut crls = crls(path)?;
     Ok(crls.swap_remove(0))
 }

@@ -67,7 +67,8 @@ fn server_config_with(
     if !crls.is_empty() {
         vb = vb.with_crls(crls);
     }
-    let verifier = vb.build().map_err(|source| IdentityError::Verifier { side: "client", source })?;
+    let verifier =
+        vb.build().map_err(|source| IdentityError::Verifier { side: "client", source })?;
     let tls = |source| IdentityError::TlsConfig { side: "server", source };
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -101,7 +102,8 @@ fn client_config_with(
     if !crls.is_empty() {
         vb = vb.with_crls(crls);
     }
-    let verifier = vb.build().map_err(|source| IdentityError::Verifier { side: "server", source })?;
+    let verifier =
+        vb.build().map_err(|source| IdentityError::Verifier { side: "server", source })?;
     let tls = |source| IdentityError::TlsConfig { side: "client", source };
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -128,8 +130,15 @@ struct CrlStamp {
 }
 
 fn stamp(path: &Path) -> Result<CrlStamp, IdentityError> {
-    let m = std::fs::metadata(path).map_err(|source| IdentityError::Read { path: path.to_owned(), source })?;
-    Ok(CrlStamp { dev: m.dev(), ino: m.ino(), mtime: m.mtime(), mtime_nsec: m.mtime_nsec(), len: m.size() })
+    let m = std::fs::metadata(path)
+        .map_err(|source| IdentityError::Read { path: path.to_owned(), source })?;
+    Ok(CrlStamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        mtime: m.mtime(),
+        mtime_nsec: m.mtime_nsec(),
+        len: m.size(),
+    })
 }
 
 struct Cached {

@@ -14,7 +14,9 @@ pub const MAX_ROLE: usize = 32;
 /// Roles travel in a certificate subject and into Cedar policy entities; a
 /// tiny alphabet keeps both unambiguous.
 pub fn valid_role(role: &str) -> bool {
-    !role.is_empty() && role.len() <= MAX_ROLE && role.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+    !role.is_empty()
+        && role.len() <= MAX_ROLE
+        && role.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
 }
 
 /// What an end-entity certificate says about its holder.
@@ -71,9 +73,8 @@ pub(crate) fn leaf_info(der: &[u8]) -> Result<LeafInfo, String> {
     let spiffe: SpiffeId = uri.parse().map_err(|e| format!("{e}"))?;
     let role = match &spiffe {
         SpiffeId::Host { name, .. } => {
-            let has_dns = sans
-                .iter()
-                .any(|g| matches!(g, GeneralName::DNSName(d) if *d == name.as_str()));
+            let has_dns =
+                sans.iter().any(|g| matches!(g, GeneralName::DNSName(d) if *d == name.as_str()));
             if !has_dns {
                 return Err(format!("host certificate for {name} lacks the DNS SAN {name}"));
             }
@@ -88,7 +89,9 @@ pub(crate) fn leaf_info(der: &[u8]) -> Result<LeafInfo, String> {
             match ous.as_slice() {
                 [role] if valid_role(role) => Some((*role).to_owned()),
                 [role] => return Err(format!("operator role {role:?} is invalid")),
-                _ => return Err(format!("{} subject OUs, exactly one role is required", ous.len())),
+                _ => {
+                    return Err(format!("{} subject OUs, exactly one role is required", ous.len()))
+                }
             }
         }
     };
@@ -132,10 +135,8 @@ pub fn normalize_serial(s: &str) -> Option<String> {
         return None;
     }
     let hex = if hex.len() % 2 == 1 { format!("0{hex}") } else { hex };
-    let bytes: Option<Vec<u8>> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
-        .collect();
+    let bytes: Option<Vec<u8>> =
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect();
     bytes.map(|b| serial_hex(&b))
 }
 
@@ -170,7 +171,10 @@ mod tests {
         let cases = [
             (cert(vec![dns("h1")], None), "no URI SAN"),
             (
-                cert(vec![uri("spiffe://f.test/host/h1"), uri("spiffe://f.test/host/h2"), dns("h1")], None),
+                cert(
+                    vec![uri("spiffe://f.test/host/h1"), uri("spiffe://f.test/host/h2"), dns("h1")],
+                    None,
+                ),
                 "2 URI SANs",
             ),
             (cert(vec![uri("spiffe://f.test/host/h1"), dns("h2")], None), "lacks the DNS SAN"),

@@ -51,10 +51,7 @@ fn open_of_a_missing_ca_names_the_directory() {
 fn host_certificate_has_both_sans_and_both_ekus() {
     let c = Cluster::new("ferry.test");
     let issued = c.issue_host("host-a", Validity::days(3));
-    assert_eq!(
-        issued.spiffe,
-        SpiffeId::Host { domain: c.domain.clone(), name: host("host-a") }
-    );
+    assert_eq!(issued.spiffe, SpiffeId::Host { domain: c.domain.clone(), name: host("host-a") });
     assert_eq!(mode(&issued.key), 0o600);
     let pem = std::fs::read(&issued.cert).unwrap();
     let (_, p) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
@@ -64,13 +61,19 @@ fn host_certificate_has_both_sans_and_both_ekus() {
         .general_names
         .iter()
         .any(|g| matches!(g, GeneralName::URI(u) if *u == "spiffe://ferry.test/host/host-a")));
-    assert!(san.general_names.iter().any(|g| matches!(g, GeneralName::DNSName(d) if *d == "host-a")));
+    assert!(san
+        .general_names
+        .iter()
+        .any(|g| matches!(g, GeneralName::DNSName(d) if *d == "host-a")));
     let eku = cert.extended_key_usage().unwrap().unwrap().value;
     assert!(eku.server_auth && eku.client_auth);
     assert!(!cert.is_ca());
     assert_eq!(ferry_identity::serial_hex(cert.raw_serial()), issued.serial);
     // ECDSA P-256 keys.
-    assert_eq!(cert.public_key().algorithm.algorithm, x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY);
+    assert_eq!(
+        cert.public_key().algorithm.algorithm,
+        x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+    );
     // Recorded in the registry.
     let reg = c.ca.issued().unwrap();
     let rec = &reg[&issued.serial];
@@ -89,7 +92,8 @@ fn operator_certificate_carries_its_role_and_client_auth_only() {
     let pem = std::fs::read(&issued.cert).unwrap();
     let (_, p) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
     let cert = p.parse_x509().unwrap();
-    let ou: Vec<_> = cert.subject().iter_organizational_unit().map(|o| o.as_str().unwrap()).collect();
+    let ou: Vec<_> =
+        cert.subject().iter_organizational_unit().map(|o| o.as_str().unwrap()).collect();
     assert_eq!(ou, ["migrator"]);
     let eku = cert.extended_key_usage().unwrap().unwrap().value;
     assert!(eku.client_auth && !eku.server_auth);
@@ -102,10 +106,9 @@ fn operator_certificate_carries_its_role_and_client_auth_only() {
     assert!(!has_dns, "operator certificates carry no DNS name");
 
     for bad in ["", "Admin", "a b", "ops,cn=root", "x_y"] {
-        let err = c
-            .ca
-            .issue_operator(&"bob".parse().unwrap(), bad, Validity::days(1), &c.out())
-            .unwrap_err();
+        let err =
+            c.ca.issue_operator(&"bob".parse().unwrap(), bad, Validity::days(1), &c.out())
+                .unwrap_err();
         assert!(matches!(err, IdentityError::InvalidRole { .. }), "{bad:?}: {err:?}");
     }
 }
@@ -165,7 +168,8 @@ fn bad_pem_paths_are_named_in_the_error() {
     assert!(err.to_string().contains("junk.pem"), "{err}");
     let err = Identity::load(&issued.cert, &issued.key, &junk, None).unwrap_err();
     assert!(err.to_string().contains("junk.pem"), "{err}");
-    let err = Identity::load(&issued.cert, &issued.key, &c.ca.cert_path(), Some(&junk)).unwrap_err();
+    let err =
+        Identity::load(&issued.cert, &issued.key, &c.ca.cert_path(), Some(&junk)).unwrap_err();
     assert!(err.to_string().contains("junk.pem"), "{err}");
 }
 

@@ -6,8 +6,8 @@ mod common;
 
 use common::{err_text, expired, handshake, host, Cluster};
 use ferry_identity::{
-    authenticate_host, channel_binding, client_config, peer_identity, server_config, IdentityError, PeerIdentity,
-    RevokeTarget, TlsConfigs, Validity,
+    authenticate_host, channel_binding, client_config, peer_identity, server_config, IdentityError,
+    PeerIdentity, RevokeTarget, TlsConfigs, Validity,
 };
 use rustls::ProtocolVersion;
 
@@ -32,7 +32,10 @@ async fn hosts_of_one_ca_connect_over_tls13_and_know_each_other() {
 
     let ok = authenticate_host(cconn, &c.domain, &host("host-b")).unwrap();
     assert_eq!(ok.host(), &host("host-b"));
-    assert_eq!(authenticate_host(sconn, &c.domain, &host("host-a")).unwrap().host(), &host("host-a"));
+    assert_eq!(
+        authenticate_host(sconn, &c.domain, &host("host-a")).unwrap().host(),
+        &host("host-a")
+    );
 
     // A genuine certificate of *another* host is refused, naming both.
     let err = authenticate_host(sconn, &c.domain, &host("host-z")).unwrap_err();
@@ -72,7 +75,8 @@ async fn operator_identity_carries_the_role_and_is_not_a_host() {
     let agent = c.host_identity("host-a");
     let op = c.load(&c.issue_operator("alice", "migrator"));
     assert_eq!(op.role(), Some("migrator"));
-    let out = handshake(server_config(&agent).unwrap(), client_config(&op).unwrap(), "host-a").await;
+    let out =
+        handshake(server_config(&agent).unwrap(), client_config(&op).unwrap(), "host-a").await;
     let srv = out.server.expect("server side failed");
     out.client.expect("client side failed");
     let sconn = srv.get_ref().1;
@@ -104,8 +108,12 @@ async fn client_from_another_ca_is_refused_by_the_server() {
     // Same names, same trust domain, but another CA: the client trusts our CA
     // (so it accepts the server) while its own certificate is foreign.
     let issued = theirs.issue_host("host-a", Validity::days(1));
-    let intruder = ferry_identity::Identity::load(&issued.cert, &issued.key, &ours.ca.cert_path(), None).unwrap();
-    let out = handshake(server_config(&server).unwrap(), client_config(&intruder).unwrap(), "host-b").await;
+    let intruder =
+        ferry_identity::Identity::load(&issued.cert, &issued.key, &ours.ca.cert_path(), None)
+            .unwrap();
+    let out =
+        handshake(server_config(&server).unwrap(), client_config(&intruder).unwrap(), "host-b")
+            .await;
     let srv = err_text(&out.server);
     assert!(srv.contains("unknown CA"), "server: {srv}");
     let cli = err_text(&out.client);
@@ -118,10 +126,17 @@ async fn server_from_another_ca_is_refused_by_the_client() {
     let theirs = Cluster::new("ferry.test");
     let client = ours.host_identity("host-a");
     let issued = theirs.issue_host("host-b", Validity::days(1));
-    let impostor = ferry_identity::Identity::load(&issued.cert, &issued.key, &ours.ca.cert_path(), None).unwrap();
-    let out = handshake(server_config(&impostor).unwrap(), client_config(&client).unwrap(), "host-b").await;
+    let impostor =
+        ferry_identity::Identity::load(&issued.cert, &issued.key, &ours.ca.cert_path(), None)
+            .unwrap();
+    let out =
+        handshake(server_config(&impostor).unwrap(), client_config(&client).unwrap(), "host-b")
+            .await;
     let cli = err_text(&out.client);
-    assert!(cli.contains("unknown CA") && cli.contains("not issued by this cluster's CA"), "client: {cli}");
+    assert!(
+        cli.contains("unknown CA") && cli.contains("not issued by this cluster's CA"),
+        "client: {cli}"
+    );
     let srv = err_text(&out.server);
     assert!(srv.contains("refused our certificate") && srv.contains("unknown CA"), "server: {srv}");
 }
@@ -131,7 +146,8 @@ async fn expired_client_certificate_is_refused() {
     let c = Cluster::new("ferry.test");
     let server = c.host_identity("host-b");
     let old = c.load(&c.issue_host("host-a", expired()));
-    let out = handshake(server_config(&server).unwrap(), client_config(&old).unwrap(), "host-b").await;
+    let out =
+        handshake(server_config(&server).unwrap(), client_config(&old).unwrap(), "host-b").await;
     let srv = err_text(&out.server);
     assert!(srv.contains("expired") && srv.contains("not after"), "server: {srv}");
     let cli = err_text(&out.client);
@@ -143,7 +159,8 @@ async fn expired_server_certificate_is_refused() {
     let c = Cluster::new("ferry.test");
     let client = c.host_identity("host-a");
     let old = c.load(&c.issue_host("host-b", expired()));
-    let out = handshake(server_config(&old).unwrap(), client_config(&client).unwrap(), "host-b").await;
+    let out =
+        handshake(server_config(&old).unwrap(), client_config(&client).unwrap(), "host-b").await;
     let cli = err_text(&out.client);
     assert!(cli.contains("expired") && cli.contains("not after"), "client: {cli}");
     let srv = err_text(&out.server);
@@ -249,7 +266,8 @@ async fn tls12_only_client_cannot_connect() {
         .with_client_auth_cert(chain, key)
         .unwrap();
     tls12.alpn_protocols = vec![b"ferry/1".to_vec()];
-    let out = handshake(server_config(&server).unwrap(), std::sync::Arc::new(tls12), "host-b").await;
+    let out =
+        handshake(server_config(&server).unwrap(), std::sync::Arc::new(tls12), "host-b").await;
     let srv = err_text(&out.server);
     assert!(srv.contains("TLS 1.3"), "server: {srv}");
     let cli = err_text(&out.client);
@@ -262,7 +280,8 @@ async fn server_with_a_valid_certificate_for_another_host_is_refused() {
     let client = c.host_identity("host-a");
     let wrong = c.host_identity("host-c");
     // The operator asked for host-b; a hijacked route leads to host-c.
-    let out = handshake(server_config(&wrong).unwrap(), client_config(&client).unwrap(), "host-b").await;
+    let out =
+        handshake(server_config(&wrong).unwrap(), client_config(&client).unwrap(), "host-b").await;
     let cli = err_text(&out.client);
     assert!(cli.contains("host-c") && cli.contains("host-b"), "client: {cli}");
     assert!(out.server.is_err());

@@ -76,9 +76,7 @@ mod duration_serde {
 
     fn parse(t: &str) -> Result<f64, String> {
         let t = t.trim();
-        let split = t
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(t.len());
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let n: f64 = num
             .parse()
@@ -88,11 +86,7 @@ mod duration_serde {
             "" | "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            other => {
-                return Err(format!(
-                    "duration {t:?}: unknown unit {other:?} (ms, s, m, h)"
-                ))
-            }
+            other => return Err(format!("duration {t:?}: unknown unit {other:?} (ms, s, m, h)")),
         };
         Ok(n * scale)
     }
@@ -129,11 +123,7 @@ pub struct Refusal {
 
 impl Refusal {
     fn new(kind: RefusalKind, message: String) -> Self {
-        Refusal {
-            kind,
-            message,
-            retry_after: None,
-        }
+        Refusal { kind, message, retry_after: None }
     }
 }
 
@@ -157,10 +147,7 @@ impl Window {
         // Forget keys that have gone quiet so a churn of peers cannot grow
         // the map without bound.
         self.events.retain(|_, q| {
-            while q
-                .front()
-                .is_some_and(|t| now.saturating_duration_since(*t) >= window)
-            {
+            while q.front().is_some_and(|t| now.saturating_duration_since(*t) >= window) {
                 q.pop_front();
             }
             !q.is_empty()
@@ -210,10 +197,7 @@ pub struct Admission {
 
 impl Admission {
     pub fn new(cfg: AdmissionConfig) -> Self {
-        Admission {
-            cfg: Arc::new(cfg),
-            state: Arc::new(Mutex::new(State::default())),
-        }
+        Admission { cfg: Arc::new(cfg), state: Arc::new(Mutex::new(State::default())) }
     }
 
     pub fn config(&self) -> &AdmissionConfig {
@@ -269,9 +253,8 @@ impl Admission {
             ));
         }
 
-        let memory_needed = used_memory_mib
-            .saturating_add(st.reserved_memory_mib)
-            .saturating_add(memory_mib);
+        let memory_needed =
+            used_memory_mib.saturating_add(st.reserved_memory_mib).saturating_add(memory_mib);
         if memory_needed > cfg.capacity_memory_mib {
             return Err(Refusal::new(
                 RefusalKind::Memory,
@@ -304,8 +287,7 @@ impl Admission {
         // Rate last: only an offer that would otherwise be admitted uses up
         // the peer's allowance.
         if let Err(wait) =
-            st.peers
-                .try_record(peer.as_str(), cfg.per_peer_max, cfg.per_peer_window, now)
+            st.peers.try_record(peer.as_str(), cfg.per_peer_max, cfg.per_peer_window, now)
         {
             return Err(Refusal {
                 kind: RefusalKind::PeerRate,
@@ -325,19 +307,8 @@ impl Admission {
         st.reserved_memory_mib = st.reserved_memory_mib.saturating_add(memory_mib);
         st.reserved_vcpus = st.reserved_vcpus.saturating_add(u64::from(vcpus));
         st.in_flight_vms.insert(vm.clone());
-        st.in_flight.insert(
-            id,
-            Reservation {
-                vm: vm.clone(),
-                memory_mib,
-                vcpus,
-            },
-        );
-        Ok(AdmissionTicket {
-            id,
-            vm: vm.clone(),
-            state: Arc::clone(&self.state),
-        })
+        st.in_flight.insert(id, Reservation { vm: vm.clone(), memory_mib, vcpus });
+        Ok(AdmissionTicket { id, vm: vm.clone(), state: Arc::clone(&self.state) })
     }
 
     /// A migration of `vm` into this host finished: start its cooldown.
@@ -349,11 +320,7 @@ impl Admission {
     /// Incoming migrations in flight and what they reserve (MiB, vCPUs).
     pub fn in_flight(&self) -> (usize, u64, u64) {
         let st = lock(&self.state);
-        (
-            st.in_flight.len(),
-            st.reserved_memory_mib,
-            st.reserved_vcpus,
-        )
+        (st.in_flight.len(), st.reserved_memory_mib, st.reserved_vcpus)
     }
 }
 
@@ -374,10 +341,7 @@ impl AdmissionTicket {
 
 impl fmt::Debug for AdmissionTicket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AdmissionTicket")
-            .field("id", &self.id)
-            .field("vm", &self.vm)
-            .finish()
+        f.debug_struct("AdmissionTicket").field("id", &self.id).field("vm", &self.vm).finish()
     }
 }
 
@@ -403,29 +367,23 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(max: u32, window: Duration) -> Self {
-        RateLimiter {
-            max,
-            window,
-            state: Mutex::new(Window::default()),
-        }
+        RateLimiter { max, window, state: Mutex::new(Window::default()) }
     }
 
     /// Counts an event for `key`, or refuses it if `max` already happened in
     /// the window before `now`. Refused events are not counted, so a caller
     /// that backs off gets through once the window moves on.
     pub fn check(&self, key: &str, now: Instant) -> Result<(), Refusal> {
-        lock(&self.state)
-            .try_record(key, self.max, self.window, now)
-            .map_err(|wait| Refusal {
-                kind: RefusalKind::Rate,
-                message: format!(
-                    "`{key}`: {} request(s) in the last {} s, limit {}; retry in {:.1} s",
-                    self.max,
-                    self.window.as_secs_f64(),
-                    self.max,
-                    wait.as_secs_f64()
-                ),
-                retry_after: Some(wait),
-            })
+        lock(&self.state).try_record(key, self.max, self.window, now).map_err(|wait| Refusal {
+            kind: RefusalKind::Rate,
+            message: format!(
+                "`{key}`: {} request(s) in the last {} s, limit {}; retry in {:.1} s",
+                self.max,
+                self.window.as_secs_f64(),
+                self.max,
+                wait.as_secs_f64()
+            ),
+            retry_after: Some(wait),
+        })
     }
 }

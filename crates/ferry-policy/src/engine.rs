@@ -56,11 +56,7 @@ pub struct Summary {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let permits = self
-            .policies
-            .iter()
-            .filter(|p| p.effect == PolicyEffect::Permit)
-            .count();
+        let permits = self.policies.iter().filter(|p| p.effect == PolicyEffect::Permit).count();
         writeln!(
             f,
             "ok: {} file(s), {} policies ({permits} permit, {} forbid)",
@@ -154,9 +150,7 @@ pub struct PolicyEngine {
 
 impl fmt::Debug for PolicyEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PolicyEngine")
-            .field("policies", &self.order)
-            .finish_non_exhaustive()
+        f.debug_struct("PolicyEngine").field("policies", &self.order).finish_non_exhaustive()
     }
 }
 
@@ -214,11 +208,7 @@ impl PolicyEngine {
         let _ = writeln!(
             out,
             "decision: {}",
-            if outcome.decision.is_allow() {
-                "ALLOW"
-            } else {
-                "DENY"
-            }
+            if outcome.decision.is_allow() { "ALLOW" } else { "DENY" }
         );
         let _ = writeln!(
             out,
@@ -240,19 +230,11 @@ impl PolicyEngine {
             l.anti_affinity.join(", ")
         );
         for (role, host) in [("source", &req.source), ("destination", &req.destination)] {
-            let _ = writeln!(
-                out,
-                "{:<10}{}",
-                format!("{role}:"),
-                self.describe_host(host)
-            );
+            let _ = writeln!(out, "{:<10}{}", format!("{role}:"), self.describe_host(host));
         }
         if !req.resident_on_destination.is_empty() {
-            let tenants: BTreeSet<&str> = req
-                .resident_on_destination
-                .iter()
-                .map(|r| r.tenant.as_str())
-                .collect();
+            let tenants: BTreeSet<&str> =
+                req.resident_on_destination.iter().map(|r| r.tenant.as_str()).collect();
             let _ = writeln!(
                 out,
                 "resident: {} VM(s) on the destination, tenants [{}]",
@@ -295,11 +277,7 @@ impl PolicyEngine {
                     Some(Ok(v)) => v.to_string(),
                     _ => "?".to_owned(),
                 };
-                format!(
-                    "`{host}`: zone {}, trust level {}",
-                    attr("zone"),
-                    attr("trust_level")
-                )
+                format!("`{host}`: zone {}, trust level {}", attr("zone"), attr("trust_level"))
             }
         }
     }
@@ -310,10 +288,7 @@ impl PolicyEngine {
                 "{} {id} ({}){}",
                 effect_of(m.effect),
                 m.file.display(),
-                m.reason
-                    .as_deref()
-                    .map(|r| format!(": {r}"))
-                    .unwrap_or_default()
+                m.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
             ),
             None => id.to_owned(),
         }
@@ -336,13 +311,7 @@ impl PolicyEngine {
     }
 
     fn deny(reason: String) -> Outcome {
-        Outcome {
-            decision: Decision::Deny {
-                reason,
-                policies: Vec::new(),
-            },
-            errors: Vec::new(),
-        }
+        Outcome { decision: Decision::Deny { reason, policies: Vec::new() }, errors: Vec::new() }
     }
 
     fn known(&self, ty: &EntityTypeName, name: &str) -> Option<Entity> {
@@ -365,10 +334,7 @@ impl PolicyEngine {
             ));
         };
         let Some(source) = self.known(&self.names.host, req.source.as_str()) else {
-            return Self::deny(format!(
-                "source host `{}` is not in the entities file",
-                req.source
-            ));
+            return Self::deny(format!("source host `{}` is not in the entities file", req.source));
         };
         let Some(destination) = self.known(&self.names.host, req.destination.as_str()) else {
             return Self::deny(format!(
@@ -381,9 +347,7 @@ impl PolicyEngine {
             Err(why) => return Self::deny(why),
         };
         let (request, entities) = cedar_request;
-        let response = self
-            .authorizer
-            .is_authorized(&request, &self.policies, &entities);
+        let response = self.authorizer.is_authorized(&request, &self.policies, &entities);
         let diagnostics = response.diagnostics();
         let mut matched: Vec<String> = diagnostics.reason().map(|id| id.to_string()).collect();
         matched.sort_by_key(|id| self.order.iter().position(|o| o == id));
@@ -408,12 +372,10 @@ impl PolicyEngine {
             cedar_policy::Decision::Deny if !matched.is_empty() => {
                 let why: Vec<String> = matched
                     .iter()
-                    .map(
-                        |id| match self.meta.get(id).and_then(|m| m.reason.as_deref()) {
-                            Some(r) => format!("`{id}` ({r})"),
-                            None => format!("`{id}`"),
-                        },
-                    )
+                    .map(|id| match self.meta.get(id).and_then(|m| m.reason.as_deref()) {
+                        Some(r) => format!("`{id}` ({r})"),
+                        None => format!("`{id}`"),
+                    })
                     .collect();
                 Decision::Deny {
                     reason: format!("forbidden by {}", why.join(", ")),
@@ -425,10 +387,7 @@ impl PolicyEngine {
                 let tail = if candidates.is_empty() {
                     format!("no permit policy covers {}", req.action)
                 } else {
-                    format!(
-                        "none of the permit policies matched: {}",
-                        candidates.join(", ")
-                    )
+                    format!("none of the permit policies matched: {}", candidates.join(", "))
                 };
                 Decision::Deny {
                     reason: format!(
@@ -461,8 +420,7 @@ impl PolicyEngine {
         let l = &req.labels;
         let strings = |v: &[String]| {
             RestrictedExpression::new_set(
-                v.iter()
-                    .map(|s| RestrictedExpression::new_string(s.clone())),
+                v.iter().map(|s| RestrictedExpression::new_string(s.clone())),
             )
         };
         let vm_uid =
@@ -470,10 +428,7 @@ impl PolicyEngine {
         let vm = Entity::new(
             vm_uid.clone(),
             HashMap::from([
-                (
-                    "tenant".to_owned(),
-                    RestrictedExpression::new_string(l.tenant.clone()),
-                ),
+                ("tenant".to_owned(), RestrictedExpression::new_string(l.tenant.clone())),
                 (
                     "security_level".to_owned(),
                     RestrictedExpression::new_long(i64::from(l.security_level)),
@@ -490,10 +445,7 @@ impl PolicyEngine {
             .iter()
             .map(|r| {
                 RestrictedExpression::new_record([
-                    (
-                        "tenant".to_owned(),
-                        RestrictedExpression::new_string(r.tenant.clone()),
-                    ),
+                    ("tenant".to_owned(), RestrictedExpression::new_string(r.tenant.clone())),
                     (
                         "security_level".to_owned(),
                         RestrictedExpression::new_long(i64::from(r.security_level)),
@@ -502,40 +454,22 @@ impl PolicyEngine {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("resident VM list cannot be represented: {e}"))?;
-        let resident_tenants: BTreeSet<&str> = req
-            .resident_on_destination
-            .iter()
-            .map(|r| r.tenant.as_str())
-            .collect();
+        let resident_tenants: BTreeSet<&str> =
+            req.resident_on_destination.iter().map(|r| r.tenant.as_str()).collect();
         let role = match &req.principal {
             Principal::Operator { role, .. } => role.clone(),
             Principal::Host { .. } => String::new(),
         };
         let context = Context::from_pairs([
-            (
-                "source".to_owned(),
-                RestrictedExpression::new_entity_uid(source.uid()),
-            ),
-            (
-                "destination".to_owned(),
-                RestrictedExpression::new_entity_uid(destination.uid()),
-            ),
-            (
-                "postcopy".to_owned(),
-                RestrictedExpression::new_bool(req.postcopy),
-            ),
-            (
-                "source_attested".to_owned(),
-                RestrictedExpression::new_bool(req.source_attested),
-            ),
+            ("source".to_owned(), RestrictedExpression::new_entity_uid(source.uid())),
+            ("destination".to_owned(), RestrictedExpression::new_entity_uid(destination.uid())),
+            ("postcopy".to_owned(), RestrictedExpression::new_bool(req.postcopy)),
+            ("source_attested".to_owned(), RestrictedExpression::new_bool(req.source_attested)),
             (
                 "destination_attested".to_owned(),
                 RestrictedExpression::new_bool(req.destination_attested),
             ),
-            (
-                "now".to_owned(),
-                RestrictedExpression::new_long(req.now_unix),
-            ),
+            ("now".to_owned(), RestrictedExpression::new_long(req.now_unix)),
             ("role".to_owned(), RestrictedExpression::new_string(role)),
             (
                 "resident_tenants".to_owned(),
@@ -545,10 +479,7 @@ impl PolicyEngine {
                         .map(|t| RestrictedExpression::new_string(t.to_owned())),
                 ),
             ),
-            (
-                "residents".to_owned(),
-                RestrictedExpression::new_set(residents),
-            ),
+            ("residents".to_owned(), RestrictedExpression::new_set(residents)),
         ])
         .map_err(|e| format!("request context cannot be built: {e}"))?;
 
@@ -592,28 +523,20 @@ pub struct SharedPolicy {
 
 impl SharedPolicy {
     pub fn new(engine: PolicyEngine) -> Self {
-        SharedPolicy {
-            current: RwLock::new(Arc::new(engine)),
-        }
+        SharedPolicy { current: RwLock::new(Arc::new(engine)) }
     }
 
     pub fn current(&self) -> Arc<PolicyEngine> {
         // The lock only guards an Arc swap, which cannot be left half done,
         // so a poisoned lock still holds a valid engine.
-        self.current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Loads a new engine and swaps it in only if it loads completely; on
     /// error the old engine stays in force and the error says why.
     pub fn reload(&self, files: &[PathBuf], entities: &Path) -> Result<(), PolicyError> {
         let engine = Arc::new(PolicyEngine::load(files, entities)?);
-        *self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = engine;
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = engine;
         Ok(())
     }
 }
@@ -629,12 +552,7 @@ pub fn check_files(
     let entities = match entities_file {
         Some(path) => {
             let entities = load::load_entities(path, &schema)?;
-            Some(
-                entities
-                    .iter()
-                    .filter(|e| e.uid().type_name().to_string() != "Action")
-                    .count(),
-            )
+            Some(entities.iter().filter(|e| e.uid().type_name().to_string() != "Action").count())
         }
         None => None,
     };

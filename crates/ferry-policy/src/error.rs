@@ -17,32 +17,17 @@ pub enum PolicyError {
 
     /// The Cedar text does not parse.
     #[error("{}:{line}:{column}: syntax error: {message}", path.display())]
-    Syntax {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    Syntax { path: PathBuf, line: usize, column: usize, message: String },
 
     /// A policy parses but does not type-check against the schema (unknown
     /// attribute, entity type or action, wrong types, ...).
     #[error("{}:{line}:{column}: policy `{policy}` violates the schema: {message}", path.display())]
-    Validation {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        policy: String,
-        message: String,
-    },
+    Validation { path: PathBuf, line: usize, column: usize, policy: String, message: String },
 
     /// Two policies carry the same `@id`; decisions name policies by id, so
     /// ids must be unique across all files.
     #[error("{}: policy id `{id}` is already used in {}", path.display(), first.display())]
-    DuplicateId {
-        id: String,
-        path: PathBuf,
-        first: PathBuf,
-    },
+    DuplicateId { id: String, path: PathBuf, first: PathBuf },
 
     /// Templates need linking, which Ferry has no use for; refusing them keeps
     /// "what is in the file is what decides" true.

@@ -44,10 +44,8 @@ pub(crate) fn schema() -> Result<Schema, PolicyError> {
 }
 
 fn read(path: &Path) -> Result<String, PolicyError> {
-    std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    std::fs::read_to_string(path)
+        .map_err(|source| PolicyError::Io { path: path.to_owned(), source })
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -107,9 +105,7 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// parsed from (Cedar keeps the whole file as the source of every policy,
 /// so offsets are relative to the file).
 fn first_offset(diag: &dyn Diagnostic) -> Option<usize> {
-    diag.labels()
-        .and_then(|mut labels| labels.next())
-        .map(|label| label.offset())
+    diag.labels().and_then(|mut labels| labels.next()).map(|label| label.offset())
 }
 
 /// Message plus miette's help text, which is often the useful half
@@ -143,7 +139,10 @@ fn message(diag: &(impl Diagnostic + ?Sized)) -> String {
 /// from a tokio worker with 2 MiB of stack. Brackets are capped by
 /// [`too_deep`]; other nesting (if-then-else, member chains) is not, and
 /// parsed 3,000 levels deep on 8 MiB.
-pub(crate) fn load_policies(files: &[PathBuf], schema: &Schema) -> Result<LoadedPolicies, PolicyError> {
+pub(crate) fn load_policies(
+    files: &[PathBuf],
+    schema: &Schema,
+) -> Result<LoadedPolicies, PolicyError> {
     let (files, schema) = (files.to_vec(), schema.clone());
     std::thread::Builder::new()
         .name("policy-loader".into())
@@ -157,10 +156,7 @@ pub(crate) fn load_policies(files: &[PathBuf], schema: &Schema) -> Result<Loaded
 /// Stack for parsing and validating policy text (see [`load_policies`]).
 const LOADER_STACK: usize = 64 << 20;
 
-fn load_policies_here(
-    files: &[PathBuf],
-    schema: &Schema,
-) -> Result<LoadedPolicies, PolicyError> {
+fn load_policies_here(files: &[PathBuf], schema: &Schema) -> Result<LoadedPolicies, PolicyError> {
     let mut set = PolicySet::new();
     let mut meta: HashMap<String, PolicyMeta> = HashMap::new();
     let mut order = Vec::new();
@@ -184,25 +180,17 @@ fn load_policies_here(
             if more > 0 {
                 message.push_str(&format!(" (and {more} more error(s))"));
             }
-            PolicyError::Syntax {
-                path: path.clone(),
-                line,
-                column,
-                message,
-            }
+            PolicyError::Syntax { path: path.clone(), line, column, message }
         })?;
         if let Some(t) = parsed.templates().next() {
             return Err(PolicyError::Template {
                 path: path.clone(),
-                id: t
-                    .annotation("id")
-                    .map_or_else(|| t.id().to_string(), str::to_owned),
+                id: t.annotation("id").map_or_else(|| t.id().to_string(), str::to_owned),
             });
         }
-        let file_name = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
+        let file_name = path
+            .file_name()
+            .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
         // `policies()` iterates a hash map; sort by Cedar's generated ids
         // (policy0, policy1, ... in text order) so fallback names and the
         // listing follow the file.
@@ -259,10 +247,7 @@ fn load_policies_here(
     let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
     if let Some(err) = result.validation_errors().next() {
         let policy = err.policy_id().to_string();
-        let file = meta
-            .get(&policy)
-            .map(|m| m.file.clone())
-            .unwrap_or_default();
+        let file = meta.get(&policy).map(|m| m.file.clone()).unwrap_or_default();
         let (line, column) = match (texts.get(&file), first_offset(err)) {
             (Some(text), Some(offset)) => line_col(text, offset),
             _ => (1, 1),
@@ -293,12 +278,7 @@ fn load_policies_here(
         })
         .collect();
 
-    Ok(LoadedPolicies {
-        set,
-        meta,
-        order,
-        warnings,
-    })
+    Ok(LoadedPolicies { set, meta, order, warnings })
 }
 
 /// Reads an entities file (Cedar's entity JSON) and checks it against the

@@ -116,10 +116,7 @@ pub enum Decision {
     Allow { policies: Vec<String> },
     /// Denied; `reason` is for people, `policies` are the ids of the forbid
     /// policies that matched (empty for a default deny).
-    Deny {
-        reason: String,
-        policies: Vec<String>,
-    },
+    Deny { reason: String, policies: Vec<String> },
 }
 
 impl Decision {
@@ -149,15 +146,9 @@ mod tests {
             r#"{"tenant":"blue","security_level":2,"zone":"x"}"#
         )
         .is_err());
-        let high = VmLabels {
-            security_level: MAX_SECURITY_LEVEL + 1,
-            ..l.clone()
-        };
+        let high = VmLabels { security_level: MAX_SECURITY_LEVEL + 1, ..l.clone() };
         assert!(high.problem().is_some());
-        let nameless = VmLabels {
-            tenant: String::new(),
-            ..l
-        };
+        let nameless = VmLabels { tenant: String::new(), ..l };
         assert!(nameless.problem().is_some());
     }
 }

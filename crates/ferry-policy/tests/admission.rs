@@ -51,10 +51,7 @@ fn flood_of_50_concurrent_offers_admits_exactly_the_limit() {
             })
         })
         .collect();
-    let results: Vec<_> = handles
-        .into_iter()
-        .map(|h| h.join().expect("thread"))
-        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
     let mut tickets = Vec::new();
     let mut refusal_latencies = Vec::new();
     for (r, took) in results {
@@ -63,9 +60,7 @@ fn flood_of_50_concurrent_offers_admits_exactly_the_limit() {
             Err(refusal) => {
                 assert_eq!(refusal.kind, RefusalKind::Concurrency, "{refusal}");
                 assert!(
-                    refusal
-                        .message
-                        .contains("4 incoming migrations in flight, limit 4"),
+                    refusal.message.contains("4 incoming migrations in flight, limit 4"),
                     "{refusal}"
                 );
                 refusal_latencies.push(took);
@@ -98,36 +93,22 @@ fn capacity_counts_in_flight_reservations() {
     let now = Instant::now();
     let p = host("peer");
     // 8 GiB used by running VMs + 6 GiB in flight: 2 GiB left.
-    let _t = admission
-        .try_admit(&p, &vm("a"), 6 * 1024, 2, 8 * 1024, 4, now)
-        .expect("fits");
+    let _t = admission.try_admit(&p, &vm("a"), 6 * 1024, 2, 8 * 1024, 4, now).expect("fits");
     let r = admission
         .try_admit(&p, &vm("b"), 4 * 1024, 1, 8 * 1024, 4, now)
         .expect_err("does not fit once a is counted");
     assert_eq!(r.kind, RefusalKind::Memory);
-    for n in [
-        "4096 MiB",
-        "8192 MiB used",
-        "6144 MiB reserved by 1",
-        "leaves 2048 MiB of 16384 MiB",
-    ] {
+    for n in ["4096 MiB", "8192 MiB used", "6144 MiB reserved by 1", "leaves 2048 MiB of 16384 MiB"]
+    {
         assert!(r.message.contains(n), "missing {n:?}: {r}");
     }
     // Exactly the remainder fits.
-    let _t2 = admission
-        .try_admit(&p, &vm("c"), 2 * 1024, 1, 8 * 1024, 4, now)
-        .expect("exact fit");
+    let _t2 = admission.try_admit(&p, &vm("c"), 2 * 1024, 1, 8 * 1024, 4, now).expect("exact fit");
 
     // vCPUs: 4 used + 3 reserved + 10 > 16.
-    let r = admission
-        .try_admit(&p, &vm("d"), 0, 10, 0, 4, now)
-        .expect_err("vcpus");
+    let r = admission.try_admit(&p, &vm("d"), 0, 10, 0, 4, now).expect_err("vcpus");
     assert_eq!(r.kind, RefusalKind::Vcpus);
-    assert!(
-        r.message
-            .contains("needs 10 vCPUs; 4 used by running VMs + 3 reserved by 2"),
-        "{r}"
-    );
+    assert!(r.message.contains("needs 10 vCPUs; 4 used by running VMs + 3 reserved by 2"), "{r}");
     assert!(r.message.contains("leaves 9 of 16"), "{r}");
 }
 
@@ -137,15 +118,7 @@ fn false_capacity_claim_is_refused_at_accept() {
     // numbers say otherwise, and that is what decides.
     let admission = Admission::new(cfg());
     let r = admission
-        .try_admit(
-            &host("src"),
-            &vm("big"),
-            4096,
-            2,
-            15 * 1024,
-            2,
-            Instant::now(),
-        )
+        .try_admit(&host("src"), &vm("big"), 4096, 2, 15 * 1024, 2, Instant::now())
         .expect_err("no room");
     assert_eq!(r.kind, RefusalKind::Memory);
 }
@@ -162,43 +135,21 @@ fn per_peer_rate_limit() {
     for i in 0..3 {
         // Tickets dropped at once: the limit is on rate, not concurrency.
         admission
-            .try_admit(
-                &p,
-                &vm(&format!("v{i}")),
-                1,
-                1,
-                0,
-                0,
-                t0 + Duration::from_secs(i),
-            )
+            .try_admit(&p, &vm(&format!("v{i}")), 1, 1, 0, 0, t0 + Duration::from_secs(i))
             .expect("under the limit");
     }
     let r = admission
         .try_admit(&p, &vm("v3"), 1, 1, 0, 0, t0 + Duration::from_secs(4))
         .expect_err("over the limit");
     assert_eq!(r.kind, RefusalKind::PeerRate);
-    assert!(
-        r.message
-            .contains("3 migration(s) admitted in the last 10 s (limit 3)"),
-        "{r}"
-    );
+    assert!(r.message.contains("3 migration(s) admitted in the last 10 s (limit 3)"), "{r}");
     assert_eq!(r.retry_after, Some(Duration::from_secs(6)));
     // Another peer is not affected.
     assert!(admission
-        .try_admit(
-            &host("quiet"),
-            &vm("q"),
-            1,
-            1,
-            0,
-            0,
-            t0 + Duration::from_secs(4)
-        )
+        .try_admit(&host("quiet"), &vm("q"), 1, 1, 0, 0, t0 + Duration::from_secs(4))
         .is_ok());
     // Once the first admission leaves the window, one more gets in.
-    assert!(admission
-        .try_admit(&p, &vm("v3"), 1, 1, 0, 0, t0 + Duration::from_secs(10))
-        .is_ok());
+    assert!(admission.try_admit(&p, &vm("v3"), 1, 1, 0, 0, t0 + Duration::from_secs(10)).is_ok());
 }
 
 #[test]
@@ -206,12 +157,9 @@ fn cooldown_after_completion_and_no_duplicate_in_flight() {
     let admission = Admission::new(cfg());
     let t0 = Instant::now();
     let p = host("peer");
-    let ticket = admission
-        .try_admit(&p, &vm("web"), 512, 1, 0, 0, t0)
-        .expect("first");
-    let r = admission
-        .try_admit(&p, &vm("web"), 512, 1, 0, 0, t0)
-        .expect_err("same VM twice at once");
+    let ticket = admission.try_admit(&p, &vm("web"), 512, 1, 0, 0, t0).expect("first");
+    let r =
+        admission.try_admit(&p, &vm("web"), 512, 1, 0, 0, t0).expect_err("same VM twice at once");
     assert_eq!(r.kind, RefusalKind::AlreadyInFlight);
 
     admission.completed(&vm("web"), t0 + Duration::from_secs(5));
@@ -232,24 +180,12 @@ fn outgoing_rate_limiter() {
     let limiter = RateLimiter::new(2, Duration::from_secs(1));
     let t0 = Instant::now();
     assert!(limiter.check("host-b", t0).is_ok());
-    assert!(limiter
-        .check("host-b", t0 + Duration::from_millis(100))
-        .is_ok());
-    let r = limiter
-        .check("host-b", t0 + Duration::from_millis(200))
-        .expect_err("burst");
+    assert!(limiter.check("host-b", t0 + Duration::from_millis(100)).is_ok());
+    let r = limiter.check("host-b", t0 + Duration::from_millis(200)).expect_err("burst");
     assert_eq!(r.kind, RefusalKind::Rate);
-    assert!(
-        r.message
-            .contains("2 request(s) in the last 1 s, limit 2; retry in 0.8 s"),
-        "{r}"
-    );
-    assert!(limiter
-        .check("host-c", t0 + Duration::from_millis(200))
-        .is_ok());
-    assert!(limiter
-        .check("host-b", t0 + Duration::from_millis(1000))
-        .is_ok());
+    assert!(r.message.contains("2 request(s) in the last 1 s, limit 2; retry in 0.8 s"), "{r}");
+    assert!(limiter.check("host-c", t0 + Duration::from_millis(200)).is_ok());
+    assert!(limiter.check("host-b", t0 + Duration::from_millis(1000)).is_ok());
 }
 
 #[test]
@@ -261,10 +197,7 @@ fn config_serde_defaults_and_units() {
     assert_eq!(c.capacity_memory_mib, 1024);
     assert_eq!(c.per_peer_window, Duration::from_millis(500));
     assert_eq!(c.vm_cooldown, Duration::from_secs(90));
-    assert_eq!(
-        c.max_concurrent_incoming,
-        AdmissionConfig::default().max_concurrent_incoming
-    );
+    assert_eq!(c.max_concurrent_incoming, AdmissionConfig::default().max_concurrent_incoming);
     let c2: AdmissionConfig =
         serde_json::from_str(&serde_json::to_string(&c).expect("ser")).expect("de");
     assert_eq!(c, c2);

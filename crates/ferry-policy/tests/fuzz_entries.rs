@@ -55,7 +55,11 @@ fn shipped_files_pass_and_mutations_never_panic() {
     // Some mutations (in comments, in reason strings) keep a valid policy:
     // the entry really parses and validates rather than refusing everything.
     assert!(accepted > 0, "no mutation of the shipped policy validated");
-    let deep = format!("permit (principal, action, resource) when {{ {}true{} }};", "(".repeat(5000), ")".repeat(5000));
+    let deep = format!(
+        "permit (principal, action, resource) when {{ {}true{} }};",
+        "(".repeat(5000),
+        ")".repeat(5000)
+    );
     let _ = policy_text(deep.as_bytes());
     let _ = entities_json(format!("{}{}", "[".repeat(5000), "]".repeat(5000)).as_bytes());
 }

@@ -21,26 +21,9 @@ fn authorization_latency_p50_p99() {
     receive.labels.anti_affinity = vec!["red".into()];
     receive.resident_on_destination = (0..20).map(|i| resident(&format!("t{i}"))).collect();
     let cases = [
-        (
-            request(
-                operator("bob", "operator"),
-                Action::MigrateVm,
-                labels("green", 1),
-            ),
-            true,
-        ),
-        (
-            request(
-                operator("bob", "operator"),
-                Action::MigrateVm,
-                labels("blue", 1),
-            ),
-            false,
-        ),
-        (
-            request(host("host-a"), Action::SendVm, labels("blue", 3)),
-            false,
-        ),
+        (request(operator("bob", "operator"), Action::MigrateVm, labels("green", 1)), true),
+        (request(operator("bob", "operator"), Action::MigrateVm, labels("blue", 1)), false),
+        (request(host("host-a"), Action::SendVm, labels("blue", 3)), false),
         (receive, true),
     ];
     // Warm up caches and lazy statics so the first sample is not an outlier.

@@ -27,20 +27,14 @@ fn example_files_check_clean() {
     assert_eq!(s.entities, Some(5));
     assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     let text = s.to_string();
-    assert!(
-        text.starts_with("ok: 1 file(s), 9 policies (4 permit, 5 forbid)"),
-        "{text}"
-    );
+    assert!(text.starts_with("ok: 1 file(s), 9 policies (4 permit, 5 forbid)"), "{text}");
     assert!(text.contains("forbid anti-co-location"), "{text}");
 }
 
 #[test]
 fn shipped_schema_matches_embedded_schema() {
     let shipped = std::fs::read_to_string(docs().join("ferry.cedarschema")).expect("read");
-    assert_eq!(
-        shipped, SCHEMA,
-        "docs/policy/ferry.cedarschema drifted from the embedded schema"
-    );
+    assert_eq!(shipped, SCHEMA, "docs/policy/ferry.cedarschema drifted from the embedded schema");
 }
 
 #[test]
@@ -54,9 +48,7 @@ fn syntax_error_names_file_line_and_column() {
     );
     let err = check_files(std::slice::from_ref(&bad), None).expect_err("syntax error");
     match &err {
-        PolicyError::Syntax {
-            path, line, column, ..
-        } => {
+        PolicyError::Syntax { path, line, column, .. } => {
             assert_eq!(path, &bad);
             assert_eq!(*line, 3, "{err}");
             assert!(*column > 1, "{err}");
@@ -64,10 +56,7 @@ fn syntax_error_names_file_line_and_column() {
         other => panic!("expected a syntax error, got {other:?}"),
     }
     let shown = err.to_string();
-    assert!(
-        shown.starts_with(&format!("{}:3:", bad.display())),
-        "{shown}"
-    );
+    assert!(shown.starts_with(&format!("{}:3:", bad.display())), "{shown}");
     println!("{shown}");
 }
 
@@ -83,9 +72,7 @@ fn schema_violations_are_refused_with_their_place() {
     );
     let err = check_files(&[good.clone(), bad.clone()], None).expect_err("unknown attribute");
     match &err {
-        PolicyError::Validation {
-            path, line, policy, ..
-        } => {
+        PolicyError::Validation { path, line, policy, .. } => {
             assert_eq!(path, &bad);
             assert_eq!(*line, 4, "{err}");
             assert_eq!(policy, "typo");
@@ -101,14 +88,8 @@ fn schema_violations_are_refused_with_their_place() {
         "permit (principal, action == Action::\"DeleteVm\", resource);\n",
     );
     let err = check_files(&[bad], None).expect_err("unknown action");
-    assert!(
-        matches!(err, PolicyError::Validation { line: 1, .. }),
-        "{err}"
-    );
-    assert!(
-        err.to_string().contains("action.cedar#0"),
-        "fallback id names the file: {err}"
-    );
+    assert!(matches!(err, PolicyError::Validation { line: 1, .. }), "{err}");
+    assert!(err.to_string().contains("action.cedar#0"), "fallback id names the file: {err}");
 
     // Comparing a string with a number.
     let bad = write(
@@ -117,10 +98,7 @@ fn schema_violations_are_refused_with_their_place() {
         "permit (principal is Host, action == Action::\"SendVm\", resource is Vm)\nwhen { principal.zone > 1 };\n",
     );
     let err = check_files(&[bad], None).expect_err("type error");
-    assert!(
-        matches!(err, PolicyError::Validation { line: 2, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, PolicyError::Validation { line: 2, .. }), "{err}");
 }
 
 #[test]
@@ -134,11 +112,7 @@ fn duplicate_ids_and_templates_are_refused() {
         "{err}"
     );
 
-    let t = write(
-        dir.path(),
-        "t.cedar",
-        "permit (principal == ?principal, action, resource);\n",
-    );
+    let t = write(dir.path(), "t.cedar", "permit (principal == ?principal, action, resource);\n");
     let err = check_files(&[t], None).expect_err("template");
     assert!(matches!(err, PolicyError::Template { .. }), "{err}");
 }
@@ -165,16 +139,7 @@ fn bad_entities_are_refused() {
 
     let broken = write(dir.path(), "broken.json", "[\n  {\"uid\": }\n]\n");
     let err = PolicyEngine::load(&example_policies(), &broken).expect_err("json");
-    assert!(
-        matches!(
-            err,
-            PolicyError::Entities {
-                location: Some((2, _)),
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, PolicyError::Entities { location: Some((2, _)), .. }), "{err}");
 
     let err =
         PolicyEngine::load(&example_policies(), &dir.path().join("missing.json")).expect_err("io");
@@ -185,20 +150,12 @@ fn bad_entities_are_refused() {
 fn broken_reload_keeps_the_old_policy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let shared = SharedPolicy::new(example_engine());
-    let allowed = request(
-        operator("bob", "operator"),
-        Action::MigrateVm,
-        labels("green", 0),
-    );
+    let allowed = request(operator("bob", "operator"), Action::MigrateVm, labels("green", 0));
     let before = shared.current();
     assert!(before.authorize(&allowed).is_allow());
 
     // A syntax error, and separately a schema violation: both refused.
-    let broken = write(
-        dir.path(),
-        "broken.cedar",
-        "permit (principal, action, resource)\n",
-    );
+    let broken = write(dir.path(), "broken.cedar", "permit (principal, action, resource)\n");
     assert!(matches!(
         shared.reload(&[broken], &example_entities()),
         Err(PolicyError::Syntax { .. })
@@ -218,9 +175,7 @@ fn broken_reload_keeps_the_old_policy() {
 
     // A good reload takes effect; readers holding the old Arc keep it.
     let admins_only = write(dir.path(), "admins.cedar", GOOD);
-    shared
-        .reload(&[admins_only], &example_entities())
-        .expect("reload");
+    shared.reload(&[admins_only], &example_entities()).expect("reload");
     assert!(!shared.current().authorize(&allowed).is_allow());
     assert!(before.authorize(&allowed).is_allow());
 }

@@ -9,10 +9,7 @@ use ferry_policy::{Action, Decision, PolicyEngine};
 fn allowed_by(d: &Decision, id: &str) {
     match d {
         Decision::Allow { policies } => {
-            assert!(
-                policies.iter().any(|p| p == id),
-                "allowed, but not by {id}: {d:?}"
-            )
+            assert!(policies.iter().any(|p| p == id), "allowed, but not by {id}: {d:?}")
         }
         Decision::Deny { .. } => panic!("expected allow by {id}, got {d:?}"),
     }
@@ -21,10 +18,7 @@ fn allowed_by(d: &Decision, id: &str) {
 fn forbidden_by(d: &Decision, id: &str) {
     match d {
         Decision::Deny { policies, reason } => {
-            assert!(
-                policies.iter().any(|p| p == id),
-                "denied, but not by {id}: {d:?}"
-            );
+            assert!(policies.iter().any(|p| p == id), "denied, but not by {id}: {d:?}");
             assert!(reason.contains(id), "reason should name {id}: {reason}");
         }
         Decision::Allow { .. } => panic!("expected deny by {id}, got {d:?}"),
@@ -46,45 +40,26 @@ fn default_denied(d: &Decision) -> String {
 fn admin_may_migrate_any_vm_but_not_without_the_role() {
     let e = example_engine();
     // alice holds "admin"; the VM belongs to a tenant she does not look after.
-    let d = e.authorize(&request(
-        operator("alice", "admin"),
-        Action::MigrateVm,
-        labels("green", 1),
-    ));
+    let d =
+        e.authorize(&request(operator("alice", "admin"), Action::MigrateVm, labels("green", 1)));
     allowed_by(&d, "admin-migrate-any");
 
     // bob claims "admin" but the entities file does not give him that role.
-    let d = e.authorize(&request(
-        operator("bob", "admin"),
-        Action::MigrateVm,
-        labels("green", 1),
-    ));
+    let d = e.authorize(&request(operator("bob", "admin"), Action::MigrateVm, labels("green", 1)));
     let reason = default_denied(&d);
-    assert!(
-        reason.contains("operator `bob` acting as `admin`"),
-        "{reason}"
-    );
-    assert!(
-        reason.contains("admin-migrate-any"),
-        "reason lists the candidates: {reason}"
-    );
+    assert!(reason.contains("operator `bob` acting as `admin`"), "{reason}");
+    assert!(reason.contains("admin-migrate-any"), "reason lists the candidates: {reason}");
 }
 
 #[test]
 fn operator_may_migrate_only_own_tenant() {
     let e = example_engine();
-    let d = e.authorize(&request(
-        operator("bob", "operator"),
-        Action::MigrateVm,
-        labels("green", 1),
-    ));
+    let d =
+        e.authorize(&request(operator("bob", "operator"), Action::MigrateVm, labels("green", 1)));
     allowed_by(&d, "operator-migrate-own-tenant");
 
-    let d = e.authorize(&request(
-        operator("bob", "operator"),
-        Action::MigrateVm,
-        labels("blue", 1),
-    ));
+    let d =
+        e.authorize(&request(operator("bob", "operator"), Action::MigrateVm, labels("blue", 1)));
     let reason = default_denied(&d);
     assert!(reason.contains("tenant `blue`"), "{reason}");
 }
@@ -94,11 +69,7 @@ fn destination_must_be_in_allowed_zones() {
     let e = example_engine();
     let mut l = labels("blue", 1);
     l.allowed_zones = vec!["zone-1".into()];
-    let d = e.authorize(&request(
-        operator("alice", "admin"),
-        Action::MigrateVm,
-        l.clone(),
-    ));
+    let d = e.authorize(&request(operator("alice", "admin"), Action::MigrateVm, l.clone()));
     allowed_by(&d, "admin-migrate-any");
 
     // host-c is in zone-2.
@@ -107,11 +78,7 @@ fn destination_must_be_in_allowed_zones() {
     forbidden_by(&e.authorize(&r), "zone-allowed");
 
     // No allowed_zones means no zone restriction.
-    let mut r = request(
-        operator("alice", "admin"),
-        Action::MigrateVm,
-        labels("blue", 1),
-    );
+    let mut r = request(operator("alice", "admin"), Action::MigrateVm, labels("blue", 1));
     r.destination = "host-c".parse().expect("host");
     allowed_by(&e.authorize(&r), "admin-migrate-any");
 }
@@ -120,30 +87,18 @@ fn destination_must_be_in_allowed_zones() {
 fn hosts_need_trust_at_least_the_security_level() {
     let e = example_engine();
     // host-b (trust 2) receives a level-2 VM from host-a (trust 3).
-    let d = e.authorize(&request(
-        host("host-b"),
-        Action::ReceiveVm,
-        labels("blue", 2),
-    ));
+    let d = e.authorize(&request(host("host-b"), Action::ReceiveVm, labels("blue", 2)));
     allowed_by(&d, "host-receive-own");
     let d = e.authorize(&request(host("host-a"), Action::SendVm, labels("blue", 2)));
     allowed_by(&d, "host-send-own");
 
     // A level-3 VM: host-b's trust 2 is too low, on either side of the deal.
-    let d = e.authorize(&request(
-        host("host-b"),
-        Action::ReceiveVm,
-        labels("blue", 3),
-    ));
+    let d = e.authorize(&request(host("host-b"), Action::ReceiveVm, labels("blue", 3)));
     forbidden_by(&d, "host-trust");
     let d = e.authorize(&request(host("host-a"), Action::SendVm, labels("blue", 3)));
     forbidden_by(&d, "host-trust");
     // ...and the operator's request is refused up front as well.
-    let d = e.authorize(&request(
-        operator("alice", "admin"),
-        Action::MigrateVm,
-        labels("blue", 3),
-    ));
+    let d = e.authorize(&request(operator("alice", "admin"), Action::MigrateVm, labels("blue", 3)));
     forbidden_by(&d, "host-trust");
 }
 
@@ -151,11 +106,7 @@ fn hosts_need_trust_at_least_the_security_level() {
 fn hosts_speak_only_for_their_own_side() {
     let e = example_engine();
     // host-a is the source, so it may not claim to receive.
-    let d = e.authorize(&request(
-        host("host-a"),
-        Action::ReceiveVm,
-        labels("blue", 0),
-    ));
+    let d = e.authorize(&request(host("host-a"), Action::ReceiveVm, labels("blue", 0)));
     default_denied(&d);
     // host-c is not part of this migration at all.
     let d = e.authorize(&request(host("host-c"), Action::SendVm, labels("blue", 0)));
@@ -165,11 +116,7 @@ fn hosts_speak_only_for_their_own_side() {
 #[test]
 fn postcopy_only_for_low_security() {
     let e = example_engine();
-    let mut r = request(
-        operator("alice", "admin"),
-        Action::MigrateVm,
-        labels("blue", 1),
-    );
+    let mut r = request(operator("alice", "admin"), Action::MigrateVm, labels("blue", 1));
     r.postcopy = true;
     allowed_by(&e.authorize(&r), "admin-migrate-any");
 
@@ -230,18 +177,11 @@ fn default_deny_when_no_policy_matches() {
         Action::MigrateVm,
         labels("blue", 0),
     )));
-    assert!(
-        reason.contains("no permit policy covers MigrateVm"),
-        "{reason}"
-    );
+    assert!(reason.contains("no permit policy covers MigrateVm"), "{reason}");
 
     // An empty policy set denies everything as well.
     let e = PolicyEngine::load(&[], &example_entities()).expect("load");
-    default_denied(&e.authorize(&request(
-        host("host-b"),
-        Action::ReceiveVm,
-        labels("blue", 0),
-    )));
+    default_denied(&e.authorize(&request(host("host-b"), Action::ReceiveVm, labels("blue", 0))));
 }
 
 #[test]
@@ -252,16 +192,9 @@ fn unknown_parties_and_bad_labels_are_denied() {
         Action::MigrateVm,
         labels("blue", 0),
     )));
-    assert!(
-        reason.contains("mallory") && reason.contains("not in the entities file"),
-        "{reason}"
-    );
+    assert!(reason.contains("mallory") && reason.contains("not in the entities file"), "{reason}");
 
-    let mut r = request(
-        operator("alice", "admin"),
-        Action::MigrateVm,
-        labels("blue", 0),
-    );
+    let mut r = request(operator("alice", "admin"), Action::MigrateVm, labels("blue", 0));
     r.destination = "host-x".parse().expect("host");
     let reason = default_denied(&e.authorize(&r));
     assert!(reason.contains("destination host `host-x`"), "{reason}");
@@ -285,40 +218,21 @@ fn unknown_parties_and_bad_labels_are_denied() {
 #[test]
 fn explain_names_decision_and_policies() {
     let e = example_engine();
-    let mut r = request(
-        operator("alice", "admin"),
-        Action::MigrateVm,
-        labels("blue", 2),
-    );
+    let mut r = request(operator("alice", "admin"), Action::MigrateVm, labels("blue", 2));
     r.postcopy = true;
     let text = e.explain(&r);
     assert!(text.starts_with("decision: DENY"), "{text}");
     assert!(text.contains("forbid postcopy-low-security-only"), "{text}");
-    assert!(
-        text.contains("`host-b`: zone \"zone-1\", trust level 2"),
-        "{text}"
-    );
+    assert!(text.contains("`host-b`: zone \"zone-1\", trust level 2"), "{text}");
 
-    let text = e.explain(&request(
-        operator("bob", "operator"),
-        Action::MigrateVm,
-        labels("blue", 0),
-    ));
+    let text =
+        e.explain(&request(operator("bob", "operator"), Action::MigrateVm, labels("blue", 0)));
     assert!(text.starts_with("decision: DENY"), "{text}");
-    assert!(
-        text.contains("permit policies for MigrateVm (none matched)"),
-        "{text}"
-    );
-    assert!(
-        text.contains("permit operator-migrate-own-tenant"),
-        "{text}"
-    );
+    assert!(text.contains("permit policies for MigrateVm (none matched)"), "{text}");
+    assert!(text.contains("permit operator-migrate-own-tenant"), "{text}");
 
-    let text = e.explain(&request(
-        operator("bob", "operator"),
-        Action::MigrateVm,
-        labels("green", 0),
-    ));
+    let text =
+        e.explain(&request(operator("bob", "operator"), Action::MigrateVm, labels("green", 0)));
     assert!(text.starts_with("decision: ALLOW"), "{text}");
     println!("{text}");
 }
@@ -339,11 +253,8 @@ when { context.now + 9223372036854775807 > 0 };
     .expect("write");
     let e = PolicyEngine::load(&[path], &example_entities())
         .expect("validates: overflow is a run-time error");
-    match e.authorize(&request(
-        operator("bob", "operator"),
-        Action::MigrateVm,
-        labels("green", 0),
-    )) {
+    match e.authorize(&request(operator("bob", "operator"), Action::MigrateVm, labels("green", 0)))
+    {
         Decision::Deny { reason, .. } => {
             assert!(
                 reason.contains("evaluation failed") && reason.contains("overflowing"),

@@ -14,19 +14,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
     #[error("{kind} {value:?} is invalid: {why}")]
-    Invalid {
-        kind: &'static str,
-        value: String,
-        why: &'static str,
-    },
+    Invalid { kind: &'static str, value: String, why: &'static str },
 }
 
 fn invalid(kind: &'static str, value: &str, why: &'static str) -> ParseError {
-    ParseError::Invalid {
-        kind,
-        value: value.chars().take(80).collect(),
-        why,
-    }
+    ParseError::Invalid { kind, value: value.chars().take(80).collect(), why }
 }
 
 /// Longest host name: a DNS label.
@@ -96,10 +88,7 @@ fn check_object_name(s: &str) -> Result<(), &'static str> {
     if s.is_empty() || s.len() > MAX_VM_NAME {
         return Err("must be 1 to 64 characters");
     }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-    {
+    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
         return Err("may contain only A-Z, a-z, 0-9, '-', '_' and '.'");
     }
     if s.starts_with('.') || s.starts_with('-') {
@@ -206,7 +195,8 @@ impl TryFrom<String> for Digest32 {
     type Error = ParseError;
     fn try_from(s: String) -> Result<Self, ParseError> {
         let mut out = [0u8; 32];
-        hex::decode_to_slice(&s, &mut out).map_err(|_| invalid("digest", &s, "not 64 hex digits"))?;
+        hex::decode_to_slice(&s, &mut out)
+            .map_err(|_| invalid("digest", &s, "not 64 hex digits"))?;
         Ok(Self(out))
     }
 }
@@ -262,7 +252,11 @@ impl FromStr for SpiffeId {
         let (Some(domain), Some(kind), Some(name), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(invalid("SPIFFE id", s, "must be spiffe://<domain>/<host|operator>/<name>"));
+            return Err(invalid(
+                "SPIFFE id",
+                s,
+                "must be spiffe://<domain>/<host|operator>/<name>",
+            ));
         };
         let domain: TrustDomain = domain.parse()?;
         match kind {

@@ -87,11 +87,7 @@ mod tests {
         // hardware-KVM hosts, where Auto must pick KVM.
         let hw = Path::new("/sys/module/kvm_intel").exists()
             || Path::new("/sys/module/kvm_amd").exists();
-        let expected = if hw && Path::new("/dev/kvm").exists() {
-            Accel::Kvm
-        } else {
-            Accel::Tcg
-        };
+        let expected = if hw && Path::new("/dev/kvm").exists() { Accel::Kvm } else { Accel::Tcg };
         assert_eq!(detect_accel(), expected);
         assert_eq!(resolve_accel(AccelChoice::Auto).unwrap(), expected);
         assert_eq!(resolve_accel(AccelChoice::Tcg).unwrap(), Accel::Tcg);
@@ -108,18 +104,12 @@ mod tests {
         assert_eq!(detect_accel_in(&sys, &dev), Accel::Tcg);
         std::fs::create_dir_all(sys.join("kvm_amd")).unwrap();
         assert_eq!(detect_accel_in(&sys, &dev), Accel::Kvm);
-        assert_eq!(
-            detect_accel_in(&sys, &dir.path().join("missing")),
-            Accel::Tcg
-        );
+        assert_eq!(detect_accel_in(&sys, &dir.path().join("missing")), Accel::Tcg);
     }
 
     #[test]
     fn choice_is_lowercase_json() {
-        assert_eq!(
-            serde_json::from_str::<AccelChoice>(r#""tcg""#).unwrap(),
-            AccelChoice::Tcg
-        );
+        assert_eq!(serde_json::from_str::<AccelChoice>(r#""tcg""#).unwrap(), AccelChoice::Tcg);
         assert!(serde_json::from_str::<AccelChoice>(r#""KVM""#).is_err());
     }
 }

@@ -34,11 +34,7 @@ pub enum VmmError {
     #[error("KVM was requested but /dev/kvm does not exist")]
     KvmUnavailable,
     #[error("path {path:?} is too long for a unix socket ({len} > {max} bytes)")]
-    SocketPathTooLong {
-        path: PathBuf,
-        len: usize,
-        max: usize,
-    },
+    SocketPathTooLong { path: PathBuf, len: usize, max: usize },
     #[error("VM {name} already has a live QEMU (pid {pid})")]
     AlreadyRunning { name: String, pid: u32 },
     #[error("QEMU failed to start ({status}): {stderr}")]
@@ -46,11 +42,7 @@ pub enum VmmError {
     #[error("QEMU started but its pid file {path:?} is unusable: {why}")]
     PidFile { path: PathBuf, why: String },
     #[error("QMP command {command} failed: {class}: {desc}")]
-    Qmp {
-        command: String,
-        class: String,
-        desc: String,
-    },
+    Qmp { command: String, class: String, desc: String },
     #[error("QMP protocol error: {0}")]
     QmpProtocol(String),
     #[error("QMP connection closed")]
@@ -75,9 +67,6 @@ pub enum VmmError {
 
 impl VmmError {
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        VmmError::Io {
-            what: what.into(),
-            source,
-        }
+        VmmError::Io { what: what.into(), source }
     }
 }

@@ -139,12 +139,7 @@ impl QemuProcess {
             })?;
             match send_signal(Pid::from_raw(pid), signal) {
                 Ok(()) | Err(nix::Error::ESRCH) => {}
-                Err(source) => {
-                    return Err(VmmError::Signal {
-                        pid: self.pid,
-                        source,
-                    })
-                }
+                Err(source) => return Err(VmmError::Signal { pid: self.pid, source }),
             }
             let deadline = Instant::now() + grace;
             while self.is_alive() && Instant::now() < deadline {
@@ -191,36 +186,17 @@ pub fn qemu_args(
     push(&[&"-no-user-config", &"-nodefaults", &"-display", &"none"]);
     push(&[&"-machine", &spec.machine.qemu_name()]);
     push(&[&"-accel", &accel.qemu_name(), &"-cpu", &accel.cpu_model()]);
-    push(&[
-        &"-m",
-        &format!("{}M", spec.memory_mib),
-        &"-smp",
-        &spec.vcpus.to_string(),
-    ]);
+    push(&[&"-m", &format!("{}M", spec.memory_mib), &"-smp", &spec.vcpus.to_string()]);
     push(&[&"-qmp", &sock_opt("unix:", QMP_SOCK, ",server=on,wait=off")]);
     push(&[
         &"-chardev",
-        &sock_opt(
-            "socket,id=serial0,path=",
-            SERIAL_SOCK,
-            ",server=on,wait=off",
-        ),
+        &sock_opt("socket,id=serial0,path=", SERIAL_SOCK, ",server=on,wait=off"),
         &"-serial",
         &"chardev:serial0",
     ]);
-    push(&[
-        &"-pidfile",
-        &dir.join(PID_FILE),
-        &"-D",
-        &dir.join(LOG_FILE),
-        &"-daemonize",
-    ]);
+    push(&[&"-pidfile", &dir.join(PID_FILE), &"-D", &dir.join(LOG_FILE), &"-daemonize"]);
     match &spec.boot {
-        Boot::Kernel {
-            kernel,
-            initrd,
-            cmdline,
-        } => {
+        Boot::Kernel { kernel, initrd, cmdline } => {
             push(&[&"-kernel", &cfg.images_dir.join(kernel.as_str())]);
             if let Some(initrd) = initrd {
                 push(&[&"-initrd", &cfg.images_dir.join(initrd.as_str())]);
@@ -230,10 +206,7 @@ pub fn qemu_args(
         Boot::Disk { image } => {
             let mut drive = OsString::from("file=");
             drive.push(cfg.images_dir.join(image.as_str()));
-            drive.push(format!(
-                ",if=virtio,format={}",
-                image.disk_format().qemu_name()
-            ));
+            drive.push(format!(",if=virtio,format={}", image.disk_format().qemu_name()));
             push(&[&"-drive", &drive]);
         }
     }
@@ -308,10 +281,7 @@ pub async fn launch(
     check_socket_path(&dir.join(SERIAL_SOCK))?;
 
     if let Some(existing) = adopt(&dir).await? {
-        return Err(VmmError::AlreadyRunning {
-            name: spec.name.to_string(),
-            pid: existing.pid,
-        });
+        return Err(VmmError::AlreadyRunning { name: spec.name.to_string(), pid: existing.pid });
     }
     // Leftovers of a QEMU that was SIGKILLed; stale pid files must not be
     // mistaken for the new process's.
@@ -350,11 +320,7 @@ pub async fn launch(
     if !status.success() {
         // With -D, QEMU 7.2 sends even its start-up errors to the log file
         // rather than stderr, so report both.
-        let stderr = format!(
-            "{}\n{}",
-            read_from(&err_path, 0),
-            read_from(&log_path, log_start)
-        );
+        let stderr = format!("{}\n{}", read_from(&err_path, 0), read_from(&log_path, log_start));
         return Err(VmmError::LaunchFailed {
             status: status.to_string(),
             stderr: stderr.trim().chars().take(4096).collect(),
@@ -366,12 +332,7 @@ pub async fn launch(
         path: pid_path.clone(),
         why: "missing or not a number".into(),
     })?;
-    let proc = QemuProcess {
-        name: spec.name.clone(),
-        pid,
-        dir,
-        accel,
-    };
+    let proc = QemuProcess { name: spec.name.clone(), pid, dir, accel };
     if !proc.is_alive() {
         let log = read_from(&log_path, log_start);
         return Err(VmmError::LaunchFailed {
@@ -419,9 +380,7 @@ fn owned_qemu(pid: u32, dir: &Path) -> Option<Vec<Vec<u8>>> {
     let args: Vec<Vec<u8>> = cmdline.split(|&b| b == 0).map(<[u8]>::to_vec).collect();
     let want = dir.join(PID_FILE);
     let want = want.as_os_str().as_bytes();
-    args.windows(2)
-        .any(|w| w[0] == b"-pidfile" && w[1] == want)
-        .then_some(args)
+    args.windows(2).any(|w| w[0] == b"-pidfile" && w[1] == want).then_some(args)
 }
 
 /// After an agent restart: the QEMU recorded in `dir/qemu.pid`, if that pid
@@ -432,10 +391,8 @@ pub async fn adopt(dir: &Path) -> Result<Option<QemuProcess>, VmmError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(VmmError::io(format!("resolving {dir:?}"), e)),
     };
-    let Some(name) = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.parse::<VmName>().ok())
+    let Some(name) =
+        dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<VmName>().ok())
     else {
         return Ok(None);
     };
@@ -446,20 +403,11 @@ pub async fn adopt(dir: &Path) -> Result<Option<QemuProcess>, VmmError> {
         tracing::debug!(vm = %name, pid, "pid file does not name a live QEMU of this VM");
         return Ok(None);
     };
-    let accel = match args
-        .windows(2)
-        .find(|w| w[0] == b"-accel")
-        .map(|w| w[1].as_slice())
-    {
+    let accel = match args.windows(2).find(|w| w[0] == b"-accel").map(|w| w[1].as_slice()) {
         Some(b"kvm") => Accel::Kvm,
         _ => Accel::Tcg,
     };
-    Ok(Some(QemuProcess {
-        name,
-        pid,
-        dir,
-        accel,
-    }))
+    Ok(Some(QemuProcess { name, pid, dir, accel }))
 }
 
 /// Every live QEMU under `cfg.run_dir`, e.g. to re-adopt after a restart.
@@ -489,10 +437,7 @@ mod tests {
     use crate::spec::MachineType;
 
     fn cfg() -> QemuConfig {
-        QemuConfig {
-            images_dir: PathBuf::from("/srv/images"),
-            ..QemuConfig::default()
-        }
+        QemuConfig { images_dir: PathBuf::from("/srv/images"), ..QemuConfig::default() }
     }
 
     fn spec(boot: Boot) -> VmSpec {
@@ -506,29 +451,18 @@ mod tests {
     }
 
     fn strs(args: &[OsString]) -> Vec<String> {
-        args.iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
+        args.iter().map(|a| a.to_string_lossy().into_owned()).collect()
     }
 
     fn value_of<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
-        args.windows(2)
-            .find(|w| w[0] == flag)
-            .map(|w| w[1].as_str())
+        args.windows(2).find(|w| w[0] == flag).map(|w| w[1].as_str())
     }
 
     #[test]
     fn disk_args_resolve_in_images_dir() {
-        let s = spec(Boot::Disk {
-            image: "root.qcow2".parse().unwrap(),
-        });
-        let args = strs(&qemu_args(
-            &cfg(),
-            &s,
-            LaunchMode::Run,
-            Accel::Tcg,
-            Path::new("/run/f/vm1"),
-        ));
+        let s = spec(Boot::Disk { image: "root.qcow2".parse().unwrap() });
+        let args =
+            strs(&qemu_args(&cfg(), &s, LaunchMode::Run, Accel::Tcg, Path::new("/run/f/vm1")));
         assert_eq!(
             value_of(&args, "-drive"),
             Some("file=/srv/images/root.qcow2,if=virtio,format=qcow2")
@@ -538,10 +472,7 @@ mod tests {
         assert_eq!(value_of(&args, "-machine"), Some("q35"));
         assert_eq!(value_of(&args, "-cpu"), Some("max"));
         assert_eq!(value_of(&args, "-pidfile"), Some("/run/f/vm1/qemu.pid"));
-        assert_eq!(
-            value_of(&args, "-qmp"),
-            Some("unix:/run/f/vm1/qmp.sock,server=on,wait=off")
-        );
+        assert_eq!(value_of(&args, "-qmp"), Some("unix:/run/f/vm1/qmp.sock,server=on,wait=off"));
         assert!(!args.iter().any(|a| a == "-incoming" || a == "-S"));
     }
 
@@ -553,13 +484,7 @@ mod tests {
             initrd: Some("initrd.img".parse().unwrap()),
             cmdline: cmdline.into(),
         });
-        let args = strs(&qemu_args(
-            &cfg(),
-            &s,
-            LaunchMode::Incoming,
-            Accel::Kvm,
-            Path::new("/d"),
-        ));
+        let args = strs(&qemu_args(&cfg(), &s, LaunchMode::Incoming, Accel::Kvm, Path::new("/d")));
         assert_eq!(value_of(&args, "-append"), Some(cmdline));
         assert_eq!(value_of(&args, "-kernel"), Some("/srv/images/vmlinuz"));
         assert_eq!(value_of(&args, "-initrd"), Some("/srv/images/initrd.img"));
@@ -570,23 +495,10 @@ mod tests {
 
     #[test]
     fn both_ends_get_the_same_machine() {
-        let s = spec(Boot::Disk {
-            image: "d.raw".parse().unwrap(),
-        });
-        let src = strs(&qemu_args(
-            &cfg(),
-            &s,
-            LaunchMode::Run,
-            Accel::Tcg,
-            Path::new("/a/vm1"),
-        ));
-        let dst = strs(&qemu_args(
-            &cfg(),
-            &s,
-            LaunchMode::Incoming,
-            Accel::Tcg,
-            Path::new("/b/vm1"),
-        ));
+        let s = spec(Boot::Disk { image: "d.raw".parse().unwrap() });
+        let src = strs(&qemu_args(&cfg(), &s, LaunchMode::Run, Accel::Tcg, Path::new("/a/vm1")));
+        let dst =
+            strs(&qemu_args(&cfg(), &s, LaunchMode::Incoming, Accel::Tcg, Path::new("/b/vm1")));
         let strip = |v: Vec<String>| -> Vec<String> {
             v.into_iter()
                 .filter(|a| !a.contains("/vm1") && a != "-incoming" && a != "defer" && a != "-S")
@@ -600,10 +512,7 @@ mod tests {
         assert!(check_host_path(Path::new("/srv/a,b")).is_err());
         assert!(check_host_path(Path::new("/srv/ab")).is_ok());
         let long = PathBuf::from(format!("/{}/serial.sock", "x".repeat(100)));
-        assert!(matches!(
-            check_socket_path(&long),
-            Err(VmmError::SocketPathTooLong { .. })
-        ));
+        assert!(matches!(check_socket_path(&long), Err(VmmError::SocketPathTooLong { .. })));
     }
 
     #[test]

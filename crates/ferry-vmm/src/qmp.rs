@@ -150,11 +150,7 @@ impl QmpEvent {
             (Some(s), Some(us)) => Some(s.saturating_mul(1_000_000).saturating_add(us)),
             _ => None,
         };
-        Some(QmpEvent {
-            event,
-            data: v.get("data").cloned().unwrap_or(Value::Null),
-            timestamp_us,
-        })
+        Some(QmpEvent { event, data: v.get("data").cloned().unwrap_or(Value::Null), timestamp_us })
     }
 }
 
@@ -191,18 +187,15 @@ impl Qmp {
             };
             let greeting = qmp.read_message().await?;
             let Some(hello) = greeting.get("QMP") else {
-                return Err(VmmError::QmpProtocol(format!(
-                    "expected a greeting, got {greeting}"
-                )));
+                return Err(VmmError::QmpProtocol(format!("expected a greeting, got {greeting}")));
             };
             let v = &hello["version"]["qemu"];
             let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
             qmp.version = (n("major"), n("minor"), n("micro"));
             Ok(qmp)
         };
-        let mut qmp = tokio::time::timeout(CONNECT_TIMEOUT, fut)
-            .await
-            .map_err(|_| VmmError::Timeout {
+        let mut qmp =
+            tokio::time::timeout(CONNECT_TIMEOUT, fut).await.map_err(|_| VmmError::Timeout {
                 what: format!("QMP greeting on {path:?} (is another client connected?)"),
                 after: CONNECT_TIMEOUT,
             })??;
@@ -290,9 +283,7 @@ impl Qmp {
                 return Err(VmmError::QmpClosed);
             }
             let w = self.stream.get_mut();
-            w.write_all(&line)
-                .await
-                .map_err(|e| VmmError::io(format!("sending {command}"), e))?;
+            w.write_all(&line).await.map_err(|e| VmmError::io(format!("sending {command}"), e))?;
             sent = true;
             loop {
                 let mut v = self.read_message().await?;
@@ -317,9 +308,7 @@ impl Qmp {
                         desc: s("desc"),
                     });
                 }
-                return Err(VmmError::QmpProtocol(format!(
-                    "unexpected reply to {command}: {v}"
-                )));
+                return Err(VmmError::QmpProtocol(format!("unexpected reply to {command}: {v}")));
             }
         };
         let result = tokio::time::timeout(timeout, round_trip).await;
@@ -329,10 +318,7 @@ impl Qmp {
             if !sent {
                 self.broken = true;
             }
-            Err(VmmError::Timeout {
-                what: format!("QMP {command}"),
-                after: timeout,
-            })
+            Err(VmmError::Timeout { what: format!("QMP {command}"), after: timeout })
         })
     }
 
@@ -360,10 +346,7 @@ impl Qmp {
         };
         tokio::time::timeout(timeout, wait)
             .await
-            .map_err(|_| VmmError::Timeout {
-                what: format!("QMP event {name}"),
-                after: timeout,
-            })?
+            .map_err(|_| VmmError::Timeout { what: format!("QMP event {name}"), after: timeout })?
     }
 
     /// `query-status`.
@@ -371,9 +354,7 @@ impl Qmp {
         let v = self.execute("query-status", None).await?;
         match v.get("status").and_then(Value::as_str) {
             Some(s) => Ok(RunState::from(s.to_owned())),
-            None => Err(VmmError::QmpProtocol(format!(
-                "query-status without status: {v}"
-            ))),
+            None => Err(VmmError::QmpProtocol(format!("query-status without status: {v}"))),
         }
     }
 
@@ -414,24 +395,18 @@ impl Qmp {
             "max-postcopy-bandwidth": max_bandwidth,
             "downtime-limit": downtime_limit_ms,
         });
-        self.execute("migrate-set-parameters", Some(args))
-            .await
-            .map(drop)
+        self.execute("migrate-set-parameters", Some(args)).await.map(drop)
     }
 
     /// Current migration capabilities (`query-migrate-capabilities`).
     pub async fn capabilities(&mut self) -> Result<Vec<(String, bool)>, VmmError> {
         let v = self.execute("query-migrate-capabilities", None).await?;
-        let list = v
-            .as_array()
-            .ok_or_else(|| VmmError::QmpProtocol(format!("capabilities: {v}")))?;
+        let list =
+            v.as_array().ok_or_else(|| VmmError::QmpProtocol(format!("capabilities: {v}")))?;
         Ok(list
             .iter()
             .filter_map(|c| {
-                Some((
-                    c.get("capability")?.as_str()?.to_owned(),
-                    c.get("state")?.as_bool()?,
-                ))
+                Some((c.get("capability")?.as_str()?.to_owned(), c.get("state")?.as_bool()?))
             })
             .collect())
     }
@@ -452,45 +427,32 @@ impl Qmp {
                 "postcopy-ram together with multifd crashes QEMU 7.2 destinations",
             ));
         }
-        let list: Vec<Value> = caps
-            .iter()
-            .map(|(n, s)| json!({ "capability": n, "state": s }))
-            .collect();
-        self.execute(
-            "migrate-set-capabilities",
-            Some(json!({ "capabilities": list })),
-        )
-        .await
-        .map(drop)
+        let list: Vec<Value> =
+            caps.iter().map(|(n, s)| json!({ "capability": n, "state": s })).collect();
+        self.execute("migrate-set-capabilities", Some(json!({ "capabilities": list })))
+            .await
+            .map(drop)
     }
 
     /// Starts an outgoing migration to `uri` (e.g. `unix:/path`, `tcp:h:p`).
     pub async fn migrate(&mut self, uri: &str) -> Result<(), VmmError> {
-        self.execute("migrate", Some(json!({ "uri": uri })))
-            .await
-            .map(drop)
+        self.execute("migrate", Some(json!({ "uri": uri }))).await.map(drop)
     }
 
     /// On a `-incoming defer` QEMU: starts listening on `uri`.
     pub async fn migrate_incoming(&mut self, uri: &str) -> Result<(), VmmError> {
-        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
-            .await
-            .map(drop)
+        self.execute("migrate-incoming", Some(json!({ "uri": uri }))).await.map(drop)
     }
 
     /// Cancels an outgoing migration; the source keeps running.
     /// Post-copy recovery, source side: resume a paused post-copy over a new channel.
     pub async fn migrate_resume(&mut self, uri: &str) -> Result<(), VmmError> {
-        self.execute("migrate", Some(json!({ "uri": uri, "resume": true })))
-            .await
-            .map(drop)
+        self.execute("migrate", Some(json!({ "uri": uri, "resume": true }))).await.map(drop)
     }
 
     /// Post-copy recovery, destination side: listen for the resumed stream.
     pub async fn migrate_recover(&mut self, uri: &str) -> Result<(), VmmError> {
-        self.execute("migrate-recover", Some(json!({ "uri": uri })))
-            .await
-            .map(drop)
+        self.execute("migrate-recover", Some(json!({ "uri": uri }))).await.map(drop)
     }
 
     pub async fn migrate_cancel(&mut self) -> Result<(), VmmError> {
@@ -517,9 +479,7 @@ impl Qmp {
             match st.status {
                 MigrationState::Completed => return Ok(st),
                 MigrationState::Failed => {
-                    return Err(VmmError::MigrationFailed {
-                        desc: st.error_desc,
-                    })
+                    return Err(VmmError::MigrationFailed { desc: st.error_desc })
                 }
                 MigrationState::Cancelled => return Err(VmmError::MigrationCancelled),
                 _ => {}
@@ -577,10 +537,7 @@ mod tests {
     fn events_keep_timestamps() {
         let v = json!({"event": "STOP", "timestamp": {"seconds": 2, "microseconds": 5}});
         let ev = QmpEvent::from_value(&v).unwrap();
-        assert_eq!(
-            (ev.event.as_str(), ev.timestamp_us),
-            ("STOP", Some(2_000_005))
-        );
+        assert_eq!((ev.event.as_str(), ev.timestamp_us), ("STOP", Some(2_000_005)));
         assert_eq!(ev.data, Value::Null);
     }
 

@@ -106,10 +106,7 @@ fn check_image_name(s: &str) -> Result<(), &'static str> {
     if s.is_empty() || s.len() > MAX_IMAGE_NAME {
         return Err("must be 1 to 128 characters");
     }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-    {
+    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
         return Err("may contain only A-Z, a-z, 0-9, '.', '_' and '-'");
     }
     if s.starts_with('.') || s.starts_with('-') {
@@ -124,10 +121,8 @@ fn check_image_name(s: &str) -> Result<(), &'static str> {
 impl TryFrom<String> for ImageName {
     type Error = SpecError;
     fn try_from(s: String) -> Result<Self, SpecError> {
-        check_image_name(&s).map_err(|why| SpecError::ImageName {
-            name: s.chars().take(80).collect(),
-            why,
-        })?;
+        check_image_name(&s)
+            .map_err(|why| SpecError::ImageName { name: s.chars().take(80).collect(), why })?;
         Ok(Self(s))
     }
 }
@@ -172,9 +167,7 @@ pub enum Boot {
 
 fn check_cmdline(s: &str) -> Result<(), SpecError> {
     if s.len() > MAX_KERNEL_CMDLINE {
-        return Err(SpecError::Cmdline {
-            why: "longer than 2047 bytes",
-        });
+        return Err(SpecError::Cmdline { why: "longer than 2047 bytes" });
     }
     // Printable ASCII only: the kernel parses bytes, and newlines or NULs
     // would let a peer smuggle structure into logs and the kernel parser.
@@ -229,9 +222,7 @@ impl VmSpec {
     /// already valid by construction of their types.
     pub fn validate(&self) -> Result<(), SpecError> {
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
-            return Err(SpecError::Memory {
-                got: self.memory_mib,
-            });
+            return Err(SpecError::Memory { got: self.memory_mib });
         }
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(SpecError::Vcpus { got: self.vcpus });
@@ -278,14 +269,9 @@ mod tests {
         let disk = r#"{"name":"d","memory_mib":64,"vcpus":1,"machine":"pc",
                        "boot":{"type":"disk","image":"root.qcow2"}}"#;
         let spec: VmSpec = serde_json::from_str(disk).unwrap();
-        let Boot::Disk { image } = &spec.boot else {
-            panic!("not disk")
-        };
+        let Boot::Disk { image } = &spec.boot else { panic!("not disk") };
         assert_eq!(image.disk_format(), DiskFormat::Qcow2);
-        assert_eq!(
-            "a.img".parse::<ImageName>().unwrap().disk_format(),
-            DiskFormat::Raw
-        );
+        assert_eq!("a.img".parse::<ImageName>().unwrap().disk_format(), DiskFormat::Raw);
     }
 
     #[test]
@@ -300,22 +286,15 @@ mod tests {
 
     #[test]
     fn limits_are_enforced() {
-        for (mem, cpus) in [
-            (0, 1),
-            (MAX_MEMORY_MIB + 1, 1),
-            (MIN_MEMORY_MIB - 1, 1),
-            (64, 0),
-            (64, MAX_VCPUS + 1),
-        ] {
+        for (mem, cpus) in
+            [(0, 1), (MAX_MEMORY_MIB + 1, 1), (MIN_MEMORY_MIB - 1, 1), (64, 0), (64, MAX_VCPUS + 1)]
+        {
             let mut s = kernel_spec("");
             s.memory_mib = mem;
             s.vcpus = cpus;
             assert!(s.validate().is_err(), "{mem} MiB / {cpus} vcpus accepted");
             let json = serde_json::to_string(&s).unwrap();
-            assert!(
-                serde_json::from_str::<VmSpec>(&json).is_err(),
-                "deserialized {json}"
-            );
+            assert!(serde_json::from_str::<VmSpec>(&json).is_err(), "deserialized {json}");
         }
         let mut s = kernel_spec("");
         s.memory_mib = MAX_MEMORY_MIB;
@@ -350,17 +329,11 @@ mod tests {
 
     #[test]
     fn cmdline_is_printable_and_bounded() {
-        assert!(kernel_spec("console=ttyS0 quiet init=/bin/sh")
-            .validate()
-            .is_ok());
+        assert!(kernel_spec("console=ttyS0 quiet init=/bin/sh").validate().is_ok());
         for bad in ["a\nb", "a\0b", "a\tb", "\x1b[31m", "caf\u{e9}"] {
             assert!(kernel_spec(bad).validate().is_err(), "{bad:?} accepted");
         }
-        assert!(kernel_spec(&"x".repeat(MAX_KERNEL_CMDLINE))
-            .validate()
-            .is_ok());
-        assert!(kernel_spec(&"x".repeat(MAX_KERNEL_CMDLINE + 1))
-            .validate()
-            .is_err());
+        assert!(kernel_spec(&"x".repeat(MAX_KERNEL_CMDLINE)).validate().is_ok());
+        assert!(kernel_spec(&"x".repeat(MAX_KERNEL_CMDLINE + 1)).validate().is_err());
     }
 }

@@ -44,11 +44,7 @@ fn host() -> Host {
     std::fs::create_dir_all(&images).unwrap();
     // A 1 MiB raw image of zeros.
     std::fs::write(images.join("zero.raw"), vec![0u8; 1 << 20]).unwrap();
-    Host {
-        _tmp: tmp,
-        root,
-        images,
-    }
+    Host { _tmp: tmp, root, images }
 }
 
 fn config(h: &Host, run: &str) -> QemuConfig {
@@ -66,9 +62,7 @@ fn spec(name: &str, memory_mib: u32) -> VmSpec {
         memory_mib,
         vcpus: 1,
         machine: MachineType::Q35,
-        boot: Boot::Disk {
-            image: "zero.raw".parse().unwrap(),
-        },
+        boot: Boot::Disk { image: "zero.raw".parse().unwrap() },
     }
 }
 
@@ -86,9 +80,7 @@ async fn lifecycle_adopt_stop_cont_quit() {
     let cfg = config(&h, "run");
     let mut guard = Guard::default();
     let t0 = Instant::now();
-    let vm = launch(&cfg, &spec("life", 64), LaunchMode::Run)
-        .await
-        .unwrap();
+    let vm = launch(&cfg, &spec("life", 64), LaunchMode::Run).await.unwrap();
     guard.keep(&vm);
     eprintln!("launch took {:?}", t0.elapsed());
     assert!(vm.is_alive());
@@ -100,11 +92,7 @@ async fn lifecycle_adopt_stop_cont_quit() {
 
     // Unknown commands come back as a typed error naming the command.
     match qmp.execute("no-such-command", None).await {
-        Err(VmmError::Qmp {
-            command,
-            class,
-            desc,
-        }) => {
+        Err(VmmError::Qmp { command, class, desc }) => {
             assert_eq!(command, "no-such-command");
             assert_eq!(class, "CommandNotFound");
             assert!(desc.contains("no-such-command"), "{desc}");
@@ -122,10 +110,7 @@ async fn lifecycle_adopt_stop_cont_quit() {
     let pid = vm.pid;
     let dir = vm.dir.clone();
     drop(vm);
-    let again = adopt(&dir)
-        .await
-        .unwrap()
-        .expect("adopt finds the live QEMU");
+    let again = adopt(&dir).await.unwrap().expect("adopt finds the live QEMU");
     assert_eq!((again.pid, again.name.as_str()), (pid, "life"));
     assert_eq!(again.accel, ferry_vmm::Accel::Tcg);
     let all = list(&cfg).await.unwrap();
@@ -152,9 +137,7 @@ async fn kill_removes_sockets_and_relaunch_works() {
     let h = host();
     let cfg = config(&h, "run");
     let mut guard = Guard::default();
-    let vm = launch(&cfg, &spec("victim", 32), LaunchMode::Run)
-        .await
-        .unwrap();
+    let vm = launch(&cfg, &spec("victim", 32), LaunchMode::Run).await.unwrap();
     guard.keep(&vm);
     vm.kill().unwrap();
     assert!(!vm.is_alive());
@@ -162,9 +145,7 @@ async fn kill_removes_sockets_and_relaunch_works() {
     // Killing twice is harmless.
     vm.kill().unwrap();
 
-    let vm2 = launch(&cfg, &spec("victim", 32), LaunchMode::Run)
-        .await
-        .unwrap();
+    let vm2 = launch(&cfg, &spec("victim", 32), LaunchMode::Run).await.unwrap();
     guard.keep(&vm2);
     assert_ne!(vm2.pid, vm.pid);
     assert!(vm2.is_alive());
@@ -175,9 +156,7 @@ async fn launch_failure_reports_qemu_stderr() {
     let h = host();
     let cfg = config(&h, "run");
     let mut s = spec("broken", 32);
-    s.boot = Boot::Disk {
-        image: "missing.raw".parse().unwrap(),
-    };
+    s.boot = Boot::Disk { image: "missing.raw".parse().unwrap() };
     match launch(&cfg, &s, LaunchMode::Run).await {
         Err(VmmError::LaunchFailed { stderr, .. }) => {
             assert!(stderr.contains("missing.raw"), "{stderr}")
@@ -194,10 +173,7 @@ async fn adopt_refuses_dead_and_foreign_pids() {
     let pid_file = dir.join("qemu.pid");
 
     assert!(adopt(&dir).await.unwrap().is_none(), "no pid file");
-    assert!(
-        adopt(&h.root.join("nowhere")).await.unwrap().is_none(),
-        "no dir"
-    );
+    assert!(adopt(&h.root.join("nowhere")).await.unwrap().is_none(), "no dir");
 
     // A pid that has exited.
     let mut child = std::process::Command::new("true").spawn().unwrap();
@@ -219,9 +195,7 @@ async fn adopt_refuses_another_vms_qemu() {
     let h = host();
     let cfg = config(&h, "run");
     let mut guard = Guard::default();
-    let vm = launch(&cfg, &spec("owner", 32), LaunchMode::Run)
-        .await
-        .unwrap();
+    let vm = launch(&cfg, &spec("owner", 32), LaunchMode::Run).await.unwrap();
     guard.keep(&vm);
     // Another VM's dir whose pid file points at `owner`'s live QEMU.
     let other = h.root.join("run").join("impostor");
@@ -270,18 +244,13 @@ async fn local_migration_between_two_qemus() {
         .unwrap();
     qs.set_capabilities(&[("events", true)]).await.unwrap();
     // post-copy + multifd is refused before QEMU sees it.
-    let err = qs
-        .set_capabilities(&[("postcopy-ram", true), ("multifd", true)])
-        .await
-        .unwrap_err();
+    let err = qs.set_capabilities(&[("postcopy-ram", true), ("multifd", true)]).await.unwrap_err();
     assert!(matches!(err, VmmError::UnsafeCapabilities(_)), "{err}");
 
     let t0 = Instant::now();
     qs.migrate(&uri).await.unwrap();
-    let done = qs
-        .wait_migration_done(Duration::from_millis(20), Duration::from_secs(20))
-        .await
-        .unwrap();
+    let done =
+        qs.wait_migration_done(Duration::from_millis(20), Duration::from_secs(20)).await.unwrap();
     let elapsed = t0.elapsed();
     let ram = done.ram.clone().unwrap_or_default();
     eprintln!(
@@ -295,10 +264,8 @@ async fn local_migration_between_two_qemus() {
     let events: Vec<String> = qs.drain_events().into_iter().map(|e| e.event).collect();
     assert!(events.iter().any(|e| e == "MIGRATION"), "{events:?}");
 
-    let dst_done = qd
-        .wait_migration_done(Duration::from_millis(20), Duration::from_secs(10))
-        .await
-        .unwrap();
+    let dst_done =
+        qd.wait_migration_done(Duration::from_millis(20), Duration::from_secs(10)).await.unwrap();
     eprintln!("destination query-migrate after incoming: {dst_done:?}");
 
     // -S: the destination holds the guest paused until the agent says so.
@@ -339,28 +306,19 @@ async fn source_cont_in_postmigrate_resumes_the_stale_copy() {
     guard.keep(&dst);
     let (mut qs, mut qd) = (src.qmp().await.unwrap(), dst.qmp().await.unwrap());
     let uri = format!("unix:{}", dst.dir.join("in.sock").display());
-    qd.set_capabilities(&[("late-block-activate", true)])
-        .await
-        .unwrap();
+    qd.set_capabilities(&[("late-block-activate", true)]).await.unwrap();
     qd.migrate_incoming(&uri).await.unwrap();
     qs.set_migration_parameters(src_cfg.max_bandwidth_bytes_per_s, src_cfg.downtime_limit_ms)
         .await
         .unwrap();
     qs.migrate(&uri).await.unwrap();
     let poll = Duration::from_millis(20);
-    qs.wait_migration_done(poll, Duration::from_secs(20))
-        .await
-        .unwrap();
-    qd.wait_migration_done(poll, Duration::from_secs(10))
-        .await
-        .unwrap();
+    qs.wait_migration_done(poll, Duration::from_secs(20)).await.unwrap();
+    qd.wait_migration_done(poll, Duration::from_secs(10)).await.unwrap();
     wait_status(&mut qd, RunState::Paused).await;
 
     qs.cont().await.unwrap();
     assert_eq!(qs.status().await.unwrap(), RunState::Running);
     let err = qd.cont().await.unwrap_err();
-    assert!(
-        matches!(&err, VmmError::Qmp { desc, .. } if desc.contains("lock")),
-        "{err}"
-    );
+    assert!(matches!(&err, VmmError::Qmp { desc, .. } if desc.contains("lock")), "{err}");
 }

@@ -21,19 +21,9 @@ pub fn cluster() -> Cluster {
     let ca_dir = CaDir::init(&dir.path().join("ca"), &"ferry.test".parse().unwrap(), 365).unwrap();
     let ca = CaTrust::load(&ca_dir.cert_path()).unwrap();
     let certs = dir.path().join("certs");
-    let src = ca_dir
-        .issue_host(&"src-host".parse().unwrap(), Validity::days(30), &certs)
-        .unwrap();
-    let dst = ca_dir
-        .issue_host(&"dst-host".parse().unwrap(), Validity::days(30), &certs)
-        .unwrap();
-    Cluster {
-        dir,
-        ca_dir,
-        ca,
-        src,
-        dst,
-    }
+    let src = ca_dir.issue_host(&"src-host".parse().unwrap(), Validity::days(30), &certs).unwrap();
+    let dst = ca_dir.issue_host(&"dst-host".parse().unwrap(), Validity::days(30), &certs).unwrap();
+    Cluster { dir, ca_dir, ca, src, dst }
 }
 
 impl Cluster {
@@ -76,17 +66,18 @@ fn event(kind: &str, mid: &str, peer: &str, signed: Signed) -> AuditEvent {
 /// signs before sending and what it receives after verifying it.
 /// `until`: how many of offer, accept, commit, receipt happen.
 pub fn migrate(ca: &CaTrust, s: &mut AuditLog, d: &mut AuditLog, mid: &str, until: usize) {
-    let steps = [
-        ("offer", true),
-        ("accept", false),
-        ("commit", true),
-        ("receipt", false),
-    ];
+    let steps = [("offer", true), ("accept", false), ("commit", true), ("receipt", false)];
     exchange(ca, s, d, mid, &steps[..until]);
 }
 
 /// Messages of one migration in the given order: (kind, sent by the source).
-pub fn exchange(ca: &CaTrust, s: &mut AuditLog, d: &mut AuditLog, mid: &str, steps: &[(&str, bool)]) {
+pub fn exchange(
+    ca: &CaTrust,
+    s: &mut AuditLog,
+    d: &mut AuditLog,
+    mid: &str,
+    steps: &[(&str, bool)],
+) {
     let (sh, dh) = (s.host().to_owned(), d.host().to_owned());
     let body = |log: &AuditLog, digests: Vec<String>| Body {
         migration_id: mid.into(),
@@ -98,11 +89,7 @@ pub fn exchange(ca: &CaTrust, s: &mut AuditLog, d: &mut AuditLog, mid: &str, ste
         log_head: log.head(),
     };
     for &(kind, from_source) in steps {
-        let (me, peer) = if from_source {
-            (&mut *s, &mut *d)
-        } else {
-            (&mut *d, &mut *s)
-        };
+        let (me, peer) = if from_source { (&mut *s, &mut *d) } else { (&mut *d, &mut *s) };
         let digests = if kind == "commit" || kind == "switchover" {
             vec!["00".repeat(32), "11".repeat(32)]
         } else {
@@ -110,27 +97,16 @@ pub fn exchange(ca: &CaTrust, s: &mut AuditLog, d: &mut AuditLog, mid: &str, ste
         };
         let msg = Signed::sign(kind, &body(me, digests), me.signer()).unwrap();
         let peer_host = peer.host().to_owned();
-        me.append(&event(
-            &format!("{kind}_sent"),
-            mid,
-            &peer_host,
-            msg.clone(),
-        ))
-        .unwrap();
+        me.append(&event(&format!("{kind}_sent"), mid, &peer_host, msg.clone())).unwrap();
         let (_b, who): (Body, String) = msg.verify(kind, ca).unwrap();
         assert_eq!(who, me.host());
         let my_host = me.host().to_owned();
-        peer.append(&event(&format!("{kind}_received"), mid, &my_host, msg))
-            .unwrap();
+        peer.append(&event(&format!("{kind}_received"), mid, &my_host, msg)).unwrap();
     }
 }
 
 pub fn read_lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
 }
 
 pub fn write_lines(path: &Path, lines: &[String]) {

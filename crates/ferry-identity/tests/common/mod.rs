@@ -43,7 +43,8 @@ impl Cluster {
 
     /// Load an issued certificate with this cluster's CA and CRL.
     pub fn load(&self, issued: &IssuedCert) -> Identity {
-        Identity::load(&issued.cert, &issued.key, &self.ca.cert_path(), Some(&self.ca.crl_path())).unwrap()
+        Identity::load(&issued.cert, &issued.key, &self.ca.cert_path(), Some(&self.ca.crl_path()))
+            .unwrap()
     }
 
     pub fn host_identity(&self, name: &str) -> Identity {

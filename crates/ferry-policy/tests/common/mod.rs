@@ -23,16 +23,11 @@ pub fn example_engine() -> PolicyEngine {
 }
 
 pub fn operator(name: &str, role: &str) -> Principal {
-    Principal::Operator {
-        name: name.parse().expect("operator name"),
-        role: role.to_owned(),
-    }
+    Principal::Operator { name: name.parse().expect("operator name"), role: role.to_owned() }
 }
 
 pub fn host(name: &str) -> Principal {
-    Principal::Host {
-        name: name.parse().expect("host name"),
-    }
+    Principal::Host { name: name.parse().expect("host name") }
 }
 
 pub fn labels(tenant: &str, level: u8) -> VmLabels {
@@ -62,8 +57,5 @@ pub fn request(principal: Principal, action: Action, labels: VmLabels) -> Reques
 }
 
 pub fn resident(tenant: &str) -> Resident {
-    Resident {
-        tenant: tenant.to_owned(),
-        security_level: 0,
-    }
+    Resident { tenant: tenant.to_owned(), security_level: 0 }
 }
