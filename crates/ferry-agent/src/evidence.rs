@@ -142,12 +142,12 @@ impl Agent {
         from: &HostName,
         expect: &Expect<'_>,
     ) -> Result<T, String> {
-        let (body, signer): (T, String) = signed
+        let (body, signer): (T, SpiffeId) = signed
             .verify(kind, &self.ca_trust)
             .map_err(|e| format!("{kind} from {from}: {}", crate::chain(&e)))?;
-        let signer_host = match signer.parse::<SpiffeId>() {
-            Ok(SpiffeId::Host { name, .. }) => name,
-            _ => return Err(format!("{kind} signed by {signer}, not by a host")),
+        let signer_host = match signer {
+            SpiffeId::Host { name, .. } => name,
+            other => return Err(format!("{kind} signed by {other}, not by a host")),
         };
         // SECURITY: a valid signature by another host of the cluster is not
         // this peer's word.

@@ -197,8 +197,8 @@ async fn attest_then_receive(
             // The signature is checked before any field is trusted; the
             // fields are checked against this connection in `check_offer`.
             let body = match signed.verify::<OfferBody>(evidence::OFFER, &agent.ca_trust) {
-                Ok((body, signer))
-                    if signer == format!("spiffe://{}/host/{}", agent.domain, peer.host()) =>
+                Ok((body, ferry_types::SpiffeId::Host { domain, name }))
+                    if domain == agent.domain && &name == peer.host() =>
                 {
                     body
                 }

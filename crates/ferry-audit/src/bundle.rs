@@ -238,7 +238,7 @@ pub fn verify_bundle(bundle: &EvidenceBundle, ca: &CaTrust) -> Result<BundleSumm
             .iter()
             .find(|(m, _)| m == msg)
             .map_or_else(OffsetDateTime::now_utc, |(_, t)| *t);
-        let signer = msg.check(ca, at).map_err(fail)?;
+        let signer = msg.check(ca, at).map_err(fail)?.to_string();
         // Either side may abort; of everything else there is one.
         let second =
             signers.iter().any(|(k, s)| k == &msg.kind && (msg.kind != "abort" || s == &signer));

@@ -199,7 +199,7 @@ impl Walker {
                 .map_err(|e| RecordFault::Malformed(format!("cert is not base64: {e}")))?;
             let host = match depth {
                 Depth::Full(ca) => {
-                    ca.check_host_cert(&der, r.ts).map_err(RecordFault::Untrusted)?
+                    ca.check_host_cert(&der, r.ts).map_err(RecordFault::Untrusted)?.to_string()
                 }
                 Depth::Structure => crate::signed::host_of(&der).map_err(RecordFault::Untrusted)?,
             };

@@ -92,17 +92,11 @@ fn host_spiffe(der: &[u8]) -> Result<SpiffeId, String> {
         Ok(None) => Vec::new(),
         Err(e) => return Err(format!("bad subjectAltName extension: {e}")),
     };
-    let uris: Vec<&str> = sans
-        .iter()
-        .filter_map(|g| match g {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    let [uri] = uris.as_slice() else {
-        return Err(format!("{} URI SANs, exactly one SPIFFE id is required", uris.len()));
-    };
-    let id: SpiffeId = uri.parse().map_err(|e| format!("{e}"))?;
+    let uris = sans.iter().filter_map(|g| match g {
+        GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    let id = SpiffeId::from_uri_sans(uris).map_err(|e| e.to_string())?;
     if !matches!(id, SpiffeId::Host { .. }) {
         return Err(format!("{id} is not a host identity"));
     }
@@ -232,7 +226,11 @@ impl CaTrust {
     /// revocation is deliberately not checked here: a certificate revoked
     /// *after* it signed does not make its earlier signatures false, and the
     /// agents refuse revoked peers at the handshake.
-    pub(crate) fn check_host_cert(&self, der: &[u8], at: OffsetDateTime) -> Result<String, String> {
+    pub(crate) fn check_host_cert(
+        &self,
+        der: &[u8],
+        at: OffsetDateTime,
+    ) -> Result<SpiffeId, String> {
         let cert = CertificateDer::from(der);
         let ee = EndEntityCert::try_from(&cert).map_err(|e| format!("not a certificate: {e}"))?;
         let secs =
@@ -256,7 +254,7 @@ impl CaTrust {
                 return Err(format!("{id} is outside the CA's trust domain {domain}"));
             }
         }
-        Ok(id.to_string())
+        Ok(id)
     }
 
     /// Check `sig` over `msg` with the key of `cert_der`, which must chain to
@@ -267,7 +265,7 @@ impl CaTrust {
         msg: &[u8],
         sig: &[u8],
         at: OffsetDateTime,
-    ) -> Result<String, MessageFault> {
+    ) -> Result<SpiffeId, MessageFault> {
         let spiffe = self.check_host_cert(cert_der, at).map_err(MessageFault::Untrusted)?;
         verify_with_cert(cert_der, msg, sig)?;
         Ok(spiffe)
@@ -341,7 +339,7 @@ impl Signed {
         &self,
         kind: &str,
         ca: &CaTrust,
-    ) -> Result<(T, String), AuditError> {
+    ) -> Result<(T, SpiffeId), AuditError> {
         self.verify_at(kind, ca, OffsetDateTime::now_utc())
             .map_err(|e| AuditError::Verify(Box::new(e)))
     }
@@ -354,7 +352,7 @@ impl Signed {
         kind: &str,
         ca: &CaTrust,
         at: OffsetDateTime,
-    ) -> Result<(T, String), VerifyError> {
+    ) -> Result<(T, SpiffeId), VerifyError> {
         let what = || format!("signed {kind:?} message");
         // SECURITY: the kind is checked here *and* is inside the signed bytes,
         // so relabelling an Accept as a Receipt fails either way.
@@ -378,7 +376,7 @@ impl Signed {
 
     /// Signature and chain check without an expected kind; returns the
     /// signer's SPIFFE id.
-    pub(crate) fn check(&self, ca: &CaTrust, at: OffsetDateTime) -> Result<String, MessageFault> {
+    pub(crate) fn check(&self, ca: &CaTrust, at: OffsetDateTime) -> Result<SpiffeId, MessageFault> {
         check_kind(&self.kind)
             .map_err(|why| MessageFault::Malformed(format!("kind {:?}: {why}", self.kind)))?;
         let cert = self.cert_der()?;

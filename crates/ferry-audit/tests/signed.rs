@@ -21,7 +21,7 @@ fn body() -> Body {
     }
 }
 
-fn fault(r: Result<(Body, String), AuditError>) -> MessageFault {
+fn fault(r: Result<(Body, ferry_types::SpiffeId), AuditError>) -> MessageFault {
     match r {
         Err(AuditError::Verify(e)) => match *e {
             VerifyError::Message { fault, .. } => fault,
@@ -36,9 +36,9 @@ fn fault(r: Result<(Body, String), AuditError>) -> MessageFault {
 fn round_trip() {
     let c = cluster();
     let msg = Signed::sign("offer", &body(), &c.src_signer()).unwrap();
-    let (b, who): (Body, String) = msg.verify("offer", &c.ca).unwrap();
+    let (b, who): (Body, ferry_types::SpiffeId) = msg.verify("offer", &c.ca).unwrap();
     assert_eq!(b, body());
-    assert_eq!(who, "spiffe://ferry.test/host/src-host");
+    assert_eq!(who.to_string(), "spiffe://ferry.test/host/src-host");
     // The message survives its own JSON encoding unchanged.
     let back: Signed = serde_json::from_str(&serde_json::to_string(&msg).unwrap()).unwrap();
     assert_eq!(back, msg);

@@ -58,19 +58,11 @@ fn sans<'a>(cert: &'a X509Certificate<'_>) -> Result<Vec<&'a GeneralName<'a>>, S
 pub(crate) fn leaf_info(der: &[u8]) -> Result<LeafInfo, String> {
     let cert = parse(der)?;
     let sans = sans(&cert)?;
-    let uris: Vec<&str> = sans
-        .iter()
-        .filter_map(|g| match g {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    let uri = match uris.as_slice() {
-        [one] => *one,
-        [] => return Err("no URI SAN (SPIFFE id)".into()),
-        many => return Err(format!("{} URI SANs, exactly one SPIFFE id is required", many.len())),
-    };
-    let spiffe: SpiffeId = uri.parse().map_err(|e| format!("{e}"))?;
+    let uris = sans.iter().filter_map(|g| match g {
+        GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    let spiffe = SpiffeId::from_uri_sans(uris).map_err(|e| e.to_string())?;
     let role = match &spiffe {
         SpiffeId::Host { name, .. } => {
             let has_dns =

@@ -231,6 +231,32 @@ impl SpiffeId {
             SpiffeId::Host { domain, .. } | SpiffeId::Operator { domain, .. } => domain,
         }
     }
+
+    /// The one identity a certificate names, from its URI SANs (the caller
+    /// extracts them with its X.509 parser; ferry-identity for TLS peers,
+    /// ferry-audit for signers: both apply this same rule).
+    ///
+    /// SECURITY: exactly one URI SAN, and it must parse as a Ferry SPIFFE
+    /// id, so a certificate cannot be read as whichever identity suits.
+    pub fn from_uri_sans<'a>(uris: impl IntoIterator<Item = &'a str>) -> Result<Self, SanError> {
+        let uris: Vec<&str> = uris.into_iter().collect();
+        match uris.as_slice() {
+            [one] => one.parse().map_err(SanError::Invalid),
+            [] => Err(SanError::Missing),
+            many => Err(SanError::Several(many.len())),
+        }
+    }
+}
+
+/// Why a certificate's URI SANs name no identity.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SanError {
+    #[error("no URI SAN (SPIFFE id)")]
+    Missing,
+    #[error("{0} URI SANs, exactly one SPIFFE id is required")]
+    Several(usize),
+    #[error(transparent)]
+    Invalid(ParseError),
 }
 
 impl fmt::Display for SpiffeId {
@@ -271,6 +297,19 @@ impl FromStr for SpiffeId {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_names_exactly_one_identity() {
+        let id = SpiffeId::from_uri_sans(["spiffe://ferry.test/host/h1"]).unwrap();
+        assert_eq!(id.to_string(), "spiffe://ferry.test/host/h1");
+        assert_eq!(SpiffeId::from_uri_sans([]), Err(SanError::Missing));
+        let two = ["spiffe://ferry.test/host/h1", "spiffe://ferry.test/host/h2"];
+        assert_eq!(SpiffeId::from_uri_sans(two), Err(SanError::Several(2)));
+        assert!(matches!(
+            SpiffeId::from_uri_sans(["https://ferry.test/host/h1"]),
+            Err(SanError::Invalid(_))
+        ));
+    }
 
     #[test]
     fn host_names_are_dns_labels() {

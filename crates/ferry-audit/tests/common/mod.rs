@@ -98,8 +98,8 @@ pub fn exchange(
         let msg = Signed::sign(kind, &body(me, digests), me.signer()).unwrap();
         let peer_host = peer.host().to_owned();
         me.append(&event(&format!("{kind}_sent"), mid, &peer_host, msg.clone())).unwrap();
-        let (_b, who): (Body, String) = msg.verify(kind, ca).unwrap();
-        assert_eq!(who, me.host());
+        let (_b, who): (Body, ferry_types::SpiffeId) = msg.verify(kind, ca).unwrap();
+        assert_eq!(who.to_string(), me.host());
         let my_host = me.host().to_owned();
         peer.append(&event(&format!("{kind}_received"), mid, &my_host, msg)).unwrap();
     }
