@@ -29,7 +29,8 @@ pub use describe::{describe_rustls_error, describe_tls_error};
 pub use error::{BoxError, IdentityError};
 pub use identity::Identity;
 pub use peer::{
-    authenticate_host, channel_binding, peer_identity, PeerAuthenticated, PeerIdentity, TlsSession,
+    authenticate_host, channel_binding, peer_identity, ChannelBinding, PeerAuthenticated,
+    PeerIdentity, TlsSession, BINDING_LABEL,
 };
 pub use tls::{client_config, server_config, server_name, TlsConfigs, ALPN};
 pub use x509::{normalize_serial, serial_hex, valid_role, MAX_ROLE};

@@ -68,32 +68,71 @@ pub fn peer_identity(
     }
 }
 
-/// Proof that the peer on a connection is the host the operator named.
-/// Only [`authenticate_host`] makes one, so code that takes a
-/// `PeerAuthenticated` cannot be reached with an unchecked peer.
+/// The exporter label of Ferry's channel binding (RFC 8446 §7.5, RFC 9266 style).
+pub const BINDING_LABEL: &[u8] = b"EXPORTER-ferry-attestation";
+
+/// One connection's channel binding: 32 bytes of its TLS 1.3 exporter for
+/// [`BINDING_LABEL`] with an empty context. Both ends of a connection hold
+/// the same value and no other connection can produce it, so a quote or a
+/// signed message that carries (a hash of) it cannot be relayed or replayed
+/// elsewhere (R1, R5).
+///
+/// Minted only by [`authenticate_host`], together with the
+/// [`PeerAuthenticated`] of the same connection: whoever holds one knows
+/// which authenticated peer it belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ChannelBinding([u8; 32]);
+
+impl ChannelBinding {
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ChannelBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not a secret (both ends know it, it is hashed before use), but
+        // eight bytes are enough to tell two apart in a log.
+        write!(f, "ChannelBinding({:02x?}..)", &self.0[..8])
+    }
+}
+
+/// Proof that the peer on a connection is the host the operator named,
+/// with that connection's binding. Only [`authenticate_host`] makes one, so
+/// code that takes a `PeerAuthenticated` cannot be reached with an
+/// unchecked peer, nor with another connection's binding.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerAuthenticated {
     host: HostName,
+    binding: ChannelBinding,
 }
 
 impl PeerAuthenticated {
     pub fn host(&self) -> &HostName {
         &self.host
     }
+
+    pub fn binding(&self) -> &ChannelBinding {
+        &self.binding
+    }
 }
 
-/// Check that the peer is exactly the host `expected` (R2).
+/// Check that the peer is exactly the host `expected` (R2) and derive the
+/// connection's channel binding.
 ///
 /// SECURITY: a perfectly valid certificate for *another* host of the same
 /// cluster is refused: this is what stops a hijacked route or DNS entry from
 /// delivering a VM to the wrong (if genuine) machine.
 pub fn authenticate_host(
-    conn: &CommonState,
+    conn: &impl TlsSession,
     domain: &TrustDomain,
     expected: &HostName,
 ) -> Result<PeerAuthenticated, IdentityError> {
-    match peer_identity(conn, domain)? {
-        PeerIdentity::Host(actual) if &actual == expected => Ok(PeerAuthenticated { host: actual }),
+    match peer_identity(conn.common_state(), domain)? {
+        PeerIdentity::Host(actual) if &actual == expected => {
+            let binding = ChannelBinding(channel_binding(conn, BINDING_LABEL, b"")?);
+            Ok(PeerAuthenticated { host: actual, binding })
+        }
         PeerIdentity::Host(actual) => {
             Err(IdentityError::WrongHost { expected: expected.clone(), actual })
         }
