@@ -6,11 +6,13 @@
 //! * [`process`]: launching QEMU detached (`-daemonize`) so VMs outlive an
 //!   agent crash, and adopting them again after a restart.
 //! * [`qmp`]: a small QMP client for status, run control and migration.
+//! * [`watch`]: waiting on a migration through the one shared QMP handle.
 
 pub mod accel;
 pub mod process;
 pub mod qmp;
 pub mod spec;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,6 +21,7 @@ pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice};
 pub use process::{adopt, launch, list, qemu_args, LaunchMode, QemuConfig, QemuProcess};
 pub use qmp::{MigrationState, MigrationStatus, Qmp, QmpEvent, RamStats, RunState, MAX_QMP_LINE};
 pub use spec::{Boot, DiskFormat, ImageName, MachineType, SpecError, VmSpec};
+pub use watch::{poll_migration, wait_migration_done, wait_migration_terminal, Poll, SharedQmp};
 
 /// Everything that can go wrong driving QEMU.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -463,35 +463,6 @@ impl Qmp {
     pub async fn query_migrate(&mut self) -> Result<MigrationStatus, VmmError> {
         let v = self.execute("query-migrate", None).await?;
         serde_json::from_value(v).map_err(|e| VmmError::QmpProtocol(format!("query-migrate: {e}")))
-    }
-
-    /// Polls `query-migrate` until `completed` (Ok), `failed` or `cancelled`
-    /// (Err), or `timeout`. Works on both ends: a destination reports
-    /// `completed` once the incoming state is loaded.
-    pub async fn wait_migration_done(
-        &mut self,
-        poll: Duration,
-        timeout: Duration,
-    ) -> Result<MigrationStatus, VmmError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let st = self.query_migrate().await?;
-            match st.status {
-                MigrationState::Completed => return Ok(st),
-                MigrationState::Failed => {
-                    return Err(VmmError::MigrationFailed { desc: st.error_desc })
-                }
-                MigrationState::Cancelled => return Err(VmmError::MigrationCancelled),
-                _ => {}
-            }
-            if Instant::now() >= deadline {
-                return Err(VmmError::Timeout {
-                    what: format!("migration to finish (last status {:?})", st.status),
-                    after: timeout,
-                });
-            }
-            tokio::time::sleep(poll).await;
-        }
     }
 }
 

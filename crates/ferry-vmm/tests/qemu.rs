@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ferry_vmm::{
     adopt, launch, list, AccelChoice, Boot, LaunchMode, MachineType, MigrationState, QemuConfig,
-    QemuProcess, RunState, VmSpec, VmmError,
+    QemuProcess, Qmp, RunState, VmSpec, VmmError,
 };
 
 /// Kills every QEMU it holds when dropped, so a failing assertion never
@@ -249,8 +249,7 @@ async fn local_migration_between_two_qemus() {
 
     let t0 = Instant::now();
     qs.migrate(&uri).await.unwrap();
-    let done =
-        qs.wait_migration_done(Duration::from_millis(20), Duration::from_secs(20)).await.unwrap();
+    let (mut qs, done) = wait_done(qs, Duration::from_secs(20)).await;
     let elapsed = t0.elapsed();
     let ram = done.ram.clone().unwrap_or_default();
     eprintln!(
@@ -264,8 +263,7 @@ async fn local_migration_between_two_qemus() {
     let events: Vec<String> = qs.drain_events().into_iter().map(|e| e.event).collect();
     assert!(events.iter().any(|e| e == "MIGRATION"), "{events:?}");
 
-    let dst_done =
-        qd.wait_migration_done(Duration::from_millis(20), Duration::from_secs(10)).await.unwrap();
+    let (mut qd, dst_done) = wait_done(qd, Duration::from_secs(10)).await;
     eprintln!("destination query-migrate after incoming: {dst_done:?}");
 
     // -S: the destination holds the guest paused until the agent says so.
@@ -312,13 +310,20 @@ async fn source_cont_in_postmigrate_resumes_the_stale_copy() {
         .await
         .unwrap();
     qs.migrate(&uri).await.unwrap();
-    let poll = Duration::from_millis(20);
-    qs.wait_migration_done(poll, Duration::from_secs(20)).await.unwrap();
-    qd.wait_migration_done(poll, Duration::from_secs(10)).await.unwrap();
+    let (mut qs, _) = wait_done(qs, Duration::from_secs(20)).await;
+    let (mut qd, _) = wait_done(qd, Duration::from_secs(10)).await;
     wait_status(&mut qd, RunState::Paused).await;
 
     qs.cont().await.unwrap();
     assert_eq!(qs.status().await.unwrap(), RunState::Running);
     let err = qd.cont().await.unwrap_err();
     assert!(matches!(&err, VmmError::Qmp { desc, .. } if desc.contains("lock")), "{err}");
+}
+
+/// Wait for the migration through the shared-handle helper the agent uses.
+async fn wait_done(q: Qmp, timeout: Duration) -> (Qmp, ferry_vmm::MigrationStatus) {
+    let shared = tokio::sync::Mutex::new(q);
+    let st =
+        ferry_vmm::wait_migration_done(&shared, Duration::from_millis(20), timeout).await.unwrap();
+    (shared.into_inner(), st)
 }
