@@ -17,12 +17,15 @@
 //! version is carried by the first control message of each connection.
 //!
 //! [`codec`] is sans-IO (and fuzzable); [`io`] drives it over tokio streams
-//! with a timeout on every read and write; [`fuzz`] holds the fuzz entry
+//! with a timeout on every read and write; [`relay`] carries a VM stream
+//! between QEMU and data frames, hashing it; [`fuzz`] holds the fuzz entry
 //! points that `fuzz/` (cargo-fuzz) and this crate's unit tests call.
 
 pub mod codec;
 pub mod fuzz;
 pub mod io;
+pub mod relay;
 
 pub use codec::{FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN, MAX_DATA_LEN};
 pub use io::{ChannelError, FrameReader, FrameWriter, Incoming};
+pub use relay::{ReceivePump, Received, RelayError, SendPump, StreamHasher, StreamSum};
