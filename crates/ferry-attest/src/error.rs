@@ -59,7 +59,7 @@ pub enum AttestError {
     #[error("invalid TCTI {tcti:?}: {why}")]
     BadTcti { tcti: String, why: String },
     /// A TPM command failed.
-    #[error("TPM {tcti}: {op} failed: {source}")]
+    #[error("TPM {tcti}: {op} failed")]
     Tpm {
         tcti: String,
         op: &'static str,
@@ -70,7 +70,7 @@ pub enum AttestError {
     #[error("{path}: {why}")]
     Config { path: PathBuf, why: String },
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]

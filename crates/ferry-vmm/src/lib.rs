@@ -28,7 +28,7 @@ pub use watch::{poll_migration, wait_migration_done, wait_migration_terminal, Po
 pub enum VmmError {
     #[error("invalid VM spec: {0}")]
     Spec(#[from] SpecError),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
@@ -60,7 +60,7 @@ pub enum VmmError {
     MigrationCancelled,
     #[error("refusing migration capabilities: {0}")]
     UnsafeCapabilities(&'static str),
-    #[error("could not signal QEMU pid {pid}: {source}")]
+    #[error("could not signal QEMU pid {pid}")]
     Signal {
         pid: u32,
         #[source]
