@@ -205,19 +205,19 @@ fn a_destination_refuses_sources_with_bad_certificates() {
         let result = rt.block_on(async {
             let timeout = std::time::Duration::from_secs(5);
             let (stream, _) =
-                ferry_agent::client::connect(h2.addr, &h2.name, cfg, &domain, timeout).await?;
-            ferry_agent::client::greet(stream, &h2.name, h2.addr, timeout).await.map(drop)
+                ferry_agent::net::connect(h2.addr, &h2.name, cfg, &domain, timeout).await?;
+            ferry_agent::net::greet(stream, &h2.name, h2.addr, timeout).await.map(drop)
         });
         match (causes.is_empty(), result) {
             (true, Ok(())) => {}
             (true, Err(e)) => {
-                panic!("a good source certificate was refused: {}", ferry_agent::chain(&e))
+                panic!("a good source certificate was refused: {}", ferry_agent::report(&e))
             }
             (false, Ok(())) => {
                 panic!("host2 accepted a source with a bad certificate {}", certs.cert.display())
             }
             (false, Err(e)) => {
-                let msg = ferry_agent::chain(&e).to_lowercase();
+                let msg = ferry_agent::report(&e).to_lowercase();
                 assert!(
                     causes.iter().any(|c| msg.contains(c)),
                     "error does not name the cause {causes:?}: {msg}"

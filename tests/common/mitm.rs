@@ -35,6 +35,11 @@ pub enum Tamper {
     /// TLS peer must authenticate (the plaintext handshake's transcript, or
     /// AEAD ciphertext).
     FlipBit { dir: Dir, offset: u64, mask: u8 },
+    /// XOR `mask` into the first body byte of the first application-data
+    /// record that follows one whose body is `after_len` bytes long (e.g.
+    /// the record after the 25-byte record of the end-of-data frame: the
+    /// source's Commit).
+    FlipAfterRecord { dir: Dir, after_len: u16, mask: u8 },
     /// Forward exactly `after` bytes upstream, then stop relaying in both
     /// directions (and stop reading, so TCP backpressure reaches the sender)
     /// while keeping both connections open.
@@ -199,6 +204,11 @@ struct RecordTracker {
     header_got: usize,
     body_left: u64,
     body_type: u8,
+    /// FlipAfterRecord: the body length that arms the flip, and where the
+    /// next record's body starts once armed.
+    arm_after: Option<u16>,
+    armed: bool,
+    armed_target: Option<u64>,
 }
 
 impl MitmPump {
@@ -206,7 +216,10 @@ impl MitmPump {
         let mut buf = vec![0u8; 64 * 1024];
         let mut tracker = RecordTracker::default();
         let mut pos: u64 = 0;
-        let mut flip_pending = matches!(self.mode, Tamper::FlipBit { dir, .. } if dir == self.dir);
+        let mut flip_pending = matches!(self.mode, Tamper::FlipBit { dir, .. } | Tamper::FlipAfterRecord { dir, .. } if dir == self.dir);
+        if let Tamper::FlipAfterRecord { after_len, .. } = self.mode {
+            tracker.arm_after = Some(after_len);
+        }
         let mut cut = false;
         loop {
             if self.stalled.load(Ordering::Relaxed) {
@@ -242,6 +255,7 @@ impl MitmPump {
             let chunk = &mut buf[..n];
             let (target, mask) = match self.mode {
                 Tamper::FlipBit { offset, mask, .. } if flip_pending => (Some(offset), mask),
+                Tamper::FlipAfterRecord { mask, .. } if flip_pending => (None, mask),
                 _ => (None, 0),
             };
             if let Some(i) = tracker.walk(chunk, target, &self.log, self.dir) {
@@ -302,7 +316,7 @@ impl RecordTracker {
             if self.body_left > 0 {
                 let take = (self.body_left as usize).min(chunk.len() - i);
                 if found.is_none() && self.body_type != 0x14 {
-                    if let Some(t) = target {
+                    if let Some(t) = target.or(self.armed_target) {
                         let end = self.pos + take as u64;
                         if end > t {
                             let at = t.max(self.pos);
@@ -323,6 +337,14 @@ impl RecordTracker {
                     self.body_type = self.header[0];
                     let len = u16::from_be_bytes([self.header[3], self.header[4]]);
                     self.body_left = u64::from(len);
+                    if self.body_type == 0x17 {
+                        if self.armed && self.armed_target.is_none() {
+                            self.armed_target = Some(self.pos);
+                        }
+                        if self.arm_after == Some(len) {
+                            self.armed = true;
+                        }
+                    }
                     let mut g = log.lock().expect("log");
                     let list = match dir {
                         Dir::Up => &mut g.records_up,

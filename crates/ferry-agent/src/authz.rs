@@ -14,8 +14,12 @@ use ferry_policy::{
 };
 use ferry_types::{HostName, OperatorName, VmName};
 
+use crate::backend::VmDescription;
+use crate::checks::Refusal;
 use crate::config::AgentConfig;
-use crate::{ErrorKind, Fault};
+use crate::error::Error;
+use crate::evidence::OfferBody;
+use crate::plan::TransferPlan;
 
 pub struct Authz {
     policy: SharedPolicy,
@@ -84,7 +88,7 @@ impl Authz {
         destination: &HostName,
         postcopy: bool,
         attestation_on: bool,
-    ) -> Result<Vec<String>, Fault> {
+    ) -> Result<Vec<String>, Error> {
         // With attestation on, this host refuses any destination whose quote
         // does not verify, before a VM byte moves: both platforms will be
         // attested, or the migration does not happen.
@@ -103,42 +107,37 @@ impl Authz {
         };
         let d = self.decide(&req);
         if let Some(reason) = deny_reason(&d) {
-            return Err(Fault::new(
-                ErrorKind::Denied,
-                format!("policy denies {operator} migrating {vm} to {destination}: {reason}"),
-            ));
+            return Err(Error::Denied(format!(
+                "policy denies {operator} migrating {vm} to {destination}: {reason}"
+            )));
         }
         let mut policies = d.policies().to_vec();
         req.principal = Principal::Host { name: source.clone() };
         req.action = Action::SendVm;
         let d = self.decide(&req);
         if let Some(reason) = deny_reason(&d) {
-            return Err(Fault::new(
-                ErrorKind::Denied,
-                format!("policy denies {source} sending {vm} to {destination}: {reason}"),
-            ));
+            return Err(Error::Denied(format!(
+                "policy denies {source} sending {vm} to {destination}: {reason}"
+            )));
         }
         policies.extend(d.policies().iter().cloned());
-        self.check_cooldown(vm)?;
-        self.outgoing.check(destination.as_str(), Instant::now()).map_err(|r| {
-            Fault::new(ErrorKind::Denied, format!("outgoing migration rate limit: {r}"))
-        })?;
+        self.check_cooldown(vm).map_err(Error::Denied)?;
+        self.outgoing
+            .check(destination.as_str(), Instant::now())
+            .map_err(|r| Error::Denied(format!("outgoing migration rate limit: {r}")))?;
         Ok(policies)
     }
 
-    fn check_cooldown(&self, vm: &VmName) -> Result<(), Fault> {
+    fn check_cooldown(&self, vm: &VmName) -> Result<(), String> {
         let last = self.last_moved.lock().ok().and_then(|m| m.get(vm).copied());
         if let Some(t) = last {
             let since = t.elapsed();
             if since < self.cooldown {
-                return Err(Fault::new(
-                    ErrorKind::Denied,
-                    format!(
-                        "VM {vm} moved {:.1} s ago; its cooldown is {:.0} s (retry in {:.1} s)",
-                        since.as_secs_f64(),
-                        self.cooldown.as_secs_f64(),
-                        (self.cooldown - since).as_secs_f64()
-                    ),
+                return Err(format!(
+                    "VM {vm} moved {:.1} s ago; its cooldown is {:.0} s (retry in {:.1} s)",
+                    since.as_secs_f64(),
+                    self.cooldown.as_secs_f64(),
+                    (self.cooldown - since).as_secs_f64()
                 ));
             }
         }
@@ -157,47 +156,48 @@ impl Authz {
     /// here, may this host receive it (zones, trust, anti-co-location), and
     /// is there room (capacity, concurrency, per-peer rate, cooldown)? The
     /// ticket holds the reservation until the migration ends.
-    #[allow(clippy::too_many_arguments)]
     pub fn authorize_incoming(
         &self,
-        source: &HostName,
-        destination: &HostName,
-        vm: &VmName,
-        labels: &VmLabels,
-        memory_mib: u64,
-        vcpus: u32,
-        residents: Vec<Resident>,
-        used: (u64, u32),
-        postcopy: bool,
+        offer: &OfferBody,
+        residents: Vec<VmDescription>,
+        plan: TransferPlan,
         (source_attested, destination_attested): (bool, bool),
-    ) -> Result<AdmissionTicket, (&'static str, String)> {
+    ) -> Result<AdmissionTicket, Refusal> {
+        let (source, destination, vm) = (&offer.source, &offer.destination, &offer.vm);
+        let used = residents
+            .iter()
+            .fold((0u64, 0u32), |(m, c), r| (m + u64::from(r.spec.memory_mib), c + r.spec.vcpus));
+        let residents = residents
+            .into_iter()
+            .map(|r| Resident { tenant: r.labels.tenant, security_level: r.labels.security_level })
+            .collect();
         let mut req = Request {
             principal: Principal::Host { name: source.clone() },
             action: Action::SendVm,
             vm: vm.clone(),
-            labels: labels.clone(),
+            labels: offer.labels.clone(),
             source: source.clone(),
             destination: destination.clone(),
-            postcopy,
+            postcopy: plan.postcopy(),
             source_attested,
             destination_attested,
             now_unix: now_unix(),
             resident_on_destination: residents,
         };
         if let Some(reason) = deny_reason(&self.decide(&req)) {
-            return Err(("policy", format!("policy denies {source} sending {vm} here: {reason}")));
+            let why = format!("policy denies {source} sending {vm} here: {reason}");
+            return Err(Refusal::new("policy", why));
         }
         req.principal = Principal::Host { name: destination.clone() };
         req.action = Action::ReceiveVm;
         if let Some(reason) = deny_reason(&self.decide(&req)) {
-            return Err((
-                "policy",
-                format!("policy denies {destination} receiving {vm}: {reason}"),
-            ));
+            let why = format!("policy denies {destination} receiving {vm}: {reason}");
+            return Err(Refusal::new("policy", why));
         }
-        self.check_cooldown(vm).map_err(|f| ("cooldown", f.message))?;
+        self.check_cooldown(vm).map_err(|why| Refusal::new("cooldown", why))?;
+        let (memory, vcpus) = (u64::from(offer.spec.memory_mib), offer.spec.vcpus);
         self.admission
-            .try_admit(source, vm, memory_mib, vcpus, used.0, used.1, Instant::now())
-            .map_err(|r| ("admission", format!("admission control: {r}")))
+            .try_admit(source, vm, memory, vcpus, used.0, used.1, Instant::now())
+            .map_err(|r| Refusal::new("admission", format!("admission control: {r}")))
     }
 }

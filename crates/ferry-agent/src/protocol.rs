@@ -47,8 +47,8 @@ use serde::{Deserialize, Serialize};
 use crate::records::MigrationRecord;
 
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Exporter label binding offers (and later quotes) to this TLS connection.
-pub const BINDING_LABEL: &[u8] = b"EXPORTER-ferry-attestation";
+/// Exporter label of the channel binding offers and quotes are bound to.
+pub use ferry_identity::BINDING_LABEL;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -138,6 +138,9 @@ pub enum ErrorKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostStatus {
     pub host: HostName,
+    /// Who runs this host's VMs: "qemu" (Ferry-owned) or "libvirt".
+    #[serde(default)]
+    pub backend: String,
     pub version: String,
     pub protocol: u32,
     pub accel: String,
@@ -173,21 +176,7 @@ pub struct Progress {
 
 // ---------------------------------------------------------------- peer protocol
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DestinationOutcome {
-    /// The destination resumed the VM: the source must quit its copy.
-    Completed,
-    /// The destination will never resume the VM: the source must resume.
-    Aborted,
-    /// Still running on the destination side; ask again.
-    InProgress,
-    /// Post-copy: the destination runs the VM (the reply carries its signed
-    /// handover) and still lacks pages the source holds: recover, never resume.
-    PostcopyActive,
-    /// Never seen: the destination cannot resume it either.
-    Unknown,
-}
+pub use ferry_session::DestinationOutcome;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -244,14 +233,27 @@ pub enum PeerMessage {
     PostcopyRecoverReady {
         migration_id: MigrationId,
     },
+    /// Source to destination on a new connection: what became of it?
     Query {
         migration_id: MigrationId,
+        vm: VmName,
     },
-    /// With the signed receipt when the outcome is `Completed`.
+    /// The destination's signed word for its outcome: the Receipt
+    /// (`completed`), the hand-over (`postcopy_active`), or an Abort bound
+    /// to the query's own connection (`aborted`, `unknown`).
     QueryReply {
         migration_id: MigrationId,
         outcome: DestinationOutcome,
-        receipt: Option<Signed>,
+        signed: Option<Signed>,
+    },
+    /// Post-copy, source to destination on a new connection: my half is
+    /// gone, and with it the pages only it held.
+    PostcopyLost {
+        migration_id: MigrationId,
+    },
+    /// Destination: recorded; the frozen half is the operator's now.
+    PostcopyLostAck {
+        migration_id: MigrationId,
     },
 }
 
@@ -267,8 +269,10 @@ impl PeerMessage {
             | PeerMessage::PostcopyReady { migration_id }
             | PeerMessage::PostcopyRecover { migration_id }
             | PeerMessage::PostcopyRecoverReady { migration_id }
-            | PeerMessage::Query { migration_id }
-            | PeerMessage::QueryReply { migration_id, .. } => Some(*migration_id),
+            | PeerMessage::Query { migration_id, .. }
+            | PeerMessage::QueryReply { migration_id, .. }
+            | PeerMessage::PostcopyLost { migration_id }
+            | PeerMessage::PostcopyLostAck { migration_id } => Some(*migration_id),
             PeerMessage::Offer { signed }
             | PeerMessage::Accept { signed }
             | PeerMessage::Commit { signed }
@@ -294,6 +298,8 @@ impl PeerMessage {
             PeerMessage::PostcopyRecoverReady { .. } => "postcopy_recover_ready",
             PeerMessage::Query { .. } => "query",
             PeerMessage::QueryReply { .. } => "query_reply",
+            PeerMessage::PostcopyLost { .. } => "postcopy_lost",
+            PeerMessage::PostcopyLostAck { .. } => "postcopy_lost_ack",
         }
     }
 }

@@ -8,24 +8,13 @@ use std::time::Duration;
 
 use ferry_channel::{FrameReader, FrameWriter};
 use ferry_identity::PeerIdentity;
-use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
 
+use crate::agent::Agent;
+use crate::net::RECV_BUFFER;
 use crate::protocol::{ApiResponse, ErrorKind, Hello, PROTOCOL_VERSION};
-use crate::{api, incoming, Agent};
-
-/// PERF: a read buffer under TLS. rustls reads at most one record (~16 KiB)
-/// per `read_tls`, so without it the destination makes ~80k recv syscalls
-/// per GiB of VM state; with 128 KiB about a quarter of that (scripts and
-/// figures: crates/ferry-channel/examples/pump_bench.rs). Ciphertext only:
-/// TLS still authenticates every byte. The buffer is allocated per accepted
-/// connection, before the handshake, but zeroed memory of this size is
-/// mapped lazily: an unauthenticated peer costs only the pages it fills.
-pub type ServerStream = TlsStream<tokio::io::BufReader<TcpStream>>;
-const RECV_BUFFER: usize = 128 * 1024;
-pub type Reader = FrameReader<ReadHalf<ServerStream>>;
-pub type Writer = FrameWriter<WriteHalf<ServerStream>>;
+use crate::report::report;
+use crate::{api, session};
 
 /// Connections (handshaking or established) served at once.
 pub const MAX_CONNECTIONS: usize = 512;
@@ -96,14 +85,10 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener, shutdown: impl Futu
 
 async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
-    let config = agent.tls.server().map_err(|e| crate::chain(&e))?;
+    let config = agent.tls.server().map_err(|e| report(&e))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        acceptor.accept(tokio::io::BufReader::with_capacity(RECV_BUFFER, tcp)),
-    )
-    .await
-    {
+    let tcp = tokio::io::BufReader::with_capacity(RECV_BUFFER, tcp);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Err(_) => {
             agent.metrics.tls_failure();
             return Err("TLS handshake timed out".into());
@@ -117,27 +102,23 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
         }
         Ok(Ok(t)) => t,
     };
-    let peer = ferry_identity::peer_identity(tls.get_ref().1, &agent.domain)
-        .map_err(|e| crate::chain(&e))?;
-    let proof = match &peer {
+    let identity =
+        ferry_identity::peer_identity(tls.get_ref().1, &agent.domain).map_err(|e| report(&e))?;
+    // A host peer is authenticated as the host its certificate names, and
+    // gets this connection's channel binding with the proof.
+    let proof = match &identity {
         PeerIdentity::Host(name) => Some(
             ferry_identity::authenticate_host(tls.get_ref().1, &agent.domain, name)
-                .map_err(|e| crate::chain(&e))?,
+                .map_err(|e| report(&e))?,
         ),
         PeerIdentity::Operator { .. } => None,
     };
-    let binding =
-        ferry_identity::channel_binding(tls.get_ref().1, crate::protocol::BINDING_LABEL, b"")
-            .map_err(|e| crate::chain(&e))?;
     let timeout = agent.cfg.migration.io_timeout();
-    let (r, w) = tokio::io::split(tls);
+    let (r, w) = tokio::io::split(tokio_rustls::TlsStream::Server(tls));
     let mut reader = FrameReader::new(r, HANDSHAKE_TIMEOUT);
     let mut writer = FrameWriter::new(w, timeout);
-    let hello: Hello = reader.read_control().await.map_err(|e| crate::chain(&e))?;
-    writer
-        .write_control(&Hello { protocol: PROTOCOL_VERSION })
-        .await
-        .map_err(|e| crate::chain(&e))?;
+    let hello: Hello = reader.read_control().await.map_err(|e| report(&e))?;
+    writer.write_control(&Hello { protocol: PROTOCOL_VERSION }).await.map_err(|e| report(&e))?;
     if hello.protocol != PROTOCOL_VERSION {
         return Err(format!(
             "peer speaks protocol {}, we speak {PROTOCOL_VERSION}",
@@ -145,7 +126,7 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
         ));
     }
     reader.set_timeout(timeout);
-    match (peer, proof) {
+    match (identity, proof) {
         (PeerIdentity::Operator { name, role }, _) => {
             api::handle(agent, name, role, reader, writer).await;
             Ok(())
@@ -154,15 +135,11 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
             if !agent.cfg.peers.contains_key(&name) {
                 agent.metrics.refused("unknown_peer");
                 let msg = format!("host {name} is not in this agent's [peers] table");
-                let _ = writer
-                    .write_control(&ApiResponse::Error {
-                        kind: ErrorKind::Denied,
-                        message: msg.clone(),
-                    })
-                    .await;
+                let denied = ApiResponse::Error { kind: ErrorKind::Denied, message: msg.clone() };
+                let _ = writer.write_control(&denied).await;
                 return Err(msg);
             }
-            incoming::handle(agent, proof, binding, reader, writer).await;
+            session::destination::handle(agent, proof, reader, writer).await;
             Ok(())
         }
         (PeerIdentity::Host(_), None) => Err("host peer without proof".into()),

@@ -262,7 +262,7 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
     let src_qemu_gone = !lab::pid_alive(info.pid as i32);
     let dst_rec = record_on(&client, &dst, rec.id).await?;
     let migrated =
-        rec.state == MigrationState::Completed && dst_rec.state == MigrationState::Completed;
+        rec.state() == MigrationState::Completed && dst_rec.state() == MigrationState::Completed;
     Ok(DemoReport {
         migrated,
         vm,

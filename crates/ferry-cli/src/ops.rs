@@ -294,7 +294,7 @@ pub async fn migrate(args: MigrateArgs, json: bool) -> Result<ExitCode> {
 }
 
 pub fn print_record(m: &MigrationRecord) {
-    println!("migration {}: {} {} -> {}: {:?}", m.id, m.vm, m.source, m.destination, m.state);
+    println!("migration {}: {} {} -> {}: {:?}", m.id, m.vm, m.source, m.destination, m.state());
     println!(
         "  bytes {}  total {} ms  QEMU downtime {} ms  setup {} ms",
         m.bytes,
@@ -343,7 +343,12 @@ pub async fn migrations(cmd: MigrationsCommand, json: bool) -> Result<ExitCode> 
             for m in migrations {
                 println!(
                     "{}  {:<11?} {:<11?} {} {} -> {}",
-                    m.id, m.role, m.state, m.vm, m.source, m.destination
+                    m.id,
+                    m.role,
+                    m.state(),
+                    m.vm,
+                    m.source,
+                    m.destination
                 );
             }
         }

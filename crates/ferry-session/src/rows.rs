@@ -40,7 +40,7 @@ pub const ROWS: &[Row] = &[
     // Source, post-copy after the hand-over.
     (S, PostcopyActive, On::PostcopyDone, Completed, RETIRE, Some(Outcome::Completed)),
     (S, PostcopyActive, On::Failed, PostcopyActive, &[RecoverPostcopy], Some(Outcome::PostcopyInterrupted)),
-    (S, PostcopyActive, On::SourceLost, PostcopyLost, &[ReleaseVm, NotifyLost], Some(Outcome::PostcopyLost)),
+    (S, PostcopyActive, On::SourceLost, PostcopyLost, &[ReleaseVm, ForgetVm, NotifyLost], Some(Outcome::PostcopyLost)),
     // Source, after a restart.
     (S, Preparing, On::Restarted(Found::Gone), Aborted, &[ReleaseVm], Some(Outcome::RolledBack)),
     (S, Preparing, On::Restarted(Found::Any), Aborted, ROLL_BACK, Some(Outcome::RolledBack)),
@@ -48,7 +48,7 @@ pub const ROWS: &[Row] = &[
     (S, Transferring, On::Restarted(Found::Any), Aborted, ROLL_BACK, Some(Outcome::RolledBack)),
     (S, Committed, On::Restarted(Found::Any), InDoubt, &[Resolve], Some(Outcome::InDoubt)),
     (S, InDoubt, On::Restarted(Found::Any), InDoubt, &[Resolve], None),
-    (S, PostcopyActive, On::Restarted(Found::Gone), PostcopyLost, &[ReleaseVm, NotifyLost], Some(Outcome::PostcopyLost)),
+    (S, PostcopyActive, On::Restarted(Found::Gone), PostcopyLost, &[ForgetVm, NotifyLost], Some(Outcome::PostcopyLost)),
     (S, PostcopyActive, On::Restarted(Found::MigrationCompleted), Completed, RETIRE, Some(Outcome::Completed)),
     (S, PostcopyActive, On::Restarted(Found::Any), PostcopyActive, &[RecoverPostcopy], None),
     // Destination, while the migration runs.
@@ -68,7 +68,7 @@ pub const ROWS: &[Row] = &[
     (D, Transferring, On::Restarted(Found::Any), Aborted, DISCARD, Some(Outcome::Discarded)),
     (D, Resuming, On::Restarted(Found::Running), Completed, ARRIVED, Some(Outcome::Completed)),
     (D, Resuming, On::Restarted(Found::Any), Aborted, DISCARD, Some(Outcome::Discarded)),
-    (D, PostcopyActive, On::Restarted(Found::Gone), PostcopyLost, &[ReleaseVm], Some(Outcome::PostcopyLost)),
+    (D, PostcopyActive, On::Restarted(Found::Gone), PostcopyLost, &[ForgetVm], Some(Outcome::PostcopyLost)),
     (D, PostcopyActive, On::Restarted(Found::MigrationCompleted), Completed, ARRIVED, Some(Outcome::Completed)),
     (D, PostcopyActive, On::Restarted(Found::Any), PostcopyActive, NONE, None),
 ];

@@ -192,6 +192,9 @@ pub enum Effect {
     DiscardIncoming,
     /// The migration lets go of the VM: other operations may touch it.
     ReleaseVm,
+    /// The VM's process is gone: drop it from this host's inventory (its
+    /// console log is kept with the departed VMs).
+    ForgetVm,
     /// The VM moved (or arrived): start its cooldown.
     StartCooldown,
     /// Source: keep asking the destination what became of the migration.

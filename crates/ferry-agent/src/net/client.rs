@@ -1,20 +1,19 @@
-//! Opening mTLS connections to agents: used by the source agent to reach a
-//! destination and by the `ferry` CLI to reach an agent's operator API.
+//! Opening mTLS connections to agents: the source agent reaches a
+//! destination, and the `ferry` CLI reaches an agent's operator API.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_channel::{FrameReader, FrameWriter};
+use ferry_identity::PeerAuthenticated;
 use ferry_types::HostName;
 use rustls::ClientConfig;
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
+use super::{Reader, Stream, Writer, RECV_BUFFER};
 use crate::protocol::{Hello, PROTOCOL_VERSION};
-
-pub type ClientStream = TlsStream<TcpStream>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -45,15 +44,16 @@ pub enum ConnectError {
     Version { host: HostName, theirs: u32, ours: u32 },
 }
 
-/// TCP connect, TLS 1.3 handshake (mutual: both sides present certificates)
-/// and a check that the peer's certificate names exactly `host`.
+/// TCP connect, TLS 1.3 handshake (mutual: both sides present
+/// certificates), a check that the peer's certificate names exactly `host`
+/// and this connection's channel binding, in the proof.
 pub async fn connect(
     addr: SocketAddr,
     host: &HostName,
     config: Arc<ClientConfig>,
     domain: &ferry_types::TrustDomain,
     timeout: Duration,
-) -> Result<(ClientStream, ferry_identity::PeerAuthenticated), ConnectError> {
+) -> Result<(Stream, PeerAuthenticated), ConnectError> {
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => return Err(ConnectError::Timeout { host: host.clone(), addr }),
         Ok(Err(source)) => return Err(ConnectError::Tcp { host: host.clone(), addr, source }),
@@ -63,14 +63,12 @@ pub async fn connect(
     let name = ferry_identity::server_name(host)
         .map_err(|source| ConnectError::Identity { host: host.clone(), source })?;
     let connector = tokio_rustls::TlsConnector::from(config);
+    let tcp = BufReader::with_capacity(RECV_BUFFER, tcp);
     let tls = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
         Err(_) => return Err(ConnectError::Timeout { host: host.clone(), addr }),
         Ok(Err(e)) => {
-            return Err(ConnectError::Handshake {
-                host: host.clone(),
-                addr,
-                reason: ferry_identity::describe_tls_error(&e),
-            })
+            let reason = ferry_identity::describe_tls_error(&e);
+            return Err(ConnectError::Handshake { host: host.clone(), addr, reason });
         }
         Ok(Ok(t)) => t,
     };
@@ -78,11 +76,8 @@ pub async fn connect(
     // name the host the operator asked for (spoofed destination, threat table).
     let proof = ferry_identity::authenticate_host(tls.get_ref().1, domain, host)
         .map_err(|source| ConnectError::Identity { host: host.clone(), source })?;
-    Ok((tls, proof))
+    Ok((tokio_rustls::TlsStream::Client(tls), proof))
 }
-
-pub type Reader = FrameReader<ReadHalf<ClientStream>>;
-pub type Writer = FrameWriter<WriteHalf<ClientStream>>;
 
 /// Split a connection into framed halves and exchange protocol greetings.
 ///
@@ -90,7 +85,7 @@ pub type Writer = FrameWriter<WriteHalf<ClientStream>>;
 /// read (TLS 1.3 sends its alert after the client's Finished), so the alert
 /// is decoded here too.
 pub async fn greet(
-    stream: ClientStream,
+    stream: Stream,
     host: &HostName,
     addr: SocketAddr,
     timeout: Duration,
