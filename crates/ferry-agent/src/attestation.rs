@@ -1,4 +1,4 @@
-//! Mutual platform attestation for one migration (DESIGN.md step 3): each
+//! Mutual platform attestation for one migration (docs/protocol.md, step 3): each
 //! side quotes with qualifying data derived from this connection's TLS
 //! exporter, the migration id and its role, and verifies the other's quote
 //! against the enrolled AKs and the reference values.
