@@ -1,5 +1,5 @@
 //! R4 and the "attack on the migration module" threat, attacked for real
-//! (DESIGN.md threat table, issue 6): a man in the middle on loopback that
+//! (docs/architecture.md threat table, issue 6): a man in the middle on loopback that
 //! reads, flips, truncates and stalls the migration stream between two real
 //! agents running real QEMU; an authenticated peer sending malformed frames;
 //! and a flood of unauthenticated connections during a migration.

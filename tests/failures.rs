@@ -1,4 +1,4 @@
-//! DESIGN.md step 7 with real faults: whatever breaks during a migration,
+//! docs/protocol.md step 7 with real faults: whatever breaks during a migration,
 //! the VM runs exactly once and is never lost.
 
 mod common;

@@ -129,7 +129,7 @@ impl RogueSource {
         attester.quote(&self.selection, &qd).map_err(|e| ferry_agent::report(&e))
     }
 
-    /// Step 3 as a source: send a real quote, read the destination's answer.
+    /// Step 3 (docs/protocol.md) as a source: send a real quote, read the destination's answer.
     /// Ok(its Attest message); Err if it answered anything else or closed.
     pub fn attest(&mut self) -> Result<Value, String> {
         let evidence = self.quote(ferry_attest::QuoteRole::Source)?;

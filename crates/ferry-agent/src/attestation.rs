@@ -1,8 +1,8 @@
-//! Mutual platform attestation for one migration (R1): each side quotes its
-//! TPM with qualifying data derived from this connection's channel binding,
-//! the migration id and its role, and verifies the other's quote against
-//! the enrolled AKs and the reference values. A verified peer becomes a
-//! [`PeerAttested`], which the Offer and its checks require.
+//! Mutual platform attestation for one migration (R1; docs/protocol.md,
+//! step 3): each side quotes its TPM with qualifying data derived from this
+//! connection's channel binding, the migration id and its role, and verifies
+//! the other's quote against the enrolled AKs and the reference values. A
+//! verified peer becomes a [`PeerAttested`], which the Offer requires.
 
 use std::time::Instant;
 

@@ -1,5 +1,5 @@
-//! TPM 2.0 platform attestation for Ferry (requirement R1; DESIGN.md
-//! migration protocol steps 2–3).
+//! TPM 2.0 platform attestation for Ferry (requirement R1; docs/attestation.md;
+//! docs/protocol.md, steps 2–3).
 //!
 //! - **Enrollment** ([`enroll`], or its halves [`request_enrollment`],
 //!   [`make_credential`], [`activate_credential`], [`check_activation`]): a

@@ -1,5 +1,5 @@
 //! Destination admission control and the source-side rate limiter, under the
-//! survey's control-plane attacks (flood, thrashing, false capacity).
+//! control-plane threats of docs/architecture.md (flood, thrashing, false capacity).
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
