@@ -83,12 +83,12 @@ fn exchange(
         let cfg = ferry_identity::client_config(&id).expect("client config");
         let h2 = lab.host("host2");
         let t = Duration::from_secs(10);
-        let (stream, _) = ferry_agent::client::connect(h2.addr, &h2.name, cfg, id.domain(), t)
+        let (stream, _) = ferry_agent::net::connect(h2.addr, &h2.name, cfg, id.domain(), t)
             .await
             .expect("mTLS to host2");
         let (r, w) = tokio::io::split(stream);
-        let mut reader = ferry_agent::client::Reader::new(r, t);
-        let mut writer = ferry_agent::client::Writer::new(w, t);
+        let mut reader = ferry_agent::net::Reader::new(r, t);
+        let mut writer = ferry_agent::net::Writer::new(w, t);
         let hello = ferry_agent::protocol::Hello { protocol: version };
         writer.write_control(&hello).await.expect("hello");
         let mut answers = vec![reader.read_control::<Value>().await.expect("host2's hello")];
@@ -97,7 +97,7 @@ fn exchange(
         loop {
             match reader.read_control::<Value>().await {
                 Ok(v) => answers.push(v),
-                Err(e) => return (answers, ferry_agent::chain(&e)),
+                Err(e) => return (answers, ferry_agent::report(&e)),
             }
         }
     })
@@ -113,7 +113,8 @@ fn other_protocol_versions_and_hosts_outside_peers_are_refused() {
     let lab = TestLab::up(2, 0);
     let h1 = lab.host("host1");
     let ours = ferry_agent::protocol::PROTOCOL_VERSION;
-    let query = json!({"type": "query", "migration_id": ferry_types::MigrationId::new(), "vm": "g"});
+    let query =
+        json!({"type": "query", "migration_id": ferry_types::MigrationId::new(), "vm": "g"});
 
     let (answers, _) = exchange(&lab, &h1.cert, &h1.key, ours, &query);
     assert_eq!(answers.len(), 2, "control: {answers:?}");

@@ -65,7 +65,8 @@ pub async fn pump_into(
     source: &HostName,
 ) -> Result<StreamSum, Error> {
     let mut pump = ReceivePump::new();
-    let received = pump.run(reader, &mut qemu, io_timeout).await.map_err(|e| Error::relay(e, source))?;
+    let received =
+        pump.run(reader, &mut qemu, io_timeout).await.map_err(|e| Error::relay(e, source))?;
     let _ = qemu.shutdown().await;
     match received {
         Received::End(sum) => Ok(sum),
