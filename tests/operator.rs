@@ -8,13 +8,15 @@ use std::time::Duration;
 
 use common::*;
 
-/// `ferry migrate` under a pseudo-terminal (util-linux `script`): the bar is
-/// redrawn in place and the command ends with a clear result.
+/// `ferry migrate` under an 80-column pseudo-terminal (util-linux `script`,
+/// sized by `stty`): the bar is redrawn in place, never wider than the
+/// terminal (a wider line wraps and every redraw scrolls), and the command
+/// ends with a clear result.
 #[test]
 fn progress_is_drawn_on_a_terminal_and_ends_in_a_result() {
     let lab = TestLab::up(2, 64);
     lab.start_guest("host1", "g", 256, "fill_mib=128 dirty=0 hb_ms=10");
-    let cmd = format!("{FERRY} migrate g --to host2 --host host1");
+    let cmd = format!("stty cols 80 rows 24 && exec {FERRY} migrate g --to host2 --host host1");
     let o = Command::new("script")
         .args(["-qec", &cmd, "/dev/null"])
         .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
@@ -33,6 +35,11 @@ fn progress_is_drawn_on_a_terminal_and_ends_in_a_result() {
             && out.contains("ETA"),
         "{out:?}"
     );
+    // Each redraw runs to the next carriage return or newline.
+    for drawn in out.split("\r\x1b[2K").skip(1) {
+        let line = drawn.split(['\r', '\n']).next().unwrap_or("");
+        assert!(line.len() < 80, "{} columns on an 80-column terminal: {line:?}", line.len());
+    }
     // After the last redraw of the bar comes the result, on lines of its own.
     let after_bar = out.rsplit("\r\x1b[2K").next().unwrap_or("");
     let result = after_bar.split_once('\n').map(|x| x.1).unwrap_or("");
