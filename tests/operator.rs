@@ -44,12 +44,60 @@ fn progress_is_drawn_on_a_terminal_and_ends_in_a_result() {
     let after_bar = out.rsplit("\r\x1b[2K").next().unwrap_or("");
     let result = after_bar.split_once('\n').map(|x| x.1).unwrap_or("");
     assert!(result.contains(": Completed"), "no clear result after the bar: {result:?}");
+    // A reader that closed its end before the result (`| head -c 300`): the
+    // command ends quietly with the migration's own status.
+    let o =
+        with_closed_stdout(&lab, &["--json", "migrate", "g", "--to", "host1", "--host", "host2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains("panicked"), "{}", text(&o));
+    assert_eq!(lab.running_on("g"), ["host1"]);
     // Not a terminal: no control characters, one line per phase.
-    let (ok, _) = lab.ferry_json(&["migrate", "g", "--to", "host1", "--host", "host2"]);
-    assert!(ok);
     let o = lab.ferry(&["migrate", "g", "--to", "host2", "--host", "host1"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && !err.contains('\x1b') && err.contains("phase transfer"), "{err}");
+}
+
+/// Runs ferry with stdout a pipe whose reader is already gone, so that its
+/// first write meets a closed pipe (EPIPE), as after `| head -c 300`.
+fn with_closed_stdout(lab: &TestLab, args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    Command::new(FERRY)
+        .args(args)
+        .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .output()
+        .expect("run ferry")
+}
+
+/// The same for commands that need no lab; `/dev/full` stands for output
+/// that was wanted and lost.
+#[test]
+fn a_closed_stdout_ends_any_command_quietly_and_a_full_one_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    let ca = ca.to_str().expect("utf8");
+    let closed = |args: &[&str]| {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let o = Command::new(FERRY).args(args).stdout(writer).output().expect("run ferry");
+        assert!(!text(&o).contains("panicked"), "{args:?}: {}", text(&o));
+        o
+    };
+    assert!(closed(&["completions", "bash"]).status.success());
+    assert!(closed(&["--help"]).status.success());
+    let init = ["--json", "ca", "init", "--dir", ca, "--domain", "ferry.test"];
+    assert!(closed(&init).status.success());
+    assert!(dir.path().join("ca/ca.pem").exists(), "the command stopped short");
+    // A failing command keeps its own status.
+    let again = closed(&init);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let o = Command::new(FERRY).args(["completions", "bash"]).stdout(full).output().expect("run");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("cannot write to stdout"), "{}", text(&o));
 }
 
 fn has(v: &serde_json::Value, fields: &[&str]) {

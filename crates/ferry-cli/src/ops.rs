@@ -174,7 +174,7 @@ pub enum MigrationsCommand {
 }
 
 fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+    outln!("{}", serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
 }
 
 /// Turn an `Error` answer into an exit status (printing it once).
@@ -200,14 +200,14 @@ pub async fn status(t: Target, json: bool) -> Result<ExitCode> {
     let resp = c.request(&host, &ApiRequest::Status, |_| {}).await?;
     finish(resp, json, |r| {
         if let ApiResponse::Status(s) = r {
-            println!(
+            outln!(
                 "host {}  version {}  protocol {}  accel {}",
-                s.host, s.version, s.protocol, s.accel
+                s.host,
+                s.version,
+                s.protocol,
+                s.accel
             );
-            println!(
-                "vms {}  active migrations {}  peers {:?}",
-                s.vms, s.active_migrations, s.peers
-            );
+            outln!("vms {}  active migrations {}  peers {:?}", s.vms, s.active_migrations, s.peers);
         }
     })
 }
@@ -228,7 +228,7 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
                 .await?;
             finish(resp, json, |r| {
                 if let ApiResponse::Vm(v) = r {
-                    println!("started {} on {host} (pid {}, {})", v.name, v.pid, v.accel);
+                    outln!("started {} on {host} (pid {}, {})", v.name, v.pid, v.accel);
                 }
             })
         }
@@ -237,13 +237,17 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
             let resp = c.request(&host, &ApiRequest::VmList, |_| {}).await?;
             finish(resp, json, |r| {
                 if let ApiResponse::Vms { vms } = r {
-                    println!(
+                    outln!(
                         "{:<20} {:<12} {:>8} {:>6} {:>5}  MIGRATION",
-                        "NAME", "STATE", "PID", "MiB", "CPUS"
+                        "NAME",
+                        "STATE",
+                        "PID",
+                        "MiB",
+                        "CPUS"
                     );
                     for v in vms {
                         let m = v.migration.map(|m| m.to_string()).unwrap_or_default();
-                        println!(
+                        outln!(
                             "{:<20} {:<12} {:>8} {:>6} {:>5}  {m}",
                             v.name.as_str(),
                             v.state,
@@ -260,7 +264,7 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
             let resp = c.request(&host, &ApiRequest::VmStop { vm }, |_| {}).await?;
             finish(resp, json, |r| {
                 if let ApiResponse::Stopped { vm } = r {
-                    println!("stopped {vm} on {host}");
+                    outln!("stopped {vm} on {host}");
                 }
             })
         }
@@ -294,8 +298,8 @@ pub async fn migrate(args: MigrateArgs, json: bool) -> Result<ExitCode> {
 }
 
 pub fn print_record(m: &MigrationRecord) {
-    println!("migration {}: {} {} -> {}: {:?}", m.id, m.vm, m.source, m.destination, m.state);
-    println!(
+    outln!("migration {}: {} {} -> {}: {:?}", m.id, m.vm, m.source, m.destination, m.state);
+    outln!(
         "  bytes {}  total {} ms  QEMU downtime {} ms  setup {} ms",
         m.bytes,
         opt(m.total_ms),
@@ -304,22 +308,22 @@ pub fn print_record(m: &MigrationRecord) {
     );
     match &m.attestation {
         Some(a) if a.peer_verified => {
-            println!("  attestation: {} verified (PCRs {:?}), {} ms", m.peer(), a.peer_pcrs, a.ms)
+            outln!("  attestation: {} verified (PCRs {:?}), {} ms", m.peer(), a.peer_pcrs, a.ms)
         }
-        Some(_) => println!("  attestation: NOT verified"),
+        Some(_) => outln!("  attestation: NOT verified"),
         None => {}
     }
     for i in &m.insecure {
-        println!("  INSECURE: {i}");
+        outln!("  INSECURE: {i}");
     }
     if m.receipt.is_some() {
-        println!("  signed receipt: yes");
+        outln!("  signed receipt: yes");
     }
     if let Some(d) = m.digest {
-        println!("  digest {d}");
+        outln!("  digest {d}");
     }
     if let Some(e) = &m.error {
-        println!("  {e}");
+        outln!("  {e}");
     }
 }
 
@@ -341,9 +345,14 @@ pub async fn migrations(cmd: MigrationsCommand, json: bool) -> Result<ExitCode> 
         ApiResponse::Migration(m) => print_record(m),
         ApiResponse::Migrations { migrations } => {
             for m in migrations {
-                println!(
+                outln!(
                     "{}  {:<11?} {:<11?} {} {} -> {}",
-                    m.id, m.role, m.state, m.vm, m.source, m.destination
+                    m.id,
+                    m.role,
+                    m.state,
+                    m.vm,
+                    m.source,
+                    m.destination
                 );
             }
         }
