@@ -77,6 +77,11 @@ pub struct VmStartArgs {
     /// Disk image name, from the host's images directory.
     #[arg(long)]
     pub disk: Option<String>,
+    /// The controller the disk hangs on: virtio (fastest), ide (machine pc
+    /// only) or sata, for images whose boot loader has no virtio driver.
+    #[arg(long, requires = "disk", conflicts_with = "kernel", default_value = "virtio",
+          value_parser = ["virtio", "ide", "sata"])]
+    pub disk_bus: String,
     /// Tenant the VM belongs to (policy label).
     #[arg(long, default_value = "default")]
     pub tenant: String,
@@ -104,7 +109,9 @@ impl VmStartArgs {
             (Some(k), _) => {
                 serde_json::json!({"type": "kernel", "kernel": k, "initrd": self.initrd, "cmdline": self.cmdline})
             }
-            (None, Some(d)) => serde_json::json!({"type": "disk", "image": d}),
+            (None, Some(d)) => {
+                serde_json::json!({"type": "disk", "image": d, "bus": self.disk_bus})
+            }
             (None, None) => bail!("give --kernel or --disk"),
         };
         let v = serde_json::json!({"name": name, "memory_mib": self.memory, "vcpus": self.vcpus, "machine": self.machine, "boot": boot});

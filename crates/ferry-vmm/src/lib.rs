@@ -18,7 +18,7 @@ use std::time::Duration;
 pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice};
 pub use process::{adopt, launch, list, qemu_args, LaunchMode, QemuConfig, QemuProcess};
 pub use qmp::{MigrationState, MigrationStatus, Qmp, QmpEvent, RamStats, RunState, MAX_QMP_LINE};
-pub use spec::{Boot, DiskFormat, ImageName, MachineType, SpecError, VmSpec};
+pub use spec::{Boot, DiskBus, DiskFormat, ImageName, MachineType, SpecError, VmSpec};
 
 /// Everything that can go wrong driving QEMU.
 #[derive(Debug, thiserror::Error)]
