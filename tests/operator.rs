@@ -204,6 +204,12 @@ fn a_migration_can_be_cancelled_before_commit() {
             _ => false,
         }
     });
+    // Both halves, held by the migration, can still be read, and what is
+    // read is the migration under way.
+    let (ok, m) = lab.ferry_json(&["vm", "qmp", "g", "query-migrate", "--host", "host1"]);
+    assert!(ok && m["result"]["status"] == "active", "{m}");
+    let (ok, s) = lab.ferry_json(&["vm", "qmp", "g", "query-status", "--host", "host2"]);
+    assert!(ok && s["result"]["status"] == "inmigrate", "{s}");
     std::thread::sleep(Duration::from_millis(500));
     let (ok, c) = lab.ferry_json(&["migrations", "cancel", &id, "--host", "host1"]);
     assert!(ok, "{c}");
@@ -223,4 +229,44 @@ fn a_migration_can_be_cancelled_before_commit() {
             .contains("not an outgoing migration in progress"),
         "{e}"
     );
+}
+
+/// `ferry vm qmp` passes read-only QMP commands to the VM's QEMU (whose only
+/// QMP socket the agent holds) and refuses any that would act on it.
+#[test]
+fn vm_qmp_reads_a_vm_and_refuses_to_steer_it() {
+    let lab = TestLab::up(1, 0);
+    let vm = lab.start_guest("host1", "g", 64, "fill_mib=8 dirty=0 hb_ms=50");
+    let log = std::path::PathBuf::from(vm["console_log"].as_str().expect("log"));
+    let qmp = |args: &[&str]| {
+        let mut a = vec!["vm", "qmp", "g", "--host", "host1"];
+        a.extend_from_slice(args);
+        lab.ferry_json(&a)
+    };
+    let (ok, s) = qmp(&["query-status"]);
+    assert!(ok && s["type"] == "qmp" && s["result"]["status"] == "running", "{s}");
+    let (ok, l) = qmp(&["qom-list", "--args", r#"{"path": "/machine"}"#]);
+    assert!(ok && l["result"].as_array().is_some_and(|a| !a.is_empty()), "{l}");
+    for act in ["stop", "quit", "system_reset", "human-monitor-command", "qom-set"] {
+        let (ok, e) = qmp(&[act]);
+        let message = e["message"].as_str().unwrap_or("");
+        assert!(!ok && e["kind"] == "denied", "{act} was not refused: {e}");
+        assert!(message.contains("allowed: query-*, qom-list, qom-list-types"), "{e}");
+    }
+    let (ok, e) = qmp(&["query-status", "--args", "[1]"]);
+    assert!(!ok && text_of(&e).contains("not a JSON object"), "{e}");
+    let (ok, e) = qmp(&["query-no-such-thing"]);
+    assert!(!ok && e["kind"] == "request" && text_of(&e).contains("CommandNotFound"), "{e}");
+    // Nothing above reached the VM: it still runs, and its guest still ticks.
+    let (ok, s) = qmp(&["query-status"]);
+    assert!(ok && s["result"]["status"] == "running", "{s}");
+    assert_eq!(lab.vm_state("host1", "g").as_deref(), Some("running"));
+    assert_guest_runs(&log);
+}
+
+fn text_of(v: &serde_json::Value) -> String {
+    v.get("message")
+        .or_else(|| v.get("error"))
+        .map(|m| m.to_string())
+        .unwrap_or_else(|| v.to_string())
 }

@@ -49,6 +49,7 @@ fn request_name(r: &ApiRequest) -> &'static str {
         ApiRequest::PolicyReload => "policy_reload",
         ApiRequest::MigrationCancel { .. } => "migration_cancel",
         ApiRequest::MigrationRecover { .. } => "migration_recover",
+        ApiRequest::VmQmp { .. } => "vm_qmp",
     }
 }
 
@@ -228,5 +229,55 @@ async fn dispatch(
             require_role(agent, operator, role, "recover migrations")?;
             crate::recover::recover(agent, id).await.map(ApiResponse::Migration)
         }
+        ApiRequest::VmQmp { vm, command, arguments } => {
+            vm_qmp(agent, operator, vm, command, arguments).await
+        }
     }
+}
+
+/// How long a diagnostic waits for the VM's QMP connection, which a
+/// migration step may be using.
+const QMP_WAIT: Duration = Duration::from_secs(10);
+
+/// A read-only QMP command for an operator. Any role may read, as with
+/// `vm list`; nothing on the allowlist can change the VM, which is also why
+/// a VM held by a migration stays readable: the command takes its turn on
+/// the VM's one QMP connection between the migration's own commands.
+async fn vm_qmp(
+    agent: &Agent,
+    operator: &OperatorName,
+    vm: ferry_types::VmName,
+    command: String,
+    arguments: Option<serde_json::Map<String, serde_json::Value>>,
+) -> Result<ApiResponse, Fault> {
+    ferry_vmm::check_read_only(&command)
+        .map_err(|e| Fault::new(ErrorKind::Denied, e.to_string()))?;
+    let qmp = match agent.vms.lock().await.get(&vm) {
+        Some(entry) => entry.qmp.clone(),
+        None => {
+            return Err(Fault::new(ErrorKind::Request, format!("no VM {vm} on {}", agent.host)))
+        }
+    };
+    tracing::info!(%operator, %vm, %command, "QMP diagnostic");
+    let mut qmp = tokio::time::timeout(QMP_WAIT, qmp.lock()).await.map_err(|_| {
+        Fault::new(ErrorKind::Backend, format!("VM {vm}'s QMP stayed busy for {QMP_WAIT:?}"))
+    })?;
+    let result = qmp.execute(&command, arguments.map(serde_json::Value::Object)).await.map_err(
+        |e| match e {
+            // QEMU's own refusal: an unknown command or bad arguments.
+            ferry_vmm::VmmError::Qmp { .. } => Fault::new(ErrorKind::Request, e.to_string()),
+            e => Fault::new(ErrorKind::Backend, format!("VM {vm}: {}", crate::chain(&e))),
+        },
+    )?;
+    drop(qmp);
+    // The answer must fit one control frame, with room for its envelope.
+    let len = serde_json::to_vec(&result).map_or(usize::MAX, |v| v.len());
+    let max = ferry_channel::MAX_CONTROL_LEN as usize - 1024;
+    if len > max {
+        return Err(Fault::new(
+            ErrorKind::Request,
+            format!("{command}'s answer is {len} bytes; the operator API carries at most {max}"),
+        ));
+    }
+    Ok(ApiResponse::Qmp { vm, command, result })
 }

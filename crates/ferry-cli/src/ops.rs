@@ -48,6 +48,23 @@ pub enum VmCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Run a read-only QMP command on a VM's QEMU, for diagnostics.
+    ///
+    /// The agent holds each VM's only QMP socket and passes through the
+    /// commands that read: query-* (query-status, query-block, query-pci,
+    /// query-migrate, ...), qom-list and qom-list-types. Anything else is
+    /// refused. Works while a migration holds the VM. Prints QEMU's `return`
+    /// value as JSON.
+    Qmp {
+        vm: VmName,
+        /// The QMP command, e.g. query-status.
+        command: String,
+        /// Its arguments: a JSON object, e.g. '{"path": "/machine"}'.
+        #[arg(long = "args")]
+        arguments: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -263,6 +280,24 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
                             v.vcpus
                         );
                     }
+                }
+            })
+        }
+        VmCommand::Qmp { vm, command, arguments, target } => {
+            let arguments = match arguments {
+                Some(text) => Some(
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
+                        .with_context(|| format!("--args {text:?} is not a JSON object"))?,
+                ),
+                None => None,
+            };
+            let (c, host) = target.open()?;
+            let resp =
+                c.request(&host, &ApiRequest::VmQmp { vm, command, arguments }, |_| {}).await?;
+            finish(resp, json, |r| {
+                if let ApiResponse::Qmp { result, .. } = r {
+                    let pretty = serde_json::to_string_pretty(result);
+                    outln!("{}", pretty.unwrap_or_else(|e| format!("(unprintable: {e})")));
                 }
             })
         }

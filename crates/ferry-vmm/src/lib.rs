@@ -6,8 +6,10 @@
 //! * [`process`]: launching QEMU detached (`-daemonize`) so VMs outlive an
 //!   agent crash, and adopting them again after a restart.
 //! * [`qmp`]: a small QMP client for status, run control and migration.
+//! * [`diagnostics`]: the read-only QMP commands operators may pass through.
 
 pub mod accel;
+pub mod diagnostics;
 pub mod process;
 pub mod qmp;
 pub mod spec;
@@ -16,6 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice};
+pub use diagnostics::{check_read_only, read_only_allowlist};
 pub use process::{adopt, launch, list, qemu_args, LaunchMode, QemuConfig, QemuProcess};
 pub use qmp::{MigrationState, MigrationStatus, Qmp, QmpEvent, RamStats, RunState, MAX_QMP_LINE};
 pub use spec::{Boot, DiskBus, DiskFormat, ImageName, MachineType, SpecError, VmSpec};
@@ -43,6 +46,11 @@ pub enum VmmError {
     PidFile { path: PathBuf, why: String },
     #[error("QMP command {command} failed: {class}: {desc}")]
     Qmp { command: String, class: String, desc: String },
+    #[error(
+        "QMP command {command:?} is not a read-only diagnostic; allowed: {}",
+        read_only_allowlist()
+    )]
+    NotReadOnly { command: String },
     #[error("QMP protocol error: {0}")]
     QmpProtocol(String),
     #[error("QMP connection closed")]
