@@ -55,6 +55,7 @@ fn request_name(r: &ApiRequest) -> &'static str {
         ApiRequest::PolicyReload => "policy_reload",
         ApiRequest::MigrationCancel { .. } => "migration_cancel",
         ApiRequest::MigrationRecover { .. } => "migration_recover",
+        ApiRequest::VmQmp { .. } => "vm_qmp",
     }
 }
 
@@ -189,6 +190,9 @@ async fn dispatch(
             require_role(agent, operator, role, "recover migrations")?;
             recover::attempt(agent, id).await.map(ApiResponse::Migration)
         }
+        ApiRequest::VmQmp { vm, command, arguments } => {
+            vm_qmp(agent, operator, vm, command, arguments).await
+        }
     }
 }
 
@@ -243,4 +247,36 @@ fn outcome(rec: MigrationRecord) -> Result<ApiResponse, Error> {
         }
         _ => Ok(ApiResponse::Migration(rec)),
     }
+}
+
+/// A read-only QMP command for an operator. Any role may read, as with
+/// `vm list`; nothing on the allowlist can change the VM, which is also why
+/// a VM held by a migration stays readable: the command takes its turn on
+/// the VM's one QMP connection between the migration's own commands.
+async fn vm_qmp(
+    agent: &Agent,
+    operator: &OperatorName,
+    vm: ferry_types::VmName,
+    command: String,
+    arguments: Option<serde_json::Map<String, serde_json::Value>>,
+) -> Result<ApiResponse, Error> {
+    ferry_vmm::check_read_only(&command).map_err(|e| Error::Denied(e.to_string()))?;
+    tracing::info!(%operator, %vm, %command, "QMP diagnostic");
+    let args = arguments.map(serde_json::Value::Object);
+    let result = agent.backend.diagnose(&vm, &command, args).await.map_err(|e| match e {
+        // QEMU's own refusal: an unknown command or bad arguments.
+        BackendError::Qemu { source: e @ ferry_vmm::VmmError::Qmp { .. }, .. } => {
+            Error::Qmp(e.to_string())
+        }
+        other => vm_error(agent, other),
+    })?;
+    // The answer must fit one control frame, with room for its envelope.
+    let len = serde_json::to_vec(&result).map_or(usize::MAX, |v| v.len());
+    let max = ferry_channel::MAX_CONTROL_LEN as usize - 1024;
+    if len > max {
+        let why =
+            format!("{command}'s answer is {len} bytes; the operator API carries at most {max}");
+        return Err(Error::Qmp(why));
+    }
+    Ok(ApiResponse::Qmp { vm, command, result })
 }

@@ -44,6 +44,8 @@ pub enum Error {
     Labels(String),
     #[error("cancelled by the operator")]
     Cancelled,
+    #[error("{0}")]
+    Qmp(String),
     #[error("policy reload refused, the old policy stays in force: {0}")]
     PolicyReload(String),
 
@@ -162,7 +164,8 @@ impl Error {
             | Plan(_)
             | Labels(_)
             | Cancelled
-            | PolicyReload(_) => ErrorKind::Request,
+            | PolicyReload(_)
+            | Qmp(_) => ErrorKind::Request,
             Denied(_) | Role { .. } => ErrorKind::Denied,
             Connect(_)
             | Refused { .. }

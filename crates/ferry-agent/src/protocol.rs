@@ -101,6 +101,15 @@ pub enum ApiRequest {
     },
     /// Re-read the policy files (as SIGHUP does); the old policy stays on error.
     PolicyReload,
+    /// Pass one read-only QMP command (ferry_vmm::diagnostics) to a VM's
+    /// QEMU, whose only QMP connection the agent holds.
+    VmQmp {
+        vm: VmName,
+        command: String,
+        /// A JSON object, as QMP's `arguments`.
+        #[serde(default)]
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    },
 }
 
 // One response per request: the size of the largest variant does not matter.
@@ -109,14 +118,31 @@ pub enum ApiRequest {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ApiResponse {
     Status(HostStatus),
-    Vms { vms: Vec<VmInfo> },
+    Vms {
+        vms: Vec<VmInfo>,
+    },
     Vm(VmInfo),
-    Stopped { vm: VmName },
+    Stopped {
+        vm: VmName,
+    },
     Progress(Progress),
     Migration(MigrationRecord),
-    Migrations { migrations: Vec<MigrationRecord> },
-    PolicyReloaded { policies: usize },
-    Error { kind: ErrorKind, message: String },
+    Migrations {
+        migrations: Vec<MigrationRecord>,
+    },
+    PolicyReloaded {
+        policies: usize,
+    },
+    /// QEMU's `return` value for a [`ApiRequest::VmQmp`].
+    Qmp {
+        vm: VmName,
+        command: String,
+        result: serde_json::Value,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 /// Who is at fault, so scripts can tell an attack from a typo.
@@ -329,5 +355,9 @@ mod tests {
         assert!(serde_json::from_str::<PeerMessage>(&unknown).is_err());
         let req = r#"{"op":"migrate","vm":"../x","to":"host2","wait":true}"#;
         assert!(serde_json::from_str::<ApiRequest>(req).is_err(), "VM names are validated");
+        let qmp = r#"{"op":"vm_qmp","vm":"g","command":"query-status","arguments":{"a":1}}"#;
+        assert!(serde_json::from_str::<ApiRequest>(qmp).is_ok());
+        let list = qmp.replace(r#"{"a":1}"#, "[1]");
+        assert!(serde_json::from_str::<ApiRequest>(&list).is_err(), "QMP arguments are an object");
     }
 }

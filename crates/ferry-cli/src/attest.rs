@@ -88,9 +88,9 @@ pub fn run(cmd: AttestCommand, json: bool) -> Result<ExitCode> {
         }
     };
     if json {
-        println!("{out}");
+        outln!("{out}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(ExitCode::SUCCESS)
 }

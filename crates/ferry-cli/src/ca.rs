@@ -123,10 +123,10 @@ pub fn run(cmd: CaCommand, json: bool) -> Result<ExitCode> {
         }
     };
     if json {
-        println!("{out}");
+        outln!("{out}");
     } else if let Some(obj) = out.as_object() {
         for (k, v) in obj {
-            println!("{k:>8}: {}", v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()));
+            outln!("{k:>8}: {}", v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,12 @@
 //! The `ferry` command line. Each subcommand lives in its own module; this
 //! file only defines the command tree and dispatches. Every command that
-//! prints a result accepts `--json` for scripts.
+//! prints a result accepts `--json` for scripts. Command output goes through
+//! [`out`] (`outln!`), never `println!`, so that a closed pipe ends a
+//! command quietly.
+#![deny(clippy::print_stdout)]
+
+#[macro_use]
+pub mod out;
 
 pub mod agent_cmd;
 pub mod attest;
@@ -125,15 +131,22 @@ pub fn main() -> ExitCode {
             Command::Completions { shell } => docs::completions(shell),
         }
     });
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             if json {
-                println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+                outln!("{}", serde_json::json!({ "error": format!("{e:#}") }));
             } else {
                 eprintln!("error: {e:#}");
             }
             ExitCode::from(1)
         }
+    };
+    match out::failure() {
+        Some(e) => {
+            eprintln!("error: cannot write to stdout: {e}");
+            ExitCode::from(1)
+        }
+        None => code,
     }
 }

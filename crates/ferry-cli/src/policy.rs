@@ -62,12 +62,12 @@ pub async fn run(cmd: PolicyCommand, json: bool) -> Result<ExitCode> {
             let summary = ferry_policy::check_files(&files, entities.as_deref())?;
             if json {
                 let ids: Vec<_> = summary.policies.iter().map(|p| p.id.clone()).collect();
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "valid": true, "policies": ids, "entities": summary.entities, "warnings": summary.warnings })
                 );
             } else {
-                print!("{summary}");
+                out!("{summary}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -114,12 +114,12 @@ pub async fn run(cmd: PolicyCommand, json: bool) -> Result<ExitCode> {
                     ferry_policy::Decision::Allow { .. } => (true, None),
                     ferry_policy::Decision::Deny { reason, .. } => (false, Some(reason.clone())),
                 };
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "allow": allow, "reason": reason, "policies": decision.policies() })
                 );
             } else {
-                println!("{}", engine.explain(&req));
+                outln!("{}", engine.explain(&req));
             }
             Ok(if decision.is_allow() { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
@@ -128,12 +128,9 @@ pub async fn run(cmd: PolicyCommand, json: bool) -> Result<ExitCode> {
             match c.request(&host, &ApiRequest::PolicyReload, |_| {}).await? {
                 ApiResponse::PolicyReloaded { policies } => {
                     if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({ "reloaded": true, "policies": policies })
-                        );
+                        outln!("{}", serde_json::json!({ "reloaded": true, "policies": policies }));
                     } else {
-                        println!("{host}: policy reloaded ({policies} policies)");
+                        outln!("{host}: policy reloaded ({policies} policies)");
                     }
                     Ok(ExitCode::SUCCESS)
                 }

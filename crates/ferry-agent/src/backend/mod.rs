@@ -58,6 +58,8 @@ pub enum BackendError {
     NoConnection { what: String, after: Duration },
     #[error("QEMU's migration ended {0}")]
     Migration(String),
+    #[error("VM {vm}'s QMP stayed busy for {after:?}")]
+    QmpBusy { vm: VmName, after: Duration },
     #[error("the {backend} backend cannot {what}")]
     Unsupported { backend: &'static str, what: &'static str },
 }
@@ -167,6 +169,18 @@ pub trait VmBackend: Send + Sync {
     async fn open_gate(&self, vm: &VmName, proof: DigestsMatch) -> Result<(), BackendError>;
     /// Undo: the incoming VM must never run here.
     async fn discard_incoming(&self, vm: &VmName, id: MigrationId) -> Result<(), BackendError>;
+
+    /// A read-only diagnostic command (the caller checked it against the
+    /// allowlist), answered by the VM's hypervisor.
+    async fn diagnose(
+        &self,
+        vm: &VmName,
+        command: &str,
+        args: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, BackendError> {
+        let _ = (vm, command, args);
+        Err(BackendError::Unsupported { backend: self.name(), what: "run diagnostic commands" })
+    }
 
     /// Post-copy, if this backend can do it.
     fn postcopy(&self) -> Option<&dyn PostcopyBackend> {

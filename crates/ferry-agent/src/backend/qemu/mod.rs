@@ -283,6 +283,22 @@ impl VmBackend for QemuBackend {
         Ok(())
     }
 
+    async fn diagnose(
+        &self,
+        vm: &VmName,
+        command: &str,
+        args: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, BackendError> {
+        // The VM's one QMP connection may be mid-way through a migration
+        // step: wait for it, within reason.
+        const QMP_WAIT: Duration = Duration::from_secs(10);
+        let qmp = self.qmp(vm).await?;
+        let mut q = tokio::time::timeout(QMP_WAIT, qmp.lock())
+            .await
+            .map_err(|_| BackendError::QmpBusy { vm: vm.clone(), after: QMP_WAIT })?;
+        q.execute(command, args).await.map_err(BackendError::qemu("a diagnostic command"))
+    }
+
     fn postcopy(&self) -> Option<&dyn PostcopyBackend> {
         Some(self)
     }
