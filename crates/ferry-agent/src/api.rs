@@ -87,6 +87,7 @@ async fn dispatch(
             vms: agent.vms.lock().await.len(),
             peers: agent.cfg.peers.keys().cloned().collect(),
             active_migrations: agent.active.lock().await.len(),
+            checks: crate::preflight::run(&agent.cfg).await,
         })),
         ApiRequest::VmList => {
             let vms = agent.vms.lock().await;

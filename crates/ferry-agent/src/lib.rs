@@ -18,6 +18,7 @@ pub mod incoming;
 pub mod metrics;
 pub mod outgoing;
 pub mod postcopy;
+pub mod preflight;
 pub mod protocol;
 pub mod records;
 pub mod recover;
@@ -43,6 +44,8 @@ pub use records::{MigrationRecord, MigrationState, Role};
 pub enum AgentError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Preflight(#[from] preflight::PreflightFailed),
     #[error("TLS identity")]
     Identity(#[from] ferry_identity::IdentityError),
     #[error("certificate {cert:?} is for {actual}, but the config names this host {expected}")]
@@ -174,6 +177,7 @@ impl Agent {
     /// Load identity and state, adopt surviving VMs and settle interrupted
     /// migrations. The returned agent is ready to serve.
     pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+        preflight::enforce(&preflight::run(&cfg).await)?;
         let identity =
             Identity::load(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.ca, cfg.tls.crl.as_deref())?;
         match identity.spiffe() {
