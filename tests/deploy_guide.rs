@@ -191,6 +191,8 @@ impl Cluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        // Shown with --nocapture: what the guide's commands print.
+        eprintln!("--- on {on}:\n{}", String::from_utf8_lossy(&out.stdout));
         out
     }
 
