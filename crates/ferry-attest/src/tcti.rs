@@ -83,7 +83,8 @@ pub fn unreachable(tcti: &str, probe: &TctiProbe, tss: &str) -> AttestError {
         ),
         TctiProbe::DeviceUnopenable { path, why } => (
             format!("cannot open {}: {why}", path.display()),
-            "run as root, or as a member of the group that owns the device (often `tss`)"
+            "run as root or as a member of the group that owns the device (often `tss`); \
+             /dev/tpm0 admits one process at a time, the resource manager /dev/tpmrm0 many"
                 .to_owned(),
         ),
         TctiProbe::PortClosed(addr) => (

@@ -137,8 +137,7 @@ fn write_client_config(
     let path = out.join("client.toml");
     let text = format!(
         "# Written by `ferry ca issue operator`; paths are relative to this file.\n\
-         # Use it with: export FERRY_CLIENT_CONFIG={}\n{}",
-        path.display(),
+         # Use it with: export FERRY_CLIENT_CONFIG=/path/to/this/client.toml\n{}",
         toml::to_string(&cfg)?
     );
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
