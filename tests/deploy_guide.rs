@@ -258,6 +258,48 @@ impl Drop for Cluster {
     }
 }
 
+/// Start `ferry agent` on a copy of `h`'s agent.toml with `edits` (and a
+/// state directory of its own, so a start that should fail cannot touch the
+/// host's); it must exit at once, naming the problem and its fix.
+fn refuses_to_start(c: &Cluster, h: &Host, case: &str, edits: &[(String, String)], expect: &str) {
+    let cfg = h.root.join("etc/ferry/agent.toml");
+    let mut text = std::fs::read_to_string(&cfg).expect("agent.toml");
+    let state = h.state().display().to_string();
+    let own = c.path(&format!("bad-{case}"));
+    for (from, to) in [(format!("\"{state}\""), format!("\"{}\"", own.display()))]
+        .iter()
+        .chain(
+            [(format!("\"{state}/audit.log\""), format!("\"{}/audit.log\"", own.display()))].iter(),
+        )
+        .chain(edits)
+    {
+        assert!(text.contains(from.as_str()), "{case}: {from} not in {}", cfg.display());
+        text = text.replace(from.as_str(), to);
+    }
+    let path = c.path(&format!("bad-{case}.toml"));
+    std::fs::write(&path, text).expect("write");
+    let mut child = Command::new(FERRY)
+        .args(["agent", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agent");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{case}: the agent started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{case}: exit {}", out.status);
+    assert!(err.contains(expect) && err.contains("fix:"), "{case}: {expect:?} not in:\n{err}");
+}
+
 #[test]
 fn the_deploy_guide_migrates_a_vm_attested_authorized_and_audited() {
     let blocks = blocks(GUIDE);
@@ -372,5 +414,52 @@ fn the_deploy_guide_migrates_a_vm_attested_authorized_and_audited() {
     assert!(
         warnings.iter().any(|w| w.as_str().is_some_and(|w| w.contains("(denied): expected"))),
         "the denied request's warning: {v}"
+    );
+
+    // Fail fast: the mistakes a newcomer makes stop the agent at start, each
+    // named with its fix, instead of surfacing at the first migration.
+    let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
+    let etc = |h: &Host, f: &str| h.root.join("etc/ferry").join(f).display().to_string();
+    let swap = |a: String, b: String| (format!("\"{a}\""), format!("\"{b}\""));
+    refuses_to_start(
+        &c,
+        h1,
+        "cert",
+        &[
+            swap(etc(h1, "host1.pem"), etc(h2, "host2.pem")),
+            swap(etc(h1, "host1.key"), etc(h2, "host2.key")),
+        ],
+        "is for spiffe://ferry.example/host/host2, but [host] name is host1",
+    );
+    let other = c.path("other-ca");
+    let o = Command::new(FERRY)
+        .args(["ca", "init", "--domain", "ferry.example", "--dir"])
+        .arg(&other)
+        .output()
+        .expect("ca init");
+    assert!(o.status.success());
+    refuses_to_start(
+        &c,
+        h1,
+        "ca",
+        &[swap(etc(h1, "ca.pem"), other.join("ca.pem").display().to_string())],
+        "was not issued by the CA in",
+    );
+    let tcti = |port: u16| format!("swtpm:host=127.0.0.1,port={port}");
+    let closed = free_port();
+    refuses_to_start(
+        &c,
+        h1,
+        "tpm",
+        &[swap(tcti(h1.swtpm_port), tcti(closed))],
+        &format!("nothing accepts connections on 127.0.0.1:{closed}"),
+    );
+    let images = h1.state().join("images").display().to_string();
+    refuses_to_start(
+        &c,
+        h1,
+        "images",
+        &[swap(images.clone(), format!("{images}-missing"))],
+        "images: ",
     );
 }
