@@ -174,9 +174,11 @@ impl Agent {
         }
     }
 
-    /// Load identity and state, adopt surviving VMs and settle interrupted
-    /// migrations. The returned agent is ready to serve.
+    /// Check the configuration against the host (preflight), load identity
+    /// and state, adopt surviving VMs and settle interrupted migrations. The
+    /// returned agent is ready to serve.
     pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+        // Before anything is touched: a failed check leaves state as it was.
         preflight::enforce(&preflight::run(&cfg).await)?;
         let identity =
             Identity::load(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.ca, cfg.tls.crl.as_deref())?;
