@@ -104,6 +104,7 @@ async fn dispatch(
             vms: agent.backend.count().await,
             peers: agent.cfg.peers.keys().cloned().collect(),
             active_migrations: agent.sessions.in_flight().await,
+            checks: crate::preflight::run(&agent.cfg).await,
         })),
         ApiRequest::VmList => Ok(ApiResponse::Vms { vms: agent.backend.list().await }),
         ApiRequest::VmStart { spec, labels } => {

@@ -27,6 +27,7 @@ pub mod metrics_http;
 pub mod net;
 pub mod notary;
 pub mod plan;
+pub mod preflight;
 pub mod protocol;
 pub mod records;
 pub mod report;

@@ -173,6 +173,9 @@ pub struct HostStatus {
     pub vms: usize,
     pub peers: Vec<HostName>,
     pub active_migrations: usize,
+    /// The start-up checks, run again now (docs/deploy.md, "When it fails").
+    #[serde(default)]
+    pub checks: Vec<crate::preflight::Check>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

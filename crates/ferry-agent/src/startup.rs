@@ -26,6 +26,8 @@ use crate::session::{restart, supervisor};
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Preflight(#[from] crate::preflight::PreflightFailed),
     #[error("TLS identity")]
     Identity(#[from] ferry_identity::IdentityError),
     #[error("certificate {cert:?} is for {actual}, but the config names this host {expected}")]
@@ -55,8 +57,11 @@ pub struct Parts {
 }
 
 impl Agent {
-    /// The production agent: QEMU backend, the host's TPM, files from `cfg`.
+    /// The production agent: QEMU backend, the host's TPM, files from
+    /// `cfg`, checked against the host first (preflight).
     pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, StartError> {
+        // Before anything is touched: a failed check leaves state as it was.
+        crate::preflight::enforce(&crate::preflight::run(&cfg).await)?;
         let identity =
             Identity::load(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.ca, cfg.tls.crl.as_deref())?;
         match identity.spiffe() {

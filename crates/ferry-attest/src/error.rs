@@ -46,6 +46,10 @@ pub enum AttestError {
     /// The EK certificate does not chain to a trusted TPM-manufacturer CA.
     #[error("EK certificate not trusted: {why}")]
     UntrustedEk { why: String },
+    /// No TPM answered at this TCTI; `why` says what was found there and
+    /// `hint` what to pass instead.
+    #[error("cannot open the TPM at {tcti}: {why}; {hint}")]
+    TpmUnreachable { tcti: String, why: String, hint: String },
     /// The AK public area is not a restricted, TPM-resident P-256 signing key.
     #[error("attestation key refused: {why}")]
     UnsuitableAk { why: String },

@@ -15,6 +15,8 @@ pub mod ca;
 pub mod console;
 pub mod demo;
 pub mod docs;
+pub mod host;
+pub mod image;
 pub mod lab;
 pub mod opclient;
 pub mod ops;
@@ -32,8 +34,21 @@ use clap::{Parser, Subcommand};
 /// cluster CA; the destination resumes a VM only when the stream it received
 /// matches what the source committed to; the source keeps its copy until the
 /// destination has signed for it.
+/// The exit statuses, shown by `ferry --help` and in the README.
+pub const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  success
+  1  error (the message says what failed and, where it can, what to do)
+  2  usage: unknown command, missing or invalid argument
+  3  `ferry policy explain`: the request is denied
+  4  a migration is in doubt: the VM is paused on the source until `ferry migrations
+     resolve ID` asks the destination (or, for a post-copy interrupted after the
+     hand-over, runs on the destination until the rest of its memory arrives)
+
+Setting hosts up: docs/deploy.md. Every command: ferry <command> --help.";
+
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, max_term_width = 100)]
+#[command(name = "ferry", version, max_term_width = 100, after_help = EXIT_STATUS_HELP)]
 pub struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -53,6 +68,12 @@ pub enum Command {
     /// Read, verify and export the signed audit logs and evidence bundles.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Prepare a hypervisor host: certificate, TPM enrolment, agent.toml.
+    #[command(subcommand)]
+    Host(host::HostCommand),
+    /// Write images to try Ferry with (the test guest).
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Run the per-host agent daemon.
     Agent(agent_cmd::AgentArgs),
     /// Show an agent's status.
@@ -105,6 +126,13 @@ pub fn default_client_config() -> Option<PathBuf> {
 }
 
 pub fn main() -> ExitCode {
+    // tss2's own log lines repeat, less clearly, what Ferry's TPM errors say
+    // (which TCTI, what was found there); TSS2_LOG=all+warning brings them back.
+    // Set before the runtime starts any thread, so nothing reads the
+    // environment concurrently.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+none");
+    }
     let cli = Cli::parse();
     let json = cli.json;
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -119,6 +147,8 @@ pub fn main() -> ExitCode {
             Command::Ca(c) => ca::run(c, json),
             Command::Attest(c) => attest::run(c, json),
             Command::Audit(c) => audit::run(c, json),
+            Command::Host(c) => host::run(c, json),
+            Command::Image(c) => image::run(c, json),
             Command::Agent(a) => agent_cmd::run(a).await,
             Command::Status(t) => ops::status(t, json).await,
             Command::Vm(c) => ops::vm(c, json).await,

@@ -45,8 +45,14 @@ impl OpClient {
         }
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read client config {}", path.display()))?;
-        let cfg: ClientConfig = toml::from_str(&text)
+        let mut cfg: ClientConfig = toml::from_str(&text)
             .with_context(|| format!("client config {} is invalid", path.display()))?;
+        // Relative paths are relative to the file, so the operator's
+        // directory works wherever it is copied.
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.cert, &mut cfg.key, &mut cfg.ca].into_iter().chain(cfg.crl.as_mut()) {
+            *p = base.join(&*p);
+        }
         let id = Identity::load(&cfg.cert, &cfg.key, &cfg.ca, cfg.crl.as_deref()).with_context(
             || format!("cannot load the operator identity named in {}", path.display()),
         )?;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
+use ferry_agent::preflight::Verdict;
 use ferry_agent::protocol::{ApiRequest, ApiResponse, ErrorKind};
 use ferry_agent::MigrationRecord;
 use ferry_types::{HostName, MigrationId, VmName};
@@ -232,6 +233,17 @@ pub async fn status(t: Target, json: bool) -> Result<ExitCode> {
                 s.accel
             );
             outln!("vms {}  active migrations {}  peers {:?}", s.vms, s.active_migrations, s.peers);
+            for c in &s.checks {
+                let verdict = match c.verdict {
+                    Verdict::Ok => "ok",
+                    Verdict::Warn => "WARN",
+                    Verdict::Fail => "FAIL",
+                };
+                outln!("  {verdict:<4} {:<17} {}", c.name, c.detail);
+                if let Some(fix) = &c.fix {
+                    outln!("       {:<17} fix: {fix}", "");
+                }
+            }
         }
     })
 }
@@ -396,6 +408,10 @@ pub async fn migrations(cmd: MigrationsCommand, json: bool) -> Result<ExitCode> 
                     m.source,
                     m.destination
                 );
+                // Why it did not complete (aborted, denied, in doubt).
+                if let Some(e) = &m.error {
+                    outln!("    {e}");
+                }
             }
         }
         _ => {}

@@ -21,7 +21,8 @@ pub enum PolicyCommand {
         #[arg(long)]
         entities: Option<PathBuf>,
     },
-    /// Print the decision for an operator migrating a VM, and the policies that made it.
+    /// Print the decision for an operator migrating a VM, and the policies
+    /// that made it. Exit status 0 when allowed, 3 when denied.
     Explain {
         #[arg(long = "policy", required = true)]
         files: Vec<PathBuf>,
@@ -54,6 +55,8 @@ pub enum PolicyCommand {
     },
     /// Ask an agent to reload its policy files (as SIGHUP does).
     Reload(Target),
+    /// Print the example policy set (docs/policy/ferry.cedar) to start from.
+    Example,
 }
 
 pub async fn run(cmd: PolicyCommand, json: bool) -> Result<ExitCode> {
@@ -122,6 +125,10 @@ pub async fn run(cmd: PolicyCommand, json: bool) -> Result<ExitCode> {
                 outln!("{}", engine.explain(&req));
             }
             Ok(if decision.is_allow() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+        }
+        PolicyCommand::Example => {
+            crate::out::write_bytes(crate::lab::EXAMPLE_POLICY.as_bytes());
+            Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Reload(t) => {
             let (c, host) = t.open()?;

@@ -32,6 +32,15 @@ fn example_files_check_clean() {
 }
 
 #[test]
+fn entity_hosts_lists_the_hosts_only() {
+    let hosts = ferry_policy::entity_hosts(&example_entities()).expect("hosts");
+    assert_eq!(hosts, ["host-a", "host-b", "host-c"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = write(dir.path(), "bad.json", r#"[{"uid":{"type":"Host","id":"h"},"attrs":{}}]"#);
+    assert!(ferry_policy::entity_hosts(&bad).is_err(), "schema violations are refused");
+}
+
+#[test]
 fn shipped_schema_matches_embedded_schema() {
     let shipped = std::fs::read_to_string(docs().join("ferry.cedarschema")).expect("read");
     assert_eq!(shipped, SCHEMA, "docs/policy/ferry.cedarschema drifted from the embedded schema");
