@@ -112,6 +112,22 @@ async fn dispatch(
                     format!("VM {} already exists on {}", spec.name, agent.host),
                 ));
             }
+            // SECURITY (R3, C6): placed next to the VMs already here (and those
+            // arriving) only if no anti-affinity on either side forbids it;
+            // decided and launched under the table lock, so nothing lands in
+            // between.
+            let residents = agent.authz.residents(&table);
+            let enabled = agent.attestation.enabled();
+            if let Err(denied) =
+                agent.authz.authorize_start(&agent.host, &spec.name, &labels, residents, enabled)
+            {
+                agent.metrics.refused("policy");
+                let mut ev = ferry_audit::AuditEvent::new("start_denied");
+                ev.vm = Some(spec.name.to_string());
+                ev.detail = serde_json::json!({ "operator": operator, "role": role, "reason": denied.message });
+                let _ = agent.audit(ev).await;
+                return Err(denied);
+            }
             let entry =
                 vms::launch(&agent.qemu, &spec, &labels, LaunchMode::Run).await.map_err(|e| {
                     Fault::new(

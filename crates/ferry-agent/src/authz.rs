@@ -1,11 +1,12 @@
 //! Authorization (R3) and admission control: who may move which VM where,
 //! and what this host can take. Cedar decides (ferry-policy, default deny);
-//! this module builds the requests from what the agent knows and keeps the
-//! counters (admission, outgoing rate, per-VM cooldown).
+//! this module builds the requests from what the agent knows (including the
+//! VMs already here, for co-location) and keeps the counters (admission,
+//! outgoing rate, per-VM cooldown).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_policy::{
@@ -15,7 +16,11 @@ use ferry_policy::{
 use ferry_types::{HostName, OperatorName, VmName};
 
 use crate::config::AgentConfig;
+use crate::vms::VmEntry;
 use crate::{ErrorKind, Fault};
+
+/// Labels of admitted incoming VMs whose QEMU may not be in the VM table yet.
+type Arriving = Arc<Mutex<HashMap<VmName, VmLabels>>>;
 
 pub struct Authz {
     policy: SharedPolicy,
@@ -26,6 +31,26 @@ pub struct Authz {
     cooldown: Duration,
     /// When each VM last arrived here or left: no new move inside the cooldown.
     last_moved: Mutex<HashMap<VmName, Instant>>,
+    arriving: Arriving,
+}
+
+/// An admitted incoming VM. Holds its admission reservation and, until the
+/// migration ends, makes the VM a resident for co-location decisions: its
+/// QEMU is launched after the VM table lock is released, and a VM that is
+/// about to run here must protect (and be protected) like one that runs.
+pub struct Arrival {
+    _ticket: AdmissionTicket,
+    vm: VmName,
+    arriving: Arriving,
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        // Only plain map updates happen under this lock, so a poisoned lock
+        // still holds a consistent map.
+        let mut m = self.arriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.remove(&self.vm);
+    }
 }
 
 fn now_unix() -> i64 {
@@ -56,7 +81,22 @@ impl Authz {
             ),
             cooldown: cfg.admission.vm_cooldown,
             last_moved: Mutex::new(HashMap::new()),
+            arriving: Arc::default(),
         })
+    }
+
+    /// The VMs on this host as co-location policy sees them: those in the
+    /// VM table (running, arriving or leaving) and admitted arrivals whose
+    /// QEMU is still being launched. Call with the table lock held, so the
+    /// decision and the launch it allows see one picture.
+    pub fn residents(&self, table: &BTreeMap<VmName, VmEntry>) -> Vec<Resident> {
+        let arriving = self.arriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let launched = table.values().map(|e| (&e.spec.name, &e.labels));
+        let launching = arriving.iter().filter(|(vm, _)| !table.contains_key(*vm));
+        launched
+            .chain(launching)
+            .map(|(name, labels)| Resident { name: name.clone(), labels: labels.clone() })
+            .collect()
     }
 
     /// Re-read the policy files atomically: on any error the old policy
@@ -147,10 +187,51 @@ impl Authz {
 
     /// A VM arrived here or left: start its cooldown.
     pub fn moved(&self, vm: &VmName) {
+        self.moved_at(vm, Instant::now());
+    }
+
+    fn moved_at(&self, vm: &VmName, at: Instant) {
         if let Ok(mut m) = self.last_moved.lock() {
-            m.insert(vm.clone(), Instant::now());
+            let last = m.entry(vm.clone()).or_insert(at);
+            *last = (*last).max(at);
         }
-        self.admission.completed(vm, Instant::now());
+        self.admission.completed(vm, at);
+    }
+
+    /// `ferry vm start`: may this host place this new VM next to the VMs it
+    /// already has (co-location, both directions)? Which operators may start
+    /// VMs at all is the agent's operator_roles, checked before this.
+    pub fn authorize_start(
+        &self,
+        host: &HostName,
+        vm: &VmName,
+        labels: &VmLabels,
+        residents: Vec<Resident>,
+        attestation_on: bool,
+    ) -> Result<Vec<String>, Fault> {
+        let req = Request {
+            principal: Principal::Host { name: host.clone() },
+            action: Action::StartVm,
+            vm: vm.clone(),
+            labels: labels.clone(),
+            source: host.clone(),
+            destination: host.clone(),
+            postcopy: false,
+            // Nothing crosses to another platform; policy sees whether this
+            // host is under attestation at all.
+            source_attested: attestation_on,
+            destination_attested: attestation_on,
+            now_unix: now_unix(),
+            resident_on_destination: residents,
+        };
+        let d = self.decide(&req);
+        match deny_reason(&d) {
+            Some(reason) => Err(Fault::new(
+                ErrorKind::Denied,
+                format!("policy denies starting {vm} on {host}: {reason}"),
+            )),
+            None => Ok(d.policies().to_vec()),
+        }
     }
 
     /// Destination side, before any VM byte: may the source send this VM
@@ -170,7 +251,7 @@ impl Authz {
         used: (u64, u32),
         postcopy: bool,
         (source_attested, destination_attested): (bool, bool),
-    ) -> Result<AdmissionTicket, (&'static str, String)> {
+    ) -> Result<Arrival, (&'static str, String)> {
         let mut req = Request {
             principal: Principal::Host { name: source.clone() },
             action: Action::SendVm,
@@ -196,8 +277,18 @@ impl Authz {
             ));
         }
         self.check_cooldown(vm).map_err(|f| ("cooldown", f.message))?;
-        self.admission
+        let ticket = self
+            .admission
             .try_admit(source, vm, memory_mib, vcpus, used.0, used.1, Instant::now())
-            .map_err(|r| ("admission", format!("admission control: {r}")))
+            .map_err(|r| ("admission", format!("admission control: {r}")))?;
+        // SECURITY (C6): from here on the VM is a resident for every other
+        // decision; the ticket admits one migration per VM name at a time,
+        // so no other arrival owns this entry.
+        let mut arriving = self.arriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        arriving.insert(vm.clone(), labels.clone());
+        Ok(Arrival { _ticket: ticket, vm: vm.clone(), arriving: Arc::clone(&self.arriving) })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -466,13 +466,7 @@ async fn receive(
         let table = agent.vms.lock().await;
         // SECURITY (R3): policy and admission before any VM byte moves; what
         // the source believed about our capacity is checked here, again.
-        let residents = table
-            .values()
-            .map(|e| ferry_policy::Resident {
-                tenant: e.labels.tenant.clone(),
-                security_level: e.labels.security_level,
-            })
-            .collect();
+        let residents = agent.authz.residents(&table);
         let used = table
             .values()
             .fold((0u64, 0u32), |(m, c), e| (m + u64::from(e.spec.memory_mib), c + e.spec.vcpus));
