@@ -2,7 +2,9 @@
 //! and what this host can take. Cedar decides (ferry-policy, default deny);
 //! this module builds the requests from what the agent knows (including the
 //! VMs already here, for co-location) and keeps the counters (admission,
-//! outgoing rate, per-VM cooldown).
+//! outgoing rate, per-VM cooldown), which survive restarts ([`history`]).
+
+mod history;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -16,6 +18,7 @@ use ferry_policy::{
 use ferry_types::{HostName, OperatorName, VmName};
 
 use crate::config::AgentConfig;
+use crate::records::{now_unix_ms, RecordError, RecordStore};
 use crate::vms::VmEntry;
 use crate::{ErrorKind, Fault};
 
@@ -83,6 +86,39 @@ impl Authz {
             last_moved: Mutex::new(HashMap::new()),
             arriving: Arc::default(),
         })
+    }
+
+    /// Rebuilds the cooldowns and rate windows from the durable migration
+    /// records, so a restart does not reset them. Called once at start-up.
+    pub fn restore(&self, records: &RecordStore) -> Result<(), RecordError> {
+        let horizons = history::Horizons {
+            cooldown: self.cooldown,
+            outgoing_window: self.outgoing.window(),
+            per_peer_window: self.admission.config().per_peer_window,
+        };
+        let (now, now_ms) = (Instant::now(), now_unix_ms());
+        let past = history::history(&records.all()?, now_ms, horizons);
+        // Wall-clock times become instants on this process's clock. One that
+        // cannot be represented is taken as now: the limit lasts longer.
+        let at = |t: u64| {
+            now.checked_sub(Duration::from_millis(now_ms.saturating_sub(t))).unwrap_or(now)
+        };
+        for (vm, t) in &past.moves {
+            self.moved_at(vm, at(*t));
+        }
+        for (destination, t) in &past.outgoing {
+            self.outgoing.restore(destination.as_str(), at(*t));
+        }
+        for (source, t) in &past.incoming {
+            self.admission.restore_peer_admission(source, at(*t));
+        }
+        tracing::info!(
+            cooldowns = past.moves.len(),
+            outgoing = past.outgoing.len(),
+            incoming = past.incoming.len(),
+            "admission limits rebuilt from migration records"
+        );
+        Ok(())
     }
 
     /// The VMs on this host as co-location policy sees them: those in the

@@ -219,6 +219,7 @@ impl Agent {
         let audit = ferry_audit::AuditLog::open(&audit_path, signer)?;
         let ca_trust = ferry_audit::CaTrust::load(&cfg.tls.ca)?;
         let authz = authz::Authz::load(&cfg)?;
+        authz.restore(&records)?;
         let agent = Arc::new(Agent {
             host: cfg.host.name.clone(),
             domain,

@@ -1,14 +1,15 @@
-//! Authz with the shipped example policy (docs/policy): admitted arrivals
-//! count as residents.
+//! Authz with the shipped example policy (docs/policy) and real record files:
+//! limits rebuilt after a restart, and admitted arrivals counted as residents.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use ferry_policy::VmLabels;
-use ferry_types::{HostName, VmName};
+use ferry_types::{HostName, MigrationId, VmName};
 
 use super::Authz;
 use crate::config::AgentConfig;
+use crate::records::{MigrationRecord, MigrationState, RecordStore, Role};
 
 fn config() -> AgentConfig {
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/policy");
@@ -59,6 +60,63 @@ fn labels(tenant: &str, excludes: &[&str]) -> VmLabels {
         anti_affinity: excludes.iter().map(|t| (*t).to_owned()).collect(),
         ..Default::default()
     }
+}
+
+/// host-a asks to send `vm` to host-b as admin alice.
+fn send(authz: &Authz, vm: &str) -> Result<Vec<String>, String> {
+    let (a, b): (HostName, HostName) = (name("host-a"), name("host-b"));
+    authz
+        .authorize_outgoing(
+            &name("alice"),
+            "admin",
+            &name(vm),
+            &labels("blue", &[]),
+            &a,
+            &b,
+            false,
+            true,
+        )
+        .map_err(|f| f.message)
+}
+
+#[test]
+fn cooldowns_and_rate_windows_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = RecordStore::open(dir.path()).expect("store");
+    // Before the restart: web left for host-b, and a peer offered one VM.
+    let mut left = MigrationRecord::new(
+        MigrationId::new(),
+        Role::Source,
+        name("web"),
+        name("host-a"),
+        name("host-b"),
+    );
+    left.state = MigrationState::Completed;
+    assert!(store.create(&mut left).expect("record"));
+    let mut offered = MigrationRecord::new(
+        MigrationId::new(),
+        Role::Destination,
+        name("db"),
+        name("host-b"),
+        name("host-a"),
+    );
+    offered.state = MigrationState::Aborted;
+    assert!(store.create(&mut offered).expect("record"));
+
+    let fresh = Authz::load(&config()).expect("authz");
+    assert!(send(&fresh, "web").is_ok(), "without the records nothing holds it back");
+
+    let restarted = Authz::load(&config()).expect("authz");
+    restarted.restore(&store).expect("restore");
+    let e = send(&restarted, "web").expect_err("web moved a moment ago");
+    assert!(e.contains("cooldown"), "{e}");
+    let e = send(&restarted, "other").expect_err("host-b already had its one migration");
+    assert!(e.contains("rate limit"), "{e}");
+    let e = restarted
+        .admission
+        .try_admit(&name("host-b"), &name("x"), 1, 1, 0, 0, std::time::Instant::now())
+        .expect_err("host-b already offered one");
+    assert!(e.to_string().contains("peer `host-b`"), "{e}");
 }
 
 #[test]
