@@ -124,7 +124,11 @@ async fn dispatch(
                 agent.metrics.refused("policy");
                 let mut ev = ferry_audit::AuditEvent::new("start_denied");
                 ev.vm = Some(spec.name.to_string());
-                ev.detail = serde_json::json!({ "operator": operator, "role": role, "reason": denied.message });
+                ev.detail = serde_json::json!({
+                    "operator": operator,
+                    "role": role,
+                    "reason": denied.message,
+                });
                 let _ = agent.audit(ev).await;
                 return Err(denied);
             }
