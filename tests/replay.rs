@@ -690,10 +690,12 @@ fn a_full_destination_audit_log_refuses_the_migration() {
     );
     eprintln!("host2: {}", refused.trim());
 
-    // Space again: the same migration goes through. (host2 restarts only
-    // because the padding's offers used up host1's admission window there;
-    // the source-side test shows the log recovering without a restart.)
+    // Space again: the same migration goes through. (The padding's offers
+    // used up host1's admission window at host2, and a restart no longer
+    // resets it, so host2 restarts with a larger window; the source-side
+    // test shows the log recovering without a restart.)
     std::fs::remove_file(mount.dir.join("filler")).expect("rm filler");
+    lab.edit_config("host2", "vm_cooldown = \"0s\"", "vm_cooldown = \"0s\"\nper_peer_max = 1000");
     lab.restart_agent("host2");
     let (ok, out) = migrate(&lab);
     assert!(ok, "with space in host2's audit log the migration failed: {out}");

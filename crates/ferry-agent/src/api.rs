@@ -9,6 +9,7 @@ use ferry_session::MigrationState;
 use ferry_types::OperatorName;
 
 use crate::agent::Agent;
+use crate::audit::Audit;
 use crate::backend::BackendError;
 use crate::error::Error;
 use crate::net::{Reader, Writer};
@@ -115,6 +116,27 @@ async fn dispatch(
             });
             if let Some(problem) = labels.problem() {
                 return Err(Error::Labels(problem));
+            }
+            // SECURITY (R3, C6): placed next to the VMs already here (and those
+            // arriving) only if no anti-affinity on either side forbids it;
+            // decided and launched under the admission lock, so nothing lands
+            // in between.
+            let _decide = agent.admission_lock.lock().await;
+            let here = agent.backend.residents().await;
+            let residents = agent.authz.residents(&here);
+            let enabled = agent.attestation.enabled();
+            if let Err(denied) =
+                agent.authz.authorize_start(&agent.host, &spec.name, &labels, residents, enabled)
+            {
+                agent.metrics.refused("policy");
+                let audit = Audit::StartDenied {
+                    vm: spec.name.to_string(),
+                    operator: operator.to_string(),
+                    role: role.to_owned(),
+                    reason: report(&denied),
+                };
+                let _ = agent.notary.record(audit, None, None).await;
+                return Err(denied);
             }
             let info = agent.backend.start(&spec, &labels).await.map_err(|e| vm_error(agent, e))?;
             Ok(ApiResponse::Vm(info))

@@ -38,6 +38,13 @@ pub enum Audit {
         role: String,
         reason: String,
     },
+    /// Policy refused starting a VM on this host (co-location).
+    StartDenied {
+        vm: String,
+        operator: String,
+        role: String,
+        reason: String,
+    },
     OfferSent {
         operator: String,
         attestation: Option<AttestationOutcome>,
@@ -110,6 +117,7 @@ impl Audit {
     pub fn kind(&self) -> &'static str {
         match self {
             Audit::Denied { .. } => "denied",
+            Audit::StartDenied { .. } => "start_denied",
             Audit::OfferSent { .. } => "offer_sent",
             Audit::OfferReceived { .. } => "offer_received",
             Audit::AcceptSent => "accept_sent",
@@ -167,6 +175,9 @@ impl Audit {
         match self {
             Audit::Denied { operator, role, reason } => {
                 json!({ "operator": operator, "role": role, "reason": reason })
+            }
+            Audit::StartDenied { vm, operator, role, reason } => {
+                json!({ "vm": vm, "operator": operator, "role": role, "reason": reason })
             }
             Audit::OfferSent { operator, attestation } => {
                 json!({ "operator": operator, "attestation": attestation })

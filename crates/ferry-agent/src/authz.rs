@@ -1,11 +1,14 @@
 //! Authorization (R3) and admission control: who may move which VM where,
 //! and what this host can take. Cedar decides (ferry-policy, default deny);
-//! this module builds the requests from what the agent knows and keeps the
-//! counters (admission, outgoing rate, per-VM cooldown).
+//! this module builds the requests from what the agent knows (including the
+//! VMs already here, for co-location) and keeps the counters (admission,
+//! outgoing rate, per-VM cooldown), which survive restarts ([`history`]).
+
+mod history;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_policy::{
@@ -20,6 +23,10 @@ use crate::config::AgentConfig;
 use crate::error::Error;
 use crate::evidence::OfferBody;
 use crate::plan::TransferPlan;
+use crate::records::{now_unix_ms, RecordError, RecordStore};
+
+/// Labels of admitted incoming VMs whose QEMU may not be in the VM table yet.
+type Arriving = Arc<Mutex<HashMap<VmName, VmLabels>>>;
 
 pub struct Authz {
     policy: SharedPolicy,
@@ -30,6 +37,26 @@ pub struct Authz {
     cooldown: Duration,
     /// When each VM last arrived here or left: no new move inside the cooldown.
     last_moved: Mutex<HashMap<VmName, Instant>>,
+    arriving: Arriving,
+}
+
+/// An admitted incoming VM. Holds its admission reservation and, until the
+/// migration ends, makes the VM a resident for co-location decisions: its
+/// QEMU is launched after the VM table lock is released, and a VM that is
+/// about to run here must protect (and be protected) like one that runs.
+pub struct Arrival {
+    _ticket: AdmissionTicket,
+    vm: VmName,
+    arriving: Arriving,
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        // Only plain map updates happen under this lock, so a poisoned lock
+        // still holds a consistent map.
+        let mut m = self.arriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.remove(&self.vm);
+    }
 }
 
 fn now_unix() -> i64 {
@@ -60,7 +87,55 @@ impl Authz {
             ),
             cooldown: cfg.admission.vm_cooldown,
             last_moved: Mutex::new(HashMap::new()),
+            arriving: Arc::default(),
         })
+    }
+
+    /// Rebuilds the cooldowns and rate windows from the durable migration
+    /// records, so a restart does not reset them. Called once at start-up.
+    pub fn restore(&self, records: &RecordStore) -> Result<(), RecordError> {
+        let horizons = history::Horizons {
+            cooldown: self.cooldown,
+            outgoing_window: self.outgoing.window(),
+            per_peer_window: self.admission.config().per_peer_window,
+        };
+        let (now, now_ms) = (Instant::now(), now_unix_ms());
+        let past = history::history(&records.all()?, now_ms, horizons);
+        // Wall-clock times become instants on this process's clock. One that
+        // cannot be represented is taken as now: the limit lasts longer.
+        let at = |t: u64| {
+            now.checked_sub(Duration::from_millis(now_ms.saturating_sub(t))).unwrap_or(now)
+        };
+        for (vm, t) in &past.moves {
+            self.moved_at(vm, at(*t));
+        }
+        for (destination, t) in &past.outgoing {
+            self.outgoing.restore(destination.as_str(), at(*t));
+        }
+        for (source, t) in &past.incoming {
+            self.admission.restore_peer_admission(source, at(*t));
+        }
+        tracing::info!(
+            cooldowns = past.moves.len(),
+            outgoing = past.outgoing.len(),
+            incoming = past.incoming.len(),
+            "admission limits rebuilt from migration records"
+        );
+        Ok(())
+    }
+
+    /// The VMs on this host as co-location policy sees them: those the
+    /// backend runs (running, arriving or leaving) and admitted arrivals
+    /// whose VM is still being launched. Call under the agent's admission
+    /// lock, so the decision and the launch it allows see one picture.
+    pub fn residents(&self, vms: &[VmDescription]) -> Vec<Resident> {
+        let arriving = self.arriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let launched = vms.iter().map(|d| (&d.spec.name, &d.labels));
+        let launching = arriving.iter().filter(|(vm, _)| !vms.iter().any(|d| &d.spec.name == *vm));
+        launched
+            .chain(launching)
+            .map(|(name, labels)| Resident { name: name.clone(), labels: labels.clone() })
+            .collect()
     }
 
     /// Re-read the policy files atomically: on any error the old policy
@@ -146,31 +221,67 @@ impl Authz {
 
     /// A VM arrived here or left: start its cooldown.
     pub fn moved(&self, vm: &VmName) {
+        self.moved_at(vm, Instant::now());
+    }
+
+    fn moved_at(&self, vm: &VmName, at: Instant) {
         if let Ok(mut m) = self.last_moved.lock() {
-            m.insert(vm.clone(), Instant::now());
+            let last = m.entry(vm.clone()).or_insert(at);
+            *last = (*last).max(at);
         }
-        self.admission.completed(vm, Instant::now());
+        self.admission.completed(vm, at);
+    }
+
+    /// `ferry vm start`: may this host place this new VM next to the VMs it
+    /// already has (co-location, both directions)? Which operators may start
+    /// VMs at all is the agent's operator_roles, checked before this.
+    pub fn authorize_start(
+        &self,
+        host: &HostName,
+        vm: &VmName,
+        labels: &VmLabels,
+        residents: Vec<Resident>,
+        attestation_on: bool,
+    ) -> Result<Vec<String>, Error> {
+        let req = Request {
+            principal: Principal::Host { name: host.clone() },
+            action: Action::StartVm,
+            vm: vm.clone(),
+            labels: labels.clone(),
+            source: host.clone(),
+            destination: host.clone(),
+            postcopy: false,
+            // Nothing crosses to another platform; policy sees whether this
+            // host is under attestation at all.
+            source_attested: attestation_on,
+            destination_attested: attestation_on,
+            now_unix: now_unix(),
+            resident_on_destination: residents,
+        };
+        let d = self.decide(&req);
+        match deny_reason(&d) {
+            Some(reason) => {
+                Err(Error::Denied(format!("policy denies starting {vm} on {host}: {reason}")))
+            }
+            None => Ok(d.policies().to_vec()),
+        }
     }
 
     /// Destination side, before any VM byte: may the source send this VM
-    /// here, may this host receive it (zones, trust, anti-co-location), and
-    /// is there room (capacity, concurrency, per-peer rate, cooldown)? The
-    /// ticket holds the reservation until the migration ends.
+    /// here, may this host receive it (zones, trust, co-location with the
+    /// VMs here), and is there room (capacity, concurrency, per-peer rate,
+    /// cooldown)? The arrival holds the reservation until the migration ends.
     pub fn authorize_incoming(
         &self,
         offer: &OfferBody,
-        residents: Vec<VmDescription>,
+        here: Vec<VmDescription>,
         plan: TransferPlan,
         (source_attested, destination_attested): (bool, bool),
-    ) -> Result<AdmissionTicket, Refusal> {
+    ) -> Result<Arrival, Refusal> {
         let (source, destination, vm) = (&offer.source, &offer.destination, &offer.vm);
-        let used = residents
+        let used = here
             .iter()
             .fold((0u64, 0u32), |(m, c), r| (m + u64::from(r.spec.memory_mib), c + r.spec.vcpus));
-        let residents = residents
-            .into_iter()
-            .map(|r| Resident { tenant: r.labels.tenant, security_level: r.labels.security_level })
-            .collect();
         let mut req = Request {
             principal: Principal::Host { name: source.clone() },
             action: Action::SendVm,
@@ -182,7 +293,7 @@ impl Authz {
             source_attested,
             destination_attested,
             now_unix: now_unix(),
-            resident_on_destination: residents,
+            resident_on_destination: self.residents(&here),
         };
         if let Some(reason) = deny_reason(&self.decide(&req)) {
             let why = format!("policy denies {source} sending {vm} here: {reason}");
@@ -196,8 +307,18 @@ impl Authz {
         }
         self.check_cooldown(vm).map_err(|why| Refusal::new("cooldown", why))?;
         let (memory, vcpus) = (u64::from(offer.spec.memory_mib), offer.spec.vcpus);
-        self.admission
+        let ticket = self
+            .admission
             .try_admit(source, vm, memory, vcpus, used.0, used.1, Instant::now())
-            .map_err(|r| Refusal::new("admission", format!("admission control: {r}")))
+            .map_err(|r| Refusal::new("admission", format!("admission control: {r}")))?;
+        // SECURITY (C6): from here on the VM is a resident for every other
+        // decision; the ticket admits one migration per VM name at a time,
+        // so no other arrival owns this entry.
+        let mut arriving = self.arriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        arriving.insert(vm.clone(), offer.labels.clone());
+        Ok(Arrival { _ticket: ticket, vm: vm.clone(), arriving: Arc::clone(&self.arriving) })
     }
 }
+
+#[cfg(test)]
+mod tests;

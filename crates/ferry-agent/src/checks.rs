@@ -5,7 +5,6 @@
 //! [`DigestsMatch`] (the only thing that lets a VM run).
 
 use ferry_channel::StreamSum;
-use ferry_policy::AdmissionTicket;
 use ferry_types::MigrationId;
 
 use crate::attestation::PeerAttested;
@@ -117,11 +116,18 @@ fn check_window(ctx: &OfferContext<'_>, id: &MigrationId, not_after: u64) -> Res
 }
 
 /// An offer this host checked, authorized, admitted and reserved a name
-/// for: the only thing an incoming VM is launched for.
-#[derive(Debug)]
+/// for: the only thing an incoming VM is launched for. It holds what the
+/// admission decision reserved (capacity, the VM as an arriving resident)
+/// until the migration ends.
 pub struct AdmittedOffer {
     checked: CheckedOffer,
-    _ticket: AdmissionTicket,
+    _reservation: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for AdmittedOffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdmittedOffer").field("checked", &self.checked).finish_non_exhaustive()
+    }
 }
 
 impl AdmittedOffer {
@@ -135,18 +141,18 @@ impl AdmittedOffer {
 
 /// Policy and admission decided (`decision`), and whether the VM's name is
 /// free here. A denial is a value with a reason, not an error.
-pub fn admit(
+pub fn admit<R: Send + Sync + 'static>(
     checked: CheckedOffer,
-    decision: Result<AdmissionTicket, Refusal>,
+    decision: Result<R, Refusal>,
     name_free: bool,
     this_host: &ferry_types::HostName,
 ) -> Result<AdmittedOffer, Refusal> {
-    let ticket = decision?;
+    let reservation = decision?;
     if !name_free {
         let why = format!("a VM named {} already exists on {this_host}", checked.offer.vm);
         return Err(Refusal::new("name_conflict", why));
     }
-    Ok(AdmittedOffer { checked, _ticket: ticket })
+    Ok(AdmittedOffer { checked, _reservation: Box::new(reservation) })
 }
 
 /// The destination's QEMU loaded the stream, and the count and digest that

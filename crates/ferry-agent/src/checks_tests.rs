@@ -105,7 +105,7 @@ fn admission_needs_the_decision_and_a_free_name() {
         offer_validity_ms: 60_000,
     };
     let checked = || check_offer(&ctx, &peer, offer(&peer)).unwrap();
-    let denied = Err(Refusal::new("policy", "policy denies host2 receiving web"));
+    let denied: Result<(), _> = Err(Refusal::new("policy", "policy denies host2 receiving web"));
     assert_eq!(admit(checked(), denied, true, &this).unwrap_err().code, "policy");
     let admission = ferry_policy::Admission::new(Default::default());
     let ticket = || {

@@ -103,6 +103,49 @@ impl MigrationRecord {
         self.state = step.to;
     }
 
+    /// Tests: bring the record to `to` by legal steps of the table only
+    /// (the shortest path of rows that are not restarts).
+    #[cfg(test)]
+    pub(crate) fn walk_to(&mut self, to: MigrationState) {
+        use ferry_session::{Event, On};
+        let event = |on: On| match on {
+            On::Accepted => Some(Event::Accepted),
+            On::Committed => Some(Event::Committed),
+            On::ReceiptVerified => Some(Event::ReceiptVerified),
+            On::HandedOver => Some(Event::HandedOver),
+            On::DigestsMatched => Some(Event::DigestsMatched),
+            On::Resumed => Some(Event::Resumed),
+            On::PostcopyDone => Some(Event::PostcopyDone),
+            On::Failed => Some(Event::Failed),
+            On::PeerAborted => Some(Event::PeerAborted),
+            On::SourceLost => Some(Event::SourceLost),
+            On::Resolved(o) => Some(Event::Resolved(o)),
+            On::Restarted(_) => None,
+        };
+        let mut paths = vec![(self.state, Vec::new())];
+        let mut seen = vec![self.state];
+        while let Some((at, path)) = (!paths.is_empty()).then(|| paths.remove(0)) {
+            if at == to {
+                for e in path {
+                    let step = ferry_session::next(self.role, self.state, e).expect("legal");
+                    self.enter(&step);
+                }
+                return;
+            }
+            for (role, from, on, next, ..) in ferry_session::ROWS {
+                if *role == self.role && *from == at && !seen.contains(next) {
+                    if let Some(e) = event(*on) {
+                        seen.push(*next);
+                        let mut p = path.clone();
+                        p.push(e);
+                        paths.push((*next, p));
+                    }
+                }
+            }
+        }
+        panic!("no path to {to} for a {:?} record", self.role);
+    }
+
     pub fn peer(&self) -> &HostName {
         match self.role {
             Role::Source => &self.destination,

@@ -110,6 +110,8 @@ impl Agent {
         let Parts { cfg, tls, backend, platform, notary } = parts;
         let records = RecordStore::open(&cfg.records_dir())?;
         let authz = Authz::load(&cfg)?;
+        // Security limits a restart (or a provoked crash) must not reset.
+        authz.restore(&records)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let agent = Arc::new(Agent {
             host: cfg.host.name.clone(),
