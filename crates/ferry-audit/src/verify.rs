@@ -136,7 +136,8 @@ pub struct MigrationCheck {
     pub destination: Option<String>,
     /// Protocol message kinds both logs hold identical copies of.
     pub agreed: Vec<String>,
-    /// "completed" (receipt), "aborted", or "unfinished".
+    /// "completed" (receipt), "aborted", "refused" (the destination's log
+    /// records its refusal of the offer), or "unfinished".
     pub outcome: String,
 }
 
@@ -206,7 +207,13 @@ pub fn cross_check(
     let both: Vec<&String> =
         src.migrations.iter().filter(|m| dst.migrations.binary_search(m).is_ok()).collect();
     for mid in both {
-        migrations.push(check_migration(mid, &src, &src_index, &dst, &dst_index, &mut warnings)?);
+        let mut m = check_migration(mid, &src, &src_index, &dst, &dst_index, &mut warnings)?;
+        // A destination that refused the offer says so in its own (signed)
+        // log: the migration ended there, it is not unfinished.
+        if m.outcome == "unfinished" && has_kind(&dst_records, mid, "refused") {
+            m.outcome = "refused".into();
+        }
+        migrations.push(m);
     }
     for (a, a_records, b) in [(&src, &src_records, &dst), (&dst, &dst_records, &src)] {
         for m in &a.migrations {
@@ -216,6 +223,14 @@ pub fn cross_check(
         }
     }
     Ok(CrossSummary { source: src, destination: dst, migrations, warnings })
+}
+
+/// Does the log hold a record of `kind` about migration `mid`?
+fn has_kind(records: &[Located], mid: &str, kind: &str) -> bool {
+    records
+        .iter()
+        .map(|r| &r.parsed.record.event)
+        .any(|e| e.kind == kind && e.migration_id.as_deref() == Some(mid))
 }
 
 /// Why a migration in one log only is (or is not) expected. A request that
