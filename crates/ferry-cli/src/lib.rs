@@ -93,9 +93,11 @@ pub enum Command {
     /// a receipt; only then does the source quit its paused copy.
     ///
     /// Any failure before the commit resumes the VM on the source. If the
-    /// receipt is lost after the commit, the VM stays paused on the source,
-    /// the command exits with status 4 ("in doubt"), and `ferry migrations
-    /// resolve ID` settles it by asking the destination.
+    /// answer to the commit is lost, the VM stays paused on the source and
+    /// the source agent asks the destination again by itself, moving the
+    /// copy only on its signed word (a receipt retires it, an abort resumes
+    /// it); the command waits a while for that, and exits with status 4
+    /// ("in doubt") if the destination still cannot answer.
     ///
     /// Progress (phase, bar, bytes, rate, remaining, dirty rate, iteration,
     /// ETA) is drawn on stderr when it is a terminal.
