@@ -42,6 +42,11 @@ pub fn text(o: &Output) -> String {
 
 impl TestLab {
     pub fn up(hosts: u32, bandwidth_mib_s: u64) -> TestLab {
+        Self::up_with(hosts, bandwidth_mib_s, &[])
+    }
+
+    /// `lab up` with extra options (e.g. `--two-planes`).
+    pub fn up_with(hosts: u32, bandwidth_mib_s: u64, extra: &[&str]) -> TestLab {
         let dir =
             tempfile::Builder::new().prefix("ferry-e2e-").tempdir_in("/tmp").expect("tempdir");
         let o = run(
@@ -55,7 +60,10 @@ impl TestLab {
                 &bandwidth_mib_s.to_string(),
                 "--dir",
                 dir.path().to_str().expect("utf8"),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
             None,
         );
         assert!(o.status.success(), "lab up failed: {}", text(&o));

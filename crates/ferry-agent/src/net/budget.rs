@@ -8,10 +8,11 @@
 //! and in time (the server's handshake deadline). Authenticated sessions
 //! have slots of their own, per kind of caller, that handshakes never take,
 //! so a flood of strangers cannot starve an operator or a peer who already
-//! got in. When every handshake slot is taken, a new connection evicts the
-//! oldest handshake instead of being refused: a flood can then only delay a
-//! legitimate handshake (which completes in milliseconds) if it replaces the
-//! whole pool faster than that handshake completes.
+//! got in. When every handshake slot is taken, a new connection evicts a
+//! handshake instead of being refused: the oldest one of the address with
+//! the most handshakes in flight. A flood from a few addresses then churns
+//! through its own handshakes, and a lone operator's or peer's handshake
+//! (milliseconds) survives it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
@@ -179,11 +180,11 @@ impl Budget {
             return Admission::Refused(Refusal::AddressConnections);
         }
         let evicted = if self.handshakes.len() >= self.limits.handshakes {
-            let oldest = self.handshakes.front().copied();
-            if let Some(t) = oldest {
+            let victim = self.eviction_victim();
+            if let Some(t) = victim {
                 self.release(t);
             }
-            oldest
+            victim
         } else {
             None
         };
@@ -195,6 +196,20 @@ impl Budget {
         a.handshakes += 1;
         a.connections += 1;
         Admission::Admitted { ticket, evicted }
+    }
+
+    /// The oldest handshake of the address that holds the most handshakes.
+    /// A burst from a few addresses then evicts its own handshakes, never a
+    /// lone caller's; to evict that one, a flood needs more addresses than
+    /// the pool has slots, each with as few handshakes in flight.
+    fn eviction_victim(&self) -> Option<Ticket> {
+        let most = self.addresses.values().map(|a| a.handshakes).max()?;
+        self.handshakes.iter().copied().find(|t| {
+            self.held
+                .get(t)
+                .and_then(|(key, _)| self.addresses.get(key))
+                .is_some_and(|a| a.handshakes == most)
+        })
     }
 
     /// The handshake of `ticket` proved who the caller is: it moves to a

@@ -66,6 +66,27 @@ fn a_full_pool_evicts_the_oldest_handshake_not_the_newcomer() {
 }
 
 #[test]
+fn a_burst_from_a_few_addresses_evicts_its_own_handshakes_not_a_lone_callers() {
+    let limits = Limits { handshakes: 16, handshakes_per_address: 8, ..SMALL };
+    let limits = Limits { connections_per_address: 1000, ..limits };
+    let mut b = Budget::new(limits);
+    // The operator's handshake is the oldest in the pool.
+    let (operator, _) = admitted(b.admit(ip("10.0.0.1")));
+    let mut evictions = 0;
+    for k in 0..1000u32 {
+        match b.admit(IpAddr::from([172, 16, 0, (k % 8) as u8])) {
+            Admission::Admitted { evicted, .. } => {
+                assert_ne!(evicted, Some(operator), "evicted the operator at arrival {k}");
+                evictions += usize::from(evicted.is_some());
+            }
+            Admission::Refused(r) => assert_eq!(r, Refusal::AddressHandshakes),
+        }
+    }
+    assert!(evictions > 0, "the pool never filled");
+    b.authenticated(operator, Caller::Operator).expect("the operator got through");
+}
+
+#[test]
 fn sessions_have_slots_that_handshakes_never_take() {
     let mut b = Budget::new(SMALL);
     let (op, _) = admitted(b.admit(ip("10.0.0.1")));

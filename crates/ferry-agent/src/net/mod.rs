@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod client;
+pub mod listen;
 pub mod plane;
 
 use ferry_channel::{FrameReader, FrameWriter};
