@@ -241,6 +241,29 @@ fn each_listener_serves_only_its_own_kind_of_caller() {
     assert!(log.contains("peer sent no valid message"), "the peer did not reach the protocol");
 }
 
+/// Migrations with 8 multifd streams go both ways over the migration
+/// plane: every connection leaves from the source's migration address (the
+/// destination would close any other before TLS) and none is refused.
+#[test]
+fn multifd_migrations_travel_the_migration_plane_both_ways() {
+    let _g = serial();
+    let lab = TestLab::up_with(2, 0, &["--two-planes"]);
+    lab.start_guest("host1", "m", 256, "fill_mib=64 dirty=1 hb_ms=10");
+    for (from, to) in [("host1", "host2"), ("host2", "host1")] {
+        let (ok, rec) =
+            lab.ferry_json(&["migrate", "m", "--to", to, "--host", from, "--streams", "8"]);
+        assert!(ok, "multifd migration {from} -> {to} over the migration plane failed: {rec}");
+        assert_eq!(rec["streams"], 8, "{rec}");
+        assert_eq!(lab.running_on("m"), [to]);
+    }
+    for h in ["host1", "host2"] {
+        let m = scrape(lab.host(h).metrics);
+        let refused: Vec<&str> =
+            m.lines().filter(|l| l.starts_with("ferry_connections_refused_total{")).collect();
+        assert!(refused.is_empty(), "{h} refused connections: {refused:?}");
+    }
+}
+
 /// Open mTLS to `addr` as `who` (leaving from `from`), greet, send a peer
 /// protocol message, and return host2's first answer, or why it failed.
 fn first_answer(
