@@ -83,7 +83,7 @@ fn exchange(
         let cfg = ferry_identity::client_config(&id).expect("client config");
         let h2 = lab.host("host2");
         let t = Duration::from_secs(10);
-        let (stream, _) = ferry_agent::net::connect(h2.addr, &h2.name, cfg, id.domain(), t)
+        let (stream, _) = ferry_agent::net::connect(h2.addr, None, &h2.name, cfg, id.domain(), t)
             .await
             .expect("mTLS to host2");
         let (r, w) = tokio::io::split(stream);

@@ -80,9 +80,10 @@ impl RogueSource {
         let (addr, name) = (peer.addr, peer.name.clone());
         let (exporter, reader, writer) = rt.block_on(async move {
             let timeout = Duration::from_secs(10);
-            let (stream, peer) = ferry_agent::net::connect(addr, &name, cfg, &domain, timeout)
-                .await
-                .map_err(|e| ferry_agent::report(&e))?;
+            let (stream, peer) =
+                ferry_agent::net::connect(addr, None, &name, cfg, &domain, timeout)
+                    .await
+                    .map_err(|e| ferry_agent::report(&e))?;
             let exporter = *peer.binding().as_bytes();
             let (mut reader, writer) = ferry_agent::net::greet(stream, &name, addr, timeout)
                 .await

@@ -104,6 +104,13 @@ async fn dispatch(
             accel: agent.backend.accel().to_owned(),
             vms: agent.backend.count().await,
             peers: agent.cfg.peers.keys().cloned().collect(),
+            api_listen: listen_text(agent, |p| p.api.to_string()),
+            migration_listen: listen_text(agent, |p| match p.migration.resolve() {
+                Ok(a) if a.to_string() != p.migration.to_string() => {
+                    format!("{} ({a})", p.migration)
+                }
+                _ => p.migration.to_string(),
+            }),
             active_migrations: agent.sessions.in_flight().await,
             checks: crate::preflight::run(&agent.cfg).await,
         })),
@@ -302,4 +309,10 @@ async fn vm_qmp(
         return Err(Error::Qmp(why));
     }
     Ok(ApiResponse::Qmp { vm, command, result })
+}
+
+/// One of this agent's listen addresses as configured (an interface with
+/// the address it has now).
+fn listen_text(agent: &Agent, f: impl Fn(&crate::config::Planes) -> String) -> String {
+    agent.cfg.planes(std::path::Path::new("agent.toml")).map(|p| f(&p)).unwrap_or_default()
 }

@@ -3,13 +3,15 @@
 //! setting. `docs/agent.sample.toml` is the commented sample.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_types::HostName;
 use ferry_vmm::AccelChoice;
 use serde::Deserialize;
+
+use crate::net::listen::ListenOn;
 
 /// Largest config file read.
 pub const MAX_CONFIG_FILE: u64 = 1024 * 1024;
@@ -32,6 +34,9 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     pub host: HostSection,
+    /// The operator API listener (default: `[host] listen`).
+    #[serde(default)]
+    pub api: ApiSection,
     pub tls: TlsSection,
     #[serde(default)]
     pub qemu: QemuSection,
@@ -50,8 +55,10 @@ pub struct AgentConfig {
     /// What this host accepts as a destination.
     #[serde(default)]
     pub admission: ferry_policy::AdmissionConfig,
-    /// Peer agents by host name: where to reach them. A migration may only
-    /// target a host listed here, and the peer must prove that name.
+    /// Peer agents by host name: their migration listeners. A migration may
+    /// only target a host listed here, and the peer must prove that name.
+    /// With a migration listener of its own, this host accepts peer
+    /// connections only from these addresses.
     #[serde(default)]
     pub peers: BTreeMap<HostName, SocketAddr>,
 }
@@ -124,6 +131,20 @@ pub struct AuditSection {
     pub log: Option<PathBuf>,
 }
 
+/// The operator API: where `ferry` clients connect.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    pub listen: Option<SocketAddr>,
+}
+
+/// Where this agent listens, once the config is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planes {
+    pub api: SocketAddr,
+    pub migration: ListenOn,
+}
+
 /// Prometheus metrics over plain HTTP; off unless `listen` is set.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,8 +157,9 @@ pub struct MetricsSection {
 pub struct HostSection {
     /// This host's name; must equal the name in its certificate.
     pub name: HostName,
-    /// Address of the operator API and the peer protocol (both mTLS).
-    pub listen: SocketAddr,
+    /// Address of the operator API and the peer protocol (both mTLS), for
+    /// whichever of `[api] listen` and `[migration] listen` is not set.
+    pub listen: Option<SocketAddr>,
     /// VM directories, migration records and the console logs live here.
     pub state_dir: PathBuf,
 }
@@ -216,6 +238,9 @@ impl Default for VmmSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MigrationSection {
+    /// The peer migration listener, an address or INTERFACE:PORT (default:
+    /// `[host] listen`). Connections to peers leave from its address.
+    pub listen: Option<ListenOn>,
     pub connect_timeout_ms: u64,
     /// Longest silence tolerated on a migration connection.
     pub io_timeout_ms: u64,
@@ -250,6 +275,7 @@ pub const MAX_POSTCOPY_RECOVER_RETRY_MS: u64 = 60_000;
 impl Default for MigrationSection {
     fn default() -> Self {
         Self {
+            listen: None,
             connect_timeout_ms: 5_000,
             io_timeout_ms: 15_000,
             commit_timeout_ms: 60_000,
@@ -320,6 +346,7 @@ impl AgentConfig {
             return Err(invalid("[migration] timeouts must be greater than 0".into()));
         }
         cfg.attestation.paths(path)?;
+        cfg.planes(path)?;
         if cfg.migration.resolve_retry_ms > MAX_POSTCOPY_RECOVER_RETRY_MS {
             return Err(invalid(format!(
                 "[migration] resolve_retry_ms must be at most {MAX_POSTCOPY_RECOVER_RETRY_MS} (0 leaves resolution to the operator)"
@@ -331,6 +358,32 @@ impl AgentConfig {
             )));
         }
         Ok(cfg)
+    }
+
+    /// The API and migration listeners' addresses (the same address for
+    /// a single-address setup).
+    pub fn planes(&self, path: &Path) -> Result<Planes, ConfigError> {
+        let missing = |which: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            message: format!("[{which}] listen or [host] listen is required"),
+        };
+        let api = self.api.listen.or(self.host.listen).ok_or_else(|| missing("api"))?;
+        let migration = match (&self.migration.listen, self.host.listen) {
+            (Some(m), _) => m.clone(),
+            (None, Some(h)) => ListenOn::Address(h),
+            (None, None) => return Err(missing("migration")),
+        };
+        Ok(Planes { api, migration })
+    }
+
+    /// The address this host's connections to peers leave from: its
+    /// migration address, so that peers see the address their `[peers]`
+    /// table names. None (the system picks) without a `[migration] listen`
+    /// or when that listener binds every address.
+    pub fn migration_source(&self) -> Result<Option<IpAddr>, crate::net::listen::ListenError> {
+        let Some(listen) = &self.migration.listen else { return Ok(None) };
+        let ip = listen.resolve()?.ip();
+        Ok((!ip.is_unspecified()).then_some(ip))
     }
 
     pub fn vms_dir(&self) -> PathBuf {
@@ -406,6 +459,42 @@ mod tests {
                 .postcopy_recover_retry(),
             None
         );
+    }
+
+    #[test]
+    fn one_address_serves_both_planes_unless_they_are_split() {
+        let one = AgentConfig::parse(MINIMAL, Path::new("a.toml")).unwrap();
+        let p = one.planes(Path::new("a.toml")).unwrap();
+        assert_eq!(p.api, "127.0.0.1:7101".parse().unwrap());
+        assert_eq!(p.migration, ListenOn::Address(p.api));
+        // Today's behaviour: connections to peers leave from wherever the system picks.
+        assert_eq!(one.migration_source(), Ok(None));
+
+        let split = MINIMAL.replace(
+            "[tls]",
+            "[api]\nlisten = \"10.0.0.1:7100\"\n[migration]\nlisten = \"127.0.0.5:7101\"\n[tls]",
+        );
+        let split = split.replace("listen = \"127.0.0.1:7101\"\n", "");
+        let c = AgentConfig::parse(&split, Path::new("a.toml")).unwrap();
+        let p = c.planes(Path::new("a.toml")).unwrap();
+        assert_eq!(p.api, "10.0.0.1:7100".parse().unwrap());
+        assert_eq!(p.migration, ListenOn::Address("127.0.0.5:7101".parse().unwrap()));
+        assert_eq!(c.migration_source(), Ok(Some("127.0.0.5".parse().unwrap())));
+
+        let by_interface = split.replace("127.0.0.5:7101", "lo:7101");
+        let c = AgentConfig::parse(&by_interface, Path::new("a.toml")).unwrap();
+        assert!(c.migration_source().unwrap().is_some_and(|ip| ip.is_loopback()));
+
+        let any = split.replace("127.0.0.5:7101", "0.0.0.0:7101");
+        let c = AgentConfig::parse(&any, Path::new("a.toml")).unwrap();
+        assert_eq!(c.migration_source(), Ok(None));
+
+        let no_api = split.replace("[api]\nlisten = \"10.0.0.1:7100\"\n", "");
+        let e = AgentConfig::parse(&no_api, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(e.contains("[api] listen or [host] listen is required"), "{e}");
+        let bad = split.replace("127.0.0.5:7101", "eth 0:7101");
+        let e = AgentConfig::parse(&bad, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(e.contains("not an interface name"), "{e}");
     }
 
     /// The commented sample in docs/ must stay a valid, complete config.

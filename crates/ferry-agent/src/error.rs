@@ -95,6 +95,8 @@ pub enum Error {
     Audit(#[from] AuditFailed),
     #[error(transparent)]
     Sign(#[from] SignFailed),
+    #[error("this host's [migration] listen address")]
+    MigrationAddress(#[source] crate::net::listen::ListenError),
     #[error("TLS configuration")]
     Tls(#[source] ferry_identity::IdentityError),
     #[error("the local TPM: {0}")]
@@ -184,6 +186,7 @@ impl Error {
             | Audit(_)
             | Sign(_)
             | Tls(_)
+            | MigrationAddress(_)
             | Quote(_)
             | NoConvergence(_)
             | SourceQemu(_)

@@ -15,6 +15,8 @@ pub struct Metrics {
     outcomes: Mutex<BTreeMap<(&'static str, String), u64>>,
     /// reason -> count of offers or connections refused
     refusals: Mutex<BTreeMap<String, u64>>,
+    /// (listener, reason) -> connections refused before being served
+    connections_refused: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     bytes_source: AtomicU64,
     bytes_destination: AtomicU64,
     duration_ms_source: AtomicU64,
@@ -52,6 +54,14 @@ impl Metrics {
             // Reasons are a closed set chosen by the agent, never peer text,
             // so the label set stays bounded.
             *m.entry(reason.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// A connection a listener refused (budget or plane), by listener and
+    /// a reason from a closed set.
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        if let Ok(mut m) = self.connections_refused.lock() {
+            *m.entry((listener, reason)).or_default() += 1;
         }
     }
 
@@ -129,6 +139,16 @@ impl Metrics {
                 let _ = writeln!(s, "ferry_refusals_total{{reason=\"{reason}\"}} {n}");
             }
         }
+        let _ = writeln!(s, "# HELP ferry_connections_refused_total Connections a listener refused before serving them, by listener and reason.");
+        let _ = writeln!(s, "# TYPE ferry_connections_refused_total counter");
+        if let Ok(m) = self.connections_refused.lock() {
+            for ((listener, reason), n) in m.iter() {
+                let _ = writeln!(
+                    s,
+                    "ferry_connections_refused_total{{listener=\"{listener}\",reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
         let _ = writeln!(s, "# HELP ferry_tls_handshake_failures_total TLS handshakes that failed (unauthenticated or invalid peers).");
         let _ = writeln!(s, "# TYPE ferry_tls_handshake_failures_total counter");
         let _ = writeln!(
@@ -184,6 +204,8 @@ mod tests {
         m.migration_finished(Role::Source, "completed", 1000, Duration::from_millis(1500));
         m.migration_finished(Role::Source, "completed", 24, Duration::from_millis(500));
         m.refused("replay");
+        m.connection_refused("migration", "not_a_peer_address");
+        m.connection_refused("migration", "not_a_peer_address");
         m.postcopy_recovery_failure();
         m.resolve_attempt(false);
         let text = m.render(2, 1);
@@ -197,6 +219,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("ferry_refusals_total{reason=\"replay\"} 1"), "{text}");
+        assert!(
+            text.contains("ferry_connections_refused_total{listener=\"migration\",reason=\"not_a_peer_address\"} 2"),
+            "{text}"
+        );
         assert!(text.contains("ferry_postcopy_recovery_failures_total 1"), "{text}");
         assert!(text.contains("ferry_resolve_attempts_total{result=\"unsettled\"} 1"), "{text}");
         assert!(text.contains("ferry_vms 2"));

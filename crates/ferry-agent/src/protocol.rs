@@ -172,6 +172,13 @@ pub struct HostStatus {
     pub accel: String,
     pub vms: usize,
     pub peers: Vec<HostName>,
+    /// Where operators connect (the operator API listener).
+    #[serde(default)]
+    pub api_listen: String,
+    /// Where peers connect (the migration listener; the same address as
+    /// the API in a single-address setup).
+    #[serde(default)]
+    pub migration_listen: String,
     pub active_migrations: usize,
     /// The start-up checks, run again now (docs/deploy.md, "When it fails").
     #[serde(default)]

@@ -62,7 +62,7 @@ async fn greet(c: &Cluster, addr: SocketAddr) -> Result<(), ConnectError> {
     let host2: HostName = "host2".parse().expect("host name");
     let config = ferry_identity::client_config(&c.client).expect("client config");
     let (stream, _proof) =
-        client::connect(addr, &host2, config, &c.domain, TIMEOUT).await.expect("connect");
+        client::connect(addr, None, &host2, config, &c.domain, TIMEOUT).await.expect("connect");
     client::greet(stream, &host2, addr, TIMEOUT).await.map(drop)
 }
 

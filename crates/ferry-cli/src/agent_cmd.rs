@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use ferry_agent::net::plane::Plane;
 use ferry_agent::{Agent, AgentConfig};
 
 #[derive(Debug, Args)]
@@ -34,14 +35,32 @@ fn init_logging(format: &str) {
     }
 }
 
+async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for {what}"))
+}
+
 pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     init_logging(&args.log_format);
     let cfg = AgentConfig::load(&args.config)?;
-    let listen = cfg.host.listen;
+    let planes = cfg.planes(&args.config).map_err(|e| anyhow::anyhow!(ferry_agent::report(&e)))?;
+    let migration = planes.migration.resolve().with_context(|| {
+        format!(
+            "[migration] listen = {:?} in {}",
+            planes.migration.to_string(),
+            args.config.display()
+        )
+    })?;
     let agent = Agent::start(cfg).await.map_err(|e| anyhow::anyhow!(ferry_agent::report(&e)))?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listeners = if migration == planes.api {
+        vec![(Plane::Both, bind(planes.api, "the operator API and peers").await?)]
+    } else {
+        vec![
+            (Plane::Api, bind(planes.api, "the operator API").await?),
+            (Plane::Migration, bind(migration, "peers (migration)").await?),
+        ]
+    };
     if let Some(addr) = agent.cfg.metrics.listen {
         let l = ferry_agent::metrics_http::bind(addr)
             .await
@@ -62,7 +81,8 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             }
         });
     }
-    tracing::info!(host = %agent.host, %listen, backend = agent.backend.name(), accel = agent.backend.accel(), "agent ready");
+    let api = planes.api;
+    tracing::info!(host = %agent.host, %api, %migration, backend = agent.backend.name(), accel = agent.backend.accel(), "agent ready");
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -74,7 +94,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    ferry_agent::server::serve(agent.clone(), listener, shutdown).await;
+    ferry_agent::server::serve_planes(agent.clone(), listeners, shutdown).await;
     // Let migrations in flight finish: stopping mid-way would only force the
     // other side into its failure path.
     for _ in 0..600 {

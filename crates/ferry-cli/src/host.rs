@@ -288,7 +288,7 @@ mod tests {
         let text = render_agent_config(&values()).expect("render");
         let cfg = AgentConfig::parse(&text, Path::new("t.toml")).expect("parses");
         assert_eq!(cfg.host.name.as_str(), "host2");
-        assert_eq!(cfg.host.listen.to_string(), "10.0.0.2:7101");
+        assert_eq!(cfg.host.listen, Some("10.0.0.2:7101".parse().expect("addr")));
         assert_eq!(cfg.tls.cert, Path::new("/etc/ferry/host2.pem"));
         assert_eq!(cfg.qemu.images_dir, Path::new("/srv/ferry/images"));
         assert_eq!(cfg.audit_log_path(), Path::new("/srv/ferry/audit.log"));

@@ -18,6 +18,7 @@ pub mod docs;
 pub mod host;
 pub mod image;
 pub mod lab;
+pub mod lab_cmd;
 pub mod lab_libvirt;
 pub mod opclient;
 pub mod ops;
@@ -111,7 +112,7 @@ pub enum Command {
     Policy(policy::PolicyCommand),
     /// A local lab: a CA and N agents on loopback.
     #[command(subcommand)]
-    Lab(lab::LabCommand),
+    Lab(lab_cmd::LabCommand),
     /// Run the whole story once: a lab of two hosts, a guest, a migration, checks.
     Demo(demo::DemoArgs),
     /// Write man pages for ferry and every subcommand into DIR.
@@ -157,7 +158,7 @@ pub fn main() -> ExitCode {
             Command::Vm(c) => ops::vm(c, json).await,
             Command::Migrate(m) => ops::migrate(m, json).await,
             Command::Migrations(c) => ops::migrations(c, json).await,
-            Command::Lab(c) => lab::run(c, json).await,
+            Command::Lab(c) => lab_cmd::run(c, json).await,
             Command::Policy(c) => policy::run(c, json).await,
             Command::Demo(d) => demo::run(d, json).await,
             Command::Man { dir } => docs::man(&dir),

@@ -81,6 +81,7 @@ impl OpClient {
             })?;
         let (stream, _proof) = ferry_agent::net::connect(
             addr,
+            None,
             host,
             self.tls.clone(),
             &self.domain,

@@ -233,6 +233,7 @@ pub async fn status(t: Target, json: bool) -> Result<ExitCode> {
                 s.accel
             );
             outln!("vms {}  active migrations {}  peers {:?}", s.vms, s.active_migrations, s.peers);
+            outln!("api {}  migration {}", s.api_listen, s.migration_listen);
             for c in &s.checks {
                 let verdict = match c.verdict {
                     Verdict::Ok => "ok",

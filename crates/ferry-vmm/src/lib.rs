@@ -13,6 +13,7 @@ pub mod accel;
 pub mod diagnostics;
 pub mod process;
 pub mod qmp;
+pub mod spawn;
 pub mod spec;
 pub mod watch;
 

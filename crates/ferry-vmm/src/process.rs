@@ -331,13 +331,11 @@ pub async fn launch(
     tracing::debug!(binary = ?cfg.binary, ?args, "QEMU command line");
     // stderr goes to a file, not a pipe: the daemon inherits the parent's
     // descriptors and a pipe would only see EOF when the daemon closes it.
-    let mut child = tokio::process::Command::new(&cfg.binary)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(err_file))
-        .spawn()
-        .map_err(|e| VmmError::io(format!("spawning {:?}", cfg.binary), e))?;
+    let mut cmd = tokio::process::Command::new(&cfg.binary);
+    cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(err_file));
+    crate::spawn::inherit_only_stdio(&mut cmd);
+    let mut child =
+        cmd.spawn().map_err(|e| VmmError::io(format!("spawning {:?}", cfg.binary), e))?;
     let status = match tokio::time::timeout(LAUNCH_TIMEOUT, child.wait()).await {
         Ok(status) => status.map_err(|e| VmmError::io("waiting for QEMU", e))?,
         Err(_) => {

@@ -1,7 +1,7 @@
 //! Opening mTLS connections to agents: the source agent reaches a
 //! destination, and the `ferry` CLI reaches an agent's operator API.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use ferry_identity::PeerAuthenticated;
 use ferry_types::HostName;
 use rustls::ClientConfig;
 use tokio::io::BufReader;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::{Reader, Stream, Writer, RECV_BUFFER};
 use crate::protocol::{Hello, PROTOCOL_VERSION};
@@ -21,6 +21,14 @@ pub enum ConnectError {
     Tcp {
         host: HostName,
         addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {host} at {addr} from this host's migration address {from}")]
+    Bind {
+        host: HostName,
+        addr: SocketAddr,
+        from: IpAddr,
         #[source]
         source: std::io::Error,
     },
@@ -46,17 +54,24 @@ pub enum ConnectError {
 
 /// TCP connect, TLS 1.3 handshake (mutual: both sides present
 /// certificates), a check that the peer's certificate names exactly `host`
-/// and this connection's channel binding, in the proof.
+/// and this connection's channel binding, in the proof. With `from`, the
+/// connection leaves from that address (a peer's migration address).
 pub async fn connect(
     addr: SocketAddr,
+    from: Option<IpAddr>,
     host: &HostName,
     config: Arc<ClientConfig>,
     domain: &ferry_types::TrustDomain,
     timeout: Duration,
 ) -> Result<(Stream, PeerAuthenticated), ConnectError> {
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    let tcp = match tokio::time::timeout(timeout, tcp_connect(addr, from)).await {
         Err(_) => return Err(ConnectError::Timeout { host: host.clone(), addr }),
-        Ok(Err(source)) => return Err(ConnectError::Tcp { host: host.clone(), addr, source }),
+        Ok(Err(source)) => {
+            return Err(match from {
+                Some(from) => ConnectError::Bind { host: host.clone(), addr, from, source },
+                None => ConnectError::Tcp { host: host.clone(), addr, source },
+            })
+        }
         Ok(Ok(t)) => t,
     };
     let _ = tcp.set_nodelay(true);
@@ -77,6 +92,13 @@ pub async fn connect(
     let proof = ferry_identity::authenticate_host(tls.get_ref().1, domain, host)
         .map_err(|source| ConnectError::Identity { host: host.clone(), source })?;
     Ok((tokio_rustls::TlsStream::Client(tls), proof))
+}
+
+async fn tcp_connect(addr: SocketAddr, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(from) = from else { return TcpStream::connect(addr).await };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(addr).await
 }
 
 /// Split a connection into framed halves and exchange protocol greetings.

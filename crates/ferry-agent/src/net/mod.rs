@@ -1,7 +1,10 @@
 //! mTLS connections between agents and from operators: [`client`] opens
 //! them, [`server`] accepts them; both end in the same framed halves.
 
+pub mod budget;
 pub mod client;
+pub mod listen;
+pub mod plane;
 
 use ferry_channel::{FrameReader, FrameWriter};
 use tokio::io::{BufReader, ReadHalf, WriteHalf};

@@ -26,8 +26,11 @@ pub async fn open(agent: &Agent, to: &HostName) -> Result<Link, Error> {
     let addr = address(agent, to)?;
     let mig = &agent.cfg.migration;
     let config = agent.tls.client().map_err(Error::Tls)?;
+    // Peers accept migration connections only from the addresses in their
+    // [peers] tables: leave from ours.
+    let from = agent.cfg.migration_source().map_err(Error::MigrationAddress)?;
     let (stream, peer) =
-        crate::net::connect(addr, to, config, &agent.domain, mig.connect_timeout()).await?;
+        crate::net::connect(addr, from, to, config, &agent.domain, mig.connect_timeout()).await?;
     let (reader, writer) = crate::net::greet(stream, to, addr, mig.io_timeout()).await?;
     Ok(Link { peer, reader, writer })
 }
