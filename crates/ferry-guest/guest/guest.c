@@ -20,10 +20,7 @@
  * Keep the layout constants in sync with the README.
  */
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "guest.h"
 
 #define MB_BOOT_MAGIC 0x2BADB002u
 #define MB_INFO_MEM (1u << 0)
@@ -75,14 +72,14 @@ static void serial_init(void)
     outb(COM1 + 4, 0x03); /* DTR + RTS */
 }
 
-static void putc(char c)
+void putc(char c)
 {
     while (!(inb(COM1 + 5) & 0x20)) /* LSR.THRE: transmitter ready */
         ;
     outb(COM1, (u8)c);
 }
 
-static void puts(const char *s)
+void puts(const char *s)
 {
     while (*s)
         putc(*s++);
@@ -101,7 +98,7 @@ static u64 div10(u64 v, u32 *rem)
     return ((u64)qhi << 32) | (q1 << 16) | q0;
 }
 
-static void put_u64(u64 v)
+void put_u64(u64 v)
 {
     char buf[20];
     int n = 0;
@@ -114,7 +111,7 @@ static void put_u64(u64 v)
         putc(buf[--n]);
 }
 
-static void put_u32(u32 v) { put_u64(v); }
+void put_u32(u32 v) { put_u64(v); }
 
 static void halt(void)
 {
@@ -153,7 +150,7 @@ static void clock_init(void)
     now_ms = 0;
 }
 
-static u32 clock_ms(void)
+u32 clock_ms(void)
 {
     u32 cur = pit_read();
     u32 delta = (pit_last - cur) & 0xFFFF; /* the counter counts down */
@@ -256,6 +253,9 @@ struct params {
     u32 tlbflush;         /* 1: invlpg before each dirtying write (see README) */
     char marker[MARKER_MAX + 1];
     u32 marker_len;
+    char tpm[TPM_MARKER_MAX + 1]; /* tpm=MARKER: use the vTPM (tpm.c) */
+    u32 tpm_len;
+    u32 tpm_ms; /* read PCR 16 and the counter again this often */
 };
 
 static char cmdline[CMDLINE_MAX + 1];
@@ -330,7 +330,15 @@ static void parse_cmdline(struct params *pr)
             pr->tlbflush = parse_u32(tok, val, vlen);
         else if (key_is(tok, klen, "corrupt_after_ms"))
             pr->corrupt_after_ms = parse_u32(tok, val, vlen);
-        else if (key_is(tok, klen, "marker")) {
+        else if (key_is(tok, klen, "tpm_ms"))
+            pr->tpm_ms = parse_u32(tok, val, vlen);
+        else if (key_is(tok, klen, "tpm")) {
+            if (vlen == 0 || vlen > TPM_MARKER_MAX)
+                fail("tpm marker must be 1..32 bytes: ", tok);
+            for (u32 i = 0; i < vlen; i++)
+                pr->tpm[i] = val[i];
+            pr->tpm_len = vlen;
+        } else if (key_is(tok, klen, "marker")) {
             if (vlen == 0 || vlen > MARKER_MAX)
                 fail("marker must be 1..64 bytes: ", tok);
             for (u32 i = 0; i < vlen; i++)
@@ -361,7 +369,7 @@ static void write_marker(const struct params *pr, u32 pages)
 
 void kmain(u32 magic, const struct mb_info *mbi)
 {
-    struct params pr = {.fill_mib = 64, .dirty = 64, .hb_ms = 10};
+    struct params pr = {.fill_mib = 64, .dirty = 64, .hb_ms = 10, .tpm_ms = 1000};
 
     serial_init();
     if (magic != MB_BOOT_MAGIC)
@@ -403,6 +411,8 @@ void kmain(u32 magic, const struct mb_info *mbi)
     if (pr.marker_len)
         write_marker(&pr, pages);
 
+    int tpm = pr.tpm_len && tpm_boot(pr.tpm, pr.tpm_len);
+
     puts("READY fill_mib=");
     put_u32(pr.fill_mib);
     puts(" pages=");
@@ -416,6 +426,7 @@ void kmain(u32 magic, const struct mb_info *mbi)
     clock_init();
     u32 last = clock_ms();
     u32 next_hb = last + pr.hb_ms;
+    u32 next_tpm = last + pr.tpm_ms;
     for (;;) {
         u32 now = clock_ms();
         int tick = now != last;
@@ -481,6 +492,10 @@ void kmain(u32 magic, const struct mb_info *mbi)
             puts(" word=");
             put_u32(CORRUPT_WORD);
             putc('\n');
+        }
+        if (tpm && pr.tpm_ms && (int)(now - next_tpm) >= 0) {
+            tpm_report();
+            next_tpm = clock_ms() + pr.tpm_ms;
         }
         if ((int)(now - next_hb) >= 0) {
             puts("HB seq=");
