@@ -78,6 +78,7 @@ impl Agent {
         let tls = TlsConfigs::new(identity)?;
         let qemu = QemuConfig {
             binary: cfg.qemu.binary.clone(),
+            swtpm: cfg.qemu.swtpm.clone(),
             accel: cfg.qemu.accel,
             images_dir: cfg.qemu.images_dir.clone(),
             run_dir: cfg.vms_dir(),
