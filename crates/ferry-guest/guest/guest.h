@@ -1,4 +1,4 @@
-/* What guest.c shares with tpm.c: the serial port and the clock. */
+/* What guest.c and tpm.c share: hw.c's serial console and clock. */
 #ifndef FERRY_GUEST_H
 #define FERRY_GUEST_H
 
@@ -7,12 +7,15 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+void serial_init(void);
 void putc(char c);
 void puts(const char *s);
 void put_u64(u64 v);
 void put_u32(u32 v);
 /* Milliseconds of guest time; must be called at least every 54 ms. */
 u32 clock_ms(void);
+/* Start the clock at 0 ms. */
+void clock_init(void);
 
 /* tpm.c: the vTPM test (command line `tpm=MARKER`). */
 #define TPM_MARKER_MAX 32u
