@@ -182,7 +182,8 @@ pub async fn probe(swtpm: &Path, qemu: &Path) -> VtpmSupport {
         Ok(v) => v,
         Err(why) => return VtpmSupport::none(format!("swtpm ({}): {why}", swtpm.display())),
     };
-    let backends = run(qemu, &["-tpmdev", "help"]).await.unwrap_or_default();
+    // QEMU 7.2 lists the backends on stderr and exits 1 after `-tpmdev help`.
+    let backends = run_for_output(qemu, &["-tpmdev", "help"]).await.unwrap_or_default();
     let devices = run(qemu, &["-device", "help"]).await.unwrap_or_default();
     let mut support = VtpmSupport { swtpm: Some(version), tpm2, ..VtpmSupport::default() };
     if !has_emulator_backend(&backends) {
@@ -221,7 +222,24 @@ pub fn parse_devices(help: &str) -> Vec<TpmModel> {
         .collect()
 }
 
+/// stdout of a successful run.
 async fn run(binary: &Path, args: &[&str]) -> Result<String, String> {
+    let out = output(binary, args).await?;
+    if !out.status.success() {
+        return Err(format!("failed ({})", out.status));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// stdout and stderr, whatever the exit status.
+async fn run_for_output(binary: &Path, args: &[&str]) -> Result<String, String> {
+    let out = output(binary, args).await?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    Ok(text)
+}
+
+async fn output(binary: &Path, args: &[&str]) -> Result<std::process::Output, String> {
     let out = tokio::process::Command::new(binary)
         .args(args)
         .stdin(std::process::Stdio::null())
@@ -230,8 +248,7 @@ async fn run(binary: &Path, args: &[&str]) -> Result<String, String> {
     match tokio::time::timeout(PROBE_TIMEOUT, out).await {
         Err(_) => Err(format!("did not answer within {PROBE_TIMEOUT:?}")),
         Ok(Err(e)) => Err(format!("cannot run: {e}")),
-        Ok(Ok(o)) if !o.status.success() => Err(format!("failed ({})", o.status)),
-        Ok(Ok(o)) => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Ok(Ok(o)) => Ok(o),
     }
 }
 
@@ -292,6 +309,15 @@ mod tests {
         let backends = "Supported TPM types (choose only one):\n passthrough   Passthrough TPM backend driver\n    emulator   TPM emulator backend driver\n";
         assert!(has_emulator_backend(backends));
         assert!(!has_emulator_backend(" passthrough   Passthrough TPM backend driver"));
+    }
+
+    #[tokio::test]
+    async fn this_hosts_swtpm_and_qemu_host_both_models() {
+        let s = probe(Path::new("swtpm"), Path::new("qemu-system-x86_64")).await;
+        assert_eq!(s.problem, None, "{s:?}");
+        assert!(s.tpm2, "{s:?}");
+        assert_eq!(s.models, [TpmModel::Crb, TpmModel::Tis], "{s:?}");
+        assert_eq!(can_host(TpmModel::Tis, &s), Ok(()));
     }
 
     #[tokio::test]
