@@ -106,6 +106,7 @@ async fn dispatch(
             peers: agent.cfg.peers.keys().cloned().collect(),
             active_migrations: agent.sessions.in_flight().await,
             checks: crate::preflight::run(&agent.cfg).await,
+            vtpm: Some(agent.backend.vtpm_support()),
         })),
         ApiRequest::VmList => Ok(ApiResponse::Vms { vms: agent.backend.list().await }),
         ApiRequest::VmStart { spec, labels } => {

@@ -89,7 +89,7 @@ impl Agent {
             },
             downtime_limit_ms: cfg.qemu.downtime_limit_ms,
         };
-        let backend = Box::new(QemuBackend::new(qemu, cfg.departed_dir())?);
+        let backend = Box::new(QemuBackend::new(qemu, cfg.departed_dir())?.probe_vtpm().await);
         // The config was checked when parsed; this cannot fail here.
         let platform = cfg
             .attestation
