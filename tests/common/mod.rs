@@ -409,6 +409,7 @@ mod evidence;
 mod mitm;
 mod qemu;
 mod rogue;
+mod vtpm;
 #[allow(unused_imports)]
 pub use attack::*;
 #[allow(unused_imports)]
@@ -419,3 +420,5 @@ pub use mitm::*;
 pub use qemu::*;
 #[allow(unused_imports)]
 pub use rogue::*;
+#[allow(unused_imports)]
+pub use vtpm::*;
