@@ -58,7 +58,15 @@ fn a_vtpm_moves_there_and_back_exists_once_and_an_old_copy_is_refused() {
     let (ok, back) = lab.ferry_json(&["migrate", "g", "--to", "host1", "--host", "host2"]);
     assert!(ok, "return migration failed: {back}");
     assert_eq!(lab.running_on("g"), ["host1"]);
-    assert_vtpm_kept(&console_of(&lab, "host1", "g"));
+    let home = console_of(&lab, "host1", "g");
+    assert_vtpm_kept(&home);
+    let back_id = back["id"].as_str().expect("id");
+    let away = lab.host("host2").state_dir.join("departed").join(back_id).join("console.log");
+    let c = ferry_cli::console::analyze(
+        &ferry_cli::console::read_console(&away).expect("host2's console"),
+        &ferry_cli::console::read_console(&home).expect("host1's console"),
+    );
+    assert!(c.heartbeat_continued && c.memory_consistent(), "the return hop: {c:?}");
     assert!(vtpm_state_under(&lab.host("host2").state_dir).is_empty(), "host2 kept vTPM state");
     // A VM that came back has a new vTPM, which a restart adopts.
     lab.restart_agent("host1");

@@ -118,7 +118,11 @@ async fn attest(
                 let audit = Audit::VtpmPreflightFailed { peer: host.to_string(), why };
                 let _ = out.session.audit(audit, None).await;
                 let e = Error::VtpmPreflight { host, model, short };
-                out.send_abort(writer, &binding, e.to_string()).await;
+                // Unsigned: nothing was offered, so nothing is withdrawn, and
+                // the destination keeps no record of this migration.
+                let reason = e.to_string();
+                let abort = PeerMessage::Abort { migration_id: id, reason, signed: None };
+                let _ = writer.write_control(&abort).await;
                 return Err(e);
             }
             Ok(attested)

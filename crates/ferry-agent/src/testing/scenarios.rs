@@ -292,6 +292,13 @@ async fn a_vtpm_vm_is_offered_only_to_a_host_that_can_host_its_vtpm() {
     let host2 = lab.host(2).agent.records.all().expect("records");
     assert!(host2.is_empty(), "host2 saw an offer: {host2:?}");
     assert_eq!(vm_on(&lab, 1, &web).await, Some((true, false)), "the VM stays, released");
+    let ca = ferry_audit::CaTrust::load(&lab.dir.path().join("ca/ca.pem")).expect("CA");
+    let logs: Vec<_> = (1..=2).map(|n| lab.host(n).agent.cfg.audit_log_path()).collect();
+    let cross = ferry_audit::cross_check(&logs[0], &logs[1], &ca).expect("cross-check");
+    // Nothing signed was sent: the audit logs agree that host2 had no part.
+    let only = format!("{} appears only in", done.record.id);
+    let warning = cross.warnings.iter().find(|w| w.contains(&only)).expect("a one-sided note");
+    assert!(warning.contains("expected, it ended before any signed"), "{warning}");
 
     // Once host2 can host it, the same VM moves, and both records say vTPM.
     *lab.host(2).backend.0.vtpm.lock().unwrap() = Some(ferry_vmm::VtpmSupport {
