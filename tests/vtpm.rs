@@ -82,6 +82,24 @@ fn a_destination_that_cannot_host_a_vtpm_is_refused_before_any_vm_byte() {
     assert!(ok, "{status}");
     let vtpm = status["vtpm"]["problem"].as_str().unwrap_or("");
     assert!(vtpm.contains("/nonexistent/swtpm"), "status shows why: {status}");
+    // Nor can a VM with a vTPM be started there.
+    let o = lab.ferry(&[
+        "vm",
+        "start",
+        "--host",
+        "host2",
+        "--name",
+        "t",
+        "--memory",
+        "64",
+        "--kernel",
+        "ferry-guest.elf",
+        "--tpm",
+        "tis",
+    ]);
+    assert!(!o.status.success(), "started a vTPM VM without swtpm: {}", text(&o));
+    assert!(text(&o).contains("this host cannot host a tis vTPM"), "{}", text(&o));
+    assert!(lab.vms("host2").is_empty());
     start_tpm_guest(&lab, "host1", "g");
 
     let (ok, out) = lab.ferry_json(&["migrate", "g", "--to", "host2", "--host", "host1"]);

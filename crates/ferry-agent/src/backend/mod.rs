@@ -63,6 +63,8 @@ pub enum BackendError {
     QmpBusy { vm: VmName, after: Duration },
     #[error("the {backend} backend cannot {what}")]
     Unsupported { backend: &'static str, what: &'static str },
+    #[error("this host cannot host a {model} vTPM: it {short}")]
+    NoVtpm { model: ferry_vmm::TpmModel, short: ferry_vmm::VtpmShortfall },
 }
 
 impl BackendError {

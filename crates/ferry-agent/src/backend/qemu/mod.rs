@@ -135,6 +135,9 @@ impl VmBackend for QemuBackend {
         if table.contains_key(&spec.name) || reserved {
             return Err(BackendError::Exists(spec.name.clone()));
         }
+        if let Err(short) = ferry_vmm::can_host(spec.tpm, &self.vtpm) {
+            return Err(BackendError::NoVtpm { model: spec.tpm, short });
+        }
         let entry = vms::launch(&self.cfg, spec, labels, LaunchMode::Run)
             .await
             .map_err(BackendError::qemu("starting the VM"))?;
