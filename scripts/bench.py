@@ -287,7 +287,8 @@ def main():
                             res = ferry_runner.run(
                                 name, cmdline, args.settle,
                                 streams=args.streams + 1 if method == "ferry-multi" else None,
-                                postcopy=method == "ferry-postcopy", converge_s=args.converge_s)
+                                postcopy=method == "ferry-postcopy", converge_s=args.converge_s,
+                                tpm=method == "ferry-vtpm")
                         else:
                             res = plain.run(name, cmdline, args.settle, method, args.converge_s)
                     except Exception as e:

@@ -47,14 +47,18 @@ fn main() {
         PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let guest = manifest.join("guest");
-    for f in ["guest.c", "start.S", "link.ld"] {
+    for f in ["guest.c", "guest.h", "hw.c", "tpm.c", "start.S", "link.ld"] {
         println!("cargo:rerun-if-changed=guest/{f}");
     }
 
     let start_o = out.join("start.o");
     let guest_o = out.join("guest.o");
+    let tpm_o = out.join("tpm.o");
+    let hw_o = out.join("hw.o");
     compile(&guest.join("start.S"), &start_o);
     compile(&guest.join("guest.c"), &guest_o);
+    compile(&guest.join("tpm.c"), &tpm_o);
+    compile(&guest.join("hw.c"), &hw_o);
 
     run(Command::new("ld")
         .args(["-m", "elf_i386", "-nostdlib", "--build-id=none"])
@@ -66,5 +70,7 @@ fn main() {
         .arg("-o")
         .arg(out.join("ferry-guest.elf"))
         .arg(&start_o)
-        .arg(&guest_o));
+        .arg(&guest_o)
+        .arg(&tpm_o)
+        .arg(&hw_o));
 }

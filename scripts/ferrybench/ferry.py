@@ -133,11 +133,17 @@ class FerryRunner:
                     p.returncode, stdout.decode(), f.read().decode()))
         return p.returncode, stdout, t_ret, cancel
 
-    def run(self, name, cmdline, settle_s, streams=None, postcopy=False, converge_s=None):
+    def run(self, name, cmdline, settle_s, streams=None, postcopy=False, converge_s=None,
+            tpm=False):
         """One `ferry migrate`; streams: its --streams (None = the agent's
-        default, 1); postcopy: pass --postcopy."""
+        default, 1); postcopy: pass --postcopy; tpm: the VM gets a vTPM
+        (tpm-crb on its own swtpm), which the guest uses at boot."""
+        if tpm:
+            cmdline += " tpm=FERRYBENCH tpm_ms=0"
         spec = {"name": name, "memory_mib": self.memory_mib, "vcpus": 1, "machine": "q35",
                 "boot": {"type": "kernel", "kernel": self.lab["guest_image"], "cmdline": cmdline}}
+        if tpm:
+            spec["tpm"] = "crb"
         spec_path = os.path.join(self.workdir, name + ".json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
@@ -148,7 +154,9 @@ class FerryRunner:
             extra.append("--postcopy")
         try:
             self.live.append((name, "host1"))
+            t_start = time.time()
             vm = json.loads(self.fer("vm", "start", "--spec", spec_path, "--host", "host1").stdout)
+            start_ms = (time.time() - t_start) * 1000.0
             src_log = vm["console_log"]
             wait_ready(lambda: read_console_file(src_log), name + " (ferry src)")
             time.sleep(settle_s)
@@ -198,7 +206,8 @@ class FerryRunner:
             return migration_result(mig.get("bytes"), mig.get("total_ms"), wall_ms,
                                     mig.get("qemu_downtime_ms"), srcc, dstc, cpu_s, cpu_by,
                                     id=mig["id"], streams=mig.get("streams"),
-                                    postcopy_allowed=mig.get("postcopy"))
+                                    postcopy_allowed=mig.get("postcopy"), start_ms=start_ms,
+                                    setup_ms=mig.get("setup_ms"))
         except Exception:
             self.cleanup()
             raise

@@ -132,6 +132,7 @@ def render(results, meta):
                 cells[0] += " (%s)" % note
             out.append("| %s | %s | %s |" % (kind, L(t), " | ".join(cells)))
     render_relative(out, results, L)
+    render_vtpm(out, results)
     render_vs_secure(out, results, L)
     render_convergence(out, results, L, converge_s)
     render_raw(out, results)
@@ -167,6 +168,35 @@ def render_relative(out, results, L):
                     pd.append(f["progress_ms"] - p["progress_ms"])
             out.append("| %s | %s | %s | %s | %s | %s |" % (kind, L(t), cell(tr, d=2),
                                                           cell(cr, d=2), cell(bd), cell(pd)))
+
+
+def render_vtpm(out, results):
+    """The cost of a vTPM: ferry-vtpm against ferry, within each round."""
+    kinds = [k for k in results if "ferry" in results[k] and "ferry-vtpm" in results[k]]
+    if not kinds:
+        return
+    out.append("")
+    out.append("A VM with a vTPM against the same VM without one (Ferry), per round (ratios "
+               "and differences within a round, then median (min–max) over rounds):")
+    out.append("")
+    out.append("| guest | vm start vTPM/none | QEMU downtime vTPM − none ms "
+               "| guest blackout vTPM − none ms | total vTPM/none | setup (attested) vTPM/none |")
+    out.append("|---|---|---|---|---|---|")
+    for kind in kinds:
+        cols = [[], [], [], [], []]
+        for n, v in zip(results[kind]["ferry"], results[kind]["ferry-vtpm"]):
+            if not (ok(n) and ok(v)):
+                continue
+            for i, (key, diff) in enumerate([("start_ms", False), ("downtime_ms", True),
+                                             ("blackout_ms", True), ("total_ms", False),
+                                             ("setup_ms", False)]):
+                a, b = n.get(key), v.get(key)
+                if a is None or b is None or (not diff and not a):
+                    continue
+                cols[i].append(b - a if diff else b / a)
+        out.append("| %s | %s | %s | %s | %s | %s |" % (
+            kind, cell(cols[0], d=2), cell(cols[1]), cell(cols[2]), cell(cols[3], d=2),
+            cell(cols[4], d=2)))
 
 
 def render_vs_secure(out, results, L):

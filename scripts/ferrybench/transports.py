@@ -1,11 +1,11 @@
 """Transport names (--transports), their labels, and which guests they run on."""
 
 TRANSPORTS = ["plain-unix", "plain-tcp", "plain-multifd", "plain-postcopy", "qemu-tls",
-              "qemu-tls-multifd", "ssh", "stunnel", "ferry", "ferry-multi", "ferry-postcopy"]
+              "qemu-tls-multifd", "ssh", "stunnel", "ferry", "ferry-multi", "ferry-postcopy", "ferry-vtpm"]
 # existing secure transports Ferry is compared with
 SECURE = ("qemu-tls", "qemu-tls-multifd", "ssh", "stunnel")
 # Ferry's variants, each compared with the best of SECURE in its round
-FERRY = ("ferry", "ferry-multi", "ferry-postcopy")
+FERRY = ("ferry", "ferry-multi", "ferry-postcopy", "ferry-vtpm")
 # post-copy only means something for a guest that does not converge otherwise
 POSTCOPY = ("plain-postcopy", "ferry-postcopy")
 MULTIFD = ("plain-multifd", "qemu-tls-multifd", "ferry-multi")
@@ -30,6 +30,7 @@ def label(t, streams):
         "ferry": "Ferry (mTLS, agents)",
         "ferry-multi": "Ferry, multifd ×%d (%d TLS streams)" % (streams, streams + 1),
         "ferry-postcopy": "Ferry, post-copy",
+        "ferry-vtpm": "Ferry, VM with a vTPM (swtpm, tpm-crb)",
     }[t]
 
 

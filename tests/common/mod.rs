@@ -406,6 +406,7 @@ mod evidence;
 mod mitm;
 mod qemu;
 mod rogue;
+mod vtpm;
 #[allow(unused_imports)]
 pub use attack::*;
 #[allow(unused_imports)]
@@ -416,3 +417,5 @@ pub use mitm::*;
 pub use qemu::*;
 #[allow(unused_imports)]
 pub use rogue::*;
+#[allow(unused_imports)]
+pub use vtpm::*;

@@ -137,6 +137,7 @@ impl RogueSource {
         let msg = ferry_agent::protocol::PeerMessage::Attest {
             migration_id: self.id,
             evidence: Some(evidence),
+            vtpm: None,
         };
         self.send(&serde_json::to_value(&msg).expect("attest json"))?;
         let answer = self.read()?;

@@ -113,6 +113,7 @@ async fn dispatch(
             }),
             active_migrations: agent.sessions.in_flight().await,
             checks: crate::preflight::run(&agent.cfg).await,
+            vtpm: Some(agent.backend.vtpm_support()),
         })),
         ApiRequest::VmList => Ok(ApiResponse::Vms { vms: agent.backend.list().await }),
         ApiRequest::VmStart { spec, labels } => {

@@ -110,6 +110,24 @@ pub enum Audit {
     PolicyReloadRefused {
         error: String,
     },
+    /// Source: the destination announced it cannot host the VM's vTPM;
+    /// nothing was offered.
+    VtpmPreflightFailed {
+        peer: String,
+        why: String,
+    },
+    /// Source, after the Receipt: the VM's vTPM state here was erased.
+    VtpmErased {
+        files: u64,
+        bytes: u64,
+    },
+    /// At start-up: vTPM state that must not be used was not adopted.
+    VtpmRefused {
+        vm: String,
+        dir: String,
+        migration: Option<String>,
+        why: String,
+    },
 }
 
 impl Audit {
@@ -149,6 +167,9 @@ impl Audit {
             },
             Audit::PolicyReloaded { .. } => "policy_reloaded",
             Audit::PolicyReloadRefused { .. } => "policy_reload_refused",
+            Audit::VtpmPreflightFailed { .. } => "vtpm_preflight_failed",
+            Audit::VtpmErased { .. } => "vtpm_erased",
+            Audit::VtpmRefused { .. } => "vtpm_refused",
         }
     }
 
@@ -219,6 +240,11 @@ impl Audit {
             }
             Audit::PolicyReloaded { policies } => json!({ "policies": policies }),
             Audit::PolicyReloadRefused { error } => json!({ "error": error }),
+            Audit::VtpmPreflightFailed { peer, why } => json!({ "peer": peer, "why": why }),
+            Audit::VtpmErased { files, bytes } => json!({ "files": files, "bytes": bytes }),
+            Audit::VtpmRefused { vm, dir, migration, why } => {
+                json!({ "vm": vm, "dir": dir, "migration": migration, "why": why })
+            }
         }
     }
 }

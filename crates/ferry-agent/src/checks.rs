@@ -35,6 +35,8 @@ pub struct OfferContext<'a> {
     pub this_host: &'a ferry_types::HostName,
     pub now_unix_ms: u64,
     pub offer_validity_ms: u64,
+    /// What vTPMs this host can host.
+    pub vtpm: &'a ferry_vmm::VtpmSupport,
 }
 
 /// An offer whose signer, address, binding, window, spec, plan and labels
@@ -93,6 +95,13 @@ pub fn check_offer(
         let why =
             format!("offer is for VM {} but carries the spec of {}", offer.vm, offer.spec.name);
         return Err(Refusal::new("spec", why));
+    }
+    // The source checked our announcement before offering; an Offer that
+    // comes anyway (an older or careless source) is refused here too.
+    if let Err(short) = ferry_vmm::can_host(offer.spec.tpm, ctx.vtpm) {
+        let why =
+            format!("{} cannot host this VM's {} vTPM: it {short}", ctx.this_host, offer.spec.tpm);
+        return Err(Refusal::new("vtpm", why));
     }
     let plan = TransferPlan::new(offer.streams, offer.postcopy)
         .map_err(|e| Refusal::new("streams", e.to_string()))?;

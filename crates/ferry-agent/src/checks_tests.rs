@@ -5,6 +5,7 @@ use std::time::Instant;
 use ferry_attest::QuoteRole;
 use ferry_audit::LogHead;
 use ferry_types::{Digest32, HostName, MigrationId};
+use ferry_vmm::TpmModel;
 
 use super::*;
 use crate::attestation::{Attestation, PeerAttested};
@@ -47,7 +48,9 @@ fn check(edit: impl FnOnce(&mut OfferBody), now_offset: i64) -> Result<CheckedOf
     edit(&mut o);
     let this = host("host2");
     let now = (crate::records::now_unix_ms() as i64 + now_offset) as u64;
-    let ctx = OfferContext { this_host: &this, now_unix_ms: now, offer_validity_ms: 60_000 };
+    let vtpm = ferry_vmm::VtpmSupport::none("swtpm is not installed");
+    let ctx =
+        OfferContext { this_host: &this, now_unix_ms: now, offer_validity_ms: 60_000, vtpm: &vtpm };
     check_offer(&ctx, &peer, o)
 }
 
@@ -86,12 +89,48 @@ fn every_refusal_names_its_cause() {
             "post-copy",
         ),
         ("labels", Box::new(|o| o.labels.tenant = String::new()), 0, "VM labels"),
+        (
+            "vtpm",
+            Box::new(|o| o.spec.tpm = TpmModel::Crb),
+            0,
+            "host2 cannot host this VM's crb vTPM: it has no vTPM support: swtpm is not installed",
+        ),
     ];
     for (code, edit, offset, words) in cases {
         let r = refused(edit, offset);
         assert_eq!(r.code, code, "{r:?}");
         assert!(r.reason.contains(words), "{code}: {}", r.reason);
     }
+}
+
+#[test]
+fn a_vtpm_offer_passes_only_where_its_model_is_hosted() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = attested(dir.path(), MigrationId::new());
+    let this = host("host2");
+    let support = ferry_vmm::VtpmSupport {
+        swtpm: Some("0.7.1".into()),
+        tpm2: true,
+        models: vec![TpmModel::Crb],
+        problem: None,
+    };
+    let check = |tpm| {
+        let mut o = offer(&peer);
+        o.spec.tpm = tpm;
+        let now = crate::records::now_unix_ms();
+        let ctx = OfferContext {
+            this_host: &this,
+            now_unix_ms: now,
+            offer_validity_ms: 60_000,
+            vtpm: &support,
+        };
+        check_offer(&ctx, &peer, o)
+    };
+    assert!(check(TpmModel::Crb).is_ok());
+    assert!(check(TpmModel::None).is_ok());
+    let r = check(TpmModel::Tis).unwrap_err();
+    assert_eq!(r.code, "vtpm");
+    assert!(r.reason.contains("has no tis TPM interface"), "{}", r.reason);
 }
 
 #[test]
@@ -103,6 +142,7 @@ fn admission_needs_the_decision_and_a_free_name() {
         this_host: &this,
         now_unix_ms: crate::records::now_unix_ms(),
         offer_validity_ms: 60_000,
+        vtpm: &ferry_vmm::VtpmSupport::default(),
     };
     let checked = || check_offer(&ctx, &peer, offer(&peer)).unwrap();
     let denied: Result<(), _> = Err(Refusal::new("policy", "policy denies host2 receiving web"));

@@ -178,6 +178,8 @@ pub struct TlsSection {
 #[serde(deny_unknown_fields, default)]
 pub struct QemuSection {
     pub binary: PathBuf,
+    /// swtpm, which gives VMs started with a vTPM their own TPM 2.0.
+    pub swtpm: PathBuf,
     pub accel: AccelChoice,
     /// Kernel and disk images that VM specs may name; nothing outside it.
     pub images_dir: PathBuf,
@@ -191,6 +193,7 @@ impl Default for QemuSection {
     fn default() -> Self {
         Self {
             binary: PathBuf::from("qemu-system-x86_64"),
+            swtpm: PathBuf::from("swtpm"),
             accel: AccelChoice::Auto,
             images_dir: PathBuf::from("/var/lib/ferry/images"),
             max_bandwidth_mib_s: 0,

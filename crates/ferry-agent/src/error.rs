@@ -83,6 +83,8 @@ pub enum Error {
     Silent { host: HostName, what: &'static str, after: Duration },
     #[error("{host} failed attestation: {why}")]
     Attestation { host: HostName, why: String },
+    #[error("{host} cannot host this VM's {model} vTPM: it {short}")]
+    VtpmPreflight { host: HostName, model: ferry_vmm::TpmModel, short: ferry_vmm::VtpmShortfall },
     #[error("the VM stream")]
     Relay(#[from] RelayError),
 
@@ -178,7 +180,8 @@ impl Error {
             | Lost { .. }
             | Silent { .. }
             | Resolved { .. }
-            | Attestation { .. } => ErrorKind::Peer,
+            | Attestation { .. }
+            | VtpmPreflight { .. } => ErrorKind::Peer,
             Relay(r) if !r.is_qemu() => ErrorKind::Peer,
             Relay(_)
             | Backend(_)

@@ -7,7 +7,8 @@
 //!
 //! From the bottom up: [`plan`], [`records`], [`protocol`], [`evidence`],
 //! [`notary`] (signatures and the audit log), [`attestation`], [`checks`]
-//! (the proofs each step requires), [`authz`], [`backend`], [`net`];
+//! (the proofs each step requires), [`vtpm`] (no stale vTPM is adopted),
+//! [`authz`], [`backend`], [`net`];
 //! [`agent`] ties them together; [`session`] moves VMs; [`api`] and
 //! [`server`] face operators and peers; [`startup`] builds an agent.
 
@@ -34,6 +35,7 @@ pub mod report;
 pub mod server;
 pub mod session;
 pub mod startup;
+pub mod vtpm;
 
 #[cfg(test)]
 mod testing;

@@ -41,7 +41,7 @@
 
 use ferry_audit::Signed;
 use ferry_types::{Digest32, HostName, MigrationId, VmName};
-use ferry_vmm::VmSpec;
+use ferry_vmm::{TpmModel, VmSpec, VtpmSupport};
 use serde::{Deserialize, Serialize};
 
 use crate::records::MigrationRecord;
@@ -183,6 +183,9 @@ pub struct HostStatus {
     /// The start-up checks, run again now (docs/deploy.md, "When it fails").
     #[serde(default)]
     pub checks: Vec<crate::preflight::Check>,
+    /// What vTPMs this host can give its VMs (docs/vtpm.md).
+    #[serde(default)]
+    pub vtpm: Option<VtpmSupport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,6 +199,9 @@ pub struct VmInfo {
     /// The migration holding this VM, if any.
     pub migration: Option<MigrationId>,
     pub console_log: String,
+    /// The VM's vTPM model; absent for a VM without one.
+    #[serde(default, skip_serializing_if = "TpmModel::is_none")]
+    pub tpm: TpmModel,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -222,6 +228,12 @@ pub enum PeerMessage {
     Attest {
         migration_id: MigrationId,
         evidence: Option<ferry_attest::Evidence>,
+        /// vTPM pre-flight: what vTPMs the sender can host. A source sends
+        /// it only for a VM with a vTPM, and a destination answers with its
+        /// own only when asked, so other migrations' messages are unchanged
+        /// (an older peer refuses fields it does not know).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vtpm: Option<VtpmSupport>,
     },
     /// Signed [`crate::evidence::OfferBody`].
     Offer {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_types::{Digest32, HostName, MigrationId, VmName};
+use ferry_vmm::TpmModel;
 use serde::{Deserialize, Serialize};
 
 /// Largest record file read back; records are small.
@@ -54,6 +55,9 @@ pub struct MigrationRecord {
     /// Source, post-copy lost: the destination has acknowledged it.
     #[serde(default)]
     pub peer_told: bool,
+    /// The VM's vTPM model (its state moved inside the stream).
+    #[serde(default, skip_serializing_if = "TpmModel::is_none")]
+    pub tpm: TpmModel,
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -90,6 +94,7 @@ impl MigrationRecord {
             streams: 1,
             postcopy: false,
             peer_told: false,
+            tpm: TpmModel::None,
         }
     }
 

@@ -79,6 +79,7 @@ impl Agent {
         let tls = TlsConfigs::new(identity)?;
         let qemu = QemuConfig {
             binary: cfg.qemu.binary.clone(),
+            swtpm: cfg.qemu.swtpm.clone(),
             accel: cfg.qemu.accel,
             images_dir: cfg.qemu.images_dir.clone(),
             run_dir: cfg.vms_dir(),
@@ -90,7 +91,9 @@ impl Agent {
             downtime_limit_ms: cfg.qemu.downtime_limit_ms,
         };
         let backend: Box<dyn VmBackend> = match cfg.vmm.backend {
-            BackendChoice::Qemu => Box::new(QemuBackend::new(qemu, cfg.departed_dir())?),
+            BackendChoice::Qemu => {
+                Box::new(QemuBackend::new(qemu, cfg.departed_dir())?.probe_vtpm().await)
+            }
             BackendChoice::Libvirt => Box::new(LibvirtBackend::new(LibvirtConfig {
                 uri: cfg.vmm.libvirt_uri.clone(),
                 run_dir: cfg.vmm.libvirt_run_dir.clone(),

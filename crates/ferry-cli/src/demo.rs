@@ -185,6 +185,7 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
         marker: None,
         // Keep QEMU's TCG dirty-tracking defect out of the checks (docs/known-issues.md).
         tlb_flush: on_tcg,
+        ..GuestParams::default()
     };
     params.validate().map_err(|e| anyhow!("guest parameters: {e}"))?;
     let spec = serde_json::from_value(serde_json::json!({

@@ -112,6 +112,10 @@ pub struct VmStartArgs {
     /// Tenants this VM must not share a host with (repeatable).
     #[arg(long = "anti-affinity")]
     pub anti_affinity: Vec<String>,
+    /// Give the VM its own virtual TPM 2.0 (swtpm): crb (the default with
+    /// a bare --tpm) or tis (docs/vtpm.md).
+    #[arg(long, num_args = 0..=1, default_missing_value = "crb", value_parser = ["crb", "tis"])]
+    pub tpm: Option<String>,
 }
 
 impl VmStartArgs {
@@ -132,7 +136,8 @@ impl VmStartArgs {
             }
             (None, None) => bail!("give --kernel or --disk"),
         };
-        let v = serde_json::json!({"name": name, "memory_mib": self.memory, "vcpus": self.vcpus, "machine": self.machine, "boot": boot});
+        let tpm = self.tpm.as_deref().unwrap_or("none");
+        let v = serde_json::json!({"name": name, "memory_mib": self.memory, "vcpus": self.vcpus, "machine": self.machine, "boot": boot, "tpm": tpm});
         serde_json::from_value(v).context("invalid VM spec")
     }
 }
@@ -234,6 +239,9 @@ pub async fn status(t: Target, json: bool) -> Result<ExitCode> {
             );
             outln!("vms {}  active migrations {}  peers {:?}", s.vms, s.active_migrations, s.peers);
             outln!("api {}  migration {}", s.api_listen, s.migration_listen);
+            if let Some(v) = &s.vtpm {
+                outln!("vtpm {}", v.summary());
+            }
             for c in &s.checks {
                 let verdict = match c.verdict {
                     Verdict::Ok => "ok",
@@ -265,7 +273,9 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
                 .await?;
             finish(resp, json, |r| {
                 if let ApiResponse::Vm(v) = r {
-                    outln!("started {} on {host} (pid {}, {})", v.name, v.pid, v.accel);
+                    let tpm =
+                        if v.tpm.is_none() { String::new() } else { format!(", vTPM {}", v.tpm) };
+                    outln!("started {} on {host} (pid {}, {}{tpm})", v.name, v.pid, v.accel);
                 }
             })
         }
@@ -275,22 +285,24 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
             finish(resp, json, |r| {
                 if let ApiResponse::Vms { vms } = r {
                     outln!(
-                        "{:<20} {:<12} {:>8} {:>6} {:>5}  MIGRATION",
+                        "{:<20} {:<12} {:>8} {:>6} {:>5} {:<5} MIGRATION",
                         "NAME",
                         "STATE",
                         "PID",
                         "MiB",
-                        "CPUS"
+                        "CPUS",
+                        "TPM"
                     );
                     for v in vms {
                         let m = v.migration.map(|m| m.to_string()).unwrap_or_default();
                         outln!(
-                            "{:<20} {:<12} {:>8} {:>6} {:>5}  {m}",
+                            "{:<20} {:<12} {:>8} {:>6} {:>5} {:<5} {m}",
                             v.name.as_str(),
                             v.state,
                             v.pid,
                             v.memory_mib,
-                            v.vcpus
+                            v.vcpus,
+                            v.tpm.name()
                         );
                     }
                 }
@@ -370,6 +382,9 @@ pub fn print_record(m: &MigrationRecord) {
     }
     for i in &m.insecure {
         outln!("  INSECURE: {i}");
+    }
+    if !m.tpm.is_none() {
+        outln!("  vTPM: {} (its state moved inside the stream)", m.tpm);
     }
     if m.receipt.is_some() {
         outln!("  signed receipt: yes");

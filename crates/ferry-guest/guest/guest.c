@@ -20,10 +20,7 @@
  * Keep the layout constants in sync with the README.
  */
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "guest.h"
 
 #define MB_BOOT_MAGIC 0x2BADB002u
 #define MB_INFO_MEM (1u << 0)
@@ -39,131 +36,16 @@ typedef unsigned long long u64;
 #define MAX_PAGES ((0x3C0000u - 0x200000u) / 4u)
 #define MAX_FILL_MIB (MAX_PAGES / 256u)
 
-#define COM1 0x3F8
-#define PIT_CH0 0x40
-#define PIT_CMD 0x43
-#define PIT_HZ 1193182u
-
 #define MARKER_MAX 64u
 #define CMDLINE_MAX 512u
 /* Word flipped by corrupt_after_ms: beyond the header words, so only the
  * full-page sweep can find it (the dirtier checks words 0..2). */
 #define CORRUPT_WORD 100u
 
-/* ---- port I/O and serial ------------------------------------------------ */
-
-static inline void outb(u16 port, u8 v)
-{
-    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
-}
-
-static inline u8 inb(u16 port)
-{
-    u8 v;
-    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
-
-static void serial_init(void)
-{
-    outb(COM1 + 1, 0x00); /* no UART interrupts: we poll */
-    outb(COM1 + 3, 0x80); /* DLAB on to set the divisor */
-    outb(COM1 + 0, 0x01); /* divisor 1 = 115200 baud */
-    outb(COM1 + 1, 0x00);
-    outb(COM1 + 3, 0x03); /* 8N1, DLAB off */
-    outb(COM1 + 2, 0xC7); /* FIFOs on and cleared */
-    outb(COM1 + 4, 0x03); /* DTR + RTS */
-}
-
-static void putc(char c)
-{
-    while (!(inb(COM1 + 5) & 0x20)) /* LSR.THRE: transmitter ready */
-        ;
-    outb(COM1, (u8)c);
-}
-
-static void puts(const char *s)
-{
-    while (*s)
-        putc(*s++);
-}
-
-/* u64 / 10 in 16-bit steps, because gcc would call libgcc's __udivdi3. */
-static u64 div10(u64 v, u32 *rem)
-{
-    u32 hi = (u32)(v >> 32), lo = (u32)v;
-    u32 qhi = hi / 10, r = hi % 10;
-    u32 cur = (r << 16) | (lo >> 16);
-    u32 q1 = cur / 10;
-    cur = ((cur % 10) << 16) | (lo & 0xFFFF);
-    u32 q0 = cur / 10;
-    *rem = cur % 10;
-    return ((u64)qhi << 32) | (q1 << 16) | q0;
-}
-
-static void put_u64(u64 v)
-{
-    char buf[20];
-    int n = 0;
-    do {
-        u32 r;
-        v = div10(v, &r);
-        buf[n++] = (char)('0' + r);
-    } while (v);
-    while (n)
-        putc(buf[--n]);
-}
-
-static void put_u32(u32 v) { put_u64(v); }
-
 static void halt(void)
 {
     for (;;)
         __asm__ volatile("cli; hlt");
-}
-
-/* ---- time: PIT channel 0, polled ------------------------------------------
- * Channel 0 free-runs in mode 2 over the full 16-bit range (one wrap per
- * 54.9 ms). Each poll converts the ticks elapsed since the previous poll into
- * milliseconds, so time stays exact as long as we poll at least every 54 ms,
- * however long the work between polls took: no interrupts, and no lost
- * milliseconds when a tick's work overruns. Under QEMU the count follows the
- * virtual clock, which stops while the VM is paused.
- */
-
-static u32 pit_last;
-static u32 pit_frac; /* elapsed PIT ticks * 1000 not yet worth a millisecond */
-static u32 now_ms;
-
-static u32 pit_read(void)
-{
-    outb(PIT_CMD, 0x00); /* latch channel 0 */
-    u32 lo = inb(PIT_CH0);
-    u32 hi = inb(PIT_CH0);
-    return lo | (hi << 8);
-}
-
-static void clock_init(void)
-{
-    outb(PIT_CMD, 0x34); /* channel 0, lobyte/hibyte, mode 2, binary */
-    outb(PIT_CH0, 0);    /* reload 0 means 65536 */
-    outb(PIT_CH0, 0);
-    pit_last = pit_read();
-    pit_frac = 0;
-    now_ms = 0;
-}
-
-static u32 clock_ms(void)
-{
-    u32 cur = pit_read();
-    u32 delta = (pit_last - cur) & 0xFFFF; /* the counter counts down */
-    pit_last = cur;
-    pit_frac += delta * 1000; /* < 2^32: delta < 65536, frac < PIT_HZ */
-    if (pit_frac >= PIT_HZ) {
-        now_ms += pit_frac / PIT_HZ;
-        pit_frac %= PIT_HZ;
-    }
-    return now_ms;
 }
 
 /* ---- page contents -------------------------------------------------------- */
@@ -256,6 +138,9 @@ struct params {
     u32 tlbflush;         /* 1: invlpg before each dirtying write (see README) */
     char marker[MARKER_MAX + 1];
     u32 marker_len;
+    char tpm[TPM_MARKER_MAX + 1]; /* tpm=MARKER: use the vTPM (tpm.c) */
+    u32 tpm_len;
+    u32 tpm_ms; /* read PCR 16 and the counter again this often */
 };
 
 static char cmdline[CMDLINE_MAX + 1];
@@ -330,7 +215,15 @@ static void parse_cmdline(struct params *pr)
             pr->tlbflush = parse_u32(tok, val, vlen);
         else if (key_is(tok, klen, "corrupt_after_ms"))
             pr->corrupt_after_ms = parse_u32(tok, val, vlen);
-        else if (key_is(tok, klen, "marker")) {
+        else if (key_is(tok, klen, "tpm_ms"))
+            pr->tpm_ms = parse_u32(tok, val, vlen);
+        else if (key_is(tok, klen, "tpm")) {
+            if (vlen == 0 || vlen > TPM_MARKER_MAX)
+                fail("tpm marker must be 1..32 bytes: ", tok);
+            for (u32 i = 0; i < vlen; i++)
+                pr->tpm[i] = val[i];
+            pr->tpm_len = vlen;
+        } else if (key_is(tok, klen, "marker")) {
             if (vlen == 0 || vlen > MARKER_MAX)
                 fail("marker must be 1..64 bytes: ", tok);
             for (u32 i = 0; i < vlen; i++)
@@ -361,7 +254,7 @@ static void write_marker(const struct params *pr, u32 pages)
 
 void kmain(u32 magic, const struct mb_info *mbi)
 {
-    struct params pr = {.fill_mib = 64, .dirty = 64, .hb_ms = 10};
+    struct params pr = {.fill_mib = 64, .dirty = 64, .hb_ms = 10, .tpm_ms = 1000};
 
     serial_init();
     if (magic != MB_BOOT_MAGIC)
@@ -403,6 +296,8 @@ void kmain(u32 magic, const struct mb_info *mbi)
     if (pr.marker_len)
         write_marker(&pr, pages);
 
+    int tpm = pr.tpm_len && tpm_boot(pr.tpm, pr.tpm_len);
+
     puts("READY fill_mib=");
     put_u32(pr.fill_mib);
     puts(" pages=");
@@ -416,6 +311,7 @@ void kmain(u32 magic, const struct mb_info *mbi)
     clock_init();
     u32 last = clock_ms();
     u32 next_hb = last + pr.hb_ms;
+    u32 next_tpm = last + pr.tpm_ms;
     for (;;) {
         u32 now = clock_ms();
         int tick = now != last;
@@ -481,6 +377,10 @@ void kmain(u32 magic, const struct mb_info *mbi)
             puts(" word=");
             put_u32(CORRUPT_WORD);
             putc('\n');
+        }
+        if (tpm && pr.tpm_ms && (int)(now - next_tpm) >= 0) {
+            tpm_report();
+            next_tpm = clock_ms() + pr.tpm_ms;
         }
         if ((int)(now - next_hb) >= 0) {
             puts("HB seq=");

@@ -33,6 +33,23 @@ pub const PAGE_MAGIC: u32 = 0xFE44_A5E7;
 /// Longest marker the guest accepts (it keeps it in a fixed buffer).
 pub const MARKER_MAX: usize = 64;
 
+/// Longest vTPM marker: it is the digest extended into PCR 16, zero-padded.
+pub const TPM_MARKER_MAX: usize = 32;
+
+/// PCR 16 after the guest extended it once, from its reset value, with
+/// `marker`: SHA-256(32 zero bytes ‖ marker zero-padded to 32 bytes), in
+/// lowercase hex, as the guest prints it in its `TPM` lines.
+pub fn expected_pcr16(marker: &str) -> String {
+    let mut digest = [0u8; 32];
+    let n = marker.len().min(TPM_MARKER_MAX);
+    digest[..n].copy_from_slice(&marker.as_bytes()[..n]);
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update([0u8; 32]);
+    h.update(digest);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Writes [`IMAGE`] to `path`, because QEMU wants the kernel as a file.
 pub fn write_image(path: &Path) -> std::io::Result<()> {
     std::fs::write(path, IMAGE)
@@ -58,6 +75,13 @@ pub struct GuestParams {
     /// not reset after a dirty-bitmap sync (docs/known-issues.md); a guest
     /// that does this exercises Ferry, not that QEMU defect.
     pub tlb_flush: bool,
+    /// Use the VM's vTPM (a `tpm-crb` device): at boot, extend PCR 16 with
+    /// this marker (1..=32 printable ASCII, no spaces) and increment an NV
+    /// counter (defined on first use); print a `TPM` line then and every
+    /// `tpm_ms` ms.
+    pub tpm_marker: Option<String>,
+    /// How often the guest reads PCR 16 and the counter again (ms, 0 = only at boot).
+    pub tpm_ms: u32,
 }
 
 impl Default for GuestParams {
@@ -68,6 +92,8 @@ impl Default for GuestParams {
             heartbeat_ms: 10,
             marker: None,
             tlb_flush: false,
+            tpm_marker: None,
+            tpm_ms: 1000,
         }
     }
 }
@@ -89,6 +115,14 @@ impl GuestParams {
             // The command line is split on spaces and has no quoting.
             if !m.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err("marker must be printable ASCII without spaces".into());
+            }
+        }
+        if let Some(m) = &self.tpm_marker {
+            if m.is_empty() || m.len() > TPM_MARKER_MAX || !m.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(format!(
+                    "tpm_marker must be 1..={TPM_MARKER_MAX} printable ASCII bytes, no spaces"
+                ));
             }
         }
         Ok(())
@@ -114,6 +148,9 @@ impl GuestParams {
         if self.tlb_flush {
             s.push_str(" tlbflush=1");
         }
+        if let Some(m) = &self.tpm_marker {
+            s.push_str(&format!(" tpm={m} tpm_ms={}", self.tpm_ms));
+        }
         s
     }
 }
@@ -135,6 +172,7 @@ mod tests {
             heartbeat_ms: 5,
             marker: Some("FERRY-SECRET-42".into()),
             tlb_flush: false,
+            ..GuestParams::default()
         };
         assert_eq!(p.cmdline(), "fill_mib=512 dirty=0 hb_ms=5 marker=FERRY-SECRET-42");
     }
@@ -152,8 +190,22 @@ mod tests {
         bad(|p| p.marker = Some("two words".into()));
         bad(|p| p.marker = Some("é".into()));
         bad(|p| p.marker = Some("x".repeat(MARKER_MAX + 1)));
+        bad(|p| p.tpm_marker = Some(String::new()));
+        bad(|p| p.tpm_marker = Some("x".repeat(TPM_MARKER_MAX + 1)));
+        bad(|p| p.tpm_marker = Some("a b".into()));
         let ok = GuestParams { marker: Some("x".repeat(MARKER_MAX)), ..GuestParams::default() };
         assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn cmdline_with_tpm_and_the_pcr_it_expects() {
+        let p = GuestParams { tpm_marker: Some("FERRY-TPM-1".into()), ..GuestParams::default() };
+        assert_eq!(p.cmdline(), "fill_mib=64 dirty=64 hb_ms=10 tpm=FERRY-TPM-1 tpm_ms=1000");
+        // What the guest printed under QEMU 7.2 with swtpm 0.7.1.
+        assert_eq!(
+            expected_pcr16("FERRY-TPM-1"),
+            "b3944faeb5d731612a8eac187a50b7fffffa65c3d72c306495410fabb72b62fc"
+        );
     }
 
     #[test]

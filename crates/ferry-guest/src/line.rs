@@ -13,6 +13,9 @@ pub enum GuestLine {
     Sweep { pass: u64, pages: u32, errors: u32 },
     /// `CORRUPT page=P`: page P failed a check (printed once per page).
     Corrupt { page: u32 },
+    /// `TPM pcr16=HEX nv=N`: what the guest read from its vTPM: PCR 16 of
+    /// the SHA-256 bank (64 lowercase hex digits) and its NV counter.
+    Tpm { pcr16: String, nv: u64 },
     /// Anything else (`ERROR ...`, `WARN ...`, `INJECT ...`, firmware noise)
     /// or a known keyword with malformed fields, trimmed of the line ending.
     Other(String),
@@ -50,6 +53,12 @@ fn parse_known(line: &str) -> Option<GuestLine> {
             GuestLine::Sweep { pass: num(v[0])?, pages: num(v[1])?, errors: num(v[2])? }
         }
         "CORRUPT" => GuestLine::Corrupt { page: num(get(&["page"])?[0])? },
+        "TPM" => {
+            let v = get(&["pcr16", "nv"])?;
+            let hex =
+                v[0].len() == 64 && v[0].bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            GuestLine::Tpm { pcr16: hex.then(|| v[0].to_owned())?, nv: num(v[1])? }
+        }
         _ => return None,
     };
     Some(line)
@@ -86,6 +95,11 @@ mod tests {
             GuestLine::Sweep { pass: 3, pages: 8192, errors: 1 }
         );
         assert_eq!(parse_line("CORRUPT page=4096"), GuestLine::Corrupt { page: 4096 });
+        let pcr = "b3944faeb5d731612a8eac187a50b7fffffa65c3d72c306495410fabb72b62fc";
+        assert_eq!(
+            parse_line(&format!("TPM pcr16={pcr} nv=3\n")),
+            GuestLine::Tpm { pcr16: pcr.into(), nv: 3 }
+        );
     }
 
     #[test]
@@ -106,6 +120,10 @@ mod tests {
             "HB seq=1 dirtied",
             "CORRUPT page=",
             "ready fill_mib=1 pages=256",
+            "TPM ERROR pcr_read rc=0x00000101",
+            "TPM pcr16=00 nv=1",
+            "TPM pcr16=B3944FAEB5D731612A8EAC187A50B7FFFFFA65C3D72C306495410FABB72B62FC nv=1",
+            "TPM nv=1 pcr16=b3944faeb5d731612a8eac187a50b7fffffa65c3d72c306495410fabb72b62fc",
         ] {
             assert_eq!(parse_line(s), other(s), "{s:?}");
         }

@@ -149,6 +149,7 @@ fn boots_fills_sweeps_and_heartbeats() {
         heartbeat_ms: 10,
         marker: None,
         tlb_flush: false,
+        ..GuestParams::default()
     };
     let mut q = Qemu::boot(&params.cmdline(), 256);
     assert_eq!(q.ready(), (32, 32 * 256));
@@ -284,6 +285,7 @@ fn host_sees_documented_page_layout_and_marker() {
         heartbeat_ms: 100,
         marker: Some("FERRY-MARKER-7f3a".into()),
         tlb_flush: false,
+        ..GuestParams::default()
     };
     let mut q = Qemu::boot(&params.cmdline(), 64);
     let (_, pages) = q.ready();

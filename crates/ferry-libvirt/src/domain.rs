@@ -4,7 +4,7 @@
 
 use ferry_policy::VmLabels;
 use ferry_types::VmName;
-use ferry_vmm::{Boot, DomainUuid, MachineType, VmSpec};
+use ferry_vmm::{Boot, DomainUuid, MachineType, TpmModel, VmSpec};
 
 /// The XML namespace of Ferry's labels in a domain's `<metadata>`.
 pub const LABELS_NAMESPACE: &str = "https://ferry.dev/xmlns/labels/1";
@@ -148,6 +148,18 @@ impl DomainFacts {
                 element: element.clone(),
             });
         }
+        let tpm = match self.tpm.as_ref().map(|t| t.model.as_str()) {
+            None => TpmModel::None,
+            Some("tpm-crb") => TpmModel::Crb,
+            Some("tpm-tis") => TpmModel::Tis,
+            Some(other) => {
+                return Err(DomainError::Invalid {
+                    what: "tpm model",
+                    got: other.to_owned(),
+                    why: "Ferry knows tpm-crb and tpm-tis".into(),
+                })
+            }
+        };
         let machine = if self.machine.contains("q35") {
             MachineType::Q35
         } else if self.machine == "pc" || self.machine.starts_with("pc-i440fx") {
@@ -159,8 +171,14 @@ impl DomainFacts {
             });
         };
         let memory_mib = u32::try_from(self.memory_kib.div_ceil(1024)).unwrap_or(u32::MAX);
-        let spec =
-            VmSpec { name, memory_mib, vcpus: self.vcpus, machine, boot: Boot::Domain { uuid } };
+        let spec = VmSpec {
+            name,
+            memory_mib,
+            vcpus: self.vcpus,
+            machine,
+            boot: Boot::Domain { uuid },
+            tpm,
+        };
         spec.validate().map_err(|e| DomainError::Invalid {
             what: "size",
             got: format!("{} KiB, {} vCPUs", self.memory_kib, self.vcpus),

@@ -8,13 +8,18 @@
 //! * [`qmp`]: a small QMP client for status, run control and migration.
 //! * [`watch`]: waiting on a migration through the one shared QMP handle.
 //! * [`diagnostics`]: the read-only QMP commands operators may pass through.
+//! * [`swtpm`]: a VM's vTPM (its own swtpm), and erasing its state.
+//! * [`vtpm`]: which vTPMs a host can host, and whether that is enough.
 
 pub mod accel;
 pub mod diagnostics;
+mod owned;
 pub mod process;
 pub mod qmp;
 pub mod spawn;
 pub mod spec;
+pub mod swtpm;
+pub mod vtpm;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -24,7 +29,11 @@ pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice};
 pub use diagnostics::{check_read_only, read_only_allowlist};
 pub use process::{adopt, launch, list, qemu_args, LaunchMode, QemuConfig, QemuProcess};
 pub use qmp::{MigrationState, MigrationStatus, Qmp, QmpEvent, RamStats, RunState, MAX_QMP_LINE};
-pub use spec::{Boot, DiskBus, DiskFormat, DomainUuid, ImageName, MachineType, SpecError, VmSpec};
+pub use spec::{
+    Boot, DiskBus, DiskFormat, DomainUuid, ImageName, MachineType, SpecError, TpmModel, VmSpec,
+};
+pub use swtpm::{Erased, Swtpm};
+pub use vtpm::{can_host, VtpmShortfall, VtpmSupport};
 pub use watch::{poll_migration, wait_migration_done, wait_migration_terminal, Poll, SharedQmp};
 
 /// Everything that can go wrong driving QEMU.
@@ -71,7 +80,15 @@ pub enum VmmError {
     MigrationCancelled,
     #[error("refusing migration capabilities: {0}")]
     UnsafeCapabilities(&'static str),
-    #[error("could not signal QEMU pid {pid}")]
+    #[error(
+        "vTPM state is already at {path:?}, and Ferry never reuses one (it could be a copy \
+         of a vTPM that lives on elsewhere, or an older one): find out where it came from, \
+         remove it, and try again"
+    )]
+    VtpmStateExists { path: PathBuf },
+    #[error("swtpm failed to start ({status}): {stderr}")]
+    SwtpmFailed { status: String, stderr: String },
+    #[error("could not signal pid {pid}")]
     Signal {
         pid: u32,
         #[source]

@@ -6,34 +6,33 @@
 //! `qemu.log` (QEMU's own `-D` log, which after daemonizing is also where
 //! its error messages go) and `launch.err` (the pre-daemonize stderr).
 //!
+//! A VM with a vTPM also has its swtpm ([`crate::swtpm`]): started before
+//! QEMU, stopped after it, adopted with it.
+//!
 //! A pid from a pid file is only trusted after `/proc/PID/cmdline` shows it
-//! is the QEMU that was started with *this* directory's pid file: pids are
-//! reused, and signalling a stranger's process would be a serious bug.
+//! is the QEMU that was started with *this* directory's pid file
+//! ([`crate::owned`]).
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_types::VmName;
-use nix::sys::signal::{kill as send_signal, Signal};
-use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::accel::{resolve_accel, Accel, AccelChoice};
+use crate::owned::{self, read_pid, remove_if_exists};
 use crate::qmp::Qmp;
 use crate::spec::{Boot, DiskBus, MachineType, VmSpec};
+use crate::swtpm::{self, Swtpm};
 use crate::VmmError;
 
 /// The QEMU parent process returns once the daemon is initialised; guest RAM
 /// preallocation can make that slow on big guests, hence a generous bound.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long `kill` waits after SIGTERM before escalating to SIGKILL, and
-/// after SIGKILL before giving up.
-const TERM_GRACE: Duration = Duration::from_secs(2);
-const KILL_GRACE: Duration = Duration::from_secs(2);
 /// `sun_path` is 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 /// QEMU 7.2's default is 32 MiB/s, which makes any real migration crawl.
@@ -52,6 +51,8 @@ const LAUNCH_ERR: &str = "launch.err";
 #[serde(deny_unknown_fields, default)]
 pub struct QemuConfig {
     pub binary: PathBuf,
+    /// swtpm, for VMs with a vTPM.
+    pub swtpm: PathBuf,
     pub accel: AccelChoice,
     /// Where [`crate::ImageName`]s are resolved.
     pub images_dir: PathBuf,
@@ -66,6 +67,7 @@ impl Default for QemuConfig {
     fn default() -> Self {
         QemuConfig {
             binary: PathBuf::from("qemu-system-x86_64"),
+            swtpm: PathBuf::from("swtpm"),
             accel: AccelChoice::Auto,
             images_dir: PathBuf::from("/var/lib/ferry/images"),
             run_dir: PathBuf::from("/run/ferry/vms"),
@@ -94,6 +96,8 @@ pub struct QemuProcess {
     /// Canonical per-VM directory.
     pub dir: PathBuf,
     pub accel: Accel,
+    /// The VM's vTPM, if it has one and its swtpm runs.
+    pub swtpm: Option<Swtpm>,
 }
 
 impl QemuProcess {
@@ -122,35 +126,14 @@ impl QemuProcess {
     }
 
     /// Stops QEMU: SIGTERM (QEMU exits cleanly and removes its sockets),
-    /// then SIGKILL if it lingers, then removes leftover sockets and the pid
-    /// file. Blocks for at most a few seconds, so async callers with many
-    /// VMs may prefer `spawn_blocking`. Killing a dead VM is not an error.
+    /// then SIGKILL if it lingers, then its swtpm (which normally exits
+    /// with QEMU), then removes leftover sockets and the pid file. Blocks
+    /// for at most a few seconds, so async callers with many VMs may prefer
+    /// `spawn_blocking`. Killing a dead VM is not an error.
     pub fn kill(&self) -> Result<(), VmmError> {
-        for (signal, grace) in [(Signal::SIGTERM, TERM_GRACE), (Signal::SIGKILL, KILL_GRACE)] {
-            // Re-check ownership right before each signal: the pid may have
-            // died and been reused since the handle was made.
-            if !self.is_alive() {
-                break;
-            }
-            tracing::debug!(vm = %self.name, pid = self.pid, ?signal, "signalling QEMU");
-            let pid = i32::try_from(self.pid).map_err(|_| VmmError::PidFile {
-                path: self.pid_path(),
-                why: format!("pid {} out of range", self.pid),
-            })?;
-            match send_signal(Pid::from_raw(pid), signal) {
-                Ok(()) | Err(nix::Error::ESRCH) => {}
-                Err(source) => return Err(VmmError::Signal { pid: self.pid, source }),
-            }
-            let deadline = Instant::now() + grace;
-            while self.is_alive() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        if self.is_alive() {
-            return Err(VmmError::Timeout {
-                what: format!("QEMU pid {} to die after SIGKILL", self.pid),
-                after: TERM_GRACE + KILL_GRACE,
-            });
+        owned::stop(self.pid, "QEMU", || self.is_alive())?;
+        if let Some(swtpm) = &self.swtpm {
+            swtpm.kill()?;
         }
         for f in [QMP_SOCK, SERIAL_SOCK, PID_FILE] {
             remove_if_exists(&self.dir.join(f))?;
@@ -223,6 +206,16 @@ pub fn qemu_args(
         // Refused by `launch` before any argument is built.
         Boot::Domain { .. } => {}
     }
+    if let Some(device) = spec.tpm.qemu_device() {
+        push(&[
+            &"-chardev",
+            &sock_opt("socket,id=vtpm0,path=", swtpm::CTRL_SOCK, ""),
+            &"-tpmdev",
+            &"emulator,id=tpm0,chardev=vtpm0",
+            &"-device",
+            &format!("{device},tpmdev=tpm0"),
+        ]);
+    }
     if mode == LaunchMode::Incoming {
         push(&[&"-incoming", &"defer", &"-S"]);
     }
@@ -270,14 +263,6 @@ fn check_socket_path(path: &Path) -> Result<(), VmmError> {
     Ok(())
 }
 
-fn remove_if_exists(path: &Path) -> Result<(), VmmError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VmmError::io(format!("removing {path:?}"), e)),
-    }
-}
-
 /// Starts QEMU for `spec`, detached. Refuses if the VM's directory already
 /// has a live QEMU. Does not apply migration parameters: connect with
 /// [`QemuProcess::qmp`] and call [`Qmp::set_migration_parameters`].
@@ -321,7 +306,44 @@ pub async fn launch(
         remove_if_exists(&dir.join(f))?;
     }
 
-    let args = qemu_args(cfg, spec, mode, accel, &dir);
+    // The vTPM listens before QEMU starts: QEMU connects to it at once.
+    let swtpm = match spec.tpm.is_none() {
+        true => None,
+        false => {
+            check_socket_path(&dir.join(swtpm::CTRL_SOCK))?;
+            Some(swtpm::start(&cfg.swtpm, &dir).await?)
+        }
+    };
+    match spawn(cfg, spec, mode, accel, &dir).await {
+        Ok(pid) => {
+            let proc = QemuProcess { name: spec.name.clone(), pid, dir, accel, swtpm };
+            tracing::info!(vm = %proc.name, pid, "QEMU running");
+            Ok(proc)
+        }
+        Err(e) => {
+            // Never leave a vTPM behind without its VM; its state is the
+            // fresh one just made, so nothing of a VM is lost with it.
+            if let Some(swtpm) = swtpm {
+                let dir = dir.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    swtpm.kill().and_then(|()| swtpm::erase(&dir))
+                })
+                .await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Run QEMU until it daemonized; its pid.
+async fn spawn(
+    cfg: &QemuConfig,
+    spec: &VmSpec,
+    mode: LaunchMode,
+    accel: Accel,
+    dir: &Path,
+) -> Result<u32, VmmError> {
+    let args = qemu_args(cfg, spec, mode, accel, dir);
     let log_path = dir.join(LOG_FILE);
     let log_start = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
     let err_path = dir.join(LAUNCH_ERR);
@@ -356,22 +378,19 @@ pub async fn launch(
             stderr: stderr.trim().chars().take(4096).collect(),
         });
     }
-
     let pid_path = dir.join(PID_FILE);
     let pid = read_pid(&pid_path)?.ok_or_else(|| VmmError::PidFile {
         path: pid_path.clone(),
         why: "missing or not a number".into(),
     })?;
-    let proc = QemuProcess { name: spec.name.clone(), pid, dir, accel };
-    if !proc.is_alive() {
+    if owned_qemu(pid, dir).is_none() {
         let log = read_from(&log_path, log_start);
         return Err(VmmError::LaunchFailed {
             status: format!("daemon pid {pid} exited right after start"),
             stderr: log.trim().chars().take(4096).collect(),
         });
     }
-    tracing::info!(vm = %proc.name, pid, "QEMU running");
-    Ok(proc)
+    Ok(pid)
 }
 
 /// Best-effort diagnostics: the text of `path` from byte `offset` (from the
@@ -386,31 +405,10 @@ fn read_from(path: &Path, offset: u64) -> String {
     String::from_utf8_lossy(tail).into_owned()
 }
 
-/// Ok(None) when the pid file is absent or not a pid.
-fn read_pid(path: &Path) -> Result<Option<u32>, VmmError> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => Ok(s.trim().parse::<u32>().ok().filter(|&p| p > 0)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(VmmError::io(format!("reading {path:?}"), e)),
-    }
-}
-
-/// If `pid` is a live (non-zombie) process started with `-pidfile
-/// DIR/qemu.pid`, returns its arguments. Zombies count as dead: a killed
-/// daemon's parent is init, which on some hosts never reaps.
+/// The arguments of `pid` if it is a live QEMU started with `-pidfile DIR/qemu.pid`.
 fn owned_qemu(pid: u32, dir: &Path) -> Option<Vec<Vec<u8>>> {
-    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
-    // The state follows the last ')' (the command name may contain one).
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    match stat.get(close + 2) {
-        Some(b'Z' | b'X' | b'x') | None => return None,
-        Some(_) => {}
-    }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<Vec<u8>> = cmdline.split(|&b| b == 0).map(<[u8]>::to_vec).collect();
     let want = dir.join(PID_FILE);
-    let want = want.as_os_str().as_bytes();
-    args.windows(2).any(|w| w[0] == b"-pidfile" && w[1] == want).then_some(args)
+    owned::live_args(pid, |args| owned::has_arg_pair(args, "-pidfile", want.as_os_str().as_bytes()))
 }
 
 /// After an agent restart: the QEMU recorded in `dir/qemu.pid`, if that pid
@@ -437,7 +435,8 @@ pub async fn adopt(dir: &Path) -> Result<Option<QemuProcess>, VmmError> {
         Some(b"kvm") => Accel::Kvm,
         _ => Accel::Tcg,
     };
-    Ok(Some(QemuProcess { name, pid, dir, accel }))
+    let swtpm = swtpm::adopt(&dir)?;
+    Ok(Some(QemuProcess { name, pid, dir, accel, swtpm }))
 }
 
 /// Every live QEMU under `cfg.run_dir`, e.g. to re-adopt after a restart.
@@ -461,115 +460,5 @@ pub async fn list(cfg: &QemuConfig) -> Result<Vec<QemuProcess>, VmmError> {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    fn cfg() -> QemuConfig {
-        QemuConfig { images_dir: PathBuf::from("/srv/images"), ..QemuConfig::default() }
-    }
-
-    fn spec(boot: Boot) -> VmSpec {
-        VmSpec {
-            name: "vm1".parse().unwrap(),
-            memory_mib: 256,
-            vcpus: 2,
-            machine: MachineType::Q35,
-            boot,
-        }
-    }
-
-    fn strs(args: &[OsString]) -> Vec<String> {
-        args.iter().map(|a| a.to_string_lossy().into_owned()).collect()
-    }
-
-    fn value_of<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
-        args.windows(2).find(|w| w[0] == flag).map(|w| w[1].as_str())
-    }
-
-    #[test]
-    fn disk_args_resolve_in_images_dir() {
-        let s = spec(Boot::Disk { image: "root.qcow2".parse().unwrap(), bus: DiskBus::Virtio });
-        let args =
-            strs(&qemu_args(&cfg(), &s, LaunchMode::Run, Accel::Tcg, Path::new("/run/f/vm1")));
-        assert_eq!(
-            value_of(&args, "-drive"),
-            Some("file=/srv/images/root.qcow2,if=virtio,format=qcow2")
-        );
-        assert_eq!(value_of(&args, "-m"), Some("256M"));
-        assert_eq!(value_of(&args, "-smp"), Some("2"));
-        assert_eq!(value_of(&args, "-machine"), Some("q35"));
-        assert_eq!(value_of(&args, "-cpu"), Some("max"));
-        assert_eq!(value_of(&args, "-pidfile"), Some("/run/f/vm1/qemu.pid"));
-        assert_eq!(value_of(&args, "-qmp"), Some("unix:/run/f/vm1/qmp.sock,server=on,wait=off"));
-        assert!(!args.iter().any(|a| a == "-incoming" || a == "-S"));
-    }
-
-    #[test]
-    fn ide_and_sata_disks_get_a_device_on_that_bus() {
-        let disk = |machine, bus| {
-            let mut s = spec(Boot::Disk { image: "r.raw".parse().unwrap(), bus });
-            s.machine = machine;
-            strs(&qemu_args(&cfg(), &s, LaunchMode::Run, Accel::Tcg, Path::new("/d")))
-        };
-        let devices = |args: &[String]| -> Vec<String> {
-            args.windows(2).filter(|w| w[0] == "-device").map(|w| w[1].clone()).collect()
-        };
-        let drive = "file=/srv/images/r.raw,if=none,id=disk0,format=raw";
-        let ide = disk(MachineType::Pc, DiskBus::Ide);
-        assert_eq!(value_of(&ide, "-drive"), Some(drive));
-        assert_eq!(devices(&ide), ["ide-hd,drive=disk0,bus=ide.0"]);
-        let sata = disk(MachineType::Pc, DiskBus::Sata);
-        assert_eq!(devices(&sata), ["ahci,id=sata0", "ide-hd,drive=disk0,bus=sata0.0"]);
-        let q35 = disk(MachineType::Q35, DiskBus::Sata);
-        assert_eq!(devices(&q35), ["ide-hd,drive=disk0,bus=ide.0"]);
-        assert!(devices(&disk(MachineType::Pc, DiskBus::Virtio)).is_empty());
-    }
-
-    #[test]
-    fn cmdline_is_one_argument_and_incoming_adds_defer() {
-        let cmdline = "console=ttyS0 x=$(rm -rf /); `id` | & ; > \"'";
-        let s = spec(Boot::Kernel {
-            kernel: "vmlinuz".parse().unwrap(),
-            initrd: Some("initrd.img".parse().unwrap()),
-            cmdline: cmdline.into(),
-        });
-        let args = strs(&qemu_args(&cfg(), &s, LaunchMode::Incoming, Accel::Kvm, Path::new("/d")));
-        assert_eq!(value_of(&args, "-append"), Some(cmdline));
-        assert_eq!(value_of(&args, "-kernel"), Some("/srv/images/vmlinuz"));
-        assert_eq!(value_of(&args, "-initrd"), Some("/srv/images/initrd.img"));
-        assert_eq!(value_of(&args, "-cpu"), Some("host"));
-        assert_eq!(value_of(&args, "-incoming"), Some("defer"));
-        assert!(args.iter().any(|a| a == "-S"));
-    }
-
-    #[test]
-    fn both_ends_get_the_same_machine() {
-        let s = spec(Boot::Disk { image: "d.raw".parse().unwrap(), bus: DiskBus::Sata });
-        let src = strs(&qemu_args(&cfg(), &s, LaunchMode::Run, Accel::Tcg, Path::new("/a/vm1")));
-        let dst =
-            strs(&qemu_args(&cfg(), &s, LaunchMode::Incoming, Accel::Tcg, Path::new("/b/vm1")));
-        let strip = |v: Vec<String>| -> Vec<String> {
-            v.into_iter()
-                .filter(|a| !a.contains("/vm1") && a != "-incoming" && a != "defer" && a != "-S")
-                .collect()
-        };
-        assert_eq!(strip(src), strip(dst));
-    }
-
-    #[test]
-    fn bad_host_paths_are_refused() {
-        assert!(check_host_path(Path::new("/srv/a,b")).is_err());
-        assert!(check_host_path(Path::new("/srv/ab")).is_ok());
-        let long = PathBuf::from(format!("/{}/serial.sock", "x".repeat(100)));
-        assert!(matches!(check_socket_path(&long), Err(VmmError::SocketPathTooLong { .. })));
-    }
-
-    #[test]
-    fn config_defaults_raise_bandwidth() {
-        let c: QemuConfig = serde_json::from_str(r#"{"accel":"tcg"}"#).unwrap();
-        assert_eq!(c.accel, AccelChoice::Tcg);
-        assert!(c.max_bandwidth_bytes_per_s > 32 << 20);
-        assert!(serde_json::from_str::<QemuConfig>(r#"{"bogus":1}"#).is_err());
-    }
-}
+#[path = "process_tests.rs"]
+mod tests;

@@ -12,6 +12,8 @@ use std::str::FromStr;
 use ferry_types::VmName;
 use serde::{Deserialize, Serialize};
 
+pub use crate::vtpm::TpmModel;
+
 /// Smallest guest: SeaBIOS and a tiny kernel need a few MiB; below this QEMU
 /// either refuses or the guest cannot boot, so refuse early with a clear error.
 pub const MIN_MEMORY_MIB: u32 = 16;
@@ -302,6 +304,10 @@ pub struct VmSpec {
     pub vcpus: u32,
     pub machine: MachineType,
     pub boot: Boot,
+    /// Left out when `none`, so a VM without a vTPM encodes exactly as
+    /// before vTPMs existed and agents that predate them accept its offers.
+    #[serde(default, skip_serializing_if = "TpmModel::is_none")]
+    pub tpm: TpmModel,
 }
 
 /// The wire shape of [`VmSpec`] before validation; serde goes through it so
@@ -314,6 +320,8 @@ struct RawVmSpec {
     vcpus: u32,
     machine: MachineType,
     boot: Boot,
+    #[serde(default)]
+    tpm: TpmModel,
 }
 
 impl TryFrom<RawVmSpec> for VmSpec {
@@ -325,6 +333,7 @@ impl TryFrom<RawVmSpec> for VmSpec {
             vcpus: r.vcpus,
             machine: r.machine,
             boot: r.boot,
+            tpm: r.tpm,
         };
         spec.validate()?;
         Ok(spec)
@@ -379,6 +388,7 @@ mod tests {
                 initrd: None,
                 cmdline: cmdline.to_owned(),
             },
+            tpm: TpmModel::None,
         }
     }
 
@@ -477,6 +487,33 @@ mod tests {
         assert_eq!("sata".parse::<DiskBus>(), Ok(DiskBus::Sata));
         let err = "scsi".parse::<DiskBus>().unwrap_err();
         assert!(err.contains("virtio, ide, sata"), "{err}");
+    }
+
+    #[test]
+    fn vtpm_is_closed_and_absent_when_none() {
+        let spec: VmSpec = serde_json::from_str(&spec_json("")).unwrap();
+        assert_eq!(spec.tpm, TpmModel::None, "a spec without a vTPM has none");
+        assert!(!serde_json::to_string(&spec).unwrap().contains("tpm"), "old peers refuse it");
+        for (text, model) in [("crb", TpmModel::Crb), ("tis", TpmModel::Tis)] {
+            let spec: VmSpec =
+                serde_json::from_str(&spec_json(&format!(r#","tpm":"{text}""#))).unwrap();
+            assert_eq!(spec.tpm, model);
+            let json = serde_json::to_string(&spec).unwrap();
+            assert!(json.contains(&format!(r#""tpm":"{text}""#)), "{json}");
+            assert_eq!(serde_json::from_str::<VmSpec>(&json).unwrap(), spec);
+            assert_eq!(text.parse::<TpmModel>(), Ok(model));
+        }
+        let flag = |v: &str| serde_json::from_str::<VmSpec>(&spec_json(&format!(r#","tpm":{v}"#)));
+        assert_eq!(flag("true").unwrap().tpm, TpmModel::Crb, "tpm = true: the default model");
+        assert_eq!(flag("false").unwrap().tpm, TpmModel::None);
+        for bad in [r#""TPM-CRB""#, r#""tpm-tis""#, "1", "null", r#"["crb"]"#] {
+            let err = flag(bad).unwrap_err().to_string();
+            assert!(err.contains("vTPM model"), "{bad}: {err}");
+        }
+        let err = "spapr".parse::<TpmModel>().unwrap_err();
+        assert!(err.contains("none, crb, tis"), "{err}");
+        assert_eq!(TpmModel::Crb.qemu_device(), Some("tpm-crb"));
+        assert_eq!(TpmModel::None.qemu_device(), None);
     }
 
     #[test]

@@ -121,6 +121,7 @@ async fn the_disk_is_on_the_bus_the_spec_names_and_boots_there() {
             vcpus: 1,
             machine,
             boot: Boot::Disk { image: "boot.qcow2".parse().unwrap(), bus },
+            tpm: Default::default(),
         };
         let vm = Killed(launch(&cfg, &spec, LaunchMode::Run).await.unwrap());
         let mut qmp = vm.0.qmp().await.unwrap();

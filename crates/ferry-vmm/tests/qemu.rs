@@ -63,6 +63,7 @@ fn spec(name: &str, memory_mib: u32) -> VmSpec {
         vcpus: 1,
         machine: MachineType::Q35,
         boot: Boot::Disk { image: "zero.raw".parse().unwrap(), bus: Default::default() },
+        tpm: Default::default(),
     }
 }
 

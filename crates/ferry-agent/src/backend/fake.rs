@@ -14,15 +14,17 @@ use async_trait::async_trait;
 use ferry_policy::VmLabels;
 use ferry_session::VmFacts;
 use ferry_types::{MigrationId, VmName};
-use ferry_vmm::{MigrationState, MigrationStatus, VmSpec};
+use ferry_vmm::{MigrationState, MigrationStatus, VmSpec, VtpmSupport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch, Mutex};
 
-use super::{BackendError, Channel, ChannelKind, Outgoing, VmBackend, VmDescription};
+use super::VmDescription;
+use super::{Adopted, BackendError, Channel, ChannelKind, Outgoing, Retired, VmBackend};
 use crate::checks::{AdmittedOffer, DigestsMatch};
 use crate::plan::TransferPlan;
 use crate::protocol::VmInfo;
+use crate::vtpm::Departure;
 
 /// How much pretend memory a VM has.
 pub const MEMORY: usize = 3 << 20;
@@ -60,6 +62,8 @@ pub struct Inner {
     pub vms: Mutex<BTreeMap<VmName, FakeVm>>,
     reserved: StdMutex<HashMap<VmName, MigrationId>>,
     pub hooks: Hooks,
+    /// What vTPMs this pretend host announces (none unless a test says).
+    pub vtpm: StdMutex<Option<VtpmSupport>>,
 }
 
 /// Cloning shares the VMs: a test keeps a clone to look at them.
@@ -140,6 +144,11 @@ impl VmBackend for FakeBackend {
         "fake"
     }
 
+    fn vtpm_support(&self) -> VtpmSupport {
+        let set = self.0.vtpm.lock().ok().and_then(|v| v.clone());
+        set.unwrap_or_else(|| VtpmSupport::none("the fake backend does not host vTPMs"))
+    }
+
     fn accel(&self) -> &'static str {
         "none"
     }
@@ -156,6 +165,7 @@ impl VmBackend for FakeBackend {
                 vcpus: v.spec.vcpus,
                 migration: v.busy,
                 console_log: String::new(),
+                tpm: v.spec.tpm,
             })
             .collect()
     }
@@ -193,8 +203,8 @@ impl VmBackend for FakeBackend {
         Ok(())
     }
 
-    async fn adopt(&self) -> Result<usize, BackendError> {
-        Ok(self.count().await)
+    async fn adopt(&self, _departures: &[Departure]) -> Result<Adopted, BackendError> {
+        Ok(Adopted { vms: self.count().await, refused: Vec::new() })
     }
 
     async fn facts(&self, vm: &VmName) -> VmFacts {
@@ -306,9 +316,9 @@ impl VmBackend for FakeBackend {
         Ok(())
     }
 
-    async fn retire_source(&self, vm: &VmName, _id: MigrationId) -> Result<(), BackendError> {
+    async fn retire_source(&self, vm: &VmName, _id: MigrationId) -> Result<Retired, BackendError> {
         self.0.vms.lock().await.remove(vm);
-        Ok(())
+        Ok(Retired::default())
     }
 
     async fn reserve_incoming(&self, vm: &VmName, id: MigrationId) -> bool {

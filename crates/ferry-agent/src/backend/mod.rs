@@ -27,12 +27,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ferry_policy::VmLabels;
 use ferry_types::{MigrationId, VmName};
-use ferry_vmm::{MigrationStatus, VmSpec, VmmError};
+use ferry_vmm::{Erased, MigrationStatus, VmSpec, VmmError, VtpmSupport};
 use tokio::net::UnixStream;
 
 use crate::checks::{AdmittedOffer, DigestsMatch};
 use crate::plan::TransferPlan;
 use crate::protocol::VmInfo;
+use crate::vtpm::{Departure, StaleVtpm};
 use ferry_session::VmFacts;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,8 @@ pub enum BackendError {
     Domain(String),
     #[error("the {backend} backend cannot {what}")]
     Unsupported { backend: &'static str, what: &'static str },
+    #[error("this host cannot host a {model} vTPM: it {short}")]
+    NoVtpm { model: ferry_vmm::TpmModel, short: ferry_vmm::VtpmShortfall },
 }
 
 impl BackendError {
@@ -80,6 +83,22 @@ impl BackendError {
 pub struct VmDescription {
     pub spec: VmSpec,
     pub labels: VmLabels,
+}
+
+/// What a restarted agent took back under management, and what it refused.
+#[derive(Debug, Default)]
+pub struct Adopted {
+    pub vms: usize,
+    /// VM directories whose vTPM state must not be used (neither adopted
+    /// nor removed: the operator finds out where they came from).
+    pub refused: Vec<StaleVtpm>,
+}
+
+/// What retiring a source VM destroyed besides its process.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Retired {
+    /// Its vTPM state, erased: the destination's is the only copy now.
+    pub vtpm: Option<Erased>,
 }
 
 /// Which of a migration's byte streams a connection carries.
@@ -129,6 +148,11 @@ pub trait VmBackend: Send + Sync {
         false
     }
 
+    /// What vTPMs this host can give its VMs (announced to sources).
+    fn vtpm_support(&self) -> VtpmSupport {
+        VtpmSupport::none(format!("the {} backend does not host vTPMs", self.name()))
+    }
+
     // ---- inventory
     async fn list(&self) -> Vec<VmInfo>;
     async fn count(&self) -> usize;
@@ -138,8 +162,10 @@ pub trait VmBackend: Send + Sync {
     async fn start(&self, spec: &VmSpec, labels: &VmLabels) -> Result<VmInfo, BackendError>;
     /// Stop a VM no migration holds.
     async fn stop(&self, vm: &VmName) -> Result<(), BackendError>;
-    /// After a restart: take the VMs that survived back under management.
-    async fn adopt(&self) -> Result<usize, BackendError>;
+    /// After a restart: take the VMs that survived back under management,
+    /// except those whose vTPM state is older than their VM's last
+    /// `departures` from this host (SECURITY: no rollback, no clone).
+    async fn adopt(&self, departures: &[Departure]) -> Result<Adopted, BackendError>;
     /// What a restarted agent finds of `vm`.
     async fn facts(&self, vm: &VmName) -> VmFacts;
 
@@ -161,8 +187,9 @@ pub trait VmBackend: Send + Sync {
     async fn outgoing_status(&self, vm: &VmName) -> Result<MigrationStatus, BackendError>;
     /// Undo: stop the outgoing migration if it runs and let the VM run here.
     async fn resume_source(&self, vm: &VmName) -> Result<(), BackendError>;
-    /// The destination signed for the VM: quit this host's copy for good.
-    async fn retire_source(&self, vm: &VmName, id: MigrationId) -> Result<(), BackendError>;
+    /// The destination signed for the VM: quit this host's copy for good,
+    /// and erase its vTPM state (the destination's is the only copy now).
+    async fn retire_source(&self, vm: &VmName, id: MigrationId) -> Result<Retired, BackendError>;
 
     // ---- destination
     /// Reserve the name `vm` for incoming migration `id`; false if a VM or

@@ -46,9 +46,11 @@ pub async fn handle(
         }
     };
     match first {
-        PeerMessage::Attest { migration_id, evidence } => {
+        PeerMessage::Attest { migration_id, evidence, vtpm } => {
             let span = tracing::info_span!("migration", %migration_id, peer = %peer.host(), role = "destination");
-            let work = attest_then_offer(agent, peer, migration_id, evidence, reader, writer);
+            // vTPM pre-flight: answer a source that asked with what this host can host.
+            let vtpm = vtpm.map(|_| agent.backend.vtpm_support());
+            let work = attest_then_offer(agent, peer, migration_id, evidence, vtpm, reader, writer);
             tracing::Instrument::instrument(work, span).await
         }
         PeerMessage::Offer { .. } => {
@@ -139,6 +141,7 @@ async fn attest_then_offer(
     peer: PeerAuthenticated,
     id: MigrationId,
     evidence: Option<ferry_attest::Evidence>,
+    vtpm: Option<ferry_vmm::VtpmSupport>,
     mut reader: Reader,
     mut writer: Writer,
 ) {
@@ -164,7 +167,7 @@ async fn attest_then_offer(
         Err(why) => return refuse(&agent, &mut writer, id, Refusal::new("tpm", why)).await,
     };
     if writer
-        .write_control(&PeerMessage::Attest { migration_id: id, evidence: ours })
+        .write_control(&PeerMessage::Attest { migration_id: id, evidence: ours, vtpm })
         .await
         .is_err()
     {
@@ -207,10 +210,12 @@ async fn offered(
     mut writer: Writer,
 ) {
     let id = body.migration_id;
+    let vtpm = agent.backend.vtpm_support();
     let ctx = OfferContext {
         this_host: &agent.host,
         now_unix_ms: now_unix_ms(),
         offer_validity_ms: agent.cfg.migration.offer_validity_ms,
+        vtpm: &vtpm,
     };
     let checked = match checks::check_offer(&ctx, &attested, body) {
         Ok(c) => c,
@@ -225,6 +230,7 @@ async fn offered(
         offer.source.clone(),
         agent.host.clone(),
     );
+    rec.tpm = offer.spec.tpm;
     if !outcome.peer_verified {
         rec.insecure
             .push(format!("attestation disabled on {}: {} not verified", agent.host, offer.source));

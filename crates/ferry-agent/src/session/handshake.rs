@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use ferry_attest::QuoteRole;
 use ferry_session::Event;
 use ferry_types::Digest32;
+use ferry_vmm::{TpmModel, VtpmShortfall, VtpmSupport};
 
 use super::link::{self, Link};
 use super::outbound::Outbound;
@@ -84,12 +85,17 @@ async fn attest(
     let evidence = ours.map_err(Error::Quote)?;
     let quoted = evidence.is_some();
     let link = |source| Error::Link { host: host.clone(), source };
+    // vTPM pre-flight: only a VM with a vTPM asks (and says what we host).
+    let model = out.desc.spec.tpm;
+    let vtpm = (!model.is_none()).then(|| agent.backend.vtpm_support());
     writer
-        .write_control(&PeerMessage::Attest { migration_id: id, evidence })
+        .write_control(&PeerMessage::Attest { migration_id: id, evidence, vtpm })
         .await
         .map_err(link)?;
-    let theirs = match reader.read_control::<PeerMessage>().await.map_err(link)? {
-        PeerMessage::Attest { migration_id, evidence } if migration_id == id => evidence,
+    let (theirs, their_vtpm) = match reader.read_control::<PeerMessage>().await.map_err(link)? {
+        PeerMessage::Attest { migration_id, evidence, vtpm } if migration_id == id => {
+            (evidence, vtpm)
+        }
         PeerMessage::Refuse { reason, .. } => return Err(Error::Refused { host, reason }),
         other => return Err(Error::Unexpected { host, step: "quote", got: other.name() }),
     };
@@ -107,6 +113,18 @@ async fn attest(
                 rec.insecure.push(format!("{} sent no quote", agent.host));
             }
             rec.attestation = Some(attested.outcome().clone());
+            if let Err(short) = vtpm_preflight(model, their_vtpm) {
+                let why = short.to_string();
+                let audit = Audit::VtpmPreflightFailed { peer: host.to_string(), why };
+                let _ = out.session.audit(audit, None).await;
+                let e = Error::VtpmPreflight { host, model, short };
+                // Unsigned: nothing was offered, so nothing is withdrawn, and
+                // the destination keeps no record of this migration.
+                let reason = e.to_string();
+                let abort = PeerMessage::Abort { migration_id: id, reason, signed: None };
+                let _ = writer.write_control(&abort).await;
+                return Err(e);
+            }
             Ok(attested)
         }
         Err(why) => {
@@ -155,4 +173,11 @@ async fn send_offer(
         .await
         .map_err(|source| Error::Link { host, source })?;
     Ok(binding)
+}
+
+/// Whether a destination that announced `theirs` (from its `attest`) can
+/// host a vTPM of `model`; one that announced nothing predates vTPMs.
+fn vtpm_preflight(model: TpmModel, theirs: Option<VtpmSupport>) -> Result<(), VtpmShortfall> {
+    let theirs = theirs.unwrap_or_else(|| VtpmSupport::none("did not announce any vTPM support"));
+    ferry_vmm::can_host(model, &theirs)
 }

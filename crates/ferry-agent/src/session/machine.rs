@@ -111,7 +111,14 @@ impl Session {
         let (agent, rec) = (&self.agent, &self.rec);
         match effect {
             Effect::ResumeSource => agent.backend.resume_source(&rec.vm).await?,
-            Effect::RetireSource => agent.backend.retire_source(&rec.vm, rec.id).await?,
+            Effect::RetireSource => {
+                let retired = agent.backend.retire_source(&rec.vm, rec.id).await?;
+                if let Some(e) = retired.vtpm {
+                    // Not mandatory: the VM already runs on the destination.
+                    let audit = Audit::VtpmErased { files: e.files, bytes: e.bytes };
+                    self.audit(audit, None).await?;
+                }
+            }
             Effect::DiscardIncoming => agent.backend.discard_incoming(&rec.vm, rec.id).await?,
             Effect::ReleaseVm => agent.backend.release(&rec.vm, rec.id).await,
             Effect::ForgetVm => agent.backend.forget(&rec.vm).await?,

@@ -9,12 +9,24 @@ use ferry_session::{Effect, Event, MigrationState, Role, VmFacts};
 
 use super::machine::Session;
 use crate::agent::Agent;
+use crate::audit::Audit;
 use crate::error::Error;
 use crate::report::report;
 
 pub async fn recover(agent: &Arc<Agent>) -> Result<(), Error> {
-    agent.backend.adopt().await?;
-    for rec in agent.records.all()? {
+    let records = agent.records.all()?;
+    let adopted = agent.backend.adopt(&crate::vtpm::departures(&records)).await?;
+    for stale in adopted.refused {
+        tracing::error!(vm = %stale.vm(), "{stale}");
+        let audit = Audit::VtpmRefused {
+            vm: stale.vm().to_string(),
+            dir: stale.dir().display().to_string(),
+            migration: stale.migration().map(|id| id.to_string()),
+            why: stale.to_string(),
+        };
+        let _ = agent.notary.record(audit, None, None).await;
+    }
+    for rec in records {
         let (id, state) = (rec.id, rec.state());
         if state.is_final() {
             // A lost post-copy whose destination was not told yet.

@@ -82,6 +82,7 @@ pub async fn start(
         MigrationRecord::new(id, Role::Source, vm.clone(), agent.host.clone(), to.clone());
     rec.streams = plan.streams().get();
     rec.postcopy = plan.postcopy();
+    rec.tpm = desc.spec.tpm;
     // Fail closed: a migration without a durable record must not start.
     if let Err(e) = agent.records.create(&mut rec) {
         agent.backend.release(&vm, id).await;

@@ -274,3 +274,42 @@ async fn requests_that_cannot_be_served_say_why() {
     assert!(matches!(e, Error::UnknownPeer(_)), "{e}");
     assert_eq!(e.kind(), ErrorKind::Request);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vtpm_vm_is_offered_only_to_a_host_that_can_host_its_vtpm() {
+    let lab = Lab::new("").await;
+    let mut with_tpm = spec("web");
+    with_tpm.tpm = ferry_vmm::TpmModel::Crb;
+    lab.host(1).backend.insert_running(with_tpm).await;
+    let web = vm("web");
+    let done = lab.migrate("web").await.unwrap();
+    let e = done.error.expect("refused at pre-flight");
+    assert!(matches!(e, Error::VtpmPreflight { .. }), "{}", crate::report(&e));
+    let why = crate::report(&e);
+    assert!(why.contains("host2 cannot host this VM's crb vTPM: it has no vTPM support"), "{why}");
+    assert_eq!(done.record.state(), MigrationState::Aborted);
+    assert_eq!(done.record.bytes, 0);
+    let host2 = lab.host(2).agent.records.all().expect("records");
+    assert!(host2.is_empty(), "host2 saw an offer: {host2:?}");
+    assert_eq!(vm_on(&lab, 1, &web).await, Some((true, false)), "the VM stays, released");
+    let ca = ferry_audit::CaTrust::load(&lab.dir.path().join("ca/ca.pem")).expect("CA");
+    let logs: Vec<_> = (1..=2).map(|n| lab.host(n).agent.cfg.audit_log_path()).collect();
+    let cross = ferry_audit::cross_check(&logs[0], &logs[1], &ca).expect("cross-check");
+    // Nothing signed was sent: the audit logs agree that host2 had no part.
+    let only = format!("{} appears only in", done.record.id);
+    let warning = cross.warnings.iter().find(|w| w.contains(&only)).expect("a one-sided note");
+    assert!(warning.contains("expected, it ended before any signed"), "{warning}");
+
+    // Once host2 can host it, the same VM moves, and both records say vTPM.
+    *lab.host(2).backend.0.vtpm.lock().unwrap() = Some(ferry_vmm::VtpmSupport {
+        swtpm: Some("0.7.1".into()),
+        tpm2: true,
+        models: vec![ferry_vmm::TpmModel::Crb],
+        problem: None,
+    });
+    let done = lab.migrate("web").await.unwrap();
+    assert!(done.error.is_none(), "{:?}", done.error.map(|e| crate::report(&e)));
+    assert_eq!(done.record.tpm, ferry_vmm::TpmModel::Crb);
+    assert_eq!(record(&lab, 2).tpm, ferry_vmm::TpmModel::Crb);
+    assert_eq!(vm_on(&lab, 2, &web).await, Some((true, false)));
+}

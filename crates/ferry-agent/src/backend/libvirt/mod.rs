@@ -26,10 +26,12 @@ use ferry_vmm::{MigrationStatus, VmSpec};
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
-use super::{BackendError, ChannelKind, Outgoing, VmBackend, VmDescription};
+use super::{Adopted, BackendError, ChannelKind, Outgoing, Retired};
+use super::{VmBackend, VmDescription};
 use crate::checks::{AdmittedOffer, DigestsMatch};
 use crate::plan::TransferPlan;
 use crate::protocol::VmInfo;
+use crate::vtpm::Departure;
 
 const NAME: &str = "libvirt";
 
@@ -152,7 +154,8 @@ impl VmBackend for LibvirtBackend {
                     accel: facts.virt_type.clone(),
                     memory_mib: (facts.memory_kib / 1024) as u32,
                     vcpus: facts.vcpus,
-                    console_log: facts.serial_log.unwrap_or_default(),
+                    console_log: facts.serial_log.clone().unwrap_or_default(),
+                    tpm: facts.spec().map(|s| s.tpm).unwrap_or_default(),
                 })
             })
             .collect()
@@ -188,8 +191,10 @@ impl VmBackend for LibvirtBackend {
         })
     }
 
-    async fn adopt(&self) -> Result<usize, BackendError> {
-        Ok(self.call(|lv| lv.active()).await?.len())
+    async fn adopt(&self, _departures: &[Departure]) -> Result<Adopted, BackendError> {
+        // libvirt keeps its domains across agent restarts; nothing to take back.
+        let vms = self.call(|lv| lv.active()).await?.len();
+        Ok(Adopted { vms, refused: Vec::new() })
     }
 
     async fn facts(&self, vm: &VmName) -> VmFacts {
@@ -213,6 +218,13 @@ impl VmBackend for LibvirtBackend {
             _ => return Err(BackendError::NoSuchVm(vm.clone())),
         }
         let (_, description) = self.describe(vm).await?;
+        if description.spec.tpm != ferry_vmm::TpmModel::None {
+            // libvirt keeps a domain's vTPM state in its own swtpm directory;
+            // Ferry cannot yet promise it moves and is erased here.
+            return Err(BackendError::Domain(format!(
+                "{vm} has a vTPM, which the libvirt backend does not carry yet"
+            )));
+        }
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(other) = held.get(vm) {
             return Err(BackendError::Busy { vm: vm.clone(), id: *other });
@@ -249,8 +261,9 @@ impl VmBackend for LibvirtBackend {
         self.roll_back(vm).await
     }
 
-    async fn retire_source(&self, vm: &VmName, id: MigrationId) -> Result<(), BackendError> {
-        self.retire(vm, id).await
+    async fn retire_source(&self, vm: &VmName, id: MigrationId) -> Result<Retired, BackendError> {
+        self.retire(vm, id).await?;
+        Ok(Retired { vtpm: None })
     }
 
     async fn reserve_incoming(&self, vm: &VmName, id: MigrationId) -> bool {

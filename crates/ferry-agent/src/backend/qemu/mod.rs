@@ -17,14 +17,16 @@ use ferry_policy::VmLabels;
 use ferry_session::VmFacts;
 use ferry_types::{MigrationId, VmName};
 use ferry_vmm::{Accel, LaunchMode, MigrationState, MigrationStatus, QemuConfig, RunState};
-use ferry_vmm::{SharedQmp, VmSpec};
+use ferry_vmm::{SharedQmp, VmSpec, VtpmSupport};
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
-use super::{BackendError, ChannelKind, Outgoing, PostcopyBackend, VmBackend, VmDescription};
+use super::VmDescription;
+use super::{Adopted, BackendError, ChannelKind, Outgoing, PostcopyBackend, Retired, VmBackend};
 use crate::checks::{AdmittedOffer, DigestsMatch};
 use crate::plan::TransferPlan;
 use crate::protocol::VmInfo;
+use crate::vtpm::Departure;
 use vms::VmEntry;
 
 pub struct QemuBackend {
@@ -35,6 +37,8 @@ pub struct QemuBackend {
     vms: Mutex<BTreeMap<VmName, VmEntry>>,
     /// Names of incoming VMs being launched (not yet in `vms`), by migration.
     reserved: std::sync::Mutex<HashMap<VmName, MigrationId>>,
+    /// What vTPMs this host can host (probed once, at start-up).
+    vtpm: VtpmSupport,
 }
 
 impl QemuBackend {
@@ -51,7 +55,15 @@ impl QemuBackend {
             departed,
             vms: Mutex::new(BTreeMap::new()),
             reserved: std::sync::Mutex::new(HashMap::new()),
+            vtpm: VtpmSupport::none("not probed"),
         })
+    }
+
+    /// Probe swtpm and QEMU for the vTPMs this host can give its VMs.
+    pub async fn probe_vtpm(mut self) -> Self {
+        self.vtpm = ferry_vmm::vtpm::probe(&self.cfg.swtpm, &self.cfg.binary).await;
+        tracing::info!(vtpm = %self.vtpm.summary(), "vTPM support");
+        self
     }
 
     /// The VM's QMP handle, whatever holds it.
@@ -93,6 +105,10 @@ impl VmBackend for QemuBackend {
         self.accel.qemu_name()
     }
 
+    fn vtpm_support(&self) -> VtpmSupport {
+        self.vtpm.clone()
+    }
+
     async fn list(&self) -> Vec<VmInfo> {
         let vms = self.vms.lock().await;
         let mut out = Vec::with_capacity(vms.len());
@@ -119,6 +135,9 @@ impl VmBackend for QemuBackend {
         if table.contains_key(&spec.name) || reserved {
             return Err(BackendError::Exists(spec.name.clone()));
         }
+        if let Err(short) = ferry_vmm::can_host(spec.tpm, &self.vtpm) {
+            return Err(BackendError::NoVtpm { model: spec.tpm, short });
+        }
         let entry = vms::launch(&self.cfg, spec, labels, LaunchMode::Run)
             .await
             .map_err(BackendError::qemu("starting the VM"))?;
@@ -134,25 +153,28 @@ impl VmBackend for QemuBackend {
             return Err(BackendError::Busy { vm: vm.clone(), id });
         }
         vms::kill(&entry.proc).await.map_err(BackendError::qemu("stopping the VM"))?;
-        let _ = std::fs::remove_dir_all(&entry.proc.dir);
+        let erased = vms::remove_dir(&entry.proc.dir).await;
         table.remove(vm);
-        Ok(())
+        erased.map(drop).map_err(BackendError::qemu("erasing the stopped VM's vTPM state"))
     }
 
-    async fn adopt(&self) -> Result<usize, BackendError> {
-        let (live, dead) =
-            vms::adopt_all(&self.cfg.run_dir).await.map_err(BackendError::qemu("adopting VMs"))?;
-        for dir in dead {
+    async fn adopt(&self, departures: &[Departure]) -> Result<Adopted, BackendError> {
+        let found = vms::adopt_all(&self.cfg.run_dir, departures)
+            .await
+            .map_err(BackendError::qemu("adopting VMs"))?;
+        for dir in found.dead {
             tracing::warn!(dir = %dir.display(), "removing the directory of a VM whose QEMU is gone");
-            let _ = std::fs::remove_dir_all(&dir);
+            if let Err(e) = vms::remove_dir(&dir).await {
+                tracing::error!(dir = %dir.display(), error = %crate::report::report(&e), "cannot erase a dead VM's vTPM state");
+            }
         }
         let mut table = self.vms.lock().await;
-        let n = live.len();
-        for entry in live {
+        let vms = found.live.len();
+        for entry in found.live {
             tracing::info!(vm = %entry.spec.name, pid = entry.proc.pid, "adopted running VM");
             table.insert(entry.spec.name.clone(), entry);
         }
-        Ok(n)
+        Ok(Adopted { vms, refused: found.refused })
     }
 
     async fn facts(&self, vm: &VmName) -> VmFacts {
@@ -219,7 +241,7 @@ impl VmBackend for QemuBackend {
         self.roll_back(vm).await
     }
 
-    async fn retire_source(&self, vm: &VmName, id: MigrationId) -> Result<(), BackendError> {
+    async fn retire_source(&self, vm: &VmName, id: MigrationId) -> Result<Retired, BackendError> {
         self.retire(vm, id).await
     }
 
@@ -277,7 +299,9 @@ impl VmBackend for QemuBackend {
         // carry the same name.
         if held == Some(Some(id)) {
             if let Some(entry) = self.remove(vm).await? {
-                let _ = std::fs::remove_dir_all(&entry.proc.dir);
+                vms::remove_dir(&entry.proc.dir)
+                    .await
+                    .map_err(BackendError::qemu("erasing the discarded VM's vTPM state"))?;
             }
         }
         Ok(())

@@ -10,7 +10,7 @@ use tokio::net::UnixListener;
 
 use super::vms;
 use super::QemuBackend;
-use crate::backend::{BackendError, Channel, ChannelKind, Outgoing};
+use crate::backend::{BackendError, Channel, ChannelKind, Outgoing, Retired};
 use crate::plan::{Streams, TransferPlan};
 
 const OUT_SOCK: &str = "migrate-out.sock";
@@ -102,15 +102,31 @@ impl QemuBackend {
         Ok(())
     }
 
-    /// The destination signed for the VM: quit the paused copy, keep its
-    /// directory (console log) under `departed/`.
-    pub(super) async fn retire(&self, vm: &VmName, id: MigrationId) -> Result<(), BackendError> {
+    /// The destination signed for the VM: quit the paused copy (and its
+    /// swtpm), erase its vTPM state, keep the rest of its directory
+    /// (console log) under `departed/`.
+    pub(super) async fn retire(
+        &self,
+        vm: &VmName,
+        id: MigrationId,
+    ) -> Result<Retired, BackendError> {
         let entry = self.vms.lock().await.remove(vm);
-        let Some(entry) = entry else { return Ok(()) };
+        let Some(entry) = entry else { return Ok(Retired::default()) };
         let _ = entry.qmp.lock().await.quit().await;
         vms::kill(&entry.proc).await.map_err(BackendError::qemu("quitting the source copy"))?;
+        // SECURITY: the destination's vTPM is the only one from now on. If
+        // this fails the directory stays where it is, and adoption refuses
+        // it after a restart (the record says the VM left).
+        let dir = entry.proc.dir.clone();
+        let erased = tokio::task::spawn_blocking(move || ferry_vmm::swtpm::erase(&dir))
+            .await
+            .map_err(|e| BackendError::Io {
+                what: "joining the erase task".into(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(BackendError::qemu("erasing the source's vTPM state"))?;
         let _ = std::fs::create_dir_all(&self.departed);
         let _ = std::fs::rename(&entry.proc.dir, self.departed.join(id.to_string()));
-        Ok(())
+        Ok(Retired { vtpm: erased })
     }
 }

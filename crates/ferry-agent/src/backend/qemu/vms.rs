@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use ferry_policy::VmLabels;
 use ferry_types::MigrationId;
-use ferry_vmm::{LaunchMode, QemuConfig, QemuProcess, SharedQmp, VmSpec, VmmError};
+use ferry_vmm::{swtpm, Erased, LaunchMode, QemuConfig, QemuProcess, SharedQmp, VmSpec, VmmError};
 use tokio::sync::Mutex;
 
 use super::console::{console_logger, CONSOLE_LOG};
 use crate::protocol::VmInfo;
 use crate::records::write_durably;
+use crate::vtpm::{check_adoption, Departure, StaleVtpm, VtpmOrigin, ORIGIN_FILE};
 
 pub const SPEC_FILE: &str = "spec.json";
 pub const LABELS_FILE: &str = "labels.json";
@@ -56,6 +57,7 @@ impl VmEntry {
             vcpus: self.spec.vcpus,
             migration: self.busy,
             console_log: self.proc.dir.join(CONSOLE_LOG).display().to_string(),
+            tpm: self.spec.tpm,
         }
     }
 }
@@ -68,11 +70,23 @@ pub async fn launch(
     mode: LaunchMode,
 ) -> Result<VmEntry, VmmError> {
     let proc = ferry_vmm::launch(cfg, spec, mode).await?;
-    match attach(spec.clone(), labels.clone(), proc.clone(), true).await {
+    let attached = async {
+        if !spec.tpm.is_none() {
+            // Its swtpm just made it empty: this is when the vTPM began.
+            let origin = VtpmOrigin { created_unix_ms: crate::records::now_unix_ms() };
+            save_json(&proc.dir.join(ORIGIN_FILE), &origin)?;
+        }
+        attach(spec.clone(), labels.clone(), proc.clone(), true).await
+    };
+    match attached.await {
         Ok(entry) => Ok(entry),
         Err(e) => {
-            // Never leave a QEMU behind that nobody tracks.
-            let _ = tokio::task::spawn_blocking(move || proc.kill()).await;
+            // Never leave a QEMU behind that nobody tracks, nor its fresh
+            // vTPM state (which would block the next launch of this name).
+            let _ = tokio::task::spawn_blocking(move || {
+                proc.kill().and_then(|()| swtpm::erase(&proc.dir))
+            })
+            .await;
             Err(e)
         }
     }
@@ -102,14 +116,23 @@ fn save_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), VmmError
         .map_err(|source| VmmError::Io { what: format!("writing {}", path.display()), source })
 }
 
-/// Adopt every VM whose QEMU is still alive under `vms_dir`; directories
-/// whose QEMU is gone are returned separately for the caller to clean up.
-pub async fn adopt_all(vms_dir: &Path) -> Result<(Vec<VmEntry>, Vec<PathBuf>), VmmError> {
-    let mut live = Vec::new();
-    let mut dead = Vec::new();
+/// What [`adopt_all`] found under the VMs' directory.
+#[derive(Default)]
+pub struct Found {
+    pub live: Vec<VmEntry>,
+    /// Directories whose QEMU is gone, for the caller to clean up.
+    pub dead: Vec<PathBuf>,
+    /// Directories whose vTPM state must not be used: left alone.
+    pub refused: Vec<StaleVtpm>,
+}
+
+/// Adopt every VM whose QEMU is still alive under `vms_dir`, unless its
+/// vTPM state is stale ([`check_adoption`]).
+pub async fn adopt_all(vms_dir: &Path, departures: &[Departure]) -> Result<Found, VmmError> {
+    let mut found = Found::default();
     let entries = match std::fs::read_dir(vms_dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((live, dead)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
         Err(source) => {
             return Err(VmmError::Io { what: format!("reading {}", vms_dir.display()), source })
         }
@@ -123,17 +146,36 @@ pub async fn adopt_all(vms_dir: &Path) -> Result<(Vec<VmEntry>, Vec<PathBuf>), V
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "VM directory without a usable spec");
-                dead.push(dir);
+                found.dead.push(dir);
                 continue;
             }
         };
+        // SECURITY: checked before anything else looks at the directory,
+        // so stale vTPM state is neither used nor removed as a dead VM's.
+        if swtpm::has_state(&dir) {
+            let origin = read_json::<VtpmOrigin>(&dir.join(ORIGIN_FILE)).ok();
+            if let Err(stale) = check_adoption(&spec.name, dir.clone(), origin, departures) {
+                found.refused.push(stale);
+                continue;
+            }
+        }
         let labels = read_json::<VmLabels>(&dir.join(LABELS_FILE)).unwrap_or_default();
         match ferry_vmm::adopt(&dir).await? {
-            Some(proc) => live.push(attach(spec, labels, proc, false).await?),
-            None => dead.push(dir),
+            Some(proc) => found.live.push(attach(spec, labels, proc, false).await?),
+            None => found.dead.push(dir),
         }
     }
-    Ok((live, dead))
+    Ok(found)
+}
+
+/// Remove a VM's directory, its vTPM state erased first (docs/vtpm.md).
+pub async fn remove_dir(dir: &Path) -> Result<Option<Erased>, VmmError> {
+    let d = dir.to_owned();
+    let erased = tokio::task::spawn_blocking(move || swtpm::erase(&d)).await.map_err(|e| {
+        VmmError::Io { what: "joining the erase task".into(), source: std::io::Error::other(e) }
+    })??;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(erased)
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
