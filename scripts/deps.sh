@@ -8,6 +8,11 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v swtpm >/dev/null || need+=(swtpm)
 command -v swtpm_setup >/dev/null || need+=(swtpm-tools)
 dpkg -s libtss2-dev >/dev/null 2>&1 || need+=(libtss2-dev)
+# The libvirt backend links libvirt (pkg-config finds it); its tests run libvirtd.
+dpkg -s libvirt-dev >/dev/null 2>&1 || need+=(libvirt-dev)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v libvirtd >/dev/null || [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system libvirt-daemon-driver-qemu)
+command -v virsh >/dev/null || need+=(libvirt-clients)
 command -v gcc >/dev/null || need+=(gcc)
 command -v ld >/dev/null || need+=(binutils)
 # Everything the installation prints goes to stderr: the callers' stdout is

@@ -173,8 +173,12 @@ fn a_flood_of_strangers_starves_neither_operators_nor_migrations() {
     let api_address = refused("api", "address_handshakes");
     eprintln!("host2 refused: migration not_a_peer_address {not_peers}, api address_handshakes {api_address}");
     assert!(not_peers >= 1100, "strangers reached the migration listener's TLS: {not_peers}");
+    // 600 silent connections from one address: 8 handshakes at a time, and
+    // each slot frees again after the 3 s handshake deadline, so on a slow
+    // machine a few more are admitted over the flood; without the limit
+    // none would be refused.
     assert!(
-        api_address >= 590,
+        api_address >= 560,
         "one address held more API handshakes than its share: {api_address}"
     );
     // Counted, but not one log line each.

@@ -403,6 +403,7 @@ pub fn spawn_migrate(lab: &TestLab) -> std::process::Child {
 
 mod attack;
 mod evidence;
+mod libvirt;
 mod mitm;
 mod qemu;
 mod rogue;
@@ -411,6 +412,8 @@ mod vtpm;
 pub use attack::*;
 #[allow(unused_imports)]
 pub use evidence::*;
+#[allow(unused_imports)]
+pub use libvirt::*;
 #[allow(unused_imports)]
 pub use mitm::*;
 #[allow(unused_imports)]

@@ -142,13 +142,31 @@ impl LibvirtBackend {
             }
             (ChannelKind::Main, _, Some(gate)) => {
                 // libvirt's Prepare starts the QEMU that listens there.
-                let waited = tokio::time::timeout(PREPARE_WAIT, prepared.wait_for(|p| *p));
-                let passed = matches!(waited.await, Ok(Ok(_)));
-                if !passed {
-                    return Err(BackendError::NoConnection {
-                        what: "libvirt Prepare".into(),
-                        after: PREPARE_WAIT,
-                    });
+                let mut failed = load.subscribe();
+                let prepare = async {
+                    let waited = tokio::time::timeout(PREPARE_WAIT, prepared.wait_for(|p| *p));
+                    match waited.await {
+                        Ok(Ok(_)) => Ok(()),
+                        _ => Err(BackendError::NoConnection {
+                            what: "libvirt Prepare".into(),
+                            after: PREPARE_WAIT,
+                        }),
+                    }
+                };
+                // A refused control connection fails the migration at once.
+                let refused = async {
+                    let why = match failed.wait_for(|l| matches!(l, Load::Failed(_))).await {
+                        Ok(l) => match &*l {
+                            Load::Failed(why) => why.clone(),
+                            other => format!("{other:?}"),
+                        },
+                        Err(_) => "the migration was discarded".into(),
+                    };
+                    BackendError::Migration(why)
+                };
+                tokio::select! {
+                    r = prepare => r?,
+                    e = refused => return Err(e),
                 }
                 let qemu = connect_retry(&self.migration_dir(id).join("mig.sock")).await?;
                 tokio::spawn(hold_return_path(ours, qemu, load, gate))
