@@ -22,5 +22,5 @@ if [ "${FERRY_SKIP_FUZZ:-0}" != 1 ]; then
   # fuzz.sh builds every target (a target that no longer compiles fails
   # here) and runs these light ones briefly; the agent's own decoders are
   # also fuzzed by crates/ferry-agent/tests/decoders.rs above.
-  FUZZ_TARGETS="frame frame_reader guest_line vm_spec qmp_reply" FUZZ_SANITIZER=none bash scripts/fuzz.sh 5
+  FUZZ_TARGETS="frame frame_reader guest_line vm_spec qmp_reply libvirt_control" FUZZ_SANITIZER=none bash scripts/fuzz.sh 5
 fi

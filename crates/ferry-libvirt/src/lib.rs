@@ -10,6 +10,7 @@
 pub mod client;
 pub mod domain;
 pub mod filter;
+pub mod fuzz;
 pub mod local;
 pub mod return_path;
 pub mod rpc;
