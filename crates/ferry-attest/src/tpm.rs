@@ -91,8 +91,32 @@ fn tpm_err<'a>(
 fn connect(tcti: &str) -> Result<Context, AttestError> {
     let conf = TctiNameConf::from_str(tcti)
         .map_err(|e| AttestError::BadTcti { tcti: tcti.to_owned(), why: e.to_string() })?;
-    Context::new(conf)
-        .map_err(|e| crate::tcti::unreachable(tcti, &crate::tcti::probe(tcti), &e.to_string()))
+    let mut ctx = Context::new(conf)
+        .map_err(|e| crate::tcti::unreachable(tcti, &crate::tcti::probe(tcti), &e.to_string()))?;
+    flush_leftovers(&mut ctx);
+    Ok(ctx)
+}
+
+/// A TPM reached without a resource manager (swtpm over TCP) keeps the
+/// transient objects of a client that went away without flushing them, and
+/// three of them fill it ("out of memory for object contexts"). Each
+/// context starts by flushing what it finds: swtpm serves one connection at
+/// a time, so nothing listed belongs to a live client, and behind a kernel
+/// resource manager (/dev/tpmrm0) a context sees only its own objects.
+fn flush_leftovers(ctx: &mut Context) {
+    use tss_esapi::constants::CapabilityType;
+    use tss_esapi::structures::CapabilityData;
+    let first = tss_esapi::constants::tss::TPM2_TRANSIENT_FIRST;
+    let Ok((CapabilityData::Handles(list), _)) =
+        ctx.get_capability(CapabilityType::Handles, first, 16)
+    else {
+        return;
+    };
+    for handle in list.into_inner() {
+        if let Ok(object) = ctx.tr_from_tpm_public(handle) {
+            let _ = ctx.flush_context(object);
+        }
+    }
 }
 
 fn ecc_p256_public(
