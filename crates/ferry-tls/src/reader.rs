@@ -59,16 +59,24 @@ pub struct RecordReader<R> {
 impl<R: AsyncRead + Unpin> RecordReader<R> {
     /// `early` is plaintext rustls had already opened before the hand-over.
     pub fn new(io: R, opener: Opener, early: &[u8]) -> Self {
-        let mut buf = vec![0u8; READ_BUFFER.max(early.len()) + crate::keys::MAX_RECORD];
-        buf[..early.len()].copy_from_slice(early);
+        Self::with_ciphertext(io, opener, early, &[])
+    }
+
+    /// As [`new`](Self::new), with `ciphertext` already read from the
+    /// socket (records after the handshake) coming before the socket's.
+    pub fn with_ciphertext(io: R, opener: Opener, early: &[u8], ciphertext: &[u8]) -> Self {
+        let (p, c) = (early.len(), ciphertext.len());
+        let mut buf = vec![0u8; READ_BUFFER.max(p + c) + crate::keys::MAX_RECORD];
+        buf[..p].copy_from_slice(early);
+        buf[p..p + c].copy_from_slice(ciphertext);
         Self {
             io,
             opener,
             buf,
             plain_start: 0,
-            plain_end: early.len(),
-            cipher_start: early.len(),
-            filled: early.len(),
+            plain_end: p,
+            cipher_start: p,
+            filled: p + c,
             stopped: None,
         }
     }

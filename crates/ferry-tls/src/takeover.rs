@@ -25,9 +25,20 @@ pub type TcpReader = RecordReader<OwnedReadHalf>;
 /// The writing half of a taken-over TCP connection.
 pub type TcpWriter = RecordWriter<OwnedWriteHalf>;
 
-/// The I/O to give rustls for the handshake: reads stop at record ends.
+/// Bytes `Paced` reads from the socket at a time: a whole handshake flight.
+const PACED_READ: usize = 32 * 1024;
+
+/// The I/O to give rustls for the handshake. It reads the socket in large
+/// chunks (so that a peer refused in the handshake finds nothing of its
+/// flight left unread, which would turn the close into a reset and lose the
+/// alert) but hands rustls one record at a time, pausing after each: when
+/// the handshake completes, rustls holds nothing of a later record, and
+/// what was read beyond it stays here for the record layer.
 pub struct Paced<IO> {
     io: IO,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
     header: [u8; HEADER_LEN],
     header_got: usize,
     body_left: usize,
@@ -37,13 +48,23 @@ pub struct Paced<IO> {
 
 impl<IO> Paced<IO> {
     pub fn new(io: IO) -> Self {
-        Self { io, header: [0; HEADER_LEN], header_got: 0, body_left: 0, pause: false }
+        Self {
+            io,
+            buf: vec![0; PACED_READ].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            header: [0; HEADER_LEN],
+            header_got: 0,
+            body_left: 0,
+            pause: false,
+        }
     }
 
     pub fn get_ref(&self) -> &IO {
         &self.io
     }
 
+    /// The record in progress was handed out completely (or none was begun).
     fn at_record_boundary(&self) -> bool {
         self.header_got == 0 && self.body_left == 0
     }
@@ -64,27 +85,34 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Paced<IO> {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
+        if this.start == this.end {
+            let mut rb = ReadBuf::new(&mut this.buf);
+            std::task::ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+            this.start = 0;
+            this.end = rb.filled().len();
+            if this.end == 0 {
+                return Poll::Ready(Ok(())); // end of stream
+            }
+        }
         let want = if this.header_got < HEADER_LEN {
             HEADER_LEN - this.header_got
         } else {
             this.body_left
         };
-        let want = want.min(out.remaining());
-        let mut part = ReadBuf::new(out.initialize_unfilled_to(want));
-        std::task::ready!(Pin::new(&mut this.io).poll_read(cx, &mut part))?;
-        let got = part.filled().len();
+        let n = want.min(out.remaining()).min(this.end - this.start);
+        let bytes = &this.buf[this.start..this.start + n];
+        out.put_slice(bytes);
         if this.header_got < HEADER_LEN {
-            let bytes = part.filled();
-            this.header[this.header_got..this.header_got + got].copy_from_slice(bytes);
-            this.header_got += got;
+            this.header[this.header_got..this.header_got + n].copy_from_slice(bytes);
+            this.header_got += n;
             if this.header_got == HEADER_LEN {
                 this.body_left = usize::from(u16::from_be_bytes([this.header[3], this.header[4]]));
             }
         } else {
-            this.body_left -= got;
+            this.body_left -= n;
         }
-        out.advance(got);
-        if got > 0 && this.header_got == HEADER_LEN && this.body_left == 0 {
+        this.start += n;
+        if n > 0 && this.header_got == HEADER_LEN && this.body_left == 0 {
             this.header_got = 0;
             this.pause = true;
         }
@@ -184,6 +212,8 @@ pub fn take_over(
         Sealer::from_secrets(&secrets.tx.1, secrets.tx.0, limit).map_err(TakeOverError::Keys)?;
     let opener =
         Opener::from_secrets(&secrets.rx.1, secrets.rx.0, limit).map_err(TakeOverError::Keys)?;
+    let leftover = &io.buf[io.start..io.end];
     let (r, w) = io.io.into_split();
-    Ok((RecordReader::new(r, opener, &early), RecordWriter::new(w, sealer)))
+    let reader = RecordReader::with_ciphertext(r, opener, &early, leftover);
+    Ok((reader, RecordWriter::new(w, sealer)))
 }

@@ -241,6 +241,50 @@ async fn a_record_straddling_the_end_of_the_handshake_is_not_lost() {
     client.abort();
 }
 
+/// A client refused in the handshake (here: no certificate) gets the
+/// server's alert, not a reset: pacing must not leave its flight unread.
+#[tokio::test]
+async fn a_refused_client_hears_why() {
+    let h = hosts(&["TLS_AES_128_GCM_SHA256"]);
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(h._dir.path().join("ca").join("ca.pem")).unwrap();
+    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let no_cert = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    for _ in 0..30 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(h.server.clone());
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            assert!(acceptor.accept(Paced::new(tcp)).await.is_err());
+        });
+        let connector = tokio_rustls::TlsConnector::from(no_cert.clone());
+        let name = ferry_identity::server_name(&"dst-host".parse().unwrap()).unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut c = connector.connect(name, tcp).await.unwrap();
+        let err = c.read(&mut [0u8; 16]).await.unwrap_err();
+        let tls = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+        assert!(
+            matches!(
+                tls,
+                Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired))
+            ),
+            "{err}"
+        );
+        server.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_connection_cut_without_close_notify_is_a_truncation() {
     let h = hosts(&["TLS_AES_128_GCM_SHA256"]);
