@@ -13,6 +13,8 @@
 //! destination opens records where they arrived and hashes and writes the
 //! plaintext from there ([`FrameReader::read_piece`]).
 
+use std::future::Future;
+use std::io::IoSliceMut;
 use std::time::Duration;
 
 use ferry_tls::{RecordBatch, RecordWriter};
@@ -79,21 +81,46 @@ impl StreamHasher {
     }
 }
 
+/// QEMU's end of a migration stream as the source pump reads it: wait
+/// until readable, then one vectored read of what is there.
+pub trait QemuSource: Send {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+    fn try_read_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize>;
+}
+
+impl QemuSource for UnixStream {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        UnixStream::readable(self)
+    }
+    fn try_read_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
+        UnixStream::try_read_vectored(self, bufs)
+    }
+}
+
+impl QemuSource for tokio::net::unix::OwnedReadHalf {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        tokio::net::unix::OwnedReadHalf::readable(self)
+    }
+    fn try_read_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
+        tokio::net::unix::OwnedReadHalf::try_read_vectored(self, bufs)
+    }
+}
+
 /// The source side of one stream: QEMU's bytes, hashed, into data frames.
-pub struct SendPump {
-    from: UnixStream,
+pub struct SendPump<Q = UnixStream> {
+    from: Q,
     batch: RecordBatch,
     hash: StreamHasher,
     io_timeout: Duration,
 }
 
-impl SendPump {
-    pub fn new(from: UnixStream, io_timeout: Duration) -> Self {
+impl<Q: QemuSource> SendPump<Q> {
+    pub fn new(from: Q, io_timeout: Duration) -> Self {
         Self::with_records(from, io_timeout, SEND_RECORDS)
     }
 
     /// A pump whose batches hold `records` TLS records (for measurements).
-    pub fn with_records(from: UnixStream, io_timeout: Duration, records: usize) -> Self {
+    pub fn with_records(from: Q, io_timeout: Duration, records: usize) -> Self {
         Self { from, batch: RecordBatch::new(records), hash: StreamHasher::default(), io_timeout }
     }
 
