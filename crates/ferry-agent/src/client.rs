@@ -6,15 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_channel::{FrameReader, FrameWriter};
+use ferry_tls::{Paced, TcpReader, TcpWriter};
 use ferry_types::HostName;
 use rustls::ClientConfig;
-use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::protocol::{Hello, PROTOCOL_VERSION};
 
-pub type ClientStream = TlsStream<TcpStream>;
+/// Paced: rustls reads no further than the handshake, so that `greet` can
+/// hand the connection's records over to ferry-tls.
+pub type ClientStream = TlsStream<Paced<TcpStream>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -43,6 +45,12 @@ pub enum ConnectError {
     },
     #[error("{host} speaks protocol version {theirs}, this agent {ours}")]
     Version { host: HostName, theirs: u32, ours: u32 },
+    #[error("cannot take the connection to {host} over from rustls")]
+    TakeOver {
+        host: HostName,
+        #[source]
+        source: ferry_tls::TakeOverError,
+    },
 }
 
 /// TCP connect, TLS 1.3 handshake (mutual: both sides present certificates)
@@ -63,7 +71,7 @@ pub async fn connect(
     let name = ferry_identity::server_name(host)
         .map_err(|source| ConnectError::Identity { host: host.clone(), source })?;
     let connector = tokio_rustls::TlsConnector::from(config);
-    let tls = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+    let tls = match tokio::time::timeout(timeout, connector.connect(name, Paced::new(tcp))).await {
         Err(_) => return Err(ConnectError::Timeout { host: host.clone(), addr }),
         Ok(Err(e)) => {
             return Err(ConnectError::Handshake {
@@ -81,10 +89,12 @@ pub async fn connect(
     Ok((tls, proof))
 }
 
-pub type Reader = FrameReader<ReadHalf<ClientStream>>;
-pub type Writer = FrameWriter<WriteHalf<ClientStream>>;
+pub type Reader = FrameReader<TcpReader>;
+pub type Writer = FrameWriter<TcpWriter>;
 
-/// Split a connection into framed halves and exchange protocol greetings.
+/// Hand the connection's records over to ferry-tls (the caller has taken
+/// what it needs from the handshake: the binding), split it into framed
+/// halves and exchange protocol greetings.
 ///
 /// A server that refuses our client certificate only says so when we first
 /// read (TLS 1.3 sends its alert after the client's Finished), so the alert
@@ -95,7 +105,9 @@ pub async fn greet(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<(Reader, Writer), ConnectError> {
-    let (r, w) = tokio::io::split(stream);
+    let (io, conn) = stream.into_inner();
+    let (r, w) = ferry_tls::take_over(io, conn)
+        .map_err(|source| ConnectError::TakeOver { host: host.clone(), source })?;
     let mut reader = FrameReader::new(r, timeout);
     let mut writer = FrameWriter::new(w, timeout);
     let hello_err = |source: ferry_channel::ChannelError| match source.io_error() {

@@ -8,24 +8,17 @@ use std::time::Duration;
 
 use ferry_channel::{FrameReader, FrameWriter};
 use ferry_identity::PeerIdentity;
-use tokio::io::{ReadHalf, WriteHalf};
+use ferry_tls::{Paced, TcpReader, TcpWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
 
 use crate::protocol::{ApiResponse, ErrorKind, Hello, PROTOCOL_VERSION};
 use crate::{api, incoming, Agent};
 
-/// PERF: a read buffer under TLS. rustls reads at most one record (~16 KiB)
-/// per `read_tls`, so without it the destination makes ~80k recv syscalls
-/// per GiB of VM state; with 128 KiB about a quarter of that (scripts and
-/// figures: crates/ferry-channel/examples/pump_bench.rs). Ciphertext only:
-/// TLS still authenticates every byte. The buffer is allocated per accepted
-/// connection, before the handshake, but zeroed memory of this size is
-/// mapped lazily: an unauthenticated peer costs only the pages it fills.
-pub type ServerStream = TlsStream<tokio::io::BufReader<TcpStream>>;
-const RECV_BUFFER: usize = 128 * 1024;
-pub type Reader = FrameReader<ReadHalf<ServerStream>>;
-pub type Writer = FrameWriter<WriteHalf<ServerStream>>;
+/// After the handshake the connection's records belong to ferry-tls (large
+/// reads, records opened in place: crates/ferry-channel/examples/pump_bench
+/// measures it); `Paced` keeps rustls from reading past the handshake.
+pub type Reader = FrameReader<TcpReader>;
+pub type Writer = FrameWriter<TcpWriter>;
 
 /// Connections (handshaking or established) served at once.
 pub const MAX_CONNECTIONS: usize = 512;
@@ -98,11 +91,7 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
     let _ = tcp.set_nodelay(true);
     let config = agent.tls.server().map_err(|e| crate::chain(&e))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        acceptor.accept(tokio::io::BufReader::with_capacity(RECV_BUFFER, tcp)),
-    )
-    .await
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(Paced::new(tcp))).await
     {
         Err(_) => {
             agent.metrics.tls_failure();
@@ -130,7 +119,8 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
         ferry_identity::channel_binding(tls.get_ref().1, crate::protocol::BINDING_LABEL, b"")
             .map_err(|e| crate::chain(&e))?;
     let timeout = agent.cfg.migration.io_timeout();
-    let (r, w) = tokio::io::split(tls);
+    let (io, conn) = tls.into_inner();
+    let (r, w) = ferry_tls::take_over(io, conn).map_err(|e| crate::chain(&e))?;
     let mut reader = FrameReader::new(r, HANDSHAKE_TIMEOUT);
     let mut writer = FrameWriter::new(w, timeout);
     let hello: Hello = reader.read_control().await.map_err(|e| crate::chain(&e))?;
