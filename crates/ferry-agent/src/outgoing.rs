@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ferry_channel::Incoming;
 use ferry_types::{Digest32, HostName, MigrationId, VmName};
 use ferry_vmm::{MigrationState as QemuMigration, Qmp, RunState, VmSpec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinHandle;
 
@@ -25,8 +25,6 @@ use crate::records::{MigrationRecord, MigrationState, Role};
 use crate::{Agent, ErrorKind, Fault};
 use ferry_attest::QuoteRole;
 
-/// Bytes read from QEMU per frame: large reads keep per-frame cost low.
-const PUMP_CHUNK: usize = 1024 * 1024;
 /// How long the destination may take to launch QEMU and accept.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -398,7 +396,7 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
             )))
         }
     };
-    let (mut qemu, qemu_back) = qemu.into_split();
+    let (qemu, qemu_back) = qemu.into_split();
     // Only post-copy uses QEMU's return path; otherwise the half is just held open.
     let (return_path, _held_open) =
         if ctx.postcopy { (Some(qemu_back), None) } else { (None, Some(qemu_back)) };
@@ -441,9 +439,7 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
     ));
     let _ticker_guard = AbortOnDrop(ticker);
 
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; PUMP_CHUNK];
-    let mut total: u64 = 0;
+    let mut pump = ferry_channel::SendPump::new(qemu, mig.io_timeout());
     let mut cancel = ctx.cancel.clone();
     // A guest that dirties memory faster than it can be sent never
     // converges: give up in time and resume it here.
@@ -469,7 +465,7 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
             msg = peer_rx.recv() => {
                 match msg {
                     Some(Ok(PeerMessage::PostcopyReady { migration_id })) if ctx.postcopy && migration_id == ctx.id && pc.committed.is_none() => {
-                        let at = (total, Digest32(*hasher.clone().finalize().as_bytes()));
+                        let at = (pump.bytes(), pump.sum().digest);
                         if crate::postcopy::switchover_commit(ctx, rec, &mut writer, &binding, at).await? {
                             pc.committed = Some(at);
                         }
@@ -499,20 +495,19 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
                 send_abort(ctx, &mut writer, &binding, why.clone()).await;
                 return Err(Before(Fault::new(ErrorKind::Backend, format!("{why}; raise [migration] max_transfer_ms or lower the guest's dirty rate"))));
             }
-            n = tokio::time::timeout(mig.io_timeout(), qemu.read(&mut buf)) => {
+            n = pump.read() => {
                 let n = match n {
-                    Ok(r) => r.map_err(|e| pc.fail(backend("reading QEMU's stream", e)))?,
-                    Err(_) => return Err(pc.fail(Fault::new(ErrorKind::Backend, format!("source QEMU sent nothing for {:?}", mig.io_timeout())))),
+                    Ok(n) => n,
+                    Err(ferry_channel::RelayError::QemuSilent(t)) => return Err(pc.fail(Fault::new(ErrorKind::Backend, format!("source QEMU sent nothing for {t:?}")))),
+                    Err(e) => return Err(pc.fail(backend("reading QEMU's stream", e))),
                 };
                 if n == 0 { break; }
-                hasher.update(&buf[..n]);
-                total += n as u64;
-                ctx.bytes.store(total, Ordering::Relaxed);
-                writer.write_data(&buf[..n]).await.map_err(|e| pc.fail(peer_fault(ctx, e)))?;
-                // Post-copy: a page the destination faulted on must not wait in a buffer.
-                if ctx.postcopy {
-                    writer.flush().await.map_err(|e| pc.fail(peer_fault(ctx, e)))?;
-                }
+                // Written through at once: post-copy's pages never wait in a buffer.
+                pump.forward(n, &mut writer).await.map_err(|e| match e {
+                    ferry_channel::RelayError::Peer(e) => pc.fail(peer_fault(ctx, e)),
+                    e => pc.fail(backend("forwarding QEMU's stream", e)),
+                })?;
+                ctx.bytes.store(pump.bytes(), Ordering::Relaxed);
             }
         }
     }
@@ -562,14 +557,14 @@ async fn transfer(ctx: &Ctx, rec: &mut MigrationRecord) -> Result<Digest32, Fail
             writer,
             peer_rx,
             binding,
-            (total, Digest32(*hasher.finalize().as_bytes())),
+            (pump.bytes(), pump.sum().digest),
         )
         .await;
     }
     writer.write_data_end().await.map_err(|e| pc.fail(peer_fault(ctx, e)))?;
 
     // The multifd channels end with the main one; collect what is left.
-    extra_sums[0] = Some((total, Digest32(*hasher.finalize().as_bytes())));
+    extra_sums[0] = Some((pump.bytes(), pump.sum().digest));
     while extra_sums.iter().any(Option::is_none) {
         match tokio::time::timeout(mig.io_timeout(), extra_rx.recv()).await {
             Ok(Some((index, Ok(sum)))) => extra_sums[index as usize] = Some(sum),

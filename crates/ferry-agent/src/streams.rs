@@ -9,9 +9,8 @@
 
 use std::time::Duration;
 
-use ferry_channel::Incoming;
 use ferry_types::{Digest32, HostName, MigrationId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
@@ -20,8 +19,6 @@ use crate::server::Reader;
 
 /// Most streams one migration may use (main + multifd channels).
 pub const MAX_STREAMS: u8 = 8;
-/// Bytes read from QEMU per frame.
-const CHUNK: usize = 1024 * 1024;
 
 /// One stream's count and digest.
 pub type StreamSum = (u64, Digest32);
@@ -58,7 +55,7 @@ pub async fn send_stream(
     addr: std::net::SocketAddr,
     id: MigrationId,
     index: u8,
-    mut qemu: UnixStream,
+    qemu: UnixStream,
 ) -> Result<StreamSum, String> {
     let mig = &agent.cfg.migration;
     let config = agent.tls.client().map_err(|e| crate::chain(&e))?;
@@ -73,32 +70,11 @@ pub async fn send_stream(
         .write_control(&PeerMessage::StreamJoin { migration_id: id, index })
         .await
         .map_err(|e| format!("stream {index}: {}", crate::chain(&e)))?;
-    let mut hasher = blake3::Hasher::new();
-    let mut total = 0u64;
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = match tokio::time::timeout(mig.io_timeout(), qemu.read(&mut buf)).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(format!("stream {index}: reading QEMU: {e}")),
-            Err(_) => {
-                return Err(format!("stream {index}: QEMU sent nothing for {:?}", mig.io_timeout()))
-            }
-        };
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-        writer
-            .write_data(&buf[..n])
-            .await
-            .map_err(|e| format!("stream {index} to {to}: {}", crate::chain(&e)))?;
-    }
-    writer
-        .write_data_end()
+    let sum = ferry_channel::SendPump::new(qemu, mig.io_timeout())
+        .run(&mut writer)
         .await
         .map_err(|e| format!("stream {index} to {to}: {}", crate::chain(&e)))?;
-    Ok((total, Digest32(*hasher.finalize().as_bytes())))
+    Ok((sum.bytes, sum.digest))
 }
 
 /// Destination side: feed one stream's data frames into a QEMU socket,
@@ -127,8 +103,7 @@ pub async fn pump_frames<W: tokio::io::AsyncWrite + Unpin>(
     commits: Option<mpsc::Sender<InlineCommit>>,
     mut stop: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<StreamSum, String> {
-    let mut hasher = blake3::Hasher::new();
-    let mut total = 0u64;
+    let mut pump = ferry_channel::ReceivePump::new();
     loop {
         let stopped = async {
             match stop.as_mut() {
@@ -136,27 +111,26 @@ pub async fn pump_frames<W: tokio::io::AsyncWrite + Unpin>(
                 None => std::future::pending::<()>().await,
             }
         };
-        let frame = tokio::select! {
-            f = reader.read_frame() => f.map_err(|e| crate::chain(&e))?,
+        let got = tokio::select! {
+            r = pump.run(reader, &mut to_qemu, io_timeout) => r,
             () = stopped => return Err("stopped".to_owned()),
         };
-        match frame {
-            Incoming::Data(d) => {
-                hasher.update(d);
-                total += d.len() as u64;
-                match tokio::time::timeout(io_timeout, to_qemu.write_all(d)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        return Err(format!("destination QEMU stopped reading its stream: {e}"))
-                    }
-                    Err(_) => return Err(format!("destination QEMU stalled for {io_timeout:?}")),
-                }
+        let got = match got {
+            Ok(g) => g,
+            Err(ferry_channel::RelayError::WriteQemu(e)) => {
+                return Err(format!("destination QEMU stopped reading its stream: {e}"))
             }
-            Incoming::DataEnd => break,
-            Incoming::Control(bytes) => {
-                match (serde_json::from_slice::<PeerMessage>(bytes), &commits) {
+            Err(ferry_channel::RelayError::QemuStalled(t)) => {
+                return Err(format!("destination QEMU stalled for {t:?}"))
+            }
+            Err(e) => return Err(crate::chain(&e)),
+        };
+        match got {
+            ferry_channel::Received::End(sum) => return Ok((sum.bytes, sum.digest)),
+            ferry_channel::Received::Control(bytes, sum) => {
+                match (serde_json::from_slice::<PeerMessage>(&bytes), &commits) {
                     (Ok(PeerMessage::Commit { signed }), Some(tx)) => {
-                        let at = (total, Digest32(*hasher.clone().finalize().as_bytes()));
+                        let at = (sum.bytes, sum.digest);
                         tx.send((signed, at))
                             .await
                             .map_err(|_| "commit after the control side ended".to_owned())?;
@@ -174,7 +148,6 @@ pub async fn pump_frames<W: tokio::io::AsyncWrite + Unpin>(
             }
         }
     }
-    Ok((total, Digest32(*hasher.finalize().as_bytes())))
 }
 
 #[cfg(test)]
