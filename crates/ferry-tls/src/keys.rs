@@ -199,7 +199,7 @@ pub struct Opener {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Opened {
     pub content_type: u8,
-    /// Plaintext bytes, now at the start of the range given to [`Opener::open`].
+    /// Plaintext bytes, at the start of the buffer given to [`Opener::open_into`].
     pub len: usize,
 }
 
@@ -223,28 +223,30 @@ impl Opener {
         Self::new(suite, key, iv, seq, limit)
     }
 
-    /// Open the whole record at `buf[at..]` (header included, checked with
-    /// [`body_len`]) and leave its plaintext at the start of `buf`, which
-    /// may begin before the record: plaintext is shorter than its record, so
-    /// records opened one after another pack their plaintexts together.
+    /// Open `record` (header included, checked with [`body_len`]) into
+    /// `out`, which must have room for its body less the tag: one pass over
+    /// the ciphertext, which stays as it was.
     ///
-    /// SECURITY: nothing of the record is returned unless the tag verified
-    /// over the header and the whole body (`rustls::Error::DecryptError`
-    /// otherwise, as rustls reports it).
-    pub fn open(&mut self, buf: &mut [u8], at: usize) -> Result<Opened, OpenError> {
-        let head: [u8; HEADER_LEN] = buf
-            .get(at..at + HEADER_LEN)
+    /// SECURITY: nothing of the record counts as received unless the tag
+    /// verified over the header and the whole body
+    /// (`rustls::Error::DecryptError` otherwise, as rustls reports it).
+    pub fn open_into(&mut self, record: &[u8], out: &mut [u8]) -> Result<Opened, OpenError> {
+        let head: [u8; HEADER_LEN] = record
+            .get(..HEADER_LEN)
             .and_then(|h| h.try_into().ok())
-            .ok_or(OpenError::Record(RecordError::NoRoom(buf.len())))?;
+            .ok_or(OpenError::Record(RecordError::NoRoom(record.len())))?;
         let len = body_len(&head).map_err(OpenError::Record)?;
-        if buf.len() != at + HEADER_LEN + len {
-            return Err(OpenError::Record(RecordError::NoRoom(buf.len())));
+        if record.len() != HEADER_LEN + len {
+            return Err(OpenError::Record(RecordError::NoRoom(record.len())));
         }
+        let (ciphertext, tag) = record[HEADER_LEN..].split_at(len - TAG_LEN);
+        let room = out.len();
+        let inner =
+            out.get_mut(..ciphertext.len()).ok_or(OpenError::Record(RecordError::NoRoom(room)))?;
         let nonce = self.dir.next_nonce().map_err(OpenError::Record)?;
-        let inner = self
-            .dir
+        self.dir
             .key
-            .open_within(nonce, Aad::from(head), buf, at + HEADER_LEN..)
+            .open_separate_gather(nonce, Aad::from(head), ciphertext, tag, inner)
             .map_err(|_| OpenError::Tls(rustls::Error::DecryptError))?;
         // The inner plaintext is content, content type, then zero padding.
         let Some(type_at) = inner.iter().rposition(|&b| b != 0) else {
@@ -298,6 +300,15 @@ mod tests {
         s.tls13().unwrap()
     }
 
+    /// Open `rec` the way the reader does; the plaintext replaces `rec`.
+    fn open(o: &mut Opener, rec: &mut Vec<u8>) -> Result<Opened, OpenError> {
+        let mut out = vec![0u8; rec.len()];
+        let opened = o.open_into(rec, &mut out)?;
+        out.truncate(opened.len);
+        *rec = out;
+        Ok(opened)
+    }
+
     fn seal_one(s: &mut Sealer, plain: &[u8]) -> Vec<u8> {
         let mut rec = vec![0u8; HEADER_LEN + plain.len() + TRAILER_LEN];
         rec[HEADER_LEN..HEADER_LEN + plain.len()].copy_from_slice(plain);
@@ -339,7 +350,7 @@ mod tests {
                 };
                 let seq = opener.dir.seq;
                 let mut wire = enc.encrypt(msg, seq).unwrap().encode();
-                let opened = opener.open(&mut wire, 0).unwrap();
+                let opened = open(&mut opener, &mut wire).unwrap();
                 assert_eq!(opened.content_type, APPLICATION_DATA);
                 assert_eq!(&wire[..opened.len], plain);
             }
@@ -347,15 +358,17 @@ mod tests {
     }
 
     #[test]
-    fn consecutive_records_pack_their_plaintexts_together() {
+    fn opening_leaves_the_record_as_it_was() {
         let mut s = Sealer::new(Suite::Aes256Gcm, &KEY, IV, 0, u64::MAX).unwrap();
         let mut o = Opener::new(Suite::Aes256Gcm, &KEY, IV, 0, u64::MAX).unwrap();
-        let mut wire = seal_one(&mut s, b"first ");
-        wire.extend(seal_one(&mut s, b"second"));
-        let first_len = wire.len() / 2;
-        let a = o.open(&mut wire[..first_len], 0).unwrap();
-        let b = o.open(&mut wire[a.len..], first_len - a.len).unwrap();
-        assert_eq!(&wire[..a.len + b.len], b"first second");
+        let rec = seal_one(&mut s, b"first");
+        let mut out = [0u8; 64];
+        let kept = rec.clone();
+        let opened = o.open_into(&rec, &mut out).unwrap();
+        assert_eq!(&out[..opened.len], b"first");
+        assert_eq!(rec, kept);
+        let e = o.open_into(&seal_one(&mut s, &[1; 100]), &mut out).unwrap_err();
+        assert!(matches!(e, OpenError::Record(RecordError::NoRoom(64))), "{e:?}");
     }
 
     #[test]
@@ -366,7 +379,7 @@ mod tests {
             let mut bad = rec.clone();
             bad[i / 8] ^= 1 << (i % 8);
             let mut o = Opener::new(Suite::Aes256Gcm, &KEY, IV, 0, u64::MAX).unwrap();
-            match o.open(&mut bad, 0) {
+            match open(&mut o, &mut bad) {
                 Err(OpenError::Tls(rustls::Error::DecryptError)) => {}
                 // A flipped header bit (type, version, length) is refused
                 // before decryption.
@@ -382,11 +395,11 @@ mod tests {
         let one = seal_one(&mut s, b"one");
         let two = seal_one(&mut s, b"two");
         let mut o = Opener::new(Suite::Aes128Gcm, &KEY[..16], IV, 0, u64::MAX).unwrap();
-        assert!(o.open(&mut one.clone(), 0).is_ok());
-        let replay = o.open(&mut one.clone(), 0).unwrap_err();
+        assert!(open(&mut o, &mut one.clone()).is_ok());
+        let replay = open(&mut o, &mut one.clone()).unwrap_err();
         assert!(matches!(replay, OpenError::Tls(rustls::Error::DecryptError)), "{replay:?}");
         let mut o = Opener::new(Suite::Aes128Gcm, &KEY[..16], IV, 0, u64::MAX).unwrap();
-        assert!(o.open(&mut two.clone(), 0).is_err(), "record 1 opened as record 0");
+        assert!(open(&mut o, &mut two.clone()).is_err(), "record 1 opened as record 0");
     }
 
     #[test]
@@ -395,14 +408,14 @@ mod tests {
         let mut o = Opener::new(Suite::Aes256Gcm, &KEY, IV, 0, 2).unwrap();
         for _ in 0..2 {
             let mut r = seal_one(&mut s, b"x");
-            o.open(&mut r, 0).unwrap();
+            open(&mut o, &mut r).unwrap();
         }
         let mut rec = vec![0u8; HEADER_LEN + 1 + TRAILER_LEN];
         let e = s.seal(&mut rec, APPLICATION_DATA).unwrap_err();
         assert!(matches!(e, RecordError::KeyExhausted { limit: 2, .. }), "{e}");
         let mut s3 = Sealer::new(Suite::Aes256Gcm, &KEY, IV, 2, 3).unwrap();
         let mut third = seal_one(&mut s3, b"y");
-        let e = o.open(&mut third, 0).unwrap_err();
+        let e = open(&mut o, &mut third).unwrap_err();
         assert!(matches!(e, OpenError::Record(RecordError::KeyExhausted { .. })), "{e}");
     }
 
@@ -435,11 +448,11 @@ mod tests {
         let mut s = Sealer::new(Suite::Aes256Gcm, &KEY, IV, 0, u64::MAX).unwrap();
         let mut o = Opener::new(Suite::Aes256Gcm, &KEY, IV, 0, u64::MAX).unwrap();
         let mut rec = seal_inner(&mut s, &[b'a', b'b', APPLICATION_DATA, 0, 0, 0]);
-        let opened = o.open(&mut rec, 0).unwrap();
+        let opened = open(&mut o, &mut rec).unwrap();
         assert_eq!(opened, Opened { content_type: APPLICATION_DATA, len: 2 });
         assert_eq!(&rec[..2], b"ab");
         let mut rec = seal_inner(&mut s, &[0; 4]);
-        let e = o.open(&mut rec, 0).unwrap_err();
+        let e = open(&mut o, &mut rec).unwrap_err();
         assert!(matches!(e, OpenError::Record(RecordError::NoContentType)), "{e:?}");
     }
 }

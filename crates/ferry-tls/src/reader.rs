@@ -1,10 +1,10 @@
 //! The receiving half: TLS records in, plaintext out, opened in place.
 //!
-//! One large read from the socket brings many records; each is opened where
-//! it lies and its plaintext packed behind the previous one's, so
-//! [`AsyncBufRead::poll_fill_buf`] hands out up to a whole read's worth of
-//! plaintext as one slice without copying it. [`AsyncRead`] copies out of
-//! the same buffer, for callers that want their own.
+//! One large read from the socket brings many records; each is opened in
+//! one pass from the ciphertext buffer into the plaintext buffer, behind
+//! the previous one's plaintext, so [`AsyncBufRead::poll_fill_buf`] hands
+//! out up to a whole read's worth of plaintext as one slice. [`AsyncRead`]
+//! copies out of it, for callers that want their own buffer.
 
 use std::io;
 use std::pin::Pin;
@@ -13,7 +13,9 @@ use std::task::{ready, Context, Poll};
 use rustls::AlertDescription;
 use tokio::io::{AsyncBufRead, AsyncRead, ReadBuf};
 
-use crate::keys::{body_len, OpenError, Opener, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER_LEN};
+use crate::keys::{
+    body_len, OpenError, Opener, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER_LEN, MAX_RECORD,
+};
 use crate::RecordError;
 
 /// Ciphertext read from the socket at a time, at most.
@@ -45,14 +47,16 @@ impl Stopped {
 pub struct RecordReader<R> {
     io: R,
     opener: Opener,
-    buf: Vec<u8>,
-    /// Plaintext ready to hand out.
-    plain_start: usize,
-    plain_end: usize,
-    /// Ciphertext not opened yet (`cipher_start..filled`); always at or
-    /// after `plain_end`, because a record's plaintext is shorter than it.
+    /// Ciphertext read from the socket; `cipher_start..filled` not opened yet.
+    cipher: Box<[u8]>,
     cipher_start: usize,
     filled: usize,
+    /// Most bytes one read from the socket may bring.
+    read_size: usize,
+    /// Opened plaintext; `plain_start..plain_end` not handed out yet.
+    plain: Box<[u8]>,
+    plain_start: usize,
+    plain_end: usize,
     stopped: Option<Stopped>,
 }
 
@@ -65,18 +69,21 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
     /// As [`new`](Self::new), with `ciphertext` already read from the
     /// socket (records after the handshake) coming before the socket's.
     pub fn with_ciphertext(io: R, opener: Opener, early: &[u8], ciphertext: &[u8]) -> Self {
-        let (p, c) = (early.len(), ciphertext.len());
-        let mut buf = vec![0u8; READ_BUFFER.max(p + c) + crate::keys::MAX_RECORD];
-        buf[..p].copy_from_slice(early);
-        buf[p..p + c].copy_from_slice(ciphertext);
+        let room = READ_BUFFER.max(ciphertext.len()) + MAX_RECORD;
+        let mut cipher = vec![0u8; room].into_boxed_slice();
+        cipher[..ciphertext.len()].copy_from_slice(ciphertext);
+        let mut plain = vec![0u8; room.max(early.len())].into_boxed_slice();
+        plain[..early.len()].copy_from_slice(early);
         Self {
             io,
             opener,
-            buf,
+            cipher,
+            cipher_start: 0,
+            filled: ciphertext.len(),
+            read_size: READ_BUFFER,
+            plain,
             plain_start: 0,
-            plain_end: p,
-            cipher_start: p,
-            filled: p + c,
+            plain_end: early.len(),
             stopped: None,
         }
     }
@@ -85,14 +92,20 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         &self.io
     }
 
-    /// Open every whole record in the buffer, packing plaintexts together.
+    /// Read at most `bytes` from the socket at a time (1 ..= [`READ_BUFFER`]):
+    /// fewer system calls against a smaller, cache-warmer working set.
+    pub fn set_read_size(&mut self, bytes: usize) {
+        self.read_size = bytes.clamp(1, READ_BUFFER);
+    }
+
+    /// Open every whole record read so far, packing plaintexts together.
+    /// Only called with all plaintext handed out (`plain_end == 0`).
     fn open_buffered(&mut self) {
         while self.stopped.is_none() && self.filled - self.cipher_start >= HEADER_LEN {
-            let head: [u8; HEADER_LEN] =
-                match self.buf[self.cipher_start..][..HEADER_LEN].try_into() {
-                    Ok(h) => h,
-                    Err(_) => return,
-                };
+            let at = self.cipher_start;
+            let Ok(head) = <[u8; HEADER_LEN]>::try_from(&self.cipher[at..at + HEADER_LEN]) else {
+                return;
+            };
             let len = match body_len(&head) {
                 Ok(len) => len,
                 Err(e) => {
@@ -100,12 +113,14 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                     return;
                 }
             };
-            let end = self.cipher_start + HEADER_LEN + len;
+            let end = at + HEADER_LEN + len;
             if end > self.filled {
                 return;
             }
-            let at = self.cipher_start - self.plain_end;
-            let opened = self.opener.open(&mut self.buf[self.plain_end..end], at);
+            // Plaintext is shorter than its record, and everything opened
+            // since the last hand-out came from this buffer: it fits.
+            let opened =
+                self.opener.open_into(&self.cipher[at..end], &mut self.plain[self.plain_end..]);
             self.cipher_start = end;
             let opened = match opened {
                 Ok(o) => o,
@@ -118,7 +133,7 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                     return;
                 }
             };
-            let content = &self.buf[self.plain_end..self.plain_end + opened.len];
+            let content = &self.plain[self.plain_end..self.plain_end + opened.len];
             match opened.content_type {
                 APPLICATION_DATA => self.plain_end += opened.len,
                 ALERT => {
@@ -145,7 +160,7 @@ impl<R: AsyncRead + Unpin> AsyncBufRead for RecordReader<R> {
         let this = self.get_mut();
         loop {
             if this.plain_start < this.plain_end {
-                return Poll::Ready(Ok(&this.buf[this.plain_start..this.plain_end]));
+                return Poll::Ready(Ok(&this.plain[this.plain_start..this.plain_end]));
             }
             // Plaintext before a stop is authentic and handed out first.
             if let Some(s) = &this.stopped {
@@ -159,7 +174,7 @@ impl<R: AsyncRead + Unpin> AsyncBufRead for RecordReader<R> {
             this.plain_start = 0;
             this.plain_end = 0;
             if this.cipher_start > 0 {
-                this.buf.copy_within(this.cipher_start..this.filled, 0);
+                this.cipher.copy_within(this.cipher_start..this.filled, 0);
                 this.filled -= this.cipher_start;
                 this.cipher_start = 0;
             }
@@ -167,8 +182,8 @@ impl<R: AsyncRead + Unpin> AsyncBufRead for RecordReader<R> {
             if this.plain_end > 0 || this.stopped.is_some() {
                 continue;
             }
-            let room = (this.filled + READ_BUFFER).min(this.buf.len());
-            let mut rb = ReadBuf::new(&mut this.buf[this.filled..room]);
+            let room = (this.filled + this.read_size).min(this.cipher.len());
+            let mut rb = ReadBuf::new(&mut this.cipher[this.filled..room]);
             ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
             let n = rb.filled().len();
             if n == 0 {
