@@ -58,6 +58,10 @@ pub enum LabCommand {
         #[arg(long)]
         host: HostName,
     },
+    /// Measure this machine's ceilings for the data path: AES-GCM and
+    /// ChaCha20-Poly1305 (aws-lc-rs), BLAKE3 and memcpy per core, loopback
+    /// TCP. Benchmarks print them first (rates in bytes per second with --json).
+    Ceilings,
 }
 
 /// A host's software TPM in the lab.
@@ -509,6 +513,15 @@ pub async fn run(cmd: LabCommand, json: bool) -> Result<ExitCode> {
                 println!("{}", serde_json::json!({"host": host, "pid": pid}));
             } else {
                 println!("agent {host} started (pid {pid})");
+            }
+        }
+        LabCommand::Ceilings => {
+            let budget = ferry_ceilings::Budget::default();
+            let c = tokio::task::spawn_blocking(move || ferry_ceilings::measure(budget)).await??;
+            if json {
+                println!("{}", serde_json::to_string(&c)?);
+            } else {
+                println!("{c}");
             }
         }
     }

@@ -30,6 +30,9 @@
 //!                current-thread runtime, driven by a thread of its own)
 //! tcpbuf=BYTES   SO_SNDBUF and SO_RCVBUF on both TCP ends (default: kernel autotuning)
 //! qsndbuf=BYTES  SO_SNDBUF of the fake source QEMU's socket (default: kernel's)
+//! rbuf=BYTES     largest socket read of the destination's record reader (default 256 KiB)
+//! hash=first     the source hashes each batch in a pass of its own, then seals it
+//!                (default: record by record, just before sealing each)
 //! ```
 #![allow(unsafe_code)]
 #![allow(clippy::unwrap_used)]
@@ -62,6 +65,8 @@ fn parse_variant(spec: &str) -> Variant {
         tcp_buf: None,
         workers: 2,
         qemu_sndbuf: None,
+        read_size: None,
+        hash_first: false,
     };
     for kv in parts {
         let (key, v) = kv.split_once('=').unwrap_or_else(|| panic!("knob {kv}: key=value"));
@@ -72,7 +77,11 @@ fn parse_variant(spec: &str) -> Variant {
             "workers" => k.workers = n(),
             "tcpbuf" => k.tcp_buf = Some(n()),
             "qsndbuf" => k.qemu_sndbuf = Some(n()),
-            _ => panic!("unknown knob {key} (suite, records, workers, tcpbuf, qsndbuf)"),
+            "rbuf" => k.read_size = Some(n()),
+            "hash" if v == "first" => k.hash_first = true,
+            _ => panic!(
+                "unknown knob {kv} (suite, records, workers, tcpbuf, qsndbuf, rbuf, hash=first)"
+            ),
         }
     }
     Variant { name: spec.into(), mode, knobs: k }

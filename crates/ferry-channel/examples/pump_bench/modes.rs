@@ -54,6 +54,9 @@ pub struct Knobs {
     pub tcp_buf: Option<usize>,
     pub workers: usize,
     pub qemu_sndbuf: Option<usize>,
+    pub read_size: Option<usize>,
+    /// Hash a whole batch before sealing it, instead of record by record.
+    pub hash_first: bool,
 }
 
 pub struct Tls {
@@ -170,11 +173,55 @@ pub async fn source(
             let mut w = FrameWriter::new(w, IO_TIMEOUT);
             gate.pass().await;
             let (q, _) = unix_l.accept().await.unwrap();
+            if k.hash_first {
+                return Some(two_passes(q, &mut w, k.records).await);
+            }
             let sum = SendPump::with_records(q, IO_TIMEOUT, k.records).run(&mut w).await.unwrap();
             let _ = w.into_inner().shutdown().await;
             Some((sum.bytes, sum.digest.0))
         }
     }
+}
+
+/// The sending pump's work in two passes: hash the whole batch, then seal
+/// and send it (what record-by-record hashing is measured against).
+async fn two_passes(
+    q: UnixStream,
+    w: &mut FrameWriter<ferry_tls::TcpWriter>,
+    records: usize,
+) -> (u64, [u8; 32]) {
+    let mut batch = ferry_tls::RecordBatch::new(records);
+    let mut h = blake3::Hasher::new();
+    let mut total = 0u64;
+    loop {
+        let gap =
+            (ferry_tls::MAX_PLAINTEXT as u64 - total % ferry_tls::MAX_PLAINTEXT as u64) as usize;
+        batch.plan(ferry_channel::HEADER_LEN, gap);
+        let n = loop {
+            q.readable().await.unwrap();
+            match q.try_read_vectored(&mut batch.read_slices()) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        let mut left = n;
+        for s in batch.read_slices() {
+            let m = left.min(s.len());
+            h.update(&s[..m]);
+            left -= m;
+            if left == 0 {
+                break;
+            }
+        }
+        total += n as u64;
+        w.write_data_batch(&mut batch, n, |_| {}).await.unwrap();
+    }
+    w.write_data_end().await.unwrap();
+    (total, *h.finalize().as_bytes())
 }
 
 /// The destination agent: the peer connects to `l`, QEMU listens at `qemu`.
@@ -223,7 +270,10 @@ pub async fn dest(
         Mode::Ferry => {
             let tls = acceptor.accept(Paced::new(tcp)).await.unwrap();
             let (io, conn) = tls.into_inner();
-            let (r, _w) = take_over(io, conn).unwrap();
+            let (mut r, _w) = take_over(io, conn).unwrap();
+            if let Some(n) = k.read_size {
+                r.set_read_size(n);
+            }
             let mut r = FrameReader::new(r, IO_TIMEOUT);
             gate.pass().await;
             let mut q = UnixStream::connect(&qemu).await.unwrap();
