@@ -18,6 +18,7 @@
 //! truncation, never a clean end.
 
 mod batch;
+pub mod fuzz;
 pub mod keys;
 mod reader;
 mod takeover;
