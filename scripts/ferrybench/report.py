@@ -57,6 +57,15 @@ def cpu_per_gb(r):
     return r["cpu_s"] / (r["bytes"] / 1e9)
 
 
+def transport_cpu_per_gb(r):
+    """CPU per GB of the transport's own processes (Ferry's agents, ssh and
+    sshd, stunnel), QEMUs left out."""
+    by = r.get("cpu_by")
+    if by is None or not r.get("bytes"):
+        return None
+    return sum(v for k, v in by.items() if not k.startswith("qemu")) / (r["bytes"] / 1e9)
+
+
 def transports_of(res_kind):
     return [t for t in res_kind if t != "raw"]
 
@@ -185,14 +194,15 @@ def render_vs_secure(out, results, L):
                "(%s; best = highest throughput in that round):" % ", ".join(L(t) for t in secure))
     out.append("")
     out.append("| guest | %sbest secure per round | throughput Ferry/best | CPU per GB Ferry/best "
-               "| CPU per GB Ferry/QEMU TLS | CPU per GB Ferry/SSH | guest blackout Ferry − best ms |"
+               "| CPU per GB Ferry/QEMU TLS | CPU per GB Ferry/SSH | transport CPU per GB "
+               "Ferry agents/(ssh + sshd) | guest blackout Ferry − best ms |"
                % ("Ferry | " if multi else ""))
-    out.append("|---|---|---|---|---|---|---|" + ("---|" if multi else ""))
+    out.append("|---|---|---|---|---|---|---|---|" + ("---|" if multi else ""))
     for kind in results:
         for ft in ferries:
             if ft not in results[kind]:
                 continue
-            tr, cr, ct, cs, bd, names = [], [], [], [], [], []
+            tr, cr, ct, cs, ts, bd, names = [], [], [], [], [], [], []
             for i, f in enumerate(results[kind][ft]):
                 cands = [(results[kind][t][i]["throughput"] or 0, t) for t in secure
                          if t in results[kind] and i < len(results[kind][t])]
@@ -210,11 +220,13 @@ def render_vs_secure(out, results, L):
                         q = results[kind][other][i]
                         if cpu_per_gb(q) and cpu_per_gb(f) is not None:
                             ratios.append(cpu_per_gb(f) / cpu_per_gb(q))
+                        if other == "ssh" and transport_cpu_per_gb(q) and transport_cpu_per_gb(f) is not None:
+                            ts.append(transport_cpu_per_gb(f) / transport_cpu_per_gb(q))
                 if b["blackout_ms"] is not None and f["blackout_ms"] is not None:
                     bd.append(f["blackout_ms"] - b["blackout_ms"])
-            out.append("| %s | %s%s | %s | %s | %s | %s | %s |" % (
+            out.append("| %s | %s%s | %s | %s | %s | %s | %s | %s |" % (
                 kind, (L(ft) + " | ") if multi else "", ", ".join(names), cell(tr, d=2),
-                cell(cr, d=2), cell(ct, d=2), cell(cs, d=2), cell(bd)))
+                cell(cr, d=2), cell(ct, d=2), cell(cs, d=2), cell(ts, d=2), cell(bd)))
 
 
 def render_convergence(out, results, L, converge_s):
