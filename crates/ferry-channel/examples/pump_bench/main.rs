@@ -8,7 +8,8 @@
 //! now (`ferry`: rustls handshake with the cluster's real configs, record
 //! layer taken over, `SendPump` -> loopback TCP -> `ReceivePump`). Each
 //! agent runs on its own tokio runtime, as two agent processes would.
-//! Modes are interleaved run by run, and every round also measures the
+//! Modes are interleaved run by run, in an order that rotates by one each
+//! round, and every round also measures the
 //! cryptographic primitives (ferry-ceilings), so that the floor
 //!
 //!   plain relay's agent CPU + seal + open + BLAKE3 (both sides)
@@ -222,7 +223,11 @@ fn main() {
     let budget = Budget { bytes: 64 << 20, trials: 3, tcp_bytes: 0 };
     for run in 0..runs {
         prims.push(ferry_ceilings::measure_primitives(budget).unwrap());
-        for (v, samples) in results.iter_mut() {
+        // The order rotates by one each round, so that no variant always
+        // runs first (or right after the most expensive one).
+        let n = results.len();
+        for i in 0..n {
+            let (v, samples) = &mut results[(run + i) % n];
             let s = bench.run(v);
             println!(
                 "run {run} {:>12}: {:8.1} MB/s  cpu {:.3} s/GB (agents {:.3} s/GB)",
