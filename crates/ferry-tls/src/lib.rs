@@ -61,7 +61,9 @@ pub enum RecordError {
     PostHandshake(u8),
     #[error(
         "the {direction} key has protected {limit} records, its cipher's confidentiality limit, \
-         and this record layer cannot update keys: the connection must end"
+         and this record layer cannot update keys: the connection must end (with AES-GCM one \
+         connection carries at most about 250 GB each way; spread larger transfers over more \
+         streams)"
     )]
     KeyExhausted { direction: &'static str, limit: u64 },
     #[error("sealing a record failed")]
