@@ -1,6 +1,7 @@
 //! TLS 1.3 record protection (RFC 8446 §5.2–5.3) with the traffic keys
-//! rustls negotiated: one [`Sealer`] for what we send, one [`Opener`] for
-//! what we receive. Each works in place, on a record where it lies.
+//! rustls negotiated: one [`Sealer`] for what we send, sealing a record
+//! where it lies, and one [`Opener`] for what we receive, opening a record
+//! in one pass into a plaintext buffer.
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use rustls::ConnectionTrafficSecrets;
