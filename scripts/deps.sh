@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # Install what Ferry needs on a Debian 12 machine, only if it is missing.
+# Sourced by scripts/demo.sh and scripts/test.sh; prints nothing on stdout.
 set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v swtpm >/dev/null || need+=(swtpm)
 command -v swtpm_setup >/dev/null || need+=(swtpm-tools)
 dpkg -s libtss2-dev >/dev/null 2>&1 || need+=(libtss2-dev)
 command -v gcc >/dev/null || need+=(gcc)
 command -v ld >/dev/null || need+=(binutils)
+# Everything the installation prints goes to stderr: the callers' stdout is
+# their result (`scripts/demo.sh --json | jq .` must see only the JSON).
 if [ ${#need[@]} -gt 0 ]; then
-  echo "==> installing ${need[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${need[@]}"
+  {
+    echo "==> installing ${need[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${need[@]}"
+  } >&2
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
 command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (1.85 or newer)" >&2; exit 1; }

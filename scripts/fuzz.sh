@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Run every cargo-fuzz target in fuzz/ for SECONDS each (default 10).
+# Build every cargo-fuzz target in fuzz/, then run each for SECONDS
+# (default 10). Every target is built even when only some run, so a target
+# that no longer compiles against the decoder it fuzzes fails every run.
 #
 #   scripts/fuzz.sh            # 10 s per target
 #   scripts/fuzz.sh 300        # a longer campaign
-#   FUZZ_TARGETS="frame vm_spec" scripts/fuzz.sh 60
+#   FUZZ_TARGETS="frame vm_spec" scripts/fuzz.sh 60   # run only these
 #   FUZZ_SANITIZER=none scripts/fuzz.sh   # faster build, no ASan
 #
 # cargo-fuzz passes nightly-only flags (-Zsanitizer, -Cpasses=sancov-module);
@@ -27,14 +29,14 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz.sh: cargo-fuzz installed in $(( $(date +%s) - start )) s" >&2
 fi
 
-targets="${FUZZ_TARGETS:-$(cargo fuzz list)}"
+all=$(cargo fuzz list)
+targets="${FUZZ_TARGETS:-$all}"
+for t in $targets; do
+    grep -qx "$t" <<<"$all" || { echo "fuzz.sh: no fuzz target $t (have: $(echo $all))" >&2; exit 2; }
+done
 start=$(date +%s)
-if [ -z "${FUZZ_TARGETS:-}" ]; then
-    cargo fuzz build --sanitizer "$SANITIZER"
-else
-    for t in $targets; do cargo fuzz build --sanitizer "$SANITIZER" "$t"; done
-fi
-echo "fuzz.sh: built $(echo $targets | wc -w) targets in $(( $(date +%s) - start )) s" >&2
+cargo fuzz build --sanitizer "$SANITIZER"
+echo "fuzz.sh: built all $(echo $all | wc -w) targets in $(( $(date +%s) - start )) s" >&2
 
 failed=()
 for t in $targets; do

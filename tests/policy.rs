@@ -1,4 +1,4 @@
-//! R3 and the survey's control-plane attacks, run against real agents:
+//! R3 and the control-plane threats C1–C7 of docs/architecture.md, run against real agents:
 //! each is refused with the policy's (or admission control's) reason,
 //! before any VM byte moves, and the VM stays where it was.
 

@@ -338,12 +338,14 @@ fn a_guest_that_converges_anyway_completes_with_postcopy_allowed() {
 }
 
 /// The source's QEMU dies while the link is down: the pages only it held
-/// are gone, so the agent stops retrying, and still stops or resumes
-/// nothing on its own: the destination's half is the operator's to judge.
+/// are gone. The source agent records that by itself (`postcopy_lost`,
+/// audited, counted) instead of retrying forever; once the link is back it
+/// tells the destination, which releases its frozen half to the operator:
+/// nothing is stopped or resumed on its own, and `vm stop` works there.
 #[test]
-fn losing_the_source_qemu_ends_automatic_recovery() {
+fn losing_the_source_qemu_ends_the_postcopy_as_lost_on_both_sides() {
     let (lab, proxy) = lab_with_cuttable_link("postcopy_recover_retry_ms = 500");
-    let (_, src_pid, _) = cut_after_handover(&lab, &proxy);
+    let (_, src_pid, id) = cut_after_handover(&lab, &proxy);
     let dst_pid = lab
         .vms("host2")
         .iter()
@@ -351,15 +353,43 @@ fn losing_the_source_qemu_ends_automatic_recovery() {
         .and_then(|v| v["pid"].as_i64())
         .expect("destination half") as i32;
     let _ = std::process::Command::new("kill").args(["-9", &src_pid.to_string()]).status();
-    let agent_log = lab.host("host1").log.clone();
-    wait_until(Duration::from_secs(30), "the agent to stop retrying", || {
-        std::fs::read_to_string(&agent_log)
-            .unwrap_or_default()
-            .contains("automatic post-copy recovery stops")
+    wait_until(Duration::from_secs(30), "host1 to record the lost half", || {
+        state(&lab, "host1") == "postcopy_lost"
     });
+    // While the link is down host2 keeps its half exactly as it is.
+    assert_eq!(state(&lab, "host2"), "postcopy_active");
     assert!(pid_alive(dst_pid), "the destination's half was stopped");
-    assert_eq!(
-        (state(&lab, "host1"), state(&lab, "host2")),
-        ("postcopy_active".into(), "postcopy_active".into())
+    assert!(
+        lab.vms("host1").iter().all(|v| v["name"] != "fast"),
+        "host1 still lists a VM whose QEMU is gone"
     );
+    // `recover` names the loss instead of asking to retry.
+    let (ok, v) = lab.ferry_json(&["migrations", "recover", &id, "--host", "host1"]);
+    assert!(!ok && v["message"].as_str().unwrap_or("").contains("postcopy_lost"), "{v}");
+    let lost = metric(
+        &scrape(lab.host("host1").metrics),
+        "ferry_migrations_total{role=\"source\",outcome=\"postcopy_lost\"}",
+    );
+    assert_eq!(lost, 1);
+
+    proxy.heal();
+    wait_until(Duration::from_secs(90), "host2 to learn the source half is lost", || {
+        state(&lab, "host2") == "postcopy_lost"
+    });
+    assert!(pid_alive(dst_pid), "the destination's half was stopped without the operator");
+    let (_, shown) = lab.ferry_json(&["migrations", "show", &id, "--host", "host2"]);
+    assert!(shown["error"].as_str().unwrap_or("").contains("released to the operator"), "{shown}");
+    let (ok, v) = lab.ferry_json(&["vm", "stop", "fast", "--host", "host2"]);
+    assert!(ok, "the operator cannot stop the frozen half: {v}");
+    for (host, kinds) in [
+        ("host1", ["postcopy_lost", "postcopy_lost_sent"]),
+        ("host2", ["postcopy_lost", "postcopy_lost_received"]),
+    ] {
+        let log =
+            std::fs::read_to_string(lab.host(host).state_dir.join("audit.log")).unwrap_or_default();
+        for kind in kinds {
+            assert!(log.contains(&format!("\"{kind}\"")), "no {kind} record in {host}'s audit log");
+        }
+    }
+    audit_verifies(&lab);
 }

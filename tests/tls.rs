@@ -45,10 +45,21 @@ fn other_ca(lab: &TestLab) -> PathBuf {
 
 /// Run `host` with other credentials (and optionally another name) until the guard drops.
 fn with_identity(lab: &TestLab, host: &str, certs: &Certs, f: impl FnOnce()) {
+    with_identity_and(lab, host, certs, &[], f)
+}
+
+/// `with_identity`, with more replacements in the host's config.
+fn with_identity_and(
+    lab: &TestLab,
+    host: &str,
+    certs: &Certs,
+    also: &[(String, String)],
+    f: impl FnOnce(),
+) {
     let cfg = lab.host(host).config.clone();
     let original = std::fs::read_to_string(&cfg).expect("cfg");
     let h = lab.host(host);
-    let swapped = original
+    let mut swapped = original
         .replace(
             &format!("cert = \"{}\"", h.cert.display()),
             &format!("cert = \"{}\"", certs.cert.display()),
@@ -57,6 +68,9 @@ fn with_identity(lab: &TestLab, host: &str, certs: &Certs, f: impl FnOnce()) {
             &format!("key = \"{}\"", h.key.display()),
             &format!("key = \"{}\"", certs.key.display()),
         );
+    for (from, to) in also {
+        swapped = swapped.replace(from, to);
+    }
     assert_ne!(swapped, original);
     std::fs::write(&cfg, swapped).expect("cfg");
     lab.restart_agent(host);
@@ -93,9 +107,15 @@ fn a_source_refuses_destinations_with_bad_certificates() {
     // before any VM byte moves.
     {
         let side = "host2";
-        // A certificate for the right name from another CA.
+        // A certificate for the right name from another CA. The agent trusts
+        // that CA too (it refuses to start with a certificate its own CA did
+        // not issue), as an impostor with a CA of its own would.
         let c = issue(&lab, &foreign, &["host", side], &format!("foreign-{side}"), &[]);
-        with_identity(&lab, side, &c, || {
+        let trust_foreign = [
+            (lab.lab.ca.display().to_string(), foreign.join("ca.pem").display().to_string()),
+            (lab.lab.crl.display().to_string(), foreign.join("crl.pem").display().to_string()),
+        ];
+        with_identity_and(&lab, side, &c, &trust_foreign, || {
             assert_refused(&lab, &log, &["unknown ca", "not issued by this cluster"])
         });
         // Expired.
@@ -205,19 +225,19 @@ fn a_destination_refuses_sources_with_bad_certificates() {
         let result = rt.block_on(async {
             let timeout = std::time::Duration::from_secs(5);
             let (stream, _) =
-                ferry_agent::client::connect(h2.addr, &h2.name, cfg, &domain, timeout).await?;
-            ferry_agent::client::greet(stream, &h2.name, h2.addr, timeout).await.map(drop)
+                ferry_agent::net::connect(h2.addr, &h2.name, cfg, &domain, timeout).await?;
+            ferry_agent::net::greet(stream, &h2.name, h2.addr, timeout).await.map(drop)
         });
         match (causes.is_empty(), result) {
             (true, Ok(())) => {}
             (true, Err(e)) => {
-                panic!("a good source certificate was refused: {}", ferry_agent::chain(&e))
+                panic!("a good source certificate was refused: {}", ferry_agent::report(&e))
             }
             (false, Ok(())) => {
                 panic!("host2 accepted a source with a bad certificate {}", certs.cert.display())
             }
             (false, Err(e)) => {
-                let msg = ferry_agent::chain(&e).to_lowercase();
+                let msg = ferry_agent::report(&e).to_lowercase();
                 assert!(
                     causes.iter().any(|c| msg.contains(c)),
                     "error does not name the cause {causes:?}: {msg}"

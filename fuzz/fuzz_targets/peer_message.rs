@@ -15,7 +15,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let back: PeerMessage =
             serde_json::from_slice(&again).expect("accepted message does not round-trip");
         assert_eq!(back.name(), m.name());
-        if let (PeerMessage::Offer(a), PeerMessage::Offer(b)) = (&m, &back) {
+        if let (PeerMessage::Offer { signed: a }, PeerMessage::Offer { signed: b }) = (&m, &back) {
             assert_eq!(a, b);
         }
     }

@@ -35,6 +35,12 @@ pub enum Tamper {
     /// TLS peer must authenticate (the plaintext handshake's transcript, or
     /// AEAD ciphertext).
     FlipBit { dir: Dir, offset: u64, mask: u8 },
+    /// XOR `mask` into the first body byte of the first application-data
+    /// record whose body length is within `len` (inclusive) and that follows
+    /// one whose body is `after_len` bytes long. The source's Commit is such
+    /// a record: it follows the 25-byte record of the end-of-data frame, and
+    /// its length is learnt from an untampered migration's `tail_up`.
+    FlipAfterRecord { dir: Dir, after_len: u16, len: (u16, u16), mask: u8 },
     /// Forward exactly `after` bytes upstream, then stop relaying in both
     /// directions (and stop reading, so TCP backpressure reaches the sender)
     /// while keeping both connections open.
@@ -63,7 +69,11 @@ pub struct MitmLog {
     /// Per direction, the first [`MAX_RECORDS_LOGGED`] records.
     pub records_up: Vec<RecordSeen>,
     pub records_down: Vec<RecordSeen>,
-    /// (direction, stream offset) of each bit actually flipped.
+    /// The last [`TAIL_RECORDS`] upstream records of the latest connection
+    /// that carried any.
+    pub tail_up: Vec<RecordSeen>,
+    /// (direction, stream offset) of each bit actually flipped since the
+    /// tamper mode was last set, on any connection.
     pub flipped: Vec<(Dir, u64)>,
     /// When the last stall or truncation took effect.
     pub fault_at: Option<Instant>,
@@ -74,6 +84,7 @@ pub struct MitmLog {
 }
 
 pub const MAX_RECORDS_LOGGED: usize = 64;
+pub const TAIL_RECORDS: usize = 8;
 
 /// A TCP man in the middle on loopback for attack tests.
 pub struct Mitm {
@@ -124,7 +135,6 @@ impl Mitm {
                     g.connections += 1;
                     g.records_up.clear();
                     g.records_down.clear();
-                    g.flipped.clear();
                     g.fault_at = None;
                     g.bytes_up = 0;
                     g.bytes_down = 0;
@@ -157,8 +167,10 @@ impl Mitm {
         Mitm { addr, tamper, log, stop, sockets }
     }
 
+    /// Tamper with connections from now on; forgets the bits flipped before.
     pub fn set_tamper(&self, t: Tamper) {
         *self.tamper.lock().expect("tamper") = t;
+        self.log.lock().expect("log").flipped.clear();
     }
 
     pub fn log(&self) -> MitmLog {
@@ -199,6 +211,13 @@ struct RecordTracker {
     header_got: usize,
     body_left: u64,
     body_type: u8,
+    /// FlipAfterRecord: (previous record's length, this record's length
+    /// range), the last application record's length, and the body start of
+    /// the record that matched.
+    arm: Option<(u16, (u16, u16))>,
+    prev_len: Option<u16>,
+    armed_target: Option<u64>,
+    tail: Vec<RecordSeen>,
 }
 
 impl MitmPump {
@@ -206,7 +225,10 @@ impl MitmPump {
         let mut buf = vec![0u8; 64 * 1024];
         let mut tracker = RecordTracker::default();
         let mut pos: u64 = 0;
-        let mut flip_pending = matches!(self.mode, Tamper::FlipBit { dir, .. } if dir == self.dir);
+        let mut flip_pending = matches!(self.mode, Tamper::FlipBit { dir, .. } | Tamper::FlipAfterRecord { dir, .. } if dir == self.dir);
+        if let Tamper::FlipAfterRecord { after_len, len, .. } = self.mode {
+            tracker.arm = Some((after_len, len));
+        }
         let mut cut = false;
         loop {
             if self.stalled.load(Ordering::Relaxed) {
@@ -242,11 +264,14 @@ impl MitmPump {
             let chunk = &mut buf[..n];
             let (target, mask) = match self.mode {
                 Tamper::FlipBit { offset, mask, .. } if flip_pending => (Some(offset), mask),
+                Tamper::FlipAfterRecord { mask, .. } if flip_pending => (None, mask),
                 _ => (None, 0),
             };
             if let Some(i) = tracker.walk(chunk, target, &self.log, self.dir) {
                 chunk[i] ^= mask;
                 flip_pending = false;
+                tracker.arm = None;
+                tracker.armed_target = None;
                 self.log.lock().expect("log").flipped.push((self.dir, pos + i as u64));
             }
             if let Some(f) = &self.capture {
@@ -302,7 +327,7 @@ impl RecordTracker {
             if self.body_left > 0 {
                 let take = (self.body_left as usize).min(chunk.len() - i);
                 if found.is_none() && self.body_type != 0x14 {
-                    if let Some(t) = target {
+                    if let Some(t) = target.or(self.armed_target) {
                         let end = self.pos + take as u64;
                         if end > t {
                             let at = t.max(self.pos);
@@ -323,6 +348,26 @@ impl RecordTracker {
                     self.body_type = self.header[0];
                     let len = u16::from_be_bytes([self.header[3], self.header[4]]);
                     self.body_left = u64::from(len);
+                    if self.body_type == 0x17 {
+                        if let Some((after, (lo, hi))) = self.arm {
+                            let fits = (lo..=hi).contains(&len);
+                            if self.prev_len == Some(after) && fits && self.armed_target.is_none() {
+                                self.armed_target = Some(self.pos);
+                            }
+                        }
+                        self.prev_len = Some(len);
+                        if dir == Dir::Up {
+                            self.tail.push(RecordSeen {
+                                offset: self.pos - 5,
+                                content_type: 0x17,
+                                len,
+                            });
+                            if self.tail.len() > TAIL_RECORDS {
+                                self.tail.remove(0);
+                            }
+                            log.lock().expect("log").tail_up = self.tail.clone();
+                        }
+                    }
                     let mut g = log.lock().expect("log");
                     let list = match dir {
                         Dir::Up => &mut g.records_up,

@@ -404,9 +404,15 @@ pub fn spawn_migrate(lab: &TestLab) -> std::process::Child {
         .expect("spawn migrate")
 }
 
+mod attack;
+mod evidence;
 mod mitm;
 mod qemu;
 mod rogue;
+#[allow(unused_imports)]
+pub use attack::*;
+#[allow(unused_imports)]
+pub use evidence::*;
 #[allow(unused_imports)]
 pub use mitm::*;
 #[allow(unused_imports)]

@@ -48,8 +48,8 @@ pub struct RogueSource {
     ak: PathBuf,
     selection: Vec<u8>,
     signer: ferry_audit::Signer,
-    reader: ferry_agent::client::Reader,
-    writer: ferry_agent::client::Writer,
+    reader: ferry_agent::net::Reader,
+    writer: ferry_agent::net::Writer,
     // Declared last: dropped after the connection it drives.
     rt: tokio::runtime::Runtime,
 }
@@ -64,34 +64,29 @@ impl RogueSource {
         let refs_path =
             lab.lab.reference_values.as_ref().ok_or("the lab has no reference values")?;
         let refs =
-            ferry_attest::ReferenceValues::load(refs_path).map_err(|e| ferry_agent::chain(&e))?;
+            ferry_attest::ReferenceValues::load(refs_path).map_err(|e| ferry_agent::report(&e))?;
         let selection = refs
             .selection_for(&me.name)
             .unwrap_or_else(|| ferry_attest::DEFAULT_PCR_SELECTION.to_vec());
         let signer =
-            ferry_audit::Signer::load(&me.cert, &me.key).map_err(|e| ferry_agent::chain(&e))?;
+            ferry_audit::Signer::load(&me.cert, &me.key).map_err(|e| ferry_agent::report(&e))?;
         let identity =
             ferry_identity::Identity::load(&me.cert, &me.key, &lab.lab.ca, Some(&lab.lab.crl))
-                .map_err(|e| ferry_agent::chain(&e))?;
+                .map_err(|e| ferry_agent::report(&e))?;
         let domain = identity.domain().clone();
-        let cfg = ferry_identity::client_config(&identity).map_err(|e| ferry_agent::chain(&e))?;
+        let cfg = ferry_identity::client_config(&identity).map_err(|e| ferry_agent::report(&e))?;
         let rt =
             tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let (addr, name) = (peer.addr, peer.name.clone());
         let (exporter, reader, writer) = rt.block_on(async move {
             let timeout = Duration::from_secs(10);
-            let (stream, _) = ferry_agent::client::connect(addr, &name, cfg, &domain, timeout)
+            let (stream, peer) = ferry_agent::net::connect(addr, &name, cfg, &domain, timeout)
                 .await
-                .map_err(|e| ferry_agent::chain(&e))?;
-            let exporter = ferry_identity::channel_binding(
-                stream.get_ref().1,
-                ferry_agent::protocol::BINDING_LABEL,
-                b"",
-            )
-            .map_err(|e| ferry_agent::chain(&e))?;
-            let (mut reader, writer) = ferry_agent::client::greet(stream, &name, addr, timeout)
+                .map_err(|e| ferry_agent::report(&e))?;
+            let exporter = *peer.binding().as_bytes();
+            let (mut reader, writer) = ferry_agent::net::greet(stream, &name, addr, timeout)
                 .await
-                .map_err(|e| ferry_agent::chain(&e))?;
+                .map_err(|e| ferry_agent::report(&e))?;
             reader.set_timeout(Duration::from_secs(60));
             Ok::<_, String>((exporter, reader, writer))
         })?;
@@ -128,13 +123,13 @@ impl RogueSource {
     /// the current migration id and `role`.
     pub fn quote(&self, role: ferry_attest::QuoteRole) -> Result<ferry_attest::Evidence, String> {
         let qd = ferry_attest::qualifying_data(&self.exporter, &self.id, role);
-        let ak = ferry_attest::AkBlob::load(&self.ak).map_err(|e| ferry_agent::chain(&e))?;
+        let ak = ferry_attest::AkBlob::load(&self.ak).map_err(|e| ferry_agent::report(&e))?;
         let mut attester =
-            ferry_attest::Attester::open(&self.tcti, &ak).map_err(|e| ferry_agent::chain(&e))?;
-        attester.quote(&self.selection, &qd).map_err(|e| ferry_agent::chain(&e))
+            ferry_attest::Attester::open(&self.tcti, &ak).map_err(|e| ferry_agent::report(&e))?;
+        attester.quote(&self.selection, &qd).map_err(|e| ferry_agent::report(&e))
     }
 
-    /// Step 3 as a source: send a real quote, read the destination's answer.
+    /// Step 3 (docs/protocol.md) as a source: send a real quote, read the destination's answer.
     /// Ok(its Attest message); Err if it answered anything else or closed.
     pub fn attest(&mut self) -> Result<Value, String> {
         let evidence = self.quote(ferry_attest::QuoteRole::Source)?;
@@ -221,7 +216,7 @@ impl RogueSource {
     /// Send one control message (any JSON: the agent decides if it is one).
     pub fn send(&mut self, msg: &Value) -> Result<(), String> {
         let w = &mut self.writer;
-        self.rt.block_on(w.write_control(msg)).map_err(|e| ferry_agent::chain(&e))
+        self.rt.block_on(w.write_control(msg)).map_err(|e| ferry_agent::report(&e))
     }
 
     /// Write raw bytes (frames or not) and flush.
@@ -246,7 +241,7 @@ impl RogueSource {
     /// Read one control message as JSON.
     pub fn read(&mut self) -> Result<Value, String> {
         let r = &mut self.reader;
-        self.rt.block_on(r.read_control::<Value>()).map_err(|e| ferry_agent::chain(&e))
+        self.rt.block_on(r.read_control::<Value>()).map_err(|e| ferry_agent::report(&e))
     }
 
     /// Read until the agent closes the connection (or the read times out):

@@ -203,10 +203,16 @@ pub struct MigrationSection {
     /// aborted and the VM resumes on the source.
     pub max_transfer_ms: u64,
     /// Data streams per migration: 1, or 1 + QEMU multifd channels (≤ 8).
-    pub streams: u8,
+    pub streams: crate::plan::Streams,
     /// First retry of an interrupted post-copy, doubling up to
     /// [`MAX_POSTCOPY_RECOVER_RETRY_MS`]; 0 leaves recovery to the operator.
     pub postcopy_recover_retry_ms: u64,
+    /// First retry of asking the destination about a migration in doubt;
+    /// the wait doubles up to a minute. 0: only `ferry migrations resolve`.
+    pub resolve_retry_ms: u64,
+    /// How long `ferry migrate` waits for a migration in doubt to settle
+    /// before it answers "in doubt" (exit status 4).
+    pub resolve_wait_ms: u64,
 }
 
 /// Longest pause between automatic post-copy recovery attempts.
@@ -223,8 +229,10 @@ impl Default for MigrationSection {
             outgoing_max: 30,
             outgoing_window_ms: 60_000,
             max_transfer_ms: 600_000,
-            streams: 1,
+            streams: crate::plan::Streams::ONE,
             postcopy_recover_retry_ms: 5_000,
+            resolve_retry_ms: 1_000,
+            resolve_wait_ms: 15_000,
         }
     }
 }
@@ -241,6 +249,13 @@ impl MigrationSection {
     }
     pub fn commit_timeout(&self) -> Duration {
         Duration::from_millis(self.commit_timeout_ms)
+    }
+    /// None when automatic resolution is off.
+    pub fn resolve_retry(&self) -> Option<Duration> {
+        (self.resolve_retry_ms > 0).then(|| Duration::from_millis(self.resolve_retry_ms))
+    }
+    pub fn resolve_wait(&self) -> Duration {
+        Duration::from_millis(self.resolve_wait_ms)
     }
     /// None when automatic post-copy recovery is off.
     pub fn postcopy_recover_retry(&self) -> Option<Duration> {
@@ -278,10 +293,9 @@ impl AgentConfig {
         cfg.attestation.paths(path)?;
         ferry_identity::CipherPolicy::from_names(&cfg.tls.cipher_suites)
             .map_err(|e| invalid(format!("[tls] cipher_suites: {e}")))?;
-        if cfg.migration.streams == 0 || cfg.migration.streams > crate::streams::MAX_STREAMS {
+        if cfg.migration.resolve_retry_ms > MAX_POSTCOPY_RECOVER_RETRY_MS {
             return Err(invalid(format!(
-                "[migration] streams must be 1..={}",
-                crate::streams::MAX_STREAMS
+                "[migration] resolve_retry_ms must be at most {MAX_POSTCOPY_RECOVER_RETRY_MS} (0 leaves resolution to the operator)"
             )));
         }
         if cfg.migration.postcopy_recover_retry_ms > MAX_POSTCOPY_RECOVER_RETRY_MS {

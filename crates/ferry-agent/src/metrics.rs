@@ -1,20 +1,13 @@
-//! Prometheus metrics: counters the agent bumps as migrations run, served
-//! as text on an optional plain-HTTP listener (bind it to loopback or a
-//! management network: it exposes counts, never VM data or secrets).
+//! Prometheus metrics: counters the agent bumps as migrations run, rendered
+//! as Prometheus text (served by crate::metrics_http).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use crate::records::Role;
-
-/// Longest HTTP request head read from a scraper.
-const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -29,6 +22,8 @@ pub struct Metrics {
     tls_failures: AtomicU64,
     attestation_failures: AtomicU64,
     postcopy_recovery_failures: AtomicU64,
+    resolve_settled: AtomicU64,
+    resolve_unsettled: AtomicU64,
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -72,6 +67,13 @@ impl Metrics {
     /// stalled on the destination meanwhile: worth an alert).
     pub fn postcopy_recovery_failure(&self) {
         self.postcopy_recovery_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One attempt to settle a migration in doubt (the VM stays paused on
+    /// the source while they fail: worth an alert).
+    pub fn resolve_attempt(&self, settled: bool) {
+        let c = if settled { &self.resolve_settled } else { &self.resolve_unsettled };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition.
@@ -151,6 +153,17 @@ impl Metrics {
             "ferry_postcopy_recovery_failures_total {}",
             self.postcopy_recovery_failures.load(Ordering::Relaxed)
         );
+        let _ = writeln!(s, "# HELP ferry_resolve_attempts_total Attempts to settle a migration in doubt, by result.");
+        let _ = writeln!(s, "# TYPE ferry_resolve_attempts_total counter");
+        for (result, v) in
+            [("settled", &self.resolve_settled), ("unsettled", &self.resolve_unsettled)]
+        {
+            let _ = writeln!(
+                s,
+                "ferry_resolve_attempts_total{{result=\"{result}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
         let _ = writeln!(s, "# HELP ferry_vms VMs this agent runs.");
         let _ = writeln!(s, "# TYPE ferry_vms gauge");
         let _ = writeln!(s, "ferry_vms {vms}");
@@ -159,40 +172,6 @@ impl Metrics {
         let _ = writeln!(s, "ferry_active_migrations {active}");
         s
     }
-}
-
-/// Serve `GET /metrics` on `addr` until the task is dropped.
-pub async fn serve(agent: Arc<crate::Agent>, listener: tokio::net::TcpListener) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else { continue };
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let mut head = vec![0u8; MAX_REQUEST_HEAD];
-            let n = match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut head)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let first = String::from_utf8_lossy(&head[..n]);
-            let (status, body) =
-                if first.starts_with("GET /metrics ") || first.starts_with("GET /metrics?") {
-                    let vms = agent.vms.lock().await.len();
-                    let active = agent.active.lock().await.len();
-                    ("200 OK", agent.metrics.render(vms, active))
-                } else {
-                    ("404 Not Found", "try /metrics\n".to_owned())
-                };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-        });
-    }
-}
-
-/// Bind the metrics listener named in the config.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }
 
 #[cfg(test)]
@@ -206,6 +185,7 @@ mod tests {
         m.migration_finished(Role::Source, "completed", 24, Duration::from_millis(500));
         m.refused("replay");
         m.postcopy_recovery_failure();
+        m.resolve_attempt(false);
         let text = m.render(2, 1);
         assert!(
             text.contains("ferry_migrations_total{role=\"source\",outcome=\"completed\"} 2"),
@@ -218,6 +198,7 @@ mod tests {
         );
         assert!(text.contains("ferry_refusals_total{reason=\"replay\"} 1"), "{text}");
         assert!(text.contains("ferry_postcopy_recovery_failures_total 1"), "{text}");
+        assert!(text.contains("ferry_resolve_attempts_total{result=\"unsettled\"} 1"), "{text}");
         assert!(text.contains("ferry_vms 2"));
     }
 }

@@ -47,8 +47,8 @@ use serde::{Deserialize, Serialize};
 use crate::records::MigrationRecord;
 
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Exporter label binding offers (and later quotes) to this TLS connection.
-pub const BINDING_LABEL: &[u8] = b"EXPORTER-ferry-attestation";
+/// Exporter label of the channel binding offers and quotes are bound to.
+pub use ferry_identity::BINDING_LABEL;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,6 +101,15 @@ pub enum ApiRequest {
     },
     /// Re-read the policy files (as SIGHUP does); the old policy stays on error.
     PolicyReload,
+    /// Pass one read-only QMP command (ferry_vmm::diagnostics) to a VM's
+    /// QEMU, whose only QMP connection the agent holds.
+    VmQmp {
+        vm: VmName,
+        command: String,
+        /// A JSON object, as QMP's `arguments`.
+        #[serde(default)]
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    },
 }
 
 // One response per request: the size of the largest variant does not matter.
@@ -109,14 +118,31 @@ pub enum ApiRequest {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ApiResponse {
     Status(HostStatus),
-    Vms { vms: Vec<VmInfo> },
+    Vms {
+        vms: Vec<VmInfo>,
+    },
     Vm(VmInfo),
-    Stopped { vm: VmName },
+    Stopped {
+        vm: VmName,
+    },
     Progress(Progress),
     Migration(MigrationRecord),
-    Migrations { migrations: Vec<MigrationRecord> },
-    PolicyReloaded { policies: usize },
-    Error { kind: ErrorKind, message: String },
+    Migrations {
+        migrations: Vec<MigrationRecord>,
+    },
+    PolicyReloaded {
+        policies: usize,
+    },
+    /// QEMU's `return` value for a [`ApiRequest::VmQmp`].
+    Qmp {
+        vm: VmName,
+        command: String,
+        result: serde_json::Value,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 /// Who is at fault, so scripts can tell an attack from a typo.
@@ -138,12 +164,18 @@ pub enum ErrorKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostStatus {
     pub host: HostName,
+    /// Who runs this host's VMs: "qemu" (Ferry-owned) or "libvirt".
+    #[serde(default)]
+    pub backend: String,
     pub version: String,
     pub protocol: u32,
     pub accel: String,
     pub vms: usize,
     pub peers: Vec<HostName>,
     pub active_migrations: usize,
+    /// The start-up checks, run again now (docs/deploy.md, "When it fails").
+    #[serde(default)]
+    pub checks: Vec<crate::preflight::Check>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,21 +205,7 @@ pub struct Progress {
 
 // ---------------------------------------------------------------- peer protocol
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DestinationOutcome {
-    /// The destination resumed the VM: the source must quit its copy.
-    Completed,
-    /// The destination will never resume the VM: the source must resume.
-    Aborted,
-    /// Still running on the destination side; ask again.
-    InProgress,
-    /// Post-copy: the destination runs the VM (the reply carries its signed
-    /// handover) and still lacks pages the source holds: recover, never resume.
-    PostcopyActive,
-    /// Never seen: the destination cannot resume it either.
-    Unknown,
-}
+pub use ferry_session::DestinationOutcome;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -244,14 +262,27 @@ pub enum PeerMessage {
     PostcopyRecoverReady {
         migration_id: MigrationId,
     },
+    /// Source to destination on a new connection: what became of it?
     Query {
         migration_id: MigrationId,
+        vm: VmName,
     },
-    /// With the signed receipt when the outcome is `Completed`.
+    /// The destination's signed word for its outcome: the Receipt
+    /// (`completed`), the hand-over (`postcopy_active`), or an Abort bound
+    /// to the query's own connection (`aborted`, `unknown`).
     QueryReply {
         migration_id: MigrationId,
         outcome: DestinationOutcome,
-        receipt: Option<Signed>,
+        signed: Option<Signed>,
+    },
+    /// Post-copy, source to destination on a new connection: my half is
+    /// gone, and with it the pages only it held.
+    PostcopyLost {
+        migration_id: MigrationId,
+    },
+    /// Destination: recorded; the frozen half is the operator's now.
+    PostcopyLostAck {
+        migration_id: MigrationId,
     },
 }
 
@@ -267,8 +298,10 @@ impl PeerMessage {
             | PeerMessage::PostcopyReady { migration_id }
             | PeerMessage::PostcopyRecover { migration_id }
             | PeerMessage::PostcopyRecoverReady { migration_id }
-            | PeerMessage::Query { migration_id }
-            | PeerMessage::QueryReply { migration_id, .. } => Some(*migration_id),
+            | PeerMessage::Query { migration_id, .. }
+            | PeerMessage::QueryReply { migration_id, .. }
+            | PeerMessage::PostcopyLost { migration_id }
+            | PeerMessage::PostcopyLostAck { migration_id } => Some(*migration_id),
             PeerMessage::Offer { signed }
             | PeerMessage::Accept { signed }
             | PeerMessage::Commit { signed }
@@ -294,6 +327,8 @@ impl PeerMessage {
             PeerMessage::PostcopyRecoverReady { .. } => "postcopy_recover_ready",
             PeerMessage::Query { .. } => "query",
             PeerMessage::QueryReply { .. } => "query_reply",
+            PeerMessage::PostcopyLost { .. } => "postcopy_lost",
+            PeerMessage::PostcopyLostAck { .. } => "postcopy_lost_ack",
         }
     }
 }
@@ -323,5 +358,9 @@ mod tests {
         assert!(serde_json::from_str::<PeerMessage>(&unknown).is_err());
         let req = r#"{"op":"migrate","vm":"../x","to":"host2","wait":true}"#;
         assert!(serde_json::from_str::<ApiRequest>(req).is_err(), "VM names are validated");
+        let qmp = r#"{"op":"vm_qmp","vm":"g","command":"query-status","arguments":{"a":1}}"#;
+        assert!(serde_json::from_str::<ApiRequest>(qmp).is_ok());
+        let list = qmp.replace(r#"{"a":1}"#, "[1]");
+        assert!(serde_json::from_str::<ApiRequest>(&list).is_err(), "QMP arguments are an object");
     }
 }

@@ -12,43 +12,8 @@ use serde::{Deserialize, Serialize};
 /// Largest record file read back; records are small.
 const MAX_RECORD_LEN: u64 = 1024 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Source,
-    Destination,
-}
-
-/// Where a migration stands. Source: preparing → transferring → committed →
-/// completed | in_doubt; destination: preparing → transferring → resuming →
-/// completed. Either may end in aborted, which on the source means its copy
-/// runs again. With post-copy both pass through postcopy_active between the
-/// switchover receipt and the end of the stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MigrationState {
-    Preparing,
-    Transferring,
-    /// Source: commit sent; the copy is paused and must not run until the
-    /// destination answers.
-    Committed,
-    /// Source: commit sent and no answer; the operator resolves it.
-    InDoubt,
-    /// Destination: checks passed; about to resume the VM.
-    Resuming,
-    /// Post-copy: the destination signed for the VM and runs it while the
-    /// source's QEMU still serves the pages it lacks. The VM exists only as
-    /// both halves together: neither QEMU may be stopped or resumed.
-    PostcopyActive,
-    Completed,
-    Aborted,
-}
-
-impl MigrationState {
-    pub fn is_final(self) -> bool {
-        matches!(self, MigrationState::Completed | MigrationState::Aborted)
-    }
-}
+use ferry_session::Step;
+pub use ferry_session::{MigrationState, Role};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationRecord {
@@ -57,7 +22,9 @@ pub struct MigrationRecord {
     pub vm: VmName,
     pub source: HostName,
     pub destination: HostName,
-    pub state: MigrationState,
+    /// Changed only by [`MigrationRecord::enter`], with a step of the
+    /// session's transition table.
+    state: MigrationState,
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
     pub bytes: u64,
@@ -84,6 +51,9 @@ pub struct MigrationRecord {
     /// Post-copy was allowed for this migration.
     #[serde(default)]
     pub postcopy: bool,
+    /// Source, post-copy lost: the destination has acknowledged it.
+    #[serde(default)]
+    pub peer_told: bool,
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -119,7 +89,61 @@ impl MigrationRecord {
             receipt: None,
             streams: 1,
             postcopy: false,
+            peer_told: false,
         }
+    }
+
+    pub fn state(&self) -> MigrationState {
+        self.state
+    }
+
+    /// Take a legal step of the transition table (only `table::next` makes
+    /// one). The caller records the result durably.
+    pub(crate) fn enter(&mut self, step: &Step) {
+        self.state = step.to;
+    }
+
+    /// Tests: bring the record to `to` by legal steps of the table only
+    /// (the shortest path of rows that are not restarts).
+    #[cfg(test)]
+    pub(crate) fn walk_to(&mut self, to: MigrationState) {
+        use ferry_session::{Event, On};
+        let event = |on: On| match on {
+            On::Accepted => Some(Event::Accepted),
+            On::Committed => Some(Event::Committed),
+            On::ReceiptVerified => Some(Event::ReceiptVerified),
+            On::HandedOver => Some(Event::HandedOver),
+            On::DigestsMatched => Some(Event::DigestsMatched),
+            On::Resumed => Some(Event::Resumed),
+            On::PostcopyDone => Some(Event::PostcopyDone),
+            On::Failed => Some(Event::Failed),
+            On::PeerAborted => Some(Event::PeerAborted),
+            On::SourceLost => Some(Event::SourceLost),
+            On::Resolved(o) => Some(Event::Resolved(o)),
+            On::Restarted(_) => None,
+        };
+        let mut paths = vec![(self.state, Vec::new())];
+        let mut seen = vec![self.state];
+        while let Some((at, path)) = (!paths.is_empty()).then(|| paths.remove(0)) {
+            if at == to {
+                for e in path {
+                    let step = ferry_session::next(self.role, self.state, e).expect("legal");
+                    self.enter(&step);
+                }
+                return;
+            }
+            for (role, from, on, next, ..) in ferry_session::ROWS {
+                if *role == self.role && *from == at && !seen.contains(next) {
+                    if let Some(e) = event(*on) {
+                        seen.push(*next);
+                        let mut p = path.clone();
+                        p.push(e);
+                        paths.push((*next, p));
+                    }
+                }
+            }
+        }
+        panic!("no path to {to} for a {:?} record", self.role);
     }
 
     pub fn peer(&self) -> &HostName {
@@ -271,11 +295,17 @@ mod tests {
         let store = RecordStore::open(dir.path()).unwrap();
         let mut r = rec();
         assert!(store.create(&mut r).unwrap());
-        r.state = MigrationState::Completed;
+        let step = ferry_session::next(
+            Role::Destination,
+            MigrationState::Preparing,
+            ferry_session::Event::Failed,
+        )
+        .unwrap();
+        r.enter(&step);
         store.save(&mut r).unwrap();
         let again = RecordStore::open(dir.path()).unwrap();
         let back = again.get(&r.id).unwrap().unwrap();
-        assert_eq!(back.state, MigrationState::Completed);
+        assert_eq!(back.state(), MigrationState::Aborted);
         assert_eq!(again.all().unwrap().len(), 1);
     }
 

@@ -8,17 +8,13 @@ use std::time::Duration;
 
 use ferry_channel::{FrameReader, FrameWriter};
 use ferry_identity::PeerIdentity;
-use ferry_tls::{Paced, TcpReader, TcpWriter};
+use ferry_tls::Paced;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::agent::Agent;
 use crate::protocol::{ApiResponse, ErrorKind, Hello, PROTOCOL_VERSION};
-use crate::{api, incoming, Agent};
-
-/// After the handshake the connection's records belong to ferry-tls (large
-/// reads, records opened in place: crates/ferry-channel/examples/pump_bench
-/// measures it); `Paced` keeps rustls from reading past the handshake.
-pub type Reader = FrameReader<TcpReader>;
-pub type Writer = FrameWriter<TcpWriter>;
+use crate::report::report;
+use crate::{api, session};
 
 /// Connections (handshaking or established) served at once.
 pub const MAX_CONNECTIONS: usize = 512;
@@ -89,7 +85,7 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener, shutdown: impl Futu
 
 async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
-    let config = agent.tls.server().map_err(|e| crate::chain(&e))?;
+    let config = agent.tls.server().map_err(|e| report(&e))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(Paced::new(tcp))).await
     {
@@ -106,28 +102,24 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
         }
         Ok(Ok(t)) => t,
     };
-    let peer = ferry_identity::peer_identity(tls.get_ref().1, &agent.domain)
-        .map_err(|e| crate::chain(&e))?;
-    let proof = match &peer {
+    let identity =
+        ferry_identity::peer_identity(tls.get_ref().1, &agent.domain).map_err(|e| report(&e))?;
+    // A host peer is authenticated as the host its certificate names, and
+    // gets this connection's channel binding with the proof.
+    let proof = match &identity {
         PeerIdentity::Host(name) => Some(
             ferry_identity::authenticate_host(tls.get_ref().1, &agent.domain, name)
-                .map_err(|e| crate::chain(&e))?,
+                .map_err(|e| report(&e))?,
         ),
         PeerIdentity::Operator { .. } => None,
     };
-    let binding =
-        ferry_identity::channel_binding(tls.get_ref().1, crate::protocol::BINDING_LABEL, b"")
-            .map_err(|e| crate::chain(&e))?;
     let timeout = agent.cfg.migration.io_timeout();
-    let (io, conn) = tls.into_inner();
-    let (r, w) = ferry_tls::take_over(io, conn).map_err(|e| crate::chain(&e))?;
+    let (r, w) =
+        crate::net::take_over(tokio_rustls::TlsStream::Server(tls)).map_err(|e| report(&e))?;
     let mut reader = FrameReader::new(r, HANDSHAKE_TIMEOUT);
     let mut writer = FrameWriter::new(w, timeout);
-    let hello: Hello = reader.read_control().await.map_err(|e| crate::chain(&e))?;
-    writer
-        .write_control(&Hello { protocol: PROTOCOL_VERSION })
-        .await
-        .map_err(|e| crate::chain(&e))?;
+    let hello: Hello = reader.read_control().await.map_err(|e| report(&e))?;
+    writer.write_control(&Hello { protocol: PROTOCOL_VERSION }).await.map_err(|e| report(&e))?;
     if hello.protocol != PROTOCOL_VERSION {
         return Err(format!(
             "peer speaks protocol {}, we speak {PROTOCOL_VERSION}",
@@ -135,7 +127,7 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
         ));
     }
     reader.set_timeout(timeout);
-    match (peer, proof) {
+    match (identity, proof) {
         (PeerIdentity::Operator { name, role }, _) => {
             api::handle(agent, name, role, reader, writer).await;
             Ok(())
@@ -144,15 +136,11 @@ async fn handle_connection(agent: Arc<Agent>, tcp: TcpStream) -> Result<(), Stri
             if !agent.cfg.peers.contains_key(&name) {
                 agent.metrics.refused("unknown_peer");
                 let msg = format!("host {name} is not in this agent's [peers] table");
-                let _ = writer
-                    .write_control(&ApiResponse::Error {
-                        kind: ErrorKind::Denied,
-                        message: msg.clone(),
-                    })
-                    .await;
+                let denied = ApiResponse::Error { kind: ErrorKind::Denied, message: msg.clone() };
+                let _ = writer.write_control(&denied).await;
                 return Err(msg);
             }
-            incoming::handle(agent, proof, binding, reader, writer).await;
+            session::destination::handle(agent, proof, reader, writer).await;
             Ok(())
         }
         (PeerIdentity::Host(_), None) => Err("host peer without proof".into()),

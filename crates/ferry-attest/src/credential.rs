@@ -161,18 +161,53 @@ pub fn check_ek_cert(ek_der: &[u8], manufacturer_cas: &[PathBuf]) -> Result<(), 
     let ek = CertificateDer::from(ek_der);
     let end_entity = webpki::EndEntityCert::try_from(&ek)
         .map_err(|e| untrusted(format!("cannot parse EK certificate: {e}")))?;
+    // Vendors publish a root and the intermediate that signs EK
+    // certificates; a bundle of both works, as does the intermediate alone.
+    // Security: an intermediate is only a path-building hint, every path
+    // still has to end at a certificate the operator configured.
     end_entity
         .verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &anchors,
-            &[],
+            &ca_ders,
             UnixTime::now(),
             webpki::KeyUsage::required_if_present(TCG_KP_EK_CERTIFICATE),
             None,
             None,
         )
-        .map_err(|e| untrusted(format!("does not chain to a trusted TPM-manufacturer CA: {e}")))?;
+        .map_err(|e| untrusted(not_chained(ek_der, &e)))?;
     Ok(())
+}
+
+/// Why an EK certificate did not chain, naming its issuer (and where the
+/// issuer's certificate can be fetched, if the EK certificate says), so the
+/// operator knows which CA certificate to pass.
+fn not_chained(ek_der: &[u8], e: &webpki::Error) -> String {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(ek_der) else {
+        return format!("does not chain to a trusted TPM-manufacturer CA: {e:?}");
+    };
+    let issuer_url = cert
+        .extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityInfoAccess(aia) => aia
+                .accessdescs
+                .iter()
+                .filter(|d| d.access_method.to_id_string() == "1.3.6.1.5.5.7.48.2")
+                .find_map(|d| match &d.access_location {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                }),
+            _ => None,
+        })
+        .map(|u| format!(" (its certificate: {u})"))
+        .unwrap_or_default();
+    format!(
+        "it was issued by \"{}\"{issuer_url}, which does not chain to a trusted \
+         TPM-manufacturer CA ({e:?}): pass that issuer's certificate, or a bundle of it and the \
+         CAs above it, with --manufacturer-ca",
+        cert.issuer()
+    )
 }
 
 /// The RSA 2048 EK public key from the certificate.
@@ -264,6 +299,50 @@ fn kdfa(key: &[u8], label: &[u8], context_u: &[u8], bits: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ca_params(cn: &str) -> rcgen::CertificateParams {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        p
+    }
+
+    /// A vendor root, its EK-signing intermediate, and an EK certificate.
+    /// Trusting the root alone must fail naming the intermediate; the root
+    /// plus the intermediate, or the intermediate alone, must pass.
+    #[test]
+    fn an_untrusted_ek_names_its_issuer_and_bundles_with_intermediates_work() {
+        let kp = || rcgen::KeyPair::generate().expect("key");
+        let root =
+            rcgen::CertifiedIssuer::self_signed(ca_params("Vendor Root CA"), kp()).expect("root");
+        let inter =
+            rcgen::CertifiedIssuer::signed_by(ca_params("Vendor EK Issuing CA 7"), kp(), &root)
+                .expect("intermediate");
+        let ek = rcgen::CertificateParams::new(Vec::<String>::new())
+            .expect("params")
+            .signed_by(&kp(), &inter)
+            .expect("ek");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, pem: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, pem).expect("write");
+            p
+        };
+        let root_pem = write("root.pem", root.pem());
+        let inter_pem = write("inter.pem", inter.pem());
+        let bundle = write("bundle.pem", format!("{}{}", root.pem(), inter.pem()));
+
+        let e = check_ek_cert(ek.der(), std::slice::from_ref(&root_pem)).expect_err("root only");
+        let msg = e.to_string();
+        assert!(msg.contains("issued by \"CN=Vendor EK Issuing CA 7\""), "{msg}");
+        assert!(msg.contains("--manufacturer-ca"), "{msg}");
+        check_ek_cert(ek.der(), &[bundle]).expect("root + intermediate bundle");
+        check_ek_cert(ek.der(), &[root_pem, inter_pem]).expect("two files");
+        let only_inter = write("only.pem", inter.pem());
+        check_ek_cert(ek.der(), &[only_inter]).expect("the issuing CA alone");
+    }
 
     #[test]
     fn kdfa_lengths() {

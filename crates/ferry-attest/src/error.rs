@@ -46,6 +46,10 @@ pub enum AttestError {
     /// The EK certificate does not chain to a trusted TPM-manufacturer CA.
     #[error("EK certificate not trusted: {why}")]
     UntrustedEk { why: String },
+    /// No TPM answered at this TCTI; `why` says what was found there and
+    /// `hint` what to pass instead.
+    #[error("cannot open the TPM at {tcti}: {why}; {hint}")]
+    TpmUnreachable { tcti: String, why: String, hint: String },
     /// The AK public area is not a restricted, TPM-resident P-256 signing key.
     #[error("attestation key refused: {why}")]
     UnsuitableAk { why: String },
@@ -59,7 +63,7 @@ pub enum AttestError {
     #[error("invalid TCTI {tcti:?}: {why}")]
     BadTcti { tcti: String, why: String },
     /// A TPM command failed.
-    #[error("TPM {tcti}: {op} failed: {source}")]
+    #[error("TPM {tcti}: {op} failed")]
     Tpm {
         tcti: String,
         op: &'static str,
@@ -70,7 +74,7 @@ pub enum AttestError {
     #[error("{path}: {why}")]
     Config { path: PathBuf, why: String },
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]

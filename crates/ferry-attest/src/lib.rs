@@ -1,5 +1,5 @@
-//! TPM 2.0 platform attestation for Ferry (requirement R1; DESIGN.md
-//! migration protocol steps 2–3).
+//! TPM 2.0 platform attestation for Ferry (requirement R1; docs/attestation.md;
+//! docs/protocol.md, steps 2–3).
 //!
 //! - **Enrollment** ([`enroll`], or its halves [`request_enrollment`],
 //!   [`make_credential`], [`activate_credential`], [`check_activation`]): a
@@ -28,6 +28,7 @@ mod evidence;
 mod refs;
 mod registry;
 mod swtpm;
+mod tcti;
 mod tpm;
 mod verify;
 mod wire;
@@ -43,6 +44,7 @@ pub use evidence::{
 pub use refs::{ReferenceValues, MAX_REFERENCE_FILE};
 pub use registry::{AkRegistry, EnrolledAk, MAX_RECORD_FILE};
 pub use swtpm::{free_port_pair, Swtpm};
+pub use tcti::{probe as probe_tcti, TctiProbe};
 pub use tpm::{
     activate_credential, enroll, extend_pcr, read_pcrs, request_enrollment, AkBlob, Attester,
 };

@@ -132,6 +132,29 @@ impl ReferenceValues {
         crate::registry::write_atomic(path, text.as_bytes(), 0o644)
     }
 
+    /// Add another file's classes and host assignments (collecting each
+    /// host's measurements into the cluster's file). A class defined in both
+    /// with other values, or a host put in two classes, is refused: that is
+    /// two different platforms claiming one name.
+    pub fn merge(&mut self, other: &ReferenceValues) -> Result<(), String> {
+        for (class, pcrs) in &other.classes {
+            if self.classes.get(class).is_some_and(|mine| mine != pcrs) {
+                return Err(format!(
+                    "class {class:?} is defined twice with different PCR values: measure each \
+                     kind of platform under its own class name"
+                ));
+            }
+        }
+        for (host, class) in &other.hosts {
+            if let Some(mine) = self.hosts.get(host).filter(|mine| *mine != class) {
+                return Err(format!("host {host} is in class {mine:?} and in class {class:?}"));
+            }
+        }
+        self.classes.extend(other.classes.clone());
+        self.hosts.extend(other.hosts.clone());
+        Ok(())
+    }
+
     /// The PCR selection (ascending) the host's quotes must cover.
     pub fn selection_for(&self, host: &HostName) -> Option<Vec<u8>> {
         self.expected(host).map(|m| m.keys().copied().collect())
@@ -160,5 +183,31 @@ mod tests {
         assert!(ReferenceValues::from_toml("[hosts]\nalpha = \"nope\"\n").is_err());
         assert!(ReferenceValues::from_toml("[classes.x]\npcrs = { \"30\" = \"00\" }\n").is_err());
         assert!(ReferenceValues::from_toml("[bogus]\n").is_err());
+    }
+
+    #[test]
+    fn merging_collects_hosts_and_refuses_conflicts() {
+        let (a, b): (HostName, HostName) =
+            ("alpha".parse().expect("a"), "beta".parse().expect("b"));
+        let mut one = ReferenceValues::new();
+        one.set_class("gen10", BTreeMap::from([(0, [1; 32])])).expect("class");
+        one.assign(a.clone(), "gen10");
+        let mut two = ReferenceValues::new();
+        two.set_class("gen10", BTreeMap::from([(0, [1; 32])])).expect("class");
+        two.assign(b.clone(), "gen10");
+        let mut all = ReferenceValues::new();
+        all.merge(&one).expect("one");
+        all.merge(&two).expect("same class, same values");
+        assert_eq!(all.selection_for(&a), Some(vec![0]));
+        assert_eq!(all.selection_for(&b), Some(vec![0]));
+
+        let mut other = ReferenceValues::new();
+        other.set_class("gen10", BTreeMap::from([(0, [9; 32])])).expect("class");
+        let e = all.merge(&other).expect_err("conflict");
+        assert!(e.contains("\"gen10\" is defined twice"), "{e}");
+        let mut moved = ReferenceValues::new();
+        moved.set_class("gen11", BTreeMap::from([(0, [2; 32])])).expect("class");
+        moved.assign(a, "gen11");
+        assert!(all.merge(&moved).expect_err("two classes").contains("alpha"));
     }
 }

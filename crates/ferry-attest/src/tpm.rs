@@ -68,6 +68,12 @@ impl AkBlob {
         write_atomic(path, &json, 0o600)
     }
 
+    /// The AK's TPM name (nameAlg SHA-256 || SHA-256 of its public area), as
+    /// the registry records it: equal names mean the same key.
+    pub fn name(&self) -> Vec<u8> {
+        crate::wire::sha256_name(&self.public)
+    }
+
     /// Read a blob written by [`AkBlob::save`].
     pub fn load(path: &Path) -> Result<Self, AttestError> {
         let text = read_capped(path, MAX_RECORD_FILE)?;
@@ -85,7 +91,8 @@ fn tpm_err<'a>(
 fn connect(tcti: &str) -> Result<Context, AttestError> {
     let conf = TctiNameConf::from_str(tcti)
         .map_err(|e| AttestError::BadTcti { tcti: tcti.to_owned(), why: e.to_string() })?;
-    Context::new(conf).map_err(tpm_err(tcti, "connect"))
+    Context::new(conf)
+        .map_err(|e| crate::tcti::unreachable(tcti, &crate::tcti::probe(tcti), &e.to_string()))
 }
 
 fn ecc_p256_public(

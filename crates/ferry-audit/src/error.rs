@@ -7,13 +7,13 @@ use std::path::PathBuf;
 /// Loading a signer or CA, signing, appending to or exporting from a log.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot write the audit log {path}: {source}")]
+    #[error("cannot write the audit log {path}")]
     Write {
         path: PathBuf,
         #[source]
@@ -25,7 +25,7 @@ pub enum AuditError {
     KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("message kind {kind:?} is invalid: {why}")]
     BadKind { kind: String, why: &'static str },
-    #[error("cannot encode {what} as JSON: {source}")]
+    #[error("cannot encode {what} as JSON")]
     Encode {
         what: &'static str,
         #[source]
@@ -43,7 +43,7 @@ pub enum AuditError {
     Poisoned { path: PathBuf },
     #[error("no record in {logs} mentions migration {migration_id}")]
     NoSuchMigration { migration_id: String, logs: String },
-    #[error("signature refused: {0}")]
+    #[error("signature refused")]
     Verify(#[from] Box<VerifyError>),
 }
 
@@ -56,7 +56,7 @@ pub enum VerifyError {
     /// A record of an audit log is not acceptable. `line` is 1-based.
     #[error("{path} line {line}{}: {fault}", seq_text(*.seq))]
     Record { path: String, line: u64, seq: Option<u64>, fault: RecordFault },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]

@@ -136,7 +136,8 @@ pub struct MigrationCheck {
     pub destination: Option<String>,
     /// Protocol message kinds both logs hold identical copies of.
     pub agreed: Vec<String>,
-    /// "completed" (receipt), "aborted", or "unfinished".
+    /// "completed" (receipt), "aborted", "refused" (the destination's log
+    /// records its refusal of the offer), or "unfinished".
     pub outcome: String,
 }
 
@@ -206,16 +207,68 @@ pub fn cross_check(
     let both: Vec<&String> =
         src.migrations.iter().filter(|m| dst.migrations.binary_search(m).is_ok()).collect();
     for mid in both {
-        migrations.push(check_migration(mid, &src, &src_index, &dst, &dst_index, &mut warnings)?);
+        let mut m = check_migration(mid, &src, &src_index, &dst, &dst_index, &mut warnings)?;
+        // A destination that refused the offer says so in its own (signed)
+        // log: the migration ended there, it is not unfinished.
+        if m.outcome == "unfinished" && has_kind(&dst_records, mid, "refused") {
+            m.outcome = "refused".into();
+        }
+        migrations.push(m);
     }
-    for (a, b) in [(&src, &dst), (&dst, &src)] {
+    for (a, a_records, b) in [(&src, &src_records, &dst), (&dst, &dst_records, &src)] {
         for m in &a.migrations {
             if b.migrations.binary_search(m).is_err() {
-                warnings.push(format!("migration {m} appears only in {}", a.path));
+                warnings.push(one_sided(m, a, a_records, b));
             }
         }
     }
     Ok(CrossSummary { source: src, destination: dst, migrations, warnings })
+}
+
+/// Does the log hold a record of `kind` about migration `mid`?
+fn has_kind(records: &[Located], mid: &str, kind: &str) -> bool {
+    records
+        .iter()
+        .map(|r| &r.parsed.record.event)
+        .any(|e| e.kind == kind && e.migration_id.as_deref() == Some(mid))
+}
+
+/// Why a migration in one log only is (or is not) expected. A request that
+/// ended before any signed message left its host (denied by policy, rate
+/// limit or cooldown; peer unreachable; attestation failed) never reaches
+/// the peer's log; neither does a migration with a third host.
+fn one_sided(mid: &str, a: &LogSummary, a_records: &[Located], b: &LogSummary) -> String {
+    let events: Vec<&crate::log::AuditEvent> = a_records
+        .iter()
+        .map(|r| &r.parsed.record.event)
+        .filter(|e| e.migration_id.as_deref() == Some(mid))
+        .collect();
+    let mut kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    kinds.dedup();
+    let kinds = kinds.join(", ");
+    // Logs name hosts by SPIFFE id, events by host name.
+    let short = |h: &'_ str| h.rsplit('/').next().unwrap_or_default().to_owned();
+    let b_host = short(&b.host);
+    let peer = events.iter().find_map(|e| e.peer.as_deref()).map(short);
+    if let Some(peer) = peer.filter(|p| *p != b_host) {
+        return format!(
+            "migration {mid} appears only in {} ({kinds}): expected, its peer is {peer}, not {b_host}",
+            a.path
+        );
+    }
+    match events.iter().find_map(|e| e.signed.as_ref()) {
+        None => format!(
+            "migration {mid} appears only in {} ({kinds}): expected, it ended before any signed \
+             message left {} (denied by policy, rate limit or cooldown, peer unreachable, or \
+             attestation failed), so {b_host} never heard of it",
+            a.path, a.host
+        ),
+        Some(m) => format!(
+            "migration {mid} appears only in {} ({kinds}), although it holds a signed {:?}: {b_host} \
+             never recorded it (the connection broke before it arrived, or {} was cut back)",
+            a.path, m.kind, b.path
+        ),
+    }
 }
 
 /// Messages `owner` signed that `holder`'s log holds must be in `owner`'s log,

@@ -96,6 +96,43 @@ fn lost_receipt_at_the_source_tail_is_a_warning_not_proof() {
     assert!(s.warnings.iter().any(|w| w.contains(M2) && w.contains("Receipt")), "{:?}", s.warnings);
 }
 
+/// A migration in one log only: expected when it ended before any signed
+/// message left the host (a denied request), or involved a third host; not
+/// when the host signed an Offer the peer never recorded.
+#[test]
+fn one_sided_migrations_say_whether_that_is_expected() {
+    let c = cluster();
+    let (sp, dp) = two_logs(&c);
+    let mut s = AuditLog::open(&sp, c.src_signer()).unwrap();
+    let denied = |mid: &str, peer: &str| ferry_audit::AuditEvent {
+        kind: "denied".into(),
+        migration_id: Some(mid.into()),
+        vm: Some("vm-1".into()),
+        peer: Some(peer.into()),
+        detail: serde_json::json!({ "reason": "policy" }),
+        signed: None,
+    };
+    let (m3, m4) = ("0190f5c2-0000-7000-8000-000000000003", "0190f5c2-0000-7000-8000-000000000004");
+    s.append(&denied(m3, "dst-host")).unwrap();
+    s.append(&denied(m4, "third-host")).unwrap();
+    drop(s);
+    let w = cross_check(&sp, &dp, &c.ca).unwrap().warnings;
+    let about = |m: &str| w.iter().find(|x| x.contains(m)).cloned().unwrap_or_default();
+    assert!(about(m3).contains("(denied): expected, it ended before any signed message"), "{w:?}");
+    assert!(about(m4).contains("expected, its peer is third-host"), "{w:?}");
+
+    // An Offer signed and logged by the source that the destination never recorded.
+    let mut lines = read_lines(&dp);
+    lines.truncate(5); // genesis + M1
+    write_lines(&dp, &lines);
+    let mut s_lines = read_lines(&sp);
+    s_lines.truncate(6); // genesis, M1, and the Offer of M2
+    write_lines(&sp, &s_lines);
+    let w = cross_check(&sp, &dp, &c.ca).unwrap().warnings;
+    let m2 = w.iter().find(|x| x.contains(M2)).cloned().unwrap_or_default();
+    assert!(m2.contains("although it holds a signed \"offer\""), "{w:?}");
+}
+
 #[test]
 fn destination_log_rewritten_with_another_commit_is_caught() {
     // The destination re-writes its whole log claiming it got different

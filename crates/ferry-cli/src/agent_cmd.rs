@@ -21,7 +21,12 @@ pub struct AgentArgs {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only for a person at a terminal, not in a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if format == "json" {
         builder.json().init();
     } else {
@@ -33,15 +38,15 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     init_logging(&args.log_format);
     let cfg = AgentConfig::load(&args.config)?;
     let listen = cfg.host.listen;
-    let agent = Agent::start(cfg).await.map_err(|e| anyhow::anyhow!(ferry_agent::chain(&e)))?;
+    let agent = Agent::start(cfg).await.map_err(|e| anyhow::anyhow!(ferry_agent::report(&e)))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     if let Some(addr) = agent.cfg.metrics.listen {
-        let l = ferry_agent::metrics::bind(addr)
+        let l = ferry_agent::metrics_http::bind(addr)
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tokio::spawn(ferry_agent::metrics::serve(agent.clone(), l));
+        tokio::spawn(ferry_agent::metrics_http::serve(agent.clone(), l));
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     }
     {
@@ -57,7 +62,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             }
         });
     }
-    tracing::info!(host = %agent.host, %listen, accel = agent.accel.qemu_name(), "agent ready");
+    tracing::info!(host = %agent.host, %listen, backend = agent.backend.name(), accel = agent.backend.accel(), "agent ready");
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -73,11 +78,12 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     // Let migrations in flight finish: stopping mid-way would only force the
     // other side into its failure path.
     for _ in 0..600 {
-        if agent.active.lock().await.is_empty() {
+        if agent.sessions.in_flight().await == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    agent.stop();
     tracing::info!("agent stopped; VMs keep running");
     Ok(ExitCode::SUCCESS)
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Subcommand;
 use ferry_attest::{AkRegistry, ReferenceValues, DEFAULT_PCR_SELECTION};
 use ferry_types::HostName;
@@ -48,6 +48,16 @@ pub enum AttestCommand {
         #[arg(long)]
         host: Option<HostName>,
     },
+    /// Merge reference-value files (each host's, from `ferry host init` or
+    /// `measure --add-to`) into one for the cluster. A class defined twice
+    /// with different values, or a host in two classes, is refused.
+    Merge {
+        /// The cluster's file (created if missing).
+        #[arg(long)]
+        into: PathBuf,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// TESTING ONLY: extend a PCR with a measurement, as a compromised
     /// platform would show. Every later quote from this TPM fails verification.
     Extend {
@@ -64,7 +74,7 @@ pub fn run(cmd: AttestCommand, json: bool) -> Result<ExitCode> {
     let out = match cmd {
         AttestCommand::Enroll { host, tcti, manufacturer_cas, ak_out, registry } => {
             let (blob, enrolled) = ferry_attest::enroll(&tcti, &host, &manufacturer_cas)
-                .with_context(|| format!("enrolling the AK of {host} (TPM {tcti})"))?;
+                .with_context(|| format!("enrolling the AK of {host}"))?;
             blob.save(&ak_out)?;
             std::fs::create_dir_all(&registry)
                 .with_context(|| format!("cannot create {}", registry.display()))?;
@@ -72,14 +82,23 @@ pub fn run(cmd: AttestCommand, json: bool) -> Result<ExitCode> {
             serde_json::json!({ "host": host, "ak": ak_out, "registry": registry, "ek_cert_sha256": enrolled.ek_cert_sha256 })
         }
         AttestCommand::Measure { tcti, pcrs, add_to, class, host } => {
-            let values = ferry_attest::read_pcrs(&tcti, &pcrs)
-                .with_context(|| format!("reading PCRs from {tcti}"))?;
+            let values = ferry_attest::read_pcrs(&tcti, &pcrs).context("reading PCRs")?;
             if let (Some(path), Some(class), Some(host)) = (&add_to, &class, &host) {
                 add_reference(path, class, host, &values)?;
             }
             let shown: BTreeMap<String, String> =
                 values.iter().map(|(k, v)| (k.to_string(), hex::encode(v))).collect();
-            serde_json::json!({ "tcti": tcti, "pcrs": shown })
+            serde_json::json!({ "tcti": tcti, "pcrs": shown, "added_to": add_to })
+        }
+        AttestCommand::Merge { into, files } => {
+            let mut all =
+                if into.exists() { ReferenceValues::load(&into)? } else { ReferenceValues::new() };
+            for f in &files {
+                let one = ReferenceValues::load(f)?;
+                all.merge(&one).map_err(|why| anyhow!("{}: {why}", f.display()))?;
+            }
+            all.save(&into)?;
+            serde_json::json!({ "merged": files, "into": into })
         }
         AttestCommand::Extend { tcti, pcr, data } => {
             eprintln!("warning: extending PCR {pcr} of {tcti}: this platform will fail attestation from now on");
@@ -88,11 +107,29 @@ pub fn run(cmd: AttestCommand, json: bool) -> Result<ExitCode> {
         }
     };
     if json {
-        println!("{out}");
+        outln!("{out}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        print_text(&out);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One `key: value` line per field; PCRs one per line.
+fn print_text(out: &serde_json::Value) {
+    let Some(obj) = out.as_object() else { return };
+    for (k, v) in obj {
+        match v {
+            serde_json::Value::Null => {}
+            serde_json::Value::Object(pcrs) => {
+                outln!("{k}:");
+                for (pcr, value) in pcrs {
+                    outln!("  {pcr:>2} {}", value.as_str().unwrap_or_default());
+                }
+            }
+            serde_json::Value::String(s) => outln!("{k}: {s}"),
+            other => outln!("{k}: {other}"),
+        }
+    }
 }
 
 /// Add `host` as a member of `class` with these values to a reference file.

@@ -56,7 +56,7 @@ pub fn run(cmd: AuditCommand, json: bool) -> Result<ExitCode> {
                 let s = ferry_audit::verify_log(log, &ca)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", log.display()))?;
                 if !json {
-                    println!(
+                    outln!(
                         "{}: {} records by {}, intact; head seq {} {}",
                         log.display(),
                         s.records,
@@ -73,7 +73,7 @@ pub fn run(cmd: AuditCommand, json: bool) -> Result<ExitCode> {
                     .map_err(|e| anyhow::anyhow!("cross-check: {e}"))?;
                 if !json {
                     for m in &c.migrations {
-                        println!(
+                        outln!(
                             "migration {}: {} (agreed: {})",
                             m.migration_id,
                             m.outcome,
@@ -81,13 +81,13 @@ pub fn run(cmd: AuditCommand, json: bool) -> Result<ExitCode> {
                         );
                     }
                     for w in &c.warnings {
-                        println!("warning: {w}");
+                        outln!("warning: {w}");
                     }
                 }
                 cross = Some(serde_json::to_value(&c)?);
             }
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "verified": true, "logs": summaries, "cross_check": cross })
                 );
@@ -99,12 +99,12 @@ pub fn run(cmd: AuditCommand, json: bool) -> Result<ExitCode> {
             std::fs::write(&out, serde_json::to_vec_pretty(&bundle)?)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "bundle": out, "messages": bundle.messages.len() })
                 );
             } else {
-                println!(
+                outln!(
                     "evidence for {migration_id}: {} signed messages -> {}",
                     bundle.messages.len(),
                     out.display()
@@ -121,9 +121,9 @@ pub fn run(cmd: AuditCommand, json: bool) -> Result<ExitCode> {
             let s = ferry_audit::verify_bundle(&b, &ca)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
             if json {
-                println!("{}", serde_json::to_string(&s)?);
+                outln!("{}", serde_json::to_string(&s)?);
             } else {
-                println!(
+                outln!(
                     "migration {}: {} ({} -> {}), messages {}",
                     s.migration_id,
                     s.outcome,
@@ -154,9 +154,9 @@ fn show(log: &std::path::Path, migration: Option<&str>, json: bool) -> Result<Ex
             continue;
         }
         if json {
-            println!("{line}");
+            outln!("{line}");
         } else {
-            println!(
+            outln!(
                 "{:>5} {} {:<18} {} {} {}",
                 rec["seq"],
                 rec["ts"].as_str().unwrap_or(""),

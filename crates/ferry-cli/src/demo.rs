@@ -114,10 +114,10 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
     let report = result?;
     let ok = report.migrated && report.running_on == [report.destination.clone()];
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
-        println!();
-        println!(
+        outln!();
+        outln!(
             "VM {} moved {} -> {} in {} ms ({:.1} MiB)",
             report.vm,
             report.source,
@@ -125,19 +125,16 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
             report.total_ms,
             report.bytes as f64 / 1048576.0
         );
-        println!(
+        outln!(
             "  setup (TLS + mutual attestation) {} ms, before any VM byte moved",
             fmt(report.setup_ms)
         );
-        println!(
+        outln!(
             "  QEMU downtime {} ms; blackout seen by the guest {} ms",
             fmt(report.downtime_ms),
             fmt(report.guest_blackout_ms)
         );
-        println!(
-            "  runs on: {:?}",
-            report.running_on.iter().map(|h| h.as_str()).collect::<Vec<_>>()
-        );
+        outln!("  runs on: {:?}", report.running_on.iter().map(|h| h.as_str()).collect::<Vec<_>>());
         let c = &report.checks;
         for (name, v) in [
             ("mutual TLS 1.3, certified host names", c.mutual_tls),
@@ -148,10 +145,10 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
             ("guest memory consistent", c.memory_consistent),
             ("signed evidence verified offline (both audit logs agree)", c.evidence_verified),
         ] {
-            println!("  [{}] {name}", if v { "ok" } else { "FAILED" });
+            outln!("  [{}] {name}", if v { "ok" } else { "FAILED" });
         }
         if args.keep {
-            println!("lab left running in {} (ferry lab down --dir ...)", lab.dir.display());
+            outln!("lab left running in {} (ferry lab down --dir ...)", lab.dir.display());
         }
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
@@ -262,7 +259,7 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
     let src_qemu_gone = !lab::pid_alive(info.pid as i32);
     let dst_rec = record_on(&client, &dst, rec.id).await?;
     let migrated =
-        rec.state == MigrationState::Completed && dst_rec.state == MigrationState::Completed;
+        rec.state() == MigrationState::Completed && dst_rec.state() == MigrationState::Completed;
     Ok(DemoReport {
         migrated,
         vm,

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::CommandFactory;
 
-use crate::Cli;
+use crate::{out, Cli};
 
 /// Write ferry.1 and one page per subcommand (ferry-migrate.1, ...) to `dir`.
 pub fn man(dir: &Path) -> Result<ExitCode> {
@@ -17,7 +17,7 @@ pub fn man(dir: &Path) -> Result<ExitCode> {
     let mut written = Vec::new();
     write_page(&cmd, "ferry", dir, &mut written)?;
     for line in &written {
-        println!("{}", line.display());
+        outln!("{}", line.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -42,12 +42,10 @@ fn write_page(
 
 /// Print the completion script for `shell` to stdout.
 pub fn completions(shell: clap_complete::Shell) -> Result<ExitCode> {
-    use std::io::Write;
     let mut cmd = Cli::command();
     let mut buf = Vec::new();
     clap_complete::generate(shell, &mut cmd, "ferry", &mut buf);
-    // A closed pipe (`| head`) is not an error worth a panic.
-    let _ = std::io::stdout().write_all(&buf);
+    out::write_bytes(&buf);
     Ok(ExitCode::SUCCESS)
 }
 

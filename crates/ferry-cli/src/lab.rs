@@ -477,14 +477,14 @@ pub async fn run(cmd: LabCommand, json: bool) -> Result<ExitCode> {
             )
             .await?;
             if json {
-                println!("{}", serde_json::to_string(&lab)?);
+                outln!("{}", serde_json::to_string(&lab)?);
             } else {
-                println!("lab in {}", lab.dir.display());
-                println!("  CA            {}", lab.ca.display());
-                println!("  operator      {} (role admin)", lab.operator_cert.display());
-                println!("  client config {}", lab.client_config.display());
+                outln!("lab in {}", lab.dir.display());
+                outln!("  CA            {}", lab.ca.display());
+                outln!("  operator      {} (role admin)", lab.operator_cert.display());
+                outln!("  client config {}", lab.client_config.display());
                 for h in &lab.hosts {
-                    println!(
+                    outln!(
                         "  {:<8} {}  metrics http://{}/metrics  config {}",
                         h.name.as_str(),
                         h.addr,
@@ -492,7 +492,7 @@ pub async fn run(cmd: LabCommand, json: bool) -> Result<ExitCode> {
                         h.config.display()
                     );
                 }
-                println!(
+                outln!(
                     "try: FERRY_CLIENT_CONFIG={} ferry vm list --host host1",
                     lab.client_config.display()
                 );
@@ -501,27 +501,27 @@ pub async fn run(cmd: LabCommand, json: bool) -> Result<ExitCode> {
         LabCommand::Down { dir } => {
             down(&dir).await?;
             if json {
-                println!("{}", serde_json::json!({"down": dir}));
+                outln!("{}", serde_json::json!({"down": dir}));
             } else {
-                println!("lab in {} stopped", dir.display());
+                outln!("lab in {} stopped", dir.display());
             }
         }
         LabCommand::Start { dir, host } => {
             let lab = Lab::load(&dir)?;
             let pid = start_agent(&lab, lab.host(&host)?).await?;
             if json {
-                println!("{}", serde_json::json!({"host": host, "pid": pid}));
+                outln!("{}", serde_json::json!({"host": host, "pid": pid}));
             } else {
-                println!("agent {host} started (pid {pid})");
+                outln!("agent {host} started (pid {pid})");
             }
         }
         LabCommand::Ceilings => {
             let budget = ferry_ceilings::Budget::default();
             let c = tokio::task::spawn_blocking(move || ferry_ceilings::measure(budget)).await??;
             if json {
-                println!("{}", serde_json::to_string(&c)?);
+                outln!("{}", serde_json::to_string(&c)?);
             } else {
-                println!("{c}");
+                outln!("{c}");
             }
         }
     }

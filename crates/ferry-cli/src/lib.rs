@@ -1,6 +1,12 @@
 //! The `ferry` command line. Each subcommand lives in its own module; this
 //! file only defines the command tree and dispatches. Every command that
-//! prints a result accepts `--json` for scripts.
+//! prints a result accepts `--json` for scripts. Command output goes through
+//! [`out`] (`outln!`), never `println!`, so that a closed pipe ends a
+//! command quietly.
+#![deny(clippy::print_stdout)]
+
+#[macro_use]
+pub mod out;
 
 pub mod agent_cmd;
 pub mod attest;
@@ -9,6 +15,8 @@ pub mod ca;
 pub mod console;
 pub mod demo;
 pub mod docs;
+pub mod host;
+pub mod image;
 pub mod lab;
 pub mod opclient;
 pub mod ops;
@@ -26,8 +34,21 @@ use clap::{Parser, Subcommand};
 /// cluster CA; the destination resumes a VM only when the stream it received
 /// matches what the source committed to; the source keeps its copy until the
 /// destination has signed for it.
+/// The exit statuses, shown by `ferry --help` and in the README.
+pub const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  success
+  1  error (the message says what failed and, where it can, what to do)
+  2  usage: unknown command, missing or invalid argument
+  3  `ferry policy explain`: the request is denied
+  4  a migration is in doubt: the VM is paused on the source until `ferry migrations
+     resolve ID` asks the destination (or, for a post-copy interrupted after the
+     hand-over, runs on the destination until the rest of its memory arrives)
+
+Setting hosts up: docs/deploy.md. Every command: ferry <command> --help.";
+
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, max_term_width = 100)]
+#[command(name = "ferry", version, max_term_width = 100, after_help = EXIT_STATUS_HELP)]
 pub struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -47,6 +68,12 @@ pub enum Command {
     /// Read, verify and export the signed audit logs and evidence bundles.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Prepare a hypervisor host: certificate, TPM enrolment, agent.toml.
+    #[command(subcommand)]
+    Host(host::HostCommand),
+    /// Write images to try Ferry with (the test guest).
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Run the per-host agent daemon.
     Agent(agent_cmd::AgentArgs),
     /// Show an agent's status.
@@ -66,9 +93,11 @@ pub enum Command {
     /// a receipt; only then does the source quit its paused copy.
     ///
     /// Any failure before the commit resumes the VM on the source. If the
-    /// receipt is lost after the commit, the VM stays paused on the source,
-    /// the command exits with status 4 ("in doubt"), and `ferry migrations
-    /// resolve ID` settles it by asking the destination.
+    /// answer to the commit is lost, the VM stays paused on the source and
+    /// the source agent asks the destination again by itself, moving the
+    /// copy only on its signed word (a receipt retires it, an abort resumes
+    /// it); the command waits a while for that, and exits with status 4
+    /// ("in doubt") if the destination still cannot answer.
     ///
     /// Progress (phase, bar, bytes, rate, remaining, dirty rate, iteration,
     /// ETA) is drawn on stderr when it is a terminal.
@@ -99,6 +128,13 @@ pub fn default_client_config() -> Option<PathBuf> {
 }
 
 pub fn main() -> ExitCode {
+    // tss2's own log lines repeat, less clearly, what Ferry's TPM errors say
+    // (which TCTI, what was found there); TSS2_LOG=all+warning brings them back.
+    // Set before the runtime starts any thread, so nothing reads the
+    // environment concurrently.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+none");
+    }
     let cli = Cli::parse();
     let json = cli.json;
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -113,6 +149,8 @@ pub fn main() -> ExitCode {
             Command::Ca(c) => ca::run(c, json),
             Command::Attest(c) => attest::run(c, json),
             Command::Audit(c) => audit::run(c, json),
+            Command::Host(c) => host::run(c, json),
+            Command::Image(c) => image::run(c, json),
             Command::Agent(a) => agent_cmd::run(a).await,
             Command::Status(t) => ops::status(t, json).await,
             Command::Vm(c) => ops::vm(c, json).await,
@@ -125,15 +163,22 @@ pub fn main() -> ExitCode {
             Command::Completions { shell } => docs::completions(shell),
         }
     });
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             if json {
-                println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+                outln!("{}", serde_json::json!({ "error": format!("{e:#}") }));
             } else {
                 eprintln!("error: {e:#}");
             }
             ExitCode::from(1)
         }
+    };
+    match out::failure() {
+        Some(e) => {
+            eprintln!("error: cannot write to stdout: {e}");
+            ExitCode::from(1)
+        }
+        None => code,
     }
 }

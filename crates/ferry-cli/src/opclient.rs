@@ -45,8 +45,14 @@ impl OpClient {
         }
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read client config {}", path.display()))?;
-        let cfg: ClientConfig = toml::from_str(&text)
+        let mut cfg: ClientConfig = toml::from_str(&text)
             .with_context(|| format!("client config {} is invalid", path.display()))?;
+        // Relative paths are relative to the file, so the operator's
+        // directory works wherever it is copied.
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.cert, &mut cfg.key, &mut cfg.ca].into_iter().chain(cfg.crl.as_mut()) {
+            *p = base.join(&*p);
+        }
         let id = Identity::load(&cfg.cert, &cfg.key, &cfg.ca, cfg.crl.as_deref()).with_context(
             || format!("cannot load the operator identity named in {}", path.display()),
         )?;
@@ -73,7 +79,7 @@ impl OpClient {
             *self.cfg.agents.get(host).ok_or_else(|| {
                 anyhow!("host {host} is not in the client config's [agents] table")
             })?;
-        let (stream, _proof) = ferry_agent::client::connect(
+        let (stream, _proof) = ferry_agent::net::connect(
             addr,
             host,
             self.tls.clone(),
@@ -81,18 +87,17 @@ impl OpClient {
             Duration::from_secs(10),
         )
         .await
-        .map_err(|e| anyhow!(ferry_agent::chain(&e)))?;
-        let (mut reader, mut writer) =
-            ferry_agent::client::greet(stream, host, addr, REQUEST_TIMEOUT)
-                .await
-                .map_err(|e| anyhow!(ferry_agent::chain(&e)))?;
+        .map_err(|e| anyhow!(ferry_agent::report(&e)))?;
+        let (mut reader, mut writer) = ferry_agent::net::greet(stream, host, addr, REQUEST_TIMEOUT)
+            .await
+            .map_err(|e| anyhow!(ferry_agent::report(&e)))?;
         writer
             .write_control(req)
             .await
-            .map_err(|e| anyhow!("sending the request to {host}: {}", ferry_agent::chain(&e)))?;
+            .map_err(|e| anyhow!("sending the request to {host}: {}", ferry_agent::report(&e)))?;
         loop {
             let resp: ApiResponse = reader.read_control().await.map_err(|e| {
-                anyhow!("reading the answer from {host}: {}", ferry_agent::chain(&e))
+                anyhow!("reading the answer from {host}: {}", ferry_agent::report(&e))
             })?;
             match resp {
                 ApiResponse::Progress(p) => on_progress(&p),

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
+use ferry_agent::preflight::Verdict;
 use ferry_agent::protocol::{ApiRequest, ApiResponse, ErrorKind};
 use ferry_agent::MigrationRecord;
 use ferry_types::{HostName, MigrationId, VmName};
@@ -48,6 +49,23 @@ pub enum VmCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Run a read-only QMP command on a VM's QEMU, for diagnostics.
+    ///
+    /// The agent holds each VM's only QMP socket and passes through the
+    /// commands that read: query-* (query-status, query-block, query-pci,
+    /// query-migrate, ...), qom-list and qom-list-types. Anything else is
+    /// refused. Works while a migration holds the VM. Prints QEMU's `return`
+    /// value as JSON.
+    Qmp {
+        vm: VmName,
+        /// The QMP command, e.g. query-status.
+        command: String,
+        /// Its arguments: a JSON object, e.g. '{"path": "/machine"}'.
+        #[arg(long = "args")]
+        arguments: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +95,11 @@ pub struct VmStartArgs {
     /// Disk image name, from the host's images directory.
     #[arg(long)]
     pub disk: Option<String>,
+    /// The controller the disk hangs on: virtio (fastest), ide (machine pc
+    /// only) or sata, for images whose boot loader has no virtio driver.
+    #[arg(long, requires = "disk", conflicts_with = "kernel", default_value = "virtio",
+          value_parser = ["virtio", "ide", "sata"])]
+    pub disk_bus: String,
     /// Tenant the VM belongs to (policy label).
     #[arg(long, default_value = "default")]
     pub tenant: String,
@@ -104,7 +127,9 @@ impl VmStartArgs {
             (Some(k), _) => {
                 serde_json::json!({"type": "kernel", "kernel": k, "initrd": self.initrd, "cmdline": self.cmdline})
             }
-            (None, Some(d)) => serde_json::json!({"type": "disk", "image": d}),
+            (None, Some(d)) => {
+                serde_json::json!({"type": "disk", "image": d, "bus": self.disk_bus})
+            }
             (None, None) => bail!("give --kernel or --disk"),
         };
         let v = serde_json::json!({"name": name, "memory_mib": self.memory, "vcpus": self.vcpus, "machine": self.machine, "boot": boot});
@@ -174,7 +199,7 @@ pub enum MigrationsCommand {
 }
 
 fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+    outln!("{}", serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
 }
 
 /// Turn an `Error` answer into an exit status (printing it once).
@@ -200,14 +225,25 @@ pub async fn status(t: Target, json: bool) -> Result<ExitCode> {
     let resp = c.request(&host, &ApiRequest::Status, |_| {}).await?;
     finish(resp, json, |r| {
         if let ApiResponse::Status(s) = r {
-            println!(
+            outln!(
                 "host {}  version {}  protocol {}  accel {}",
-                s.host, s.version, s.protocol, s.accel
+                s.host,
+                s.version,
+                s.protocol,
+                s.accel
             );
-            println!(
-                "vms {}  active migrations {}  peers {:?}",
-                s.vms, s.active_migrations, s.peers
-            );
+            outln!("vms {}  active migrations {}  peers {:?}", s.vms, s.active_migrations, s.peers);
+            for c in &s.checks {
+                let verdict = match c.verdict {
+                    Verdict::Ok => "ok",
+                    Verdict::Warn => "WARN",
+                    Verdict::Fail => "FAIL",
+                };
+                outln!("  {verdict:<4} {:<17} {}", c.name, c.detail);
+                if let Some(fix) = &c.fix {
+                    outln!("       {:<17} fix: {fix}", "");
+                }
+            }
         }
     })
 }
@@ -228,7 +264,7 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
                 .await?;
             finish(resp, json, |r| {
                 if let ApiResponse::Vm(v) = r {
-                    println!("started {} on {host} (pid {}, {})", v.name, v.pid, v.accel);
+                    outln!("started {} on {host} (pid {}, {})", v.name, v.pid, v.accel);
                 }
             })
         }
@@ -237,13 +273,17 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
             let resp = c.request(&host, &ApiRequest::VmList, |_| {}).await?;
             finish(resp, json, |r| {
                 if let ApiResponse::Vms { vms } = r {
-                    println!(
+                    outln!(
                         "{:<20} {:<12} {:>8} {:>6} {:>5}  MIGRATION",
-                        "NAME", "STATE", "PID", "MiB", "CPUS"
+                        "NAME",
+                        "STATE",
+                        "PID",
+                        "MiB",
+                        "CPUS"
                     );
                     for v in vms {
                         let m = v.migration.map(|m| m.to_string()).unwrap_or_default();
-                        println!(
+                        outln!(
                             "{:<20} {:<12} {:>8} {:>6} {:>5}  {m}",
                             v.name.as_str(),
                             v.state,
@@ -255,12 +295,30 @@ pub async fn vm(cmd: VmCommand, json: bool) -> Result<ExitCode> {
                 }
             })
         }
+        VmCommand::Qmp { vm, command, arguments, target } => {
+            let arguments = match arguments {
+                Some(text) => Some(
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
+                        .with_context(|| format!("--args {text:?} is not a JSON object"))?,
+                ),
+                None => None,
+            };
+            let (c, host) = target.open()?;
+            let resp =
+                c.request(&host, &ApiRequest::VmQmp { vm, command, arguments }, |_| {}).await?;
+            finish(resp, json, |r| {
+                if let ApiResponse::Qmp { result, .. } = r {
+                    let pretty = serde_json::to_string_pretty(result);
+                    outln!("{}", pretty.unwrap_or_else(|e| format!("(unprintable: {e})")));
+                }
+            })
+        }
         VmCommand::Stop { vm, target } => {
             let (c, host) = target.open()?;
             let resp = c.request(&host, &ApiRequest::VmStop { vm }, |_| {}).await?;
             finish(resp, json, |r| {
                 if let ApiResponse::Stopped { vm } = r {
-                    println!("stopped {vm} on {host}");
+                    outln!("stopped {vm} on {host}");
                 }
             })
         }
@@ -294,8 +352,8 @@ pub async fn migrate(args: MigrateArgs, json: bool) -> Result<ExitCode> {
 }
 
 pub fn print_record(m: &MigrationRecord) {
-    println!("migration {}: {} {} -> {}: {:?}", m.id, m.vm, m.source, m.destination, m.state);
-    println!(
+    outln!("migration {}: {} {} -> {}: {:?}", m.id, m.vm, m.source, m.destination, m.state());
+    outln!(
         "  bytes {}  total {} ms  QEMU downtime {} ms  setup {} ms",
         m.bytes,
         opt(m.total_ms),
@@ -304,22 +362,22 @@ pub fn print_record(m: &MigrationRecord) {
     );
     match &m.attestation {
         Some(a) if a.peer_verified => {
-            println!("  attestation: {} verified (PCRs {:?}), {} ms", m.peer(), a.peer_pcrs, a.ms)
+            outln!("  attestation: {} verified (PCRs {:?}), {} ms", m.peer(), a.peer_pcrs, a.ms)
         }
-        Some(_) => println!("  attestation: NOT verified"),
+        Some(_) => outln!("  attestation: NOT verified"),
         None => {}
     }
     for i in &m.insecure {
-        println!("  INSECURE: {i}");
+        outln!("  INSECURE: {i}");
     }
     if m.receipt.is_some() {
-        println!("  signed receipt: yes");
+        outln!("  signed receipt: yes");
     }
     if let Some(d) = m.digest {
-        println!("  digest {d}");
+        outln!("  digest {d}");
     }
     if let Some(e) = &m.error {
-        println!("  {e}");
+        outln!("  {e}");
     }
 }
 
@@ -341,10 +399,19 @@ pub async fn migrations(cmd: MigrationsCommand, json: bool) -> Result<ExitCode> 
         ApiResponse::Migration(m) => print_record(m),
         ApiResponse::Migrations { migrations } => {
             for m in migrations {
-                println!(
+                outln!(
                     "{}  {:<11?} {:<11?} {} {} -> {}",
-                    m.id, m.role, m.state, m.vm, m.source, m.destination
+                    m.id,
+                    m.role,
+                    m.state(),
+                    m.vm,
+                    m.source,
+                    m.destination
                 );
+                // Why it did not complete (aborted, denied, in doubt).
+                if let Some(e) = &m.error {
+                    outln!("    {e}");
+                }
             }
         }
         _ => {}

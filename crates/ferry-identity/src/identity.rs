@@ -131,4 +131,45 @@ impl Identity {
     pub fn crl_path(&self) -> Option<&Path> {
         self.crl.as_deref()
     }
+
+    /// Whether peers would accept our own certificate as far as we can tell
+    /// locally: does it chain to the CA we were given, and is it valid now?
+    /// `load` deliberately checks neither (see there), so a process can
+    /// start with a certificate of another CA or an expired one and say why.
+    pub fn chain_problem(&self) -> Option<ChainProblem> {
+        let Some(leaf) = self.chain.first() else {
+            return Some(ChainProblem::NotIssuedByCa("no certificate".into()));
+        };
+        let leaf = match webpki::EndEntityCert::try_from(leaf) {
+            Ok(l) => l,
+            Err(e) => return Some(ChainProblem::NotIssuedByCa(format!("{e:?}"))),
+        };
+        // Only its signature algorithms are used; the suites do not matter.
+        let provider = tls::provider(&crate::CipherPolicy::default());
+        let verified = leaf.verify_for_usage(
+            provider.signature_verification_algorithms.all,
+            &self.roots.roots,
+            &self.chain[1..],
+            rustls_pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        );
+        match verified {
+            Ok(_) => None,
+            Err(
+                e @ (webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. }),
+            ) => Some(ChainProblem::OutsideValidity(format!("{e:?}"))),
+            Err(e) => Some(ChainProblem::NotIssuedByCa(format!("{e:?}"))),
+        }
+    }
+}
+
+/// Why peers would refuse an identity's own certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainProblem {
+    /// Signed by the configured CA, but expired or not valid yet.
+    OutsideValidity(String),
+    /// Not signed by (a chain up to) any CA in the configured CA file.
+    NotIssuedByCa(String),
 }

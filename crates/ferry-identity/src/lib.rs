@@ -29,7 +29,7 @@ pub use ca::{current_crl_number, CaDir, IssuedCert, IssuedRecord, RevokeTarget, 
 pub use ciphers::{CipherPolicy, Tls13Suite};
 pub use describe::{describe_rustls_error, describe_tls_error};
 pub use error::{BoxError, IdentityError};
-pub use identity::Identity;
+pub use identity::{ChainProblem, Identity};
 pub use peer::{
     authenticate_host, channel_binding, peer_identity, ChannelBinding, PeerAuthenticated,
     PeerIdentity, TlsSession, BINDING_LABEL,

@@ -204,3 +204,30 @@ fn unusable_names_and_empty_validity_are_refused() {
     let err = c.ca.issue_host(&host("host-a"), empty, &c.out()).unwrap_err();
     assert!(matches!(err, IdentityError::EmptyValidity { .. }), "{err:?}");
 }
+
+/// An identity can load with a certificate of another CA or an expired one
+/// (peers refuse it); `chain_problem` says which, so an agent can tell its
+/// operator at start-up instead of at the first handshake.
+#[test]
+fn chain_problem_tells_a_foreign_or_expired_certificate() {
+    let c = Cluster::new("ferry.test");
+    assert_eq!(c.host_identity("host-a").chain_problem(), None);
+
+    let other = Cluster::new("ferry.test");
+    let foreign = other.issue_host("host-a", Validity::days(3));
+    let id = Identity::load(&foreign.cert, &foreign.key, &c.ca.cert_path(), None).unwrap();
+    match id.chain_problem() {
+        Some(ferry_identity::ChainProblem::NotIssuedByCa(why)) => {
+            assert!(why.contains("UnknownIssuer"), "{why}")
+        }
+        other => panic!("a certificate of another CA passed: {other:?}"),
+    }
+
+    let old = c.issue_host("host-b", common::expired());
+    match c.load(&old).chain_problem() {
+        Some(ferry_identity::ChainProblem::OutsideValidity(why)) => {
+            assert!(why.contains("Expired"), "{why}")
+        }
+        other => panic!("an expired certificate passed: {other:?}"),
+    }
+}

@@ -160,6 +160,18 @@ impl Window {
         q.push_back(now);
         Ok(())
     }
+
+    /// Puts back an event counted before a restart (from durable records):
+    /// counted whatever the limit, kept in time order, and only the newest
+    /// `max` kept, which refuses exactly as the full history would.
+    fn restore(&mut self, key: &str, max: u32, at: Instant) {
+        let q = self.events.entry(key.to_owned()).or_default();
+        let pos = q.iter().position(|t| *t > at).unwrap_or(q.len());
+        q.insert(pos, at);
+        while q.len() > max as usize {
+            q.pop_front();
+        }
+    }
 }
 
 /// Lock that survives poisoning: every critical section below updates the
@@ -311,10 +323,20 @@ impl Admission {
         Ok(AdmissionTicket { id, vm: vm.clone(), state: Arc::clone(&self.state) })
     }
 
-    /// A migration of `vm` into this host finished: start its cooldown.
-    pub fn completed(&self, vm: &VmName, now: Instant) {
-        let until = now + self.cfg.vm_cooldown;
-        lock(&self.state).cooldown_until.insert(vm.clone(), until);
+    /// A migration of `vm` into this host finished at `at` (now, or a past
+    /// instant rebuilt from records after a restart): start its cooldown.
+    /// A later cooldown already running is kept.
+    pub fn completed(&self, vm: &VmName, at: Instant) {
+        let until = at + self.cfg.vm_cooldown;
+        let mut st = lock(&self.state);
+        let entry = st.cooldown_until.entry(vm.clone()).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// An offer from `peer` admitted at `at`, before this agent restarted:
+    /// it counts against the peer's rate window again.
+    pub fn restore_peer_admission(&self, peer: &HostName, at: Instant) {
+        lock(&self.state).peers.restore(peer.as_str(), self.cfg.per_peer_max, at);
     }
 
     /// Incoming migrations in flight and what they reserve (MiB, vCPUs).
@@ -385,5 +407,15 @@ impl RateLimiter {
             ),
             retry_after: Some(wait),
         })
+    }
+
+    /// An event for `key` counted at `at`, before this process restarted.
+    pub fn restore(&self, key: &str, at: Instant) {
+        lock(&self.state).restore(key, self.max, at);
+    }
+
+    /// How long an event stays in the window.
+    pub fn window(&self) -> Duration {
+        self.window
     }
 }

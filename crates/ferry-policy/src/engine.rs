@@ -1,20 +1,24 @@
 //! The Cedar-backed decision engine, its atomic reload wrapper, and the
 //! `ferry policy check` entry point.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fmt::{self, Write as _};
+mod context;
+mod explain;
+mod residents;
+
+use std::collections::HashMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 
 use cedar_policy::{
-    Authorizer, Context, Effect, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicySet,
-    RestrictedExpression, Schema,
+    Authorizer, Effect, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicySet, Schema,
 };
 
 use crate::error::PolicyError;
 use crate::load::{self, PolicyMeta};
 use crate::types::{Action, Decision, Principal, Request};
+use explain::who;
 
 /// Whether a policy permits or forbids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +111,7 @@ struct Names {
     migrate: EntityUid,
     send: EntityUid,
     receive: EntityUid,
+    start: EntityUid,
 }
 
 impl Names {
@@ -123,6 +128,7 @@ impl Names {
             migrate: act(Action::MigrateVm.cedar_name()),
             send: act(Action::SendVm.cedar_name()),
             receive: act(Action::ReceiveVm.cedar_name()),
+            start: act(Action::StartVm.cedar_name()),
         })
     }
 
@@ -131,6 +137,7 @@ impl Names {
             Action::MigrateVm => &self.migrate,
             Action::SendVm => &self.send,
             Action::ReceiveVm => &self.receive,
+            Action::StartVm => &self.start,
         }
     }
 }
@@ -157,6 +164,14 @@ impl fmt::Debug for PolicyEngine {
 /// Internal outcome: the decision plus what `explain` wants to show.
 struct Outcome {
     decision: Decision,
+    errors: Vec<String>,
+}
+
+/// What Cedar said about one request, before Ferry makes it a [`Decision`].
+struct Verdict {
+    allowed: bool,
+    /// Ids of the policies that determined it, in file order.
+    matched: Vec<String>,
     errors: Vec<String>,
 }
 
@@ -199,101 +214,6 @@ impl PolicyEngine {
         self.evaluate(req).decision
     }
 
-    /// The decision, the request as policy saw it, and every policy that
-    /// mattered, as text for `ferry policy explain`.
-    pub fn explain(&self, req: &Request) -> String {
-        let outcome = self.evaluate(req);
-        let mut out = String::new();
-        // Writing to a String cannot fail; the results are ignored on purpose.
-        let _ = writeln!(
-            out,
-            "decision: {}",
-            if outcome.decision.is_allow() { "ALLOW" } else { "DENY" }
-        );
-        let _ = writeln!(
-            out,
-            "request:  {} {} VM `{}` from `{}` to `{}`{}",
-            who(&req.principal),
-            req.action,
-            req.vm,
-            req.source,
-            req.destination,
-            if req.postcopy { " (post-copy)" } else { "" }
-        );
-        let l = &req.labels;
-        let _ = writeln!(
-            out,
-            "labels:   tenant `{}`, security level {}, allowed zones [{}], anti-affinity [{}]",
-            l.tenant,
-            l.security_level,
-            l.allowed_zones.join(", "),
-            l.anti_affinity.join(", ")
-        );
-        for (role, host) in [("source", &req.source), ("destination", &req.destination)] {
-            let _ = writeln!(out, "{:<10}{}", format!("{role}:"), self.describe_host(host));
-        }
-        if !req.resident_on_destination.is_empty() {
-            let tenants: BTreeSet<&str> =
-                req.resident_on_destination.iter().map(|r| r.tenant.as_str()).collect();
-            let _ = writeln!(
-                out,
-                "resident: {} VM(s) on the destination, tenants [{}]",
-                req.resident_on_destination.len(),
-                tenants.into_iter().collect::<Vec<_>>().join(", ")
-            );
-        }
-        if let Decision::Deny { reason, .. } = &outcome.decision {
-            let _ = writeln!(out, "reason:   {reason}");
-        }
-        let decided = outcome.decision.policies();
-        if !decided.is_empty() {
-            let _ = writeln!(out, "decided by:");
-            for id in decided {
-                let _ = writeln!(out, "  {}", self.describe_policy(id));
-            }
-        }
-        if !outcome.decision.is_allow() && decided.is_empty() {
-            let candidates = self.permits_for(req.action);
-            if !candidates.is_empty() {
-                let _ = writeln!(out, "permit policies for {} (none matched):", req.action);
-                for id in candidates {
-                    let _ = writeln!(out, "  {}", self.describe_policy(&id));
-                }
-            }
-        }
-        for e in &outcome.errors {
-            let _ = writeln!(out, "error:    {e}");
-        }
-        out
-    }
-
-    fn describe_host(&self, host: &ferry_types::HostName) -> String {
-        let uid =
-            EntityUid::from_type_name_and_id(self.names.host.clone(), EntityId::new(host.as_str()));
-        match self.entities.get(&uid) {
-            None => format!("`{host}`: not in the entities file"),
-            Some(e) => {
-                let attr = |k: &str| match e.attr(k) {
-                    Some(Ok(v)) => v.to_string(),
-                    _ => "?".to_owned(),
-                };
-                format!("`{host}`: zone {}, trust level {}", attr("zone"), attr("trust_level"))
-            }
-        }
-    }
-
-    fn describe_policy(&self, id: &str) -> String {
-        match self.meta.get(id) {
-            Some(m) => format!(
-                "{} {id} ({}){}",
-                effect_of(m.effect),
-                m.file.display(),
-                m.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
-            ),
-            None => id.to_owned(),
-        }
-    }
-
     /// Ids of permit policies whose scope includes `action`, in file order.
     fn permits_for(&self, action: Action) -> Vec<String> {
         self.order
@@ -311,7 +231,10 @@ impl PolicyEngine {
     }
 
     fn deny(reason: String) -> Outcome {
-        Outcome { decision: Decision::Deny { reason, policies: Vec::new() }, errors: Vec::new() }
+        Outcome {
+            decision: Decision::Deny { reason, policies: Vec::new(), residents: Vec::new() },
+            errors: Vec::new(),
+        }
     }
 
     fn known(&self, ty: &EntityTypeName, name: &str) -> Option<Entity> {
@@ -319,40 +242,48 @@ impl PolicyEngine {
         self.entities.get(&uid).cloned()
     }
 
-    fn evaluate(&self, req: &Request) -> Outcome {
-        if let Some(problem) = req.labels.problem() {
-            return Self::deny(problem);
-        }
+    /// Asks Cedar. `Err` is a reason to deny before Cedar is consulted
+    /// (unknown principal or host, a request that does not fit the schema).
+    fn run(&self, req: &Request) -> Result<Verdict, String> {
         let principal = match &req.principal {
             Principal::Operator { name, .. } => self.known(&self.names.operator, name.as_str()),
             Principal::Host { name } => self.known(&self.names.host, name.as_str()),
         };
         let Some(principal) = principal else {
-            return Self::deny(format!(
+            return Err(format!(
                 "{} is not in the entities file (unknown principals are denied)",
                 who(&req.principal)
             ));
         };
         let Some(source) = self.known(&self.names.host, req.source.as_str()) else {
-            return Self::deny(format!("source host `{}` is not in the entities file", req.source));
+            return Err(format!("source host `{}` is not in the entities file", req.source));
         };
         let Some(destination) = self.known(&self.names.host, req.destination.as_str()) else {
-            return Self::deny(format!(
+            return Err(format!(
                 "destination host `{}` is not in the entities file",
                 req.destination
             ));
         };
-        let cedar_request = match self.build(req, principal, source, destination) {
-            Ok(r) => r,
-            Err(why) => return Self::deny(why),
-        };
-        let (request, entities) = cedar_request;
+        let (request, entities) = self.build(req, principal, source, destination)?;
         let response = self.authorizer.is_authorized(&request, &self.policies, &entities);
         let diagnostics = response.diagnostics();
         let mut matched: Vec<String> = diagnostics.reason().map(|id| id.to_string()).collect();
         matched.sort_by_key(|id| self.order.iter().position(|o| o == id));
-        let errors: Vec<String> = diagnostics.errors().map(|e| e.to_string()).collect();
+        Ok(Verdict {
+            allowed: response.decision() == cedar_policy::Decision::Allow,
+            matched,
+            errors: diagnostics.errors().map(|e| e.to_string()).collect(),
+        })
+    }
 
+    fn evaluate(&self, req: &Request) -> Outcome {
+        if let Some(problem) = req.labels.problem() {
+            return Self::deny(problem);
+        }
+        let Verdict { allowed, matched, errors } = match self.run(req) {
+            Ok(v) => v,
+            Err(why) => return Self::deny(why),
+        };
         // Cedar skips a policy whose evaluation errors. For a forbid that
         // would turn an error into an allow, so any error denies.
         if !errors.is_empty() {
@@ -363,155 +294,55 @@ impl PolicyEngine {
                         errors.join("; ")
                     ),
                     policies: Vec::new(),
+                    residents: Vec::new(),
                 },
                 errors,
             };
         }
-        let decision = match response.decision() {
-            cedar_policy::Decision::Allow => Decision::Allow { policies: matched },
-            cedar_policy::Decision::Deny if !matched.is_empty() => {
-                let why: Vec<String> = matched
-                    .iter()
-                    .map(|id| match self.meta.get(id).and_then(|m| m.reason.as_deref()) {
-                        Some(r) => format!("`{id}` ({r})"),
-                        None => format!("`{id}`"),
-                    })
-                    .collect();
-                Decision::Deny {
-                    reason: format!("forbidden by {}", why.join(", ")),
-                    policies: matched,
-                }
+        let decision = if allowed {
+            Decision::Allow { policies: matched }
+        } else if !matched.is_empty() {
+            let blame = self.blame(req, &matched);
+            let why: Vec<String> = matched
+                .iter()
+                .zip(&blame)
+                .map(|(id, b)| {
+                    let reason = self.meta.get(id).and_then(|m| m.reason.clone());
+                    let parts: Vec<String> =
+                        reason.into_iter().chain(residents::blame_clause(req, b)).collect();
+                    if parts.is_empty() {
+                        format!("`{id}`")
+                    } else {
+                        format!("`{id}` ({})", parts.join("; "))
+                    }
+                })
+                .collect();
+            Decision::Deny {
+                reason: format!("forbidden by {}", why.join(", ")),
+                residents: residents::blamed_names(req, &blame),
+                policies: matched,
             }
-            cedar_policy::Decision::Deny => {
-                let candidates = self.permits_for(req.action);
-                let tail = if candidates.is_empty() {
-                    format!("no permit policy covers {}", req.action)
-                } else {
-                    format!("none of the permit policies matched: {}", candidates.join(", "))
-                };
-                Decision::Deny {
-                    reason: format!(
-                        "no policy permits {} to {} VM `{}` of tenant `{}` to `{}` ({tail})",
-                        who(&req.principal),
-                        req.action,
-                        req.vm,
-                        req.labels.tenant,
-                        req.destination
-                    ),
-                    policies: Vec::new(),
-                }
+        } else {
+            let candidates = self.permits_for(req.action);
+            let tail = if candidates.is_empty() {
+                format!("no permit policy covers {}", req.action)
+            } else {
+                format!("none of the permit policies matched: {}", candidates.join(", "))
+            };
+            Decision::Deny {
+                reason: format!(
+                    "no policy permits {} to {} VM `{}` of tenant `{}` to `{}` ({tail})",
+                    who(&req.principal),
+                    req.action,
+                    req.vm,
+                    req.labels.tenant,
+                    req.destination
+                ),
+                policies: Vec::new(),
+                residents: Vec::new(),
             }
         };
         Outcome { decision, errors }
-    }
-
-    /// Builds the Cedar request and the small per-request entity store:
-    /// principal, both hosts and the VM. Only these are reachable from the
-    /// request (the schema has no other entity-typed attributes), so copying
-    /// the whole store per decision would buy nothing; a policy naming some
-    /// other entity literally fails to evaluate and therefore denies.
-    fn build(
-        &self,
-        req: &Request,
-        principal: Entity,
-        source: Entity,
-        destination: Entity,
-    ) -> Result<(cedar_policy::Request, Entities), String> {
-        let l = &req.labels;
-        let strings = |v: &[String]| {
-            RestrictedExpression::new_set(
-                v.iter().map(|s| RestrictedExpression::new_string(s.clone())),
-            )
-        };
-        let vm_uid =
-            EntityUid::from_type_name_and_id(self.names.vm.clone(), EntityId::new(req.vm.as_str()));
-        let vm = Entity::new(
-            vm_uid.clone(),
-            HashMap::from([
-                ("tenant".to_owned(), RestrictedExpression::new_string(l.tenant.clone())),
-                (
-                    "security_level".to_owned(),
-                    RestrictedExpression::new_long(i64::from(l.security_level)),
-                ),
-                ("allowed_zones".to_owned(), strings(&l.allowed_zones)),
-                ("anti_affinity".to_owned(), strings(&l.anti_affinity)),
-            ]),
-            HashSet::new(),
-        )
-        .map_err(|e| format!("VM labels cannot be represented: {e}"))?;
-
-        let residents = req
-            .resident_on_destination
-            .iter()
-            .map(|r| {
-                RestrictedExpression::new_record([
-                    ("tenant".to_owned(), RestrictedExpression::new_string(r.tenant.clone())),
-                    (
-                        "security_level".to_owned(),
-                        RestrictedExpression::new_long(i64::from(r.security_level)),
-                    ),
-                ])
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("resident VM list cannot be represented: {e}"))?;
-        let resident_tenants: BTreeSet<&str> =
-            req.resident_on_destination.iter().map(|r| r.tenant.as_str()).collect();
-        let role = match &req.principal {
-            Principal::Operator { role, .. } => role.clone(),
-            Principal::Host { .. } => String::new(),
-        };
-        let context = Context::from_pairs([
-            ("source".to_owned(), RestrictedExpression::new_entity_uid(source.uid())),
-            ("destination".to_owned(), RestrictedExpression::new_entity_uid(destination.uid())),
-            ("postcopy".to_owned(), RestrictedExpression::new_bool(req.postcopy)),
-            ("source_attested".to_owned(), RestrictedExpression::new_bool(req.source_attested)),
-            (
-                "destination_attested".to_owned(),
-                RestrictedExpression::new_bool(req.destination_attested),
-            ),
-            ("now".to_owned(), RestrictedExpression::new_long(req.now_unix)),
-            ("role".to_owned(), RestrictedExpression::new_string(role)),
-            (
-                "resident_tenants".to_owned(),
-                RestrictedExpression::new_set(
-                    resident_tenants
-                        .into_iter()
-                        .map(|t| RestrictedExpression::new_string(t.to_owned())),
-                ),
-            ),
-            ("residents".to_owned(), RestrictedExpression::new_set(residents)),
-        ])
-        .map_err(|e| format!("request context cannot be built: {e}"))?;
-
-        let principal_uid = principal.uid();
-        // The principal may be one of the hosts (SendVm / ReceiveVm); Cedar
-        // refuses duplicate entities, so add each uid once.
-        let mut store: Vec<Entity> = Vec::with_capacity(4);
-        for e in [principal, source, destination, vm] {
-            if !store.iter().any(|s| s.uid() == e.uid()) {
-                store.push(e);
-            }
-        }
-        // With the schema, Cedar checks the VM entity's attribute types and
-        // adds the action entities that `action in [...]` needs.
-        let entities = Entities::from_entities(store, Some(&self.schema))
-            .map_err(|e| format!("request entities do not fit the schema: {e}"))?;
-        let request = cedar_policy::Request::new(
-            principal_uid,
-            self.names.action(req.action).clone(),
-            vm_uid,
-            context,
-            Some(&self.schema),
-        )
-        .map_err(|e| format!("request does not fit the schema: {e}"))?;
-        Ok((request, entities))
-    }
-}
-
-fn who(p: &Principal) -> String {
-    match p {
-        Principal::Operator { name, role } => format!("operator `{name}` acting as `{role}`"),
-        Principal::Host { name } => format!("host `{name}`"),
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 /// column (1-based), so `ferry policy check` output can be jumped to.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read", path.display())]
     Io {
         path: PathBuf,
         #[source]

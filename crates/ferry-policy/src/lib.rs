@@ -23,6 +23,7 @@ pub use admission::{
 };
 pub use engine::{check_files, PolicyEffect, PolicyEngine, PolicyInfo, SharedPolicy, Summary};
 pub use error::PolicyError;
+pub use load::entity_hosts;
 pub use types::{Action, Decision, Principal, Request, Resident, VmLabels, MAX_SECURITY_LEVEL};
 
 /// The Cedar schema policies are validated against (Cedar schema syntax).

@@ -284,6 +284,19 @@ fn load_policies_here(files: &[PathBuf], schema: &Schema) -> Result<LoadedPolici
 /// Reads an entities file (Cedar's entity JSON) and checks it against the
 /// schema: wrong attribute types, missing or extra attributes and unknown
 /// entity types are all refused.
+/// Ids of the `Host` entities in an entities file, validated as at load:
+/// lets an agent warn at start-up that the policy does not know it.
+pub fn entity_hosts(path: &Path) -> Result<Vec<String>, PolicyError> {
+    let entities = load_entities(path, &schema()?)?;
+    let mut hosts: Vec<String> = entities
+        .iter()
+        .filter(|e| e.uid().type_name().to_string() == "Host")
+        .map(|e| e.uid().id().unescaped().to_owned())
+        .collect();
+    hosts.sort();
+    Ok(hosts)
+}
+
 pub(crate) fn load_entities(path: &Path, schema: &Schema) -> Result<Entities, PolicyError> {
     let text = read(path)?;
     // Parse the JSON ourselves first: serde_json reports line and column,

@@ -63,6 +63,9 @@ pub enum Action {
     SendVm,
     /// The destination host receives a VM.
     ReceiveVm,
+    /// A host starts a new VM on itself (`ferry vm start`). Decided with
+    /// `source` = `destination` = that host, on its residents.
+    StartVm,
 }
 
 impl Action {
@@ -72,6 +75,7 @@ impl Action {
             Action::MigrateVm => "MigrateVm",
             Action::SendVm => "SendVm",
             Action::ReceiveVm => "ReceiveVm",
+            Action::StartVm => "StartVm",
         }
     }
 }
@@ -82,12 +86,14 @@ impl std::fmt::Display for Action {
     }
 }
 
-/// A VM already running on the destination.
+/// A VM already on the destination (running, arriving or leaving), with
+/// everything it declared when it was started: its placement constraints
+/// must protect it whichever VM moves.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Resident {
-    pub tenant: String,
-    pub security_level: u8,
+    pub name: VmName,
+    pub labels: VmLabels,
 }
 
 /// One authorization question.
@@ -106,6 +112,7 @@ pub struct Request {
     /// Seconds since the Unix epoch; passed in so decisions stay pure.
     pub now_unix: i64,
     /// Only the destination knows this; the source passes an empty list.
+    /// For [`Action::StartVm`], the VMs already on the starting host.
     pub resident_on_destination: Vec<Resident>,
 }
 
@@ -115,8 +122,9 @@ pub enum Decision {
     /// Allowed; `policies` are the ids of the permit policies that matched.
     Allow { policies: Vec<String> },
     /// Denied; `reason` is for people, `policies` are the ids of the forbid
-    /// policies that matched (empty for a default deny).
-    Deny { reason: String, policies: Vec<String> },
+    /// policies that matched (empty for a default deny), `residents` the
+    /// resident VMs whose presence alone made one of them match.
+    Deny { reason: String, policies: Vec<String>, residents: Vec<VmName> },
 }
 
 impl Decision {

@@ -1,5 +1,5 @@
 //! Destination admission control and the source-side rate limiter, under the
-//! survey's control-plane attacks (flood, thrashing, false capacity).
+//! control-plane threats of docs/architecture.md (flood, thrashing, false capacity).
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -204,4 +204,44 @@ fn config_serde_defaults_and_units() {
     assert!(serde_json::from_str::<AdmissionConfig>(r#"{"capacity": 1}"#).is_err());
     assert!(serde_json::from_str::<AdmissionConfig>(r#"{"vm_cooldown": "5 fortnights"}"#).is_err());
     assert!(serde_json::from_str::<AdmissionConfig>(r#"{"vm_cooldown": -1}"#).is_err());
+}
+
+/// After a restart the agent puts back what its records say was counted;
+/// a fresh limiter or admission with those events refuses as the old one did.
+#[test]
+fn restored_events_count_as_before_a_restart() {
+    let limiter = RateLimiter::new(2, Duration::from_secs(10));
+    let t0 = Instant::now();
+    // Out of order and more than the limit, as a records directory may hold.
+    for s in [3, 1, 2] {
+        limiter.restore("host-b", t0 + Duration::from_secs(s));
+    }
+    let r = limiter.check("host-b", t0 + Duration::from_secs(5)).expect_err("restored limit");
+    // The newest two (2 s and 3 s) decide: one leaves the window at 12 s.
+    assert_eq!(r.retry_after, Some(Duration::from_secs(7)));
+    assert!(limiter.check("host-c", t0 + Duration::from_secs(5)).is_ok(), "other keys unaffected");
+    assert!(limiter.check("host-b", t0 + Duration::from_secs(12)).is_ok());
+
+    let admission = Admission::new(AdmissionConfig {
+        per_peer_max: 2,
+        per_peer_window: Duration::from_secs(10),
+        ..cfg()
+    });
+    admission.restore_peer_admission(&host("noisy"), t0);
+    admission.restore_peer_admission(&host("noisy"), t0 + Duration::from_secs(1));
+    let r = admission
+        .try_admit(&host("noisy"), &vm("v"), 1, 1, 0, 0, t0 + Duration::from_secs(2))
+        .expect_err("restored peer window");
+    assert_eq!(r.kind, RefusalKind::PeerRate);
+    assert!(admission
+        .try_admit(&host("noisy"), &vm("v"), 1, 1, 0, 0, t0 + Duration::from_secs(10))
+        .is_ok());
+
+    // A cooldown restored from an earlier move is not shortened by it.
+    admission.completed(&vm("web"), t0 + Duration::from_secs(100));
+    admission.completed(&vm("web"), t0);
+    let r = admission
+        .try_admit(&host("p"), &vm("web"), 1, 1, 0, 0, t0 + Duration::from_secs(350))
+        .expect_err("the later cooldown holds");
+    assert_eq!(r.kind, RefusalKind::Cooldown);
 }

@@ -23,12 +23,22 @@ when { principal.roles.contains("admin") };
 #[test]
 fn example_files_check_clean() {
     let s = check_files(&example_policies(), Some(&example_entities())).expect("check");
-    assert_eq!(s.policies.len(), 9);
+    assert_eq!(s.policies.len(), 11);
     assert_eq!(s.entities, Some(5));
     assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     let text = s.to_string();
-    assert!(text.starts_with("ok: 1 file(s), 9 policies (4 permit, 5 forbid)"), "{text}");
+    assert!(text.starts_with("ok: 1 file(s), 11 policies (5 permit, 6 forbid)"), "{text}");
     assert!(text.contains("forbid anti-co-location"), "{text}");
+    assert!(text.contains("forbid resident-anti-co-location"), "{text}");
+}
+
+#[test]
+fn entity_hosts_lists_the_hosts_only() {
+    let hosts = ferry_policy::entity_hosts(&example_entities()).expect("hosts");
+    assert_eq!(hosts, ["host-a", "host-b", "host-c"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = write(dir.path(), "bad.json", r#"[{"uid":{"type":"Host","id":"h"},"attrs":{}}]"#);
+    assert!(ferry_policy::entity_hosts(&bad).is_err(), "schema violations are refused");
 }
 
 #[test]

@@ -17,7 +17,7 @@ fn allowed_by(d: &Decision, id: &str) {
 
 fn forbidden_by(d: &Decision, id: &str) {
     match d {
-        Decision::Deny { policies, reason } => {
+        Decision::Deny { policies, reason, .. } => {
             assert!(policies.iter().any(|p| p == id), "denied, but not by {id}: {d:?}");
             assert!(reason.contains(id), "reason should name {id}: {reason}");
         }
@@ -28,7 +28,7 @@ fn forbidden_by(d: &Decision, id: &str) {
 /// A deny that no forbid caused: nothing permitted the request.
 fn default_denied(d: &Decision) -> String {
     match d {
-        Decision::Deny { policies, reason } => {
+        Decision::Deny { policies, reason, .. } => {
             assert!(policies.is_empty(), "expected default deny, got {d:?}");
             reason.clone()
         }
@@ -171,7 +171,7 @@ fn default_deny_when_no_policy_matches() {
     let path = dir.path().join("forbids.cedar");
     std::fs::write(&path, forbids).expect("write");
     let e = PolicyEngine::load(&[path], &example_entities()).expect("load");
-    assert_eq!(e.policies().len(), 5);
+    assert_eq!(e.policies().len(), 6);
     let reason = default_denied(&e.authorize(&request(
         operator("alice", "admin"),
         Action::MigrateVm,

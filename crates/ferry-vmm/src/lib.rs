@@ -7,8 +7,10 @@
 //!   agent crash, and adopting them again after a restart.
 //! * [`qmp`]: a small QMP client for status, run control and migration.
 //! * [`watch`]: waiting on a migration through the one shared QMP handle.
+//! * [`diagnostics`]: the read-only QMP commands operators may pass through.
 
 pub mod accel;
+pub mod diagnostics;
 pub mod process;
 pub mod qmp;
 pub mod spec;
@@ -18,9 +20,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice};
+pub use diagnostics::{check_read_only, read_only_allowlist};
 pub use process::{adopt, launch, list, qemu_args, LaunchMode, QemuConfig, QemuProcess};
 pub use qmp::{MigrationState, MigrationStatus, Qmp, QmpEvent, RamStats, RunState, MAX_QMP_LINE};
-pub use spec::{Boot, DiskFormat, ImageName, MachineType, SpecError, VmSpec};
+pub use spec::{Boot, DiskBus, DiskFormat, ImageName, MachineType, SpecError, VmSpec};
 pub use watch::{poll_migration, wait_migration_done, wait_migration_terminal, Poll, SharedQmp};
 
 /// Everything that can go wrong driving QEMU.
@@ -28,7 +31,7 @@ pub use watch::{poll_migration, wait_migration_done, wait_migration_terminal, Po
 pub enum VmmError {
     #[error("invalid VM spec: {0}")]
     Spec(#[from] SpecError),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
@@ -46,6 +49,11 @@ pub enum VmmError {
     PidFile { path: PathBuf, why: String },
     #[error("QMP command {command} failed: {class}: {desc}")]
     Qmp { command: String, class: String, desc: String },
+    #[error(
+        "QMP command {command:?} is not a read-only diagnostic; allowed: {}",
+        read_only_allowlist()
+    )]
+    NotReadOnly { command: String },
     #[error("QMP protocol error: {0}")]
     QmpProtocol(String),
     #[error("QMP connection closed")]
@@ -60,7 +68,7 @@ pub enum VmmError {
     MigrationCancelled,
     #[error("refusing migration capabilities: {0}")]
     UnsafeCapabilities(&'static str),
-    #[error("could not signal QEMU pid {pid}: {source}")]
+    #[error("could not signal QEMU pid {pid}")]
     Signal {
         pid: u32,
         #[source]

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::accel::{resolve_accel, Accel, AccelChoice};
 use crate::qmp::Qmp;
-use crate::spec::{Boot, VmSpec};
+use crate::spec::{Boot, DiskBus, MachineType, VmSpec};
 use crate::VmmError;
 
 /// The QEMU parent process returns once the daemon is initialised; guest RAM
@@ -203,10 +203,21 @@ pub fn qemu_args(
             }
             push(&[&"-append", cmdline]);
         }
-        Boot::Disk { image } => {
+        Boot::Disk { image, bus } => {
             let mut drive = OsString::from("file=");
             drive.push(cfg.images_dir.join(image.as_str()));
-            drive.push(format!(",if=virtio,format={}", image.disk_format().qemu_name()));
+            let format = image.disk_format().qemu_name();
+            match disk_controller(spec.machine, *bus) {
+                // Unchanged since before buses existed: an older agent at the
+                // other end builds the same machine.
+                None => drive.push(format!(",if=virtio,format={format}")),
+                Some(devices) => {
+                    drive.push(format!(",if=none,id={DISK_ID},format={format}"));
+                    for device in devices {
+                        push(&[&"-device", &device]);
+                    }
+                }
+            }
             push(&[&"-drive", &drive]);
         }
     }
@@ -214,6 +225,22 @@ pub fn qemu_args(
         push(&[&"-incoming", &"defer", &"-S"]);
     }
     a
+}
+
+/// The `-drive` id of the boot disk when a device is attached to it by hand.
+const DISK_ID: &str = "disk0";
+
+/// The `-device`s that put the boot disk on `bus`, or `None` for virtio,
+/// which `-drive if=virtio` attaches itself. `ide.0` is the first bus of the
+/// controller the machine has built in: PIIX IDE on `pc`, ICH9 AHCI on `q35`
+/// (spec validation refuses IDE on q35, which has no IDE controller).
+fn disk_controller(machine: MachineType, bus: DiskBus) -> Option<Vec<String>> {
+    let disk = |on: &str| format!("ide-hd,drive={DISK_ID},bus={on}");
+    match (bus, machine) {
+        (DiskBus::Virtio, _) => None,
+        (DiskBus::Ide, _) | (DiskBus::Sata, MachineType::Q35) => Some(vec![disk("ide.0")]),
+        (DiskBus::Sata, MachineType::Pc) => Some(vec!["ahci,id=sata0".into(), disk("sata0.0")]),
+    }
 }
 
 /// QEMU option strings use ',' as a separator (and -initrd for multiboot
@@ -434,7 +461,6 @@ pub async fn list(cfg: &QemuConfig) -> Result<Vec<QemuProcess>, VmmError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::spec::MachineType;
 
     fn cfg() -> QemuConfig {
         QemuConfig { images_dir: PathBuf::from("/srv/images"), ..QemuConfig::default() }
@@ -460,7 +486,7 @@ mod tests {
 
     #[test]
     fn disk_args_resolve_in_images_dir() {
-        let s = spec(Boot::Disk { image: "root.qcow2".parse().unwrap() });
+        let s = spec(Boot::Disk { image: "root.qcow2".parse().unwrap(), bus: DiskBus::Virtio });
         let args =
             strs(&qemu_args(&cfg(), &s, LaunchMode::Run, Accel::Tcg, Path::new("/run/f/vm1")));
         assert_eq!(
@@ -474,6 +500,27 @@ mod tests {
         assert_eq!(value_of(&args, "-pidfile"), Some("/run/f/vm1/qemu.pid"));
         assert_eq!(value_of(&args, "-qmp"), Some("unix:/run/f/vm1/qmp.sock,server=on,wait=off"));
         assert!(!args.iter().any(|a| a == "-incoming" || a == "-S"));
+    }
+
+    #[test]
+    fn ide_and_sata_disks_get_a_device_on_that_bus() {
+        let disk = |machine, bus| {
+            let mut s = spec(Boot::Disk { image: "r.raw".parse().unwrap(), bus });
+            s.machine = machine;
+            strs(&qemu_args(&cfg(), &s, LaunchMode::Run, Accel::Tcg, Path::new("/d")))
+        };
+        let devices = |args: &[String]| -> Vec<String> {
+            args.windows(2).filter(|w| w[0] == "-device").map(|w| w[1].clone()).collect()
+        };
+        let drive = "file=/srv/images/r.raw,if=none,id=disk0,format=raw";
+        let ide = disk(MachineType::Pc, DiskBus::Ide);
+        assert_eq!(value_of(&ide, "-drive"), Some(drive));
+        assert_eq!(devices(&ide), ["ide-hd,drive=disk0,bus=ide.0"]);
+        let sata = disk(MachineType::Pc, DiskBus::Sata);
+        assert_eq!(devices(&sata), ["ahci,id=sata0", "ide-hd,drive=disk0,bus=sata0.0"]);
+        let q35 = disk(MachineType::Q35, DiskBus::Sata);
+        assert_eq!(devices(&q35), ["ide-hd,drive=disk0,bus=ide.0"]);
+        assert!(devices(&disk(MachineType::Pc, DiskBus::Virtio)).is_empty());
     }
 
     #[test]
@@ -495,7 +542,7 @@ mod tests {
 
     #[test]
     fn both_ends_get_the_same_machine() {
-        let s = spec(Boot::Disk { image: "d.raw".parse().unwrap() });
+        let s = spec(Boot::Disk { image: "d.raw".parse().unwrap(), bus: DiskBus::Sata });
         let src = strs(&qemu_args(&cfg(), &s, LaunchMode::Run, Accel::Tcg, Path::new("/a/vm1")));
         let dst =
             strs(&qemu_args(&cfg(), &s, LaunchMode::Incoming, Accel::Tcg, Path::new("/b/vm1")));

@@ -38,6 +38,8 @@ pub enum SpecError {
     ImageName { name: String, why: &'static str },
     #[error("kernel command line is invalid: {why}")]
     Cmdline { why: &'static str },
+    #[error("disk bus {bus} does not exist on machine {machine}: {why}")]
+    DiskBus { bus: DiskBus, machine: &'static str, why: &'static str },
 }
 
 /// QEMU machine type. Only the two x86 families are offered; both hosts map
@@ -148,6 +150,56 @@ impl fmt::Debug for ImageName {
     }
 }
 
+/// The controller a boot disk is attached to. Virtio is the fastest; IDE
+/// and SATA (AHCI) are for images whose boot loader or kernel has no virtio
+/// driver. Part of the machine both ends of a migration must build alike,
+/// so it travels in the spec and is a closed set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBus {
+    #[default]
+    Virtio,
+    /// The `pc` machine's PIIX IDE controller (q35 has none).
+    Ide,
+    /// An AHCI controller: q35's built-in one, or one added to `pc`.
+    Sata,
+}
+
+impl DiskBus {
+    pub const ALL: [DiskBus; 3] = [DiskBus::Virtio, DiskBus::Ide, DiskBus::Sata];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskBus::Virtio => "virtio",
+            DiskBus::Ide => "ide",
+            DiskBus::Sata => "sata",
+        }
+    }
+
+    /// Virtio is left out of the encoded spec, so a spec that does not
+    /// choose a bus encodes exactly as before buses existed, and agents
+    /// that predate them still accept its offers.
+    fn is_default(&self) -> bool {
+        *self == DiskBus::default()
+    }
+}
+
+impl fmt::Display for DiskBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DiskBus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        DiskBus::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| format!("unknown disk bus {s:?}: expected one of virtio, ide, sata"))
+    }
+}
+
 /// How the guest boots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
@@ -161,8 +213,13 @@ pub enum Boot {
         #[serde(default)]
         cmdline: String,
     },
-    /// Boot from one virtio disk through the firmware.
-    Disk { image: ImageName },
+    /// Boot from one disk through the firmware.
+    Disk {
+        image: ImageName,
+        /// Specs written before buses existed mean virtio.
+        #[serde(default, skip_serializing_if = "DiskBus::is_default")]
+        bus: DiskBus,
+    },
 }
 
 fn check_cmdline(s: &str) -> Result<(), SpecError> {
@@ -227,8 +284,16 @@ impl VmSpec {
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(SpecError::Vcpus { got: self.vcpus });
         }
-        if let Boot::Kernel { cmdline, .. } = &self.boot {
-            check_cmdline(cmdline)?;
+        match &self.boot {
+            Boot::Kernel { cmdline, .. } => check_cmdline(cmdline)?,
+            Boot::Disk { bus: DiskBus::Ide, .. } if self.machine == MachineType::Q35 => {
+                return Err(SpecError::DiskBus {
+                    bus: DiskBus::Ide,
+                    machine: self.machine.qemu_name(),
+                    why: "q35 has no IDE controller; use sata (its AHCI controller) or machine pc",
+                });
+            }
+            Boot::Disk { .. } => {}
         }
         Ok(())
     }
@@ -269,8 +334,10 @@ mod tests {
         let disk = r#"{"name":"d","memory_mib":64,"vcpus":1,"machine":"pc",
                        "boot":{"type":"disk","image":"root.qcow2"}}"#;
         let spec: VmSpec = serde_json::from_str(disk).unwrap();
-        let Boot::Disk { image } = &spec.boot else { panic!("not disk") };
+        let Boot::Disk { image, bus } = &spec.boot else { panic!("not disk") };
         assert_eq!(image.disk_format(), DiskFormat::Qcow2);
+        assert_eq!(*bus, DiskBus::Virtio, "a spec without a bus means virtio");
+        assert!(!serde_json::to_string(&spec).unwrap().contains("bus"), "old peers refuse it");
         assert_eq!("a.img".parse::<ImageName>().unwrap().disk_format(), DiskFormat::Raw);
     }
 
@@ -325,6 +392,34 @@ mod tests {
         }
         let err = serde_json::from_str::<ImageName>(r#""../../etc/shadow""#).unwrap_err();
         assert!(err.to_string().contains("image name"), "{err}");
+    }
+
+    fn disk_spec(machine: &str, bus: &str) -> Result<VmSpec, serde_json::Error> {
+        serde_json::from_str(&format!(
+            r#"{{"name":"d","memory_mib":64,"vcpus":1,"machine":"{machine}",
+                "boot":{{"type":"disk","image":"root.qcow2","bus":"{bus}"}}}}"#
+        ))
+    }
+
+    #[test]
+    fn disk_buses_are_closed_and_fit_the_machine() {
+        for (machine, bus) in [("pc", "ide"), ("pc", "sata"), ("q35", "sata"), ("q35", "virtio")] {
+            let spec = disk_spec(machine, bus).unwrap();
+            let back: VmSpec =
+                serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+            assert_eq!(back, spec, "{machine}/{bus}");
+        }
+        let sata = serde_json::to_string(&disk_spec("pc", "sata").unwrap()).unwrap();
+        assert!(sata.contains(r#""bus":"sata""#), "{sata}");
+        for bad in ["scsi", "IDE", "virtio-blk", ""] {
+            let err = disk_spec("pc", bad).unwrap_err().to_string();
+            assert!(err.contains("unknown variant"), "{bad:?}: {err}");
+        }
+        let err = disk_spec("q35", "ide").unwrap_err().to_string();
+        assert!(err.contains("disk bus ide does not exist on machine q35"), "{err}");
+        assert_eq!("sata".parse::<DiskBus>(), Ok(DiskBus::Sata));
+        let err = "scsi".parse::<DiskBus>().unwrap_err();
+        assert!(err.contains("virtio, ide, sata"), "{err}");
     }
 
     #[test]

@@ -62,7 +62,7 @@ fn spec(name: &str, memory_mib: u32) -> VmSpec {
         memory_mib,
         vcpus: 1,
         machine: MachineType::Q35,
-        boot: Boot::Disk { image: "zero.raw".parse().unwrap() },
+        boot: Boot::Disk { image: "zero.raw".parse().unwrap(), bus: Default::default() },
     }
 }
 
@@ -156,7 +156,7 @@ async fn launch_failure_reports_qemu_stderr() {
     let h = host();
     let cfg = config(&h, "run");
     let mut s = spec("broken", 32);
-    s.boot = Boot::Disk { image: "missing.raw".parse().unwrap() };
+    s.boot = Boot::Disk { image: "missing.raw".parse().unwrap(), bus: Default::default() };
     match launch(&cfg, &s, LaunchMode::Run).await {
         Err(VmmError::LaunchFailed { stderr, .. }) => {
             assert!(stderr.contains("missing.raw"), "{stderr}")

@@ -56,6 +56,14 @@ pub fn request(principal: Principal, action: Action, labels: VmLabels) -> Reques
     }
 }
 
+/// A resident VM of `tenant` (named after it) that excludes nobody.
 pub fn resident(tenant: &str) -> Resident {
-    Resident { tenant: tenant.to_owned(), security_level: 0 }
+    Resident { name: format!("{tenant}-vm").parse().expect("vm name"), labels: labels(tenant, 0) }
+}
+
+/// A resident VM `name` of `tenant` that must not share a host with `excludes`.
+pub fn excluding(name: &str, tenant: &str, excludes: &[&str]) -> Resident {
+    let mut l = labels(tenant, 0);
+    l.anti_affinity = excludes.iter().map(|t| (*t).to_owned()).collect();
+    Resident { name: name.parse().expect("vm name"), labels: l }
 }

@@ -1,22 +1,19 @@
-//! Opening mTLS connections to agents: used by the source agent to reach a
-//! destination and by the `ferry` CLI to reach an agent's operator API.
+//! Opening mTLS connections to agents: the source agent reaches a
+//! destination, and the `ferry` CLI reaches an agent's operator API.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_channel::{FrameReader, FrameWriter};
-use ferry_tls::{Paced, TcpReader, TcpWriter};
+use ferry_identity::PeerAuthenticated;
+use ferry_tls::Paced;
 use ferry_types::HostName;
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
+use super::{Reader, Stream, Writer};
 use crate::protocol::{Hello, PROTOCOL_VERSION};
-
-/// Paced: rustls reads no further than the handshake, so that `greet` can
-/// hand the connection's records over to ferry-tls.
-pub type ClientStream = TlsStream<Paced<TcpStream>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -53,15 +50,16 @@ pub enum ConnectError {
     },
 }
 
-/// TCP connect, TLS 1.3 handshake (mutual: both sides present certificates)
-/// and a check that the peer's certificate names exactly `host`.
+/// TCP connect, TLS 1.3 handshake (mutual: both sides present
+/// certificates), a check that the peer's certificate names exactly `host`
+/// and this connection's channel binding, in the proof.
 pub async fn connect(
     addr: SocketAddr,
     host: &HostName,
     config: Arc<ClientConfig>,
     domain: &ferry_types::TrustDomain,
     timeout: Duration,
-) -> Result<(ClientStream, ferry_identity::PeerAuthenticated), ConnectError> {
+) -> Result<(Stream, PeerAuthenticated), ConnectError> {
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => return Err(ConnectError::Timeout { host: host.clone(), addr }),
         Ok(Err(source)) => return Err(ConnectError::Tcp { host: host.clone(), addr, source }),
@@ -74,11 +72,8 @@ pub async fn connect(
     let tls = match tokio::time::timeout(timeout, connector.connect(name, Paced::new(tcp))).await {
         Err(_) => return Err(ConnectError::Timeout { host: host.clone(), addr }),
         Ok(Err(e)) => {
-            return Err(ConnectError::Handshake {
-                host: host.clone(),
-                addr,
-                reason: ferry_identity::describe_tls_error(&e),
-            })
+            let reason = ferry_identity::describe_tls_error(&e);
+            return Err(ConnectError::Handshake { host: host.clone(), addr, reason });
         }
         Ok(Ok(t)) => t,
     };
@@ -86,27 +81,23 @@ pub async fn connect(
     // name the host the operator asked for (spoofed destination, threat table).
     let proof = ferry_identity::authenticate_host(tls.get_ref().1, domain, host)
         .map_err(|source| ConnectError::Identity { host: host.clone(), source })?;
-    Ok((tls, proof))
+    Ok((tokio_rustls::TlsStream::Client(tls), proof))
 }
 
-pub type Reader = FrameReader<TcpReader>;
-pub type Writer = FrameWriter<TcpWriter>;
-
 /// Hand the connection's records over to ferry-tls (the caller has taken
-/// what it needs from the handshake: the binding), split it into framed
-/// halves and exchange protocol greetings.
+/// what it needs from the handshake: the proof with its binding), split it
+/// into framed halves and exchange protocol greetings.
 ///
 /// A server that refuses our client certificate only says so when we first
 /// read (TLS 1.3 sends its alert after the client's Finished), so the alert
 /// is decoded here too.
 pub async fn greet(
-    stream: ClientStream,
+    stream: Stream,
     host: &HostName,
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<(Reader, Writer), ConnectError> {
-    let (io, conn) = stream.into_inner();
-    let (r, w) = ferry_tls::take_over(io, conn)
+    let (r, w) = super::take_over(stream)
         .map_err(|source| ConnectError::TakeOver { host: host.clone(), source })?;
     let mut reader = FrameReader::new(r, timeout);
     let mut writer = FrameWriter::new(w, timeout);

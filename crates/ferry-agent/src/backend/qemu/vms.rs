@@ -1,30 +1,21 @@
-//! The VMs this host runs: launched from validated specs, adopted again after
-//! an agent restart, each with a console logger that timestamps the guest's
-//! serial output (operators read it; tests measure the guest's blackout
-//! from it).
+//! The QEMUs this host runs: launched from validated specs, each with its
+//! spec and labels persisted beside it so that a restarted agent adopts it
+//! again, one shared QMP connection and a console logger.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use ferry_policy::VmLabels;
-use ferry_types::{MigrationId, VmName};
-use ferry_vmm::{LaunchMode, QemuConfig, QemuProcess, Qmp, VmSpec, VmmError};
-use tokio::io::AsyncBufReadExt;
+use ferry_types::MigrationId;
+use ferry_vmm::{LaunchMode, QemuConfig, QemuProcess, SharedQmp, VmSpec, VmmError};
 use tokio::sync::Mutex;
 
+use super::console::{console_logger, CONSOLE_LOG};
 use crate::protocol::VmInfo;
-use crate::records::{now_unix_ms, write_durably};
+use crate::records::write_durably;
 
 pub const SPEC_FILE: &str = "spec.json";
 pub const LABELS_FILE: &str = "labels.json";
-pub const CONSOLE_LOG: &str = "console.log";
-/// Longest console line kept; longer lines are cut (a guest controls them).
-const MAX_CONSOLE_LINE: usize = 4096;
-/// A console log past this size is rotated to `console.log.1` (one
-/// generation kept), so a chatty guest cannot fill the host's disk.
-const MAX_CONSOLE_LOG: u64 = 64 << 20;
 /// Largest spec file read back.
 const MAX_SPEC_FILE: u64 = 64 * 1024;
 
@@ -35,7 +26,7 @@ pub struct VmEntry {
     /// Tenant, security level, zones: what policy decides on.
     pub labels: VmLabels,
     pub proc: QemuProcess,
-    pub qmp: Arc<Mutex<Qmp>>,
+    pub qmp: SharedQmp,
     /// The migration that owns this VM; no other operation may touch it.
     pub busy: Option<MigrationId>,
     console: tokio::task::JoinHandle<()>,
@@ -68,8 +59,6 @@ impl VmEntry {
         }
     }
 }
-
-pub type VmTable = Mutex<BTreeMap<VmName, VmEntry>>;
 
 /// Launch QEMU for `spec`, persist the spec beside it and start its console logger.
 pub async fn launch(
@@ -130,7 +119,7 @@ pub async fn adopt_all(vms_dir: &Path) -> Result<(Vec<VmEntry>, Vec<PathBuf>), V
         if !dir.is_dir() {
             continue;
         }
-        let spec = match read_spec(&dir) {
+        let spec = match read_json::<VmSpec>(&dir.join(SPEC_FILE)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "VM directory without a usable spec");
@@ -147,17 +136,12 @@ pub async fn adopt_all(vms_dir: &Path) -> Result<(Vec<VmEntry>, Vec<PathBuf>), V
     Ok((live, dead))
 }
 
-fn read_spec(dir: &Path) -> Result<VmSpec, String> {
-    read_json(&dir.join(SPEC_FILE))
-}
-
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let path = path.to_owned();
-    let len = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
+    let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
     if len > MAX_SPEC_FILE {
         return Err(format!("{} is {len} bytes", path.display()));
     }
-    let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
@@ -169,68 +153,3 @@ pub async fn kill(proc: &QemuProcess) -> Result<(), VmmError> {
         source: std::io::Error::other(e),
     })?
 }
-
-/// Copy the guest's serial output to `log`, one `<unix_ms> <line>` per line.
-/// Reconnects while QEMU lives (its socket chardev takes one client).
-///
-/// PERF: each line is appended with a plain `write` from this task, not
-/// through tokio::fs, whose every write is a hand-over to a blocking thread
-/// and back: with the test guest's heartbeat every millisecond that cost the
-/// agent 13 % of a core per running VM. A short append to a local file does
-/// not block in practice, and the line's timestamp stays the time it was read.
-async fn console_logger(socket: PathBuf, log: PathBuf) {
-    let open = || std::fs::OpenOptions::new().create(true).append(true).open(&log);
-    let mut out = match open() {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!(log = %log.display(), error = %e, "cannot open console log");
-            return;
-        }
-    };
-    let mut written = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-    for _ in 0..50 {
-        let Ok(stream) = tokio::net::UnixStream::connect(&socket).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let mut reader = tokio::io::BufReader::new(stream);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let n = match (&mut reader)
-                .take(MAX_CONSOLE_LINE as u64)
-                .read_until(b'\n', &mut line)
-                .await
-            {
-                Ok(n) => n,
-                Err(_) => break,
-            };
-            if n == 0 {
-                break;
-            }
-            // A line cut short (QEMU quit mid-line, or the line is over the
-            // cap) is marked, so nobody mistakes its prefix for a whole line.
-            let complete = line.ends_with(b"\n");
-            let text = String::from_utf8_lossy(&line);
-            let text = text.trim_end_matches(['\r', '\n']);
-            let mark = if complete { "" } else { "[partial] " };
-            let entry = format!("{} {mark}{}\n", now_unix_ms(), text.replace('\n', " "));
-            if std::io::Write::write_all(&mut out, entry.as_bytes()).is_err() {
-                return;
-            }
-            written += entry.len() as u64;
-            if written > MAX_CONSOLE_LOG {
-                let _ = std::fs::rename(&log, log.with_extension("log.1"));
-                out = match open() {
-                    Ok(f) => f,
-                    Err(_) => return,
-                };
-                written = 0;
-            }
-        }
-        // QEMU closed the socket: it is quitting, or will accept us again.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-use tokio::io::AsyncReadExt as _;
