@@ -243,3 +243,66 @@ async fn nothing_is_written_after_close_notify() {
     let err = w.write_all(b"late").await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
 }
+
+fn record_error(e: &std::io::Error) -> Option<&RecordError> {
+    e.get_ref().and_then(|e| e.downcast_ref::<RecordError>())
+}
+
+/// The reader of `wire` and a writer linked to it as one connection's
+/// halves (what `take_over` returns), the writer's peer kept open.
+async fn linked_halves(
+    wire: &[u8],
+) -> (RecordReader<DuplexStream>, RecordWriter<DuplexStream>, DuplexStream) {
+    let (mut feed, from) = tokio::io::duplex(8 << 20);
+    feed.write_all(wire).await.unwrap();
+    drop(feed);
+    let (to, peer) = tokio::io::duplex(8 << 20);
+    let mut r = reader(from);
+    let mut w = RecordWriter::new(to, sealer());
+    crate::failed::link(&mut r, &mut w);
+    (r, w, peer)
+}
+
+/// SECURITY (RFC 8446 §5.2): a record that fails to decrypt ends the
+/// connection both ways: the writer of the same connection refuses to send
+/// anything more, as rustls would.
+#[tokio::test]
+async fn a_tampered_incoming_record_stops_the_outgoing_direction_too() {
+    let mut wire = wire_of(async |w| {
+        w.write_all(b"tampered").await.unwrap();
+        w.flush().await.unwrap();
+    })
+    .await;
+    wire[HEADER_LEN + 2] ^= 1;
+    let (mut r, mut w, _peer) = linked_halves(&wire).await;
+    w.write_all(b"before").await.unwrap();
+    w.flush().await.unwrap();
+    let mut got = Vec::new();
+    let err = r.read_to_end(&mut got).await.unwrap_err();
+    assert!(matches!(tls_error(&err), Some(rustls::Error::DecryptError)), "{err}");
+    let err = w.write_all(b"after").await.unwrap_err();
+    assert!(matches!(record_error(&err), Some(RecordError::IncomingFailed)), "{err}");
+    let err = w.flush().await.unwrap_err();
+    assert!(matches!(record_error(&err), Some(RecordError::IncomingFailed)), "{err}");
+    let mut batch = RecordBatch::new(1);
+    batch.plan(0, MAX_PLAINTEXT);
+    let err = w.send_batch(&mut batch, 1, |_| {}).await.unwrap_err();
+    assert!(matches!(record_error(&err), Some(RecordError::IncomingFailed)), "{err}");
+}
+
+/// The peer's close_notify ends only its direction (TLS 1.3 half-close):
+/// this side may still answer.
+#[tokio::test]
+async fn a_clean_close_leaves_the_outgoing_direction_open() {
+    let wire = wire_of(async |w| {
+        w.write_all(b"last words").await.unwrap();
+        w.shutdown().await.unwrap();
+    })
+    .await;
+    let (mut r, mut w, _peer) = linked_halves(&wire).await;
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"last words");
+    w.write_all(b"an answer").await.unwrap();
+    w.flush().await.unwrap();
+}

@@ -15,9 +15,11 @@
 //! each way), renegotiation or post-handshake messages of any kind (refused),
 //! TLS 1.2. Alerts are honoured: close_notify ends a stream cleanly, any
 //! other alert is an error, and a TCP end without close_notify is a
-//! truncation, never a clean end.
+//! truncation, never a clean end. A failed record ends the connection in
+//! both directions: the writer refuses once its reader failed.
 
 mod batch;
+mod failed;
 pub mod fuzz;
 pub mod keys;
 mod reader;
@@ -74,13 +76,20 @@ pub enum RecordError {
     Closed,
     #[error("an earlier write was interrupted inside a record; the connection is unusable")]
     Torn,
+    #[error(
+        "the peer's records failed authentication or were malformed: TLS 1.3 ends the \
+         connection in both directions"
+    )]
+    IncomingFailed,
 }
 
 impl From<RecordError> for std::io::Error {
     fn from(e: RecordError) -> Self {
         let kind = match e {
             RecordError::Truncated => std::io::ErrorKind::UnexpectedEof,
-            RecordError::Closed | RecordError::Torn => std::io::ErrorKind::BrokenPipe,
+            RecordError::Closed | RecordError::Torn | RecordError::IncomingFailed => {
+                std::io::ErrorKind::BrokenPipe
+            }
             _ => std::io::ErrorKind::InvalidData,
         };
         std::io::Error::new(kind, e)

@@ -13,6 +13,7 @@ use std::task::{ready, Context, Poll};
 use rustls::AlertDescription;
 use tokio::io::{AsyncBufRead, AsyncRead, ReadBuf};
 
+use crate::failed::IncomingFailed;
 use crate::keys::{
     body_len, OpenError, Opener, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER_LEN, MAX_RECORD,
 };
@@ -58,6 +59,9 @@ pub struct RecordReader<R> {
     plain_start: usize,
     plain_end: usize,
     stopped: Option<Stopped>,
+    /// Raised when this direction fails (not on a clean end or a cut
+    /// connection): the writer of the same connection stops too.
+    pub(crate) failed: IncomingFailed,
 }
 
 impl<R: AsyncRead + Unpin> RecordReader<R> {
@@ -85,6 +89,7 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             plain_start: 0,
             plain_end: early.len(),
             stopped: None,
+            failed: IncomingFailed::default(),
         }
     }
 
@@ -101,6 +106,15 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
     /// Open every whole record read so far, packing plaintexts together.
     /// Only called with all plaintext handed out (`plain_end == 0`).
     fn open_buffered(&mut self) {
+        self.open_records();
+        // A clean close_notify leaves the other direction open (TLS 1.3
+        // half-close); anything else found in a record ends both.
+        if matches!(self.stopped, Some(Stopped::Decrypt | Stopped::Alert(_) | Stopped::Record(_))) {
+            self.failed.raise();
+        }
+    }
+
+    fn open_records(&mut self) {
         while self.stopped.is_none() && self.filled - self.cipher_start >= HEADER_LEN {
             let at = self.cipher_start;
             let Ok(head) = <[u8; HEADER_LEN]>::try_from(&self.cipher[at..at + HEADER_LEN]) else {

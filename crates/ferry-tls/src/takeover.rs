@@ -214,6 +214,8 @@ pub fn take_over(
         Opener::from_secrets(&secrets.rx.1, secrets.rx.0, limit).map_err(TakeOverError::Keys)?;
     let leftover = &io.buf[io.start..io.end];
     let (r, w) = io.io.into_split();
-    let reader = RecordReader::with_ciphertext(r, opener, &early, leftover);
-    Ok((reader, RecordWriter::new(w, sealer)))
+    let mut reader = RecordReader::with_ciphertext(r, opener, &early, leftover);
+    let mut writer = RecordWriter::new(w, sealer);
+    crate::failed::link(&mut reader, &mut writer);
+    Ok((reader, writer))
 }

@@ -13,6 +13,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::batch::RecordBatch;
+use crate::failed::IncomingFailed;
 use crate::keys::{Sealer, Suite, ALERT, APPLICATION_DATA, HEADER_LEN, MAX_PLAINTEXT, TRAILER_LEN};
 use crate::RecordError;
 
@@ -34,6 +35,8 @@ pub struct RecordWriter<W> {
     /// A batch write was interrupted (its future dropped) part-way: the
     /// peer would see a torn record, so nothing more may be written.
     torn: bool,
+    /// Raised by the reader of the same connection when its records fail.
+    pub(crate) failed: IncomingFailed,
 }
 
 impl<W: AsyncWrite + Unpin> RecordWriter<W> {
@@ -47,6 +50,7 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
             building: false,
             closed: false,
             torn: false,
+            failed: IncomingFailed::default(),
         }
     }
 
@@ -61,6 +65,9 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
     fn usable(&self) -> io::Result<()> {
         if self.torn {
             return Err(RecordError::Torn.into());
+        }
+        if self.failed.is_raised() {
+            return Err(RecordError::IncomingFailed.into());
         }
         if self.closed {
             return Err(RecordError::Closed.into());
@@ -176,6 +183,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for RecordWriter<W> {
         if this.torn {
             return Poll::Ready(Err(RecordError::Torn.into()));
         }
+        if this.failed.is_raised() {
+            return Poll::Ready(Err(RecordError::IncomingFailed.into()));
+        }
         this.seal_building(APPLICATION_DATA)?;
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.io).poll_flush(cx)
@@ -187,6 +197,10 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for RecordWriter<W> {
         let this = self.get_mut();
         if this.torn {
             return Poll::Ready(Err(RecordError::Torn.into()));
+        }
+        if this.failed.is_raised() {
+            // Nothing more is sent, not even close_notify: only the FIN.
+            return Pin::new(&mut this.io).poll_shutdown(cx);
         }
         if !this.closed {
             this.seal_building(APPLICATION_DATA)?;
