@@ -42,22 +42,19 @@ pub fn text(o: &Output) -> String {
 
 impl TestLab {
     pub fn up(hosts: u32, bandwidth_mib_s: u64) -> TestLab {
+        Self::up_with(hosts, bandwidth_mib_s, &[])
+    }
+
+    /// A lab with extra `ferry lab up` arguments (e.g. `--backend libvirt`).
+    pub fn up_with(hosts: u32, bandwidth_mib_s: u64, extra: &[&str]) -> TestLab {
         let dir =
             tempfile::Builder::new().prefix("ferry-e2e-").tempdir_in("/tmp").expect("tempdir");
-        let o = run(
-            &[
-                "lab",
-                "up",
-                "--json",
-                "--hosts",
-                &hosts.to_string(),
-                "--max-bandwidth-mib-s",
-                &bandwidth_mib_s.to_string(),
-                "--dir",
-                dir.path().to_str().expect("utf8"),
-            ],
-            None,
-        );
+        let (hosts, bandwidth) = (hosts.to_string(), bandwidth_mib_s.to_string());
+        let mut args = vec!["lab", "up", "--json", "--hosts", &hosts];
+        args.extend(["--max-bandwidth-mib-s", &bandwidth]);
+        args.extend(["--dir", dir.path().to_str().expect("utf8")]);
+        args.extend(extra);
+        let o = run(&args, None);
         assert!(o.status.success(), "lab up failed: {}", text(&o));
         let lab: Lab = serde_json::from_slice(&o.stdout).expect("lab json");
         TestLab { lab, dir }

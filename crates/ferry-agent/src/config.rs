@@ -36,6 +36,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub qemu: QemuSection,
     #[serde(default)]
+    pub vmm: VmmSection,
+    #[serde(default)]
     pub migration: MigrationSection,
     #[serde(default)]
     pub metrics: MetricsSection,
@@ -180,6 +182,42 @@ impl Default for QemuSection {
             images_dir: PathBuf::from("/var/lib/ferry/images"),
             max_bandwidth_mib_s: 0,
             downtime_limit_ms: 300,
+        }
+    }
+}
+
+/// Who runs this host's VMs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// QEMUs this agent launches (`ferry vm start`).
+    #[default]
+    Qemu,
+    /// libvirt's domains; libvirt runs their migrations, Ferry carries them.
+    Libvirt,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmmSection {
+    pub backend: BackendChoice,
+    pub libvirt_uri: String,
+    /// libvirt's run directory: its `libvirt-sock`, where a destination's
+    /// migration control connection goes, and `qemu/NAME.pid`.
+    pub libvirt_run_dir: PathBuf,
+    /// Where a migration's local sockets live (a directory per migration,
+    /// mode 0700). The same path on every host: libvirt hands the source's
+    /// path to the destination.
+    pub migration_socket_dir: PathBuf,
+}
+
+impl Default for VmmSection {
+    fn default() -> Self {
+        Self {
+            backend: BackendChoice::Qemu,
+            libvirt_uri: "qemu:///system".into(),
+            libvirt_run_dir: PathBuf::from("/run/libvirt"),
+            migration_socket_dir: PathBuf::from("/run/ferry"),
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use ferry_session::Effect;
-use ferry_types::{HostName, MigrationId};
+use ferry_types::{HostName, MigrationId, VmName};
 use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::net::Reader;
@@ -26,6 +26,9 @@ pub struct Registry {
     cancels: Mutex<HashMap<MigrationId, watch::Sender<bool>>>,
     /// Incoming migrations waiting for their extra data streams.
     joins: std::sync::Mutex<HashMap<MigrationId, JoinSlot>>,
+    /// Incoming libvirt migrations waiting for their control connection:
+    /// the source host it may come from and the VM it is for.
+    controls: std::sync::Mutex<HashMap<MigrationId, (HostName, VmName)>>,
     /// Retry loops running, by migration and kind (resolve, recover, notify).
     looping: std::sync::Mutex<HashSet<(MigrationId, Effect)>>,
 }
@@ -99,6 +102,28 @@ impl Registry {
         let joins = self.joins.lock().ok()?;
         let slot = joins.get(id)?;
         (&slot.source == peer && index >= 1 && index < slot.streams).then(|| slot.tx.clone())
+    }
+
+    pub fn open_control(&self, id: MigrationId, source: HostName, vm: VmName) {
+        if let Ok(mut c) = self.controls.lock() {
+            c.insert(id, (source, vm));
+        }
+    }
+
+    pub fn close_control(&self, id: &MigrationId) {
+        if let Ok(mut c) = self.controls.lock() {
+            c.remove(id);
+        }
+    }
+
+    /// SECURITY: a migration's control connection comes once, and only from
+    /// the host its admitted Offer came from.
+    pub fn take_control(&self, id: &MigrationId, peer: &HostName) -> Option<VmName> {
+        let mut controls = self.controls.lock().ok()?;
+        match controls.get(id) {
+            Some((source, _)) if source == peer => controls.remove(id).map(|(_, vm)| vm),
+            _ => None,
+        }
     }
 
     /// Claim `id` for a retry loop of this kind; false if one already runs.

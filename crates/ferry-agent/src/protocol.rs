@@ -248,6 +248,16 @@ pub enum PeerMessage {
         migration_id: MigrationId,
         index: u8,
     },
+    /// First message of a libvirt migration's daemon-to-daemon control
+    /// connection, carried both ways on its own connection.
+    ControlJoin {
+        migration_id: MigrationId,
+    },
+    /// libvirt, destination to source: my QEMU loaded the whole stream and
+    /// waits (its final return-path message held) for the Commit.
+    Loaded {
+        migration_id: MigrationId,
+    },
     /// Post-copy, destination to source: my QEMU holds the switchover
     /// package and waits, paused, for the source's Commit.
     PostcopyReady {
@@ -295,6 +305,8 @@ impl PeerMessage {
             | PeerMessage::Refuse { migration_id, .. }
             | PeerMessage::Abort { migration_id, .. }
             | PeerMessage::StreamJoin { migration_id, .. }
+            | PeerMessage::ControlJoin { migration_id }
+            | PeerMessage::Loaded { migration_id }
             | PeerMessage::PostcopyReady { migration_id }
             | PeerMessage::PostcopyRecover { migration_id }
             | PeerMessage::PostcopyRecoverReady { migration_id }
@@ -322,6 +334,8 @@ impl PeerMessage {
             PeerMessage::Receipt { .. } => "receipt",
             PeerMessage::Abort { .. } => "abort",
             PeerMessage::StreamJoin { .. } => "stream_join",
+            PeerMessage::ControlJoin { .. } => "control_join",
+            PeerMessage::Loaded { .. } => "loaded",
             PeerMessage::PostcopyReady { .. } => "postcopy_ready",
             PeerMessage::PostcopyRecover { .. } => "postcopy_recover",
             PeerMessage::PostcopyRecoverReady { .. } => "postcopy_recover_ready",

@@ -13,9 +13,10 @@ use tokio::sync::mpsc;
 use crate::agent::Agent;
 use crate::attestation::{Attestation, Platform, Tpm};
 use crate::authz::Authz;
+use crate::backend::libvirt::{LibvirtBackend, LibvirtConfig};
 use crate::backend::qemu::QemuBackend;
 use crate::backend::{BackendError, VmBackend};
-use crate::config::{AgentConfig, ConfigError};
+use crate::config::{AgentConfig, BackendChoice, ConfigError};
 use crate::inflight::Registry;
 use crate::metrics::Metrics;
 use crate::notary::Notary;
@@ -89,7 +90,15 @@ impl Agent {
             },
             downtime_limit_ms: cfg.qemu.downtime_limit_ms,
         };
-        let backend = Box::new(QemuBackend::new(qemu, cfg.departed_dir())?);
+        let backend: Box<dyn VmBackend> = match cfg.vmm.backend {
+            BackendChoice::Qemu => Box::new(QemuBackend::new(qemu, cfg.departed_dir())?),
+            BackendChoice::Libvirt => Box::new(LibvirtBackend::new(LibvirtConfig {
+                uri: cfg.vmm.libvirt_uri.clone(),
+                run_dir: cfg.vmm.libvirt_run_dir.clone(),
+                socket_dir: cfg.vmm.migration_socket_dir.clone(),
+                resume_wait: cfg.migration.commit_timeout(),
+            })?),
+        };
         // The config was checked when parsed; this cannot fail here.
         let platform = cfg
             .attestation

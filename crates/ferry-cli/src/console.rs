@@ -1,4 +1,5 @@
-//! Reading the timestamped console logs the agents keep (`<unix_ms> <line>`)
+//! Reading the timestamped console logs the agents keep (`<unix_ms> <line>`,
+//! or plain lines from a hypervisor's own serial file)
 //! and judging, from the test guest's own output, whether it kept running
 //! across a migration and how long it was dark.
 
@@ -33,9 +34,11 @@ pub fn read_console(path: &Path) -> Result<Vec<ConsoleLine>> {
     };
     Ok(text
         .lines()
-        .filter_map(|l| {
-            let (ts, rest) = l.split_once(' ')?;
-            Some(ConsoleLine { unix_ms: ts.parse().ok()?, line: parse_line(rest) })
+        .map(|l| match l.split_once(' ').and_then(|(ts, rest)| Some((ts.parse().ok()?, rest))) {
+            Some((unix_ms, rest)) => ConsoleLine { unix_ms, line: parse_line(rest) },
+            // A console written by the hypervisor itself (libvirt's serial
+            // file) has no timestamps.
+            None => ConsoleLine { unix_ms: 0, line: parse_line(l) },
         })
         .collect())
 }

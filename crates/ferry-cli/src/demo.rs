@@ -103,7 +103,9 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
         }
     };
     say(&format!("creating a lab of two hosts in {}", dir.display()));
-    let lab = lab::up(&dir, lab::LabOptions { hosts: 2, bandwidth_mib_s: 0, tpm: true }).await?;
+    let lab =
+        lab::up(&dir, lab::LabOptions { hosts: 2, bandwidth_mib_s: 0, tpm: true, libvirt: false })
+            .await?;
     let result = demo(&lab, &args, json).await;
     if !args.keep {
         let _ = lab::down(&lab.dir).await;

@@ -27,6 +27,7 @@ use ferry_identity::{CaDir, Validity};
 use ferry_types::{HostName, OperatorName, TrustDomain};
 use serde::{Deserialize, Serialize};
 
+use crate::lab_libvirt::{self, LabLibvirt};
 use crate::opclient::ClientConfig;
 
 pub const GUEST_IMAGE: &str = "ferry-guest.elf";
@@ -45,6 +46,10 @@ pub enum LabCommand {
         /// INSECURE: no swtpm and attestation disabled on every host.
         #[arg(long)]
         insecure_no_tpm: bool,
+        /// Who runs the hosts' VMs: Ferry's agent ("qemu") or a libvirtd
+        /// per host ("libvirt", each in its own mount namespace).
+        #[arg(long, default_value = "qemu", value_parser = ["qemu", "libvirt"])]
+        backend: String,
     },
     /// Stop the lab's agents and every VM they run.
     Down {
@@ -78,6 +83,7 @@ pub struct LabOptions {
     pub hosts: u32,
     pub bandwidth_mib_s: u64,
     pub tpm: bool,
+    pub libvirt: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,6 +99,10 @@ pub struct LabHost {
     pub log: PathBuf,
     pub pid_file: PathBuf,
     pub tpm: Option<LabTpm>,
+    /// The host's own libvirtd (`--backend libvirt`); its agent runs in
+    /// the libvirtd's mount namespace.
+    #[serde(default)]
+    pub libvirt: Option<LabLibvirt>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -214,6 +224,9 @@ fn agent_toml(
         )),
         None => s.push_str("\n[attestation]\n# INSECURE: `ferry lab up --insecure-no-tpm`\ninsecure_disabled = true\n"),
     }
+    if h.libvirt.is_some() {
+        s.push_str("\n[vmm]\n# libvirt's and Ferry's production paths, inside the host's namespace.\nbackend = \"libvirt\"\n");
+    }
     s
 }
 
@@ -318,6 +331,10 @@ pub async fn up(dir: &Path, opts: LabOptions) -> Result<Lab> {
             Some(pem) => Some(provision_tpm(&dir, &hdir, &name, &tpm_ca, pem)?),
             None => None,
         };
+        let libvirt = match opts.libvirt {
+            true => Some(lab_libvirt::start(&hdir.join("libvirt"))?),
+            false => None,
+        };
         lab_hosts.push(LabHost {
             addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             metrics: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
@@ -328,6 +345,7 @@ pub async fn up(dir: &Path, opts: LabOptions) -> Result<Lab> {
             log: hdir.join("agent.log"),
             pid_file: hdir.join("agent.pid"),
             tpm,
+            libvirt,
             name,
         });
     }
@@ -392,7 +410,16 @@ pub async fn start_agent(lab: &Lab, h: &LabHost) -> Result<u32> {
     }
     let exe = std::env::current_exe().context("cannot find the ferry binary")?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&h.log)?;
-    let child = std::process::Command::new(exe)
+    let mut command = match &h.libvirt {
+        Some(lv) => {
+            let enter = lv.enter();
+            let mut c = std::process::Command::new(&enter[0]);
+            c.args(&enter[1..]).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    };
+    let child = command
         .args(["agent", "--config"])
         .arg(&h.config)
         .stdin(Stdio::null())
@@ -464,18 +491,23 @@ pub async fn down(dir: &Path) -> Result<()> {
                 tpm.stop();
             }
         }
+        if let Some(lv) = &h.libvirt {
+            lab_libvirt::stop(lv);
+        }
     }
     Ok(())
 }
 
 pub async fn run(cmd: LabCommand, json: bool) -> Result<ExitCode> {
     match cmd {
-        LabCommand::Up { dir, hosts, max_bandwidth_mib_s, insecure_no_tpm } => {
-            let lab = up(
-                &dir,
-                LabOptions { hosts, bandwidth_mib_s: max_bandwidth_mib_s, tpm: !insecure_no_tpm },
-            )
-            .await?;
+        LabCommand::Up { dir, hosts, max_bandwidth_mib_s, insecure_no_tpm, backend } => {
+            let opts = LabOptions {
+                hosts,
+                bandwidth_mib_s: max_bandwidth_mib_s,
+                tpm: !insecure_no_tpm,
+                libvirt: backend == "libvirt",
+            };
+            let lab = up(&dir, opts).await?;
             if json {
                 outln!("{}", serde_json::to_string(&lab)?);
             } else {

@@ -18,6 +18,7 @@ pub mod docs;
 pub mod host;
 pub mod image;
 pub mod lab;
+pub mod lab_libvirt;
 pub mod opclient;
 pub mod ops;
 pub mod policy;

@@ -23,7 +23,7 @@ pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice};
 pub use diagnostics::{check_read_only, read_only_allowlist};
 pub use process::{adopt, launch, list, qemu_args, LaunchMode, QemuConfig, QemuProcess};
 pub use qmp::{MigrationState, MigrationStatus, Qmp, QmpEvent, RamStats, RunState, MAX_QMP_LINE};
-pub use spec::{Boot, DiskBus, DiskFormat, ImageName, MachineType, SpecError, VmSpec};
+pub use spec::{Boot, DiskBus, DiskFormat, DomainUuid, ImageName, MachineType, SpecError, VmSpec};
 pub use watch::{poll_migration, wait_migration_done, wait_migration_terminal, Poll, SharedQmp};
 
 /// Everything that can go wrong driving QEMU.
@@ -37,6 +37,8 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("VM {name} is a libvirt domain: libvirt starts it, not Ferry")]
+    LibvirtDomain { name: String },
     #[error("KVM was requested but /dev/kvm does not exist")]
     KvmUnavailable,
     #[error("path {path:?} is too long for a unix socket ({len} > {max} bytes)")]

@@ -220,6 +220,8 @@ pub fn qemu_args(
             }
             push(&[&"-drive", &drive]);
         }
+        // Refused by `launch` before any argument is built.
+        Boot::Domain { .. } => {}
     }
     if mode == LaunchMode::Incoming {
         push(&[&"-incoming", &"defer", &"-S"]);
@@ -298,6 +300,9 @@ pub async fn launch(
     let run_dir = std::fs::canonicalize(&cfg.run_dir)
         .map_err(|e| VmmError::io(format!("resolving {:?}", cfg.run_dir), e))?;
     check_host_path(&run_dir)?;
+    if spec.boot.is_domain() {
+        return Err(VmmError::LibvirtDomain { name: spec.name.to_string() });
+    }
     let dir = run_dir.join(spec.name.as_str());
     // 0700: whoever can reach qmp.sock fully controls the VM.
     std::fs::DirBuilder::new()

@@ -38,6 +38,8 @@ pub enum SpecError {
     ImageName { name: String, why: &'static str },
     #[error("kernel command line is invalid: {why}")]
     Cmdline { why: &'static str },
+    #[error("{got:?} is not a UUID (8-4-4-4-12 hexadecimal digits)")]
+    DomainUuid { got: String },
     #[error("disk bus {bus} does not exist on machine {machine}: {why}")]
     DiskBus { bus: DiskBus, machine: &'static str, why: &'static str },
 }
@@ -220,6 +222,61 @@ pub enum Boot {
         #[serde(default, skip_serializing_if = "DiskBus::is_default")]
         bus: DiskBus,
     },
+    /// A libvirt domain: libvirt boots it from its own definition, which
+    /// travels in libvirt's migration and must match this spec.
+    Domain { uuid: DomainUuid },
+}
+
+impl Boot {
+    pub fn is_domain(&self) -> bool {
+        matches!(self, Boot::Domain { .. })
+    }
+}
+
+/// A libvirt domain's UUID, canonical (lowercase, hyphenated).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DomainUuid(String);
+
+impl DomainUuid {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for DomainUuid {
+    type Error = SpecError;
+    fn try_from(s: String) -> Result<Self, SpecError> {
+        let canonical = s.to_ascii_lowercase();
+        let groups: Vec<&str> = canonical.split('-').collect();
+        let shape = groups.iter().map(|g| g.len()).collect::<Vec<_>>() == [8, 4, 4, 4, 12];
+        let hex = canonical.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit());
+        if !(shape && hex) {
+            return Err(SpecError::DomainUuid { got: s.chars().take(40).collect() });
+        }
+        Ok(Self(canonical))
+    }
+}
+impl FromStr for DomainUuid {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        Self::try_from(s.to_owned())
+    }
+}
+impl From<DomainUuid> for String {
+    fn from(u: DomainUuid) -> String {
+        u.0
+    }
+}
+impl fmt::Display for DomainUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl fmt::Debug for DomainUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
 }
 
 fn check_cmdline(s: &str) -> Result<(), SpecError> {
@@ -293,7 +350,7 @@ impl VmSpec {
                     why: "q35 has no IDE controller; use sata (its AHCI controller) or machine pc",
                 });
             }
-            Boot::Disk { .. } => {}
+            Boot::Disk { .. } | Boot::Domain { .. } => {}
         }
         Ok(())
     }

@@ -355,6 +355,12 @@ impl VmBackend for FakeBackend {
         let index = match kind {
             ChannelKind::Main => 0,
             ChannelKind::Multifd(i) => i as usize,
+            ChannelKind::Control => {
+                return Err(BackendError::Unsupported {
+                    backend: "fake",
+                    what: "take libvirt's control connection",
+                })
+            }
         };
         let (buf, done) = {
             let vms = self.0.vms.lock().await;

@@ -19,6 +19,7 @@
 
 #[cfg(test)]
 pub mod fake;
+pub mod libvirt;
 pub mod qemu;
 
 use std::time::Duration;
@@ -60,6 +61,10 @@ pub enum BackendError {
     Migration(String),
     #[error("VM {vm}'s QMP stayed busy for {after:?}")]
     QmpBusy { vm: VmName, after: Duration },
+    #[error("{0}")]
+    Libvirt(String),
+    #[error("the domain cannot move with Ferry: {0}")]
+    Domain(String),
     #[error("the {backend} backend cannot {what}")]
     Unsupported { backend: &'static str, what: &'static str },
 }
@@ -80,6 +85,8 @@ pub struct VmDescription {
 /// Which of a migration's byte streams a connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelKind {
+    /// libvirt's daemon-to-daemon connection (its migration's RPCs).
+    Control,
     /// QEMU's main migration stream (device state, RAM without multifd).
     Main,
     /// QEMU multifd channel `n` (1-based).
@@ -114,6 +121,13 @@ pub trait VmBackend: Send + Sync {
     fn name(&self) -> &'static str;
     /// The accelerator VMs run with ("kvm" or "tcg").
     fn accel(&self) -> &'static str;
+    /// The hypervisor's manager runs the migration itself (libvirt): a
+    /// control connection travels too, the stream never ends before the
+    /// gate (the destination says `Loaded` instead), and the return path
+    /// always travels back.
+    fn managed(&self) -> bool {
+        false
+    }
 
     // ---- inventory
     async fn list(&self) -> Vec<VmInfo>;

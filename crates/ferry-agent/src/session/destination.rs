@@ -14,7 +14,7 @@ use ferry_types::MigrationId;
 
 use super::inbound::Inbound;
 use super::machine::Session;
-use super::{lost, receive, recover, resolve};
+use super::{control, lost, receive, recover, resolve};
 use crate::agent::Agent;
 use crate::attestation::PeerAttested;
 use crate::audit::Audit;
@@ -72,6 +72,9 @@ pub async fn handle(
                     tracing::warn!(%migration_id, index, peer = %peer.host(), "stream join refused: no such migration waiting for this stream from this host");
                 }
             }
+        }
+        PeerMessage::ControlJoin { migration_id } => {
+            control::serve(agent, peer, migration_id, reader, writer).await
         }
         PeerMessage::PostcopyRecover { migration_id } => {
             let span = tracing::info_span!("recovery", %migration_id, peer = %peer.host(), role = "destination");
@@ -279,6 +282,9 @@ async fn offered(
             Refusal::new("launch", format!("cannot start the destination QEMU: {}", report(&e)));
         return refuse_recorded(&mut inbound, &mut writer, r).await;
     }
+    if agent.backend.managed() {
+        agent.sessions.open_control(id, inbound.offer.source.clone(), inbound.offer.vm.clone());
+    }
     let streams = inbound.plan.streams().get();
     let joins = (streams > 1).then(|| {
         let (tx, rx) = tokio::sync::mpsc::channel(crate::plan::MAX_STREAMS as usize);
@@ -289,6 +295,7 @@ async fn offered(
     let accepted = accept(&mut inbound, &mut writer).await;
     if let Err(e) = accepted {
         agent.sessions.close_joins(&id);
+        agent.sessions.close_control(&id);
         let why = report(&e);
         inbound.send_abort(&mut writer, &why).await;
         let _ = inbound.session.apply(Event::Failed, Some(why)).await;
@@ -297,6 +304,7 @@ async fn offered(
     tracing::info!("accepted; receiving VM state");
     receive::run(inbound, reader, writer, joins).await;
     agent.sessions.close_joins(&id);
+    agent.sessions.close_control(&id);
 }
 
 /// A refusal after the offer was recorded: the record and the audit log say

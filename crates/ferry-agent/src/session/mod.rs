@@ -8,17 +8,21 @@
 //!   attest, offer, stream, commit, answer), with [`outbound`] its context.
 //! * [`destination`], [`receive`]: the destination half, with [`inbound`].
 //! * [`postcopy_source`], [`postcopy_destination`], [`recover`]: post-copy.
+//! * [`control`], [`managed`]: migrations libvirt runs (its control
+//!   connection; the destination's stream, gated by QEMU's return path).
 //! * [`verdict`]: what a committed source may believe (pure).
 //! * [`resolve`], [`lost`]: what a source asks or tells its destination
 //!   later, on a new connection; [`supervisor`] runs those loops.
 //! * [`restart`]: settling every migration after an agent restart.
 
+pub mod control;
 pub mod destination;
 pub mod handshake;
 pub mod inbound;
 pub mod link;
 pub mod lost;
 pub mod machine;
+pub mod managed;
 pub mod outbound;
 pub mod peer_watch;
 pub mod postcopy_destination;

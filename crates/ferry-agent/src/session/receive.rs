@@ -48,6 +48,9 @@ async fn receive(
     writer: &mut Writer,
     joins: Option<mpsc::Receiver<(u8, Reader)>>,
 ) -> Result<(), Error> {
+    if inbound.agent().backend.managed() {
+        return super::managed::receive(inbound, reader, writer).await;
+    }
     let received = if inbound.plan.postcopy() {
         match postcopy_destination::relay(inbound, reader, writer).await? {
             Relayed::Whole(sum) => sum,
@@ -70,6 +73,16 @@ async fn receive(
     let audit = Audit::Resuming { bytes: received.bytes, digest: received.digest, postcopy: false };
     inbound.session.audit(audit, None).await?;
     agent.backend.open_gate(&vm, proof).await?;
+    send_receipt(inbound, writer, received).await
+}
+
+/// The VM runs here: sign for what arrived and tell the source.
+pub async fn send_receipt(
+    inbound: &mut Inbound,
+    writer: &mut Writer,
+    received: StreamSum,
+) -> Result<(), Error> {
+    let agent = inbound.agent().clone();
     let receipt =
         agent.notary.sign(evidence::RECEIPT, &inbound.stream_body(received.bytes, received.digest));
     inbound.session.record_mut().receipt = receipt.as_ref().ok().cloned();
@@ -115,7 +128,7 @@ async fn receive_streams(
 }
 
 /// The source's Commit, verified and recorded before it is acted on.
-async fn read_commit(inbound: &Inbound, reader: &mut Reader) -> Result<StreamSum, Error> {
+pub async fn read_commit(inbound: &Inbound, reader: &mut Reader) -> Result<StreamSum, Error> {
     let agent = inbound.agent();
     let source = inbound.offer.source.clone();
     let message = reader.read_control::<PeerMessage>().await;

@@ -8,6 +8,7 @@ use ferry_session::Event;
 use ferry_types::Digest32;
 use tokio::sync::mpsc;
 
+use super::control;
 use super::handshake::{self, Accepted};
 use super::outbound::Outbound;
 use super::peer_watch::{next_answer, watch_peer, AbortOnDrop, PeerWord};
@@ -33,16 +34,34 @@ pub async fn run(out: &mut Outbound) -> Result<(), Error> {
     let agent = out.agent().clone();
     let io_timeout = agent.cfg.migration.io_timeout();
     let mut channels = agent.backend.migrate_out(&out.vm, out.plan).await?;
-    let main = match channels.next().await {
+    let managed = agent.backend.managed();
+    let mut first = channels.next().await;
+    // libvirt's control connection lives until its migrate call returns,
+    // which is after the Receipt: it ends with this function.
+    let _control = match first {
+        Some(Ok(c)) if c.kind == ChannelKind::Control => {
+            let carry = control::carry(agent.clone(), out.to.clone(), out.id(), c.stream);
+            let carrying = AbortOnDrop(tokio::spawn(carry));
+            // libvirt opens the stream only after its Prepare went through.
+            first = channels.next().await;
+            Some(carrying)
+        }
+        _ => None,
+    };
+    let main = match first {
         Some(Ok(c)) if c.kind == ChannelKind::Main => c.stream,
         Some(Ok(c)) => return Err(Error::Mismatch(format!("QEMU opened {:?} first", c.kind))),
         Some(Err(e)) => return Err(e.into()),
         None => return Err(Error::Mismatch("QEMU opened no migration stream".into())),
     };
     let (qemu, qemu_back) = main.into_split();
-    // Only post-copy uses QEMU's return path; otherwise the half is held open.
-    let (return_path, _held) =
-        if out.plan.postcopy() { (Some(qemu_back), None) } else { (None, Some(qemu_back)) };
+    // Only post-copy and libvirt's migrations use QEMU's return path;
+    // otherwise the half is held open.
+    let (return_path, _held) = if out.plan.postcopy() || managed {
+        (Some(qemu_back), None)
+    } else {
+        (None, Some(qemu_back))
+    };
     // From here the peer may send Abort at any time: a task watches for it.
     let (peer_tx, mut peer_rx) = mpsc::channel::<PeerWord>(4);
     let _watcher = AbortOnDrop(tokio::spawn(watch_peer(reader, peer_tx, return_path, io_timeout)));
@@ -93,6 +112,7 @@ pub async fn run(out: &mut Outbound) -> Result<(), Error> {
     // converges: give up in time and resume it here.
     let deadline = tokio::time::Instant::now() + agent.cfg.migration.max_transfer();
     let mut switch = Switchover::default();
+    let mut loaded = false;
     loop {
         let committed = switch.committed.is_some();
         if !committed && *cancel.borrow_and_update() {
@@ -109,6 +129,12 @@ pub async fn run(out: &mut Outbound) -> Result<(), Error> {
                 }
             },
             word = peer_rx.recv() => {
+                // libvirt's stream does not end before the gate: the
+                // destination's `Loaded` marks its end instead.
+                if managed && matches!(word, Some(Ok(PeerMessage::Loaded { .. }))) {
+                    loaded = true;
+                    break;
+                }
                 let at = pump.sum();
                 if postcopy_source::during_transfer(out, &mut writer, &binding, &mut switch, at, &word).await? {
                     continue;
@@ -129,6 +155,9 @@ pub async fn run(out: &mut Outbound) -> Result<(), Error> {
                 out.count(pump.bytes());
             }
         }
+    }
+    if loaded {
+        return finish_managed(out, writer, peer_rx, binding, pump.sum()).await;
     }
     // QEMU closed its stream: it must also say the migration completed,
     // otherwise the stream is incomplete and the destination must not run it.
@@ -156,6 +185,21 @@ pub async fn run(out: &mut Outbound) -> Result<(), Error> {
         collect_joined(out, &mut writer, &binding, pump.sum(), joined, &mut joined_rx).await?;
     let total = streams::combine(&sums);
     commit(out, writer, peer_rx, binding, total).await
+}
+
+/// libvirt's migration: the destination loaded everything it was sent.
+/// What this host forwarded is all there is (the source QEMU waits for
+/// its return path's SHUT and sends nothing more): sign for it.
+async fn finish_managed(
+    out: &mut Outbound,
+    mut writer: Writer,
+    peer_rx: mpsc::Receiver<PeerWord>,
+    binding: Digest32,
+    main: StreamSum,
+) -> Result<(), Error> {
+    let host = out.to.clone();
+    writer.write_data_end().await.map_err(|source| Error::Link { host, source })?;
+    commit(out, writer, peer_rx, binding, main).await
 }
 
 /// The multifd channels end with the main one; collect what is left.
