@@ -53,6 +53,7 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
+from ferrybench import ceilings  # noqa: E402
 from ferrybench.common import DEFAULT_FERRY, HB_MS, kill_proc, log, qemu_version  # noqa: E402
 from ferrybench.ferry import FerryRunner, ferry_help  # noqa: E402
 from ferrybench.plain import PlainRunner  # noqa: E402
@@ -235,6 +236,11 @@ def main():
             ferry_copy = os.path.join(workdir, "ferry")
             shutil.copy2(args.ferry, ferry_copy)
             args.ferry = ferry_copy
+        # The machine's own limits first, so that a slow machine is not
+        # mistaken for a slow Ferry (or the other way round).
+        machine_ceilings = ceilings.measure(args.ferry)
+        if machine_ceilings:
+            log(ceilings.describe(machine_ceilings))
         if "ferry-postcopy" in transports and "--postcopy" not in ferry_help(args.ferry, "migrate"):
             log("`ferry migrate --help` has no --postcopy: skipping ferry-postcopy")
             transports.remove("ferry-postcopy")
@@ -301,7 +307,8 @@ def main():
                     results[kind]["raw"].append(raw)
         meta = {"memory_mib": args.memory_mib, "fill_mib": args.fill_mib, "rounds": args.rounds,
                 "streams": args.streams, "converge_s": args.converge_s, "tls_info": tls_info,
-                "agent_rss_mib": ferry_runner.agent_peak_rss_mib() if lab_up else {}}
+                "agent_rss_mib": ferry_runner.agent_peak_rss_mib() if lab_up else {},
+                "ceilings": machine_ceilings}
         machine = {"measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    "nproc": os.cpu_count() or 0, "qemu": qemu_version()}
         if args.raw_json:

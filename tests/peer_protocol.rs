@@ -86,7 +86,7 @@ fn exchange(
         let (stream, _) = ferry_agent::net::connect(h2.addr, None, &h2.name, cfg, id.domain(), t)
             .await
             .expect("mTLS to host2");
-        let (r, w) = tokio::io::split(stream);
+        let (r, w) = ferry_agent::net::take_over(stream).expect("take the records over");
         let mut reader = ferry_agent::net::Reader::new(r, t);
         let mut writer = ferry_agent::net::Writer::new(w, t);
         let hello = ferry_agent::protocol::Hello { protocol: version };

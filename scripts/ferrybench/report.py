@@ -10,6 +10,7 @@ budget, `error` one that failed (both have None for every measured value)."""
 import os
 import statistics
 
+from . import ceilings
 from .common import BENCH_MD, DOWNTIME_LIMIT_MS, END_MARK, HB_MS, START_MARK, log
 from .transports import FERRY, MULTIFD, POSTCOPY, SECURE, label
 
@@ -56,6 +57,15 @@ def cpu_per_gb(r):
     return r["cpu_s"] / (r["bytes"] / 1e9)
 
 
+def transport_cpu_per_gb(r):
+    """CPU per GB of the transport's own processes (Ferry's agents, ssh and
+    sshd, stunnel), QEMUs left out."""
+    by = r.get("cpu_by")
+    if by is None or not r.get("bytes"):
+        return None
+    return sum(v for k, v in by.items() if not k.startswith("qemu")) / (r["bytes"] / 1e9)
+
+
 def transports_of(res_kind):
     return [t for t in res_kind if t != "raw"]
 
@@ -85,6 +95,9 @@ def render(results, meta):
     L = lambda t: label(t, streams)
     every = [t for kind in results for t in transports_of(results[kind])]
     out = []
+    if meta.get("ceilings"):
+        out.append(ceilings.describe(meta["ceilings"]))
+        out.append("")
     out.append("Guest: %d MiB RAM, %d MiB filled, 1 vCPU, q35, TCG, heartbeat every %d ms; "
                "max-bandwidth 64 GiB/s, downtime-limit %d ms. %d round(s), every transport once per "
                "round in rotating order; cells are median (min–max). MB = 10^6 bytes, GB = 10^9 bytes."
@@ -211,13 +224,15 @@ def render_vs_secure(out, results, L):
                "(%s; best = highest throughput in that round):" % ", ".join(L(t) for t in secure))
     out.append("")
     out.append("| guest | %sbest secure per round | throughput Ferry/best | CPU per GB Ferry/best "
-               "| CPU per GB Ferry/QEMU TLS | guest blackout Ferry − best ms |" % ("Ferry | " if multi else ""))
-    out.append("|---|---|---|---|---|---|" + ("---|" if multi else ""))
+               "| CPU per GB Ferry/QEMU TLS | CPU per GB Ferry/SSH | transport CPU per GB "
+               "Ferry agents/(ssh + sshd) | guest blackout Ferry − best ms |"
+               % ("Ferry | " if multi else ""))
+    out.append("|---|---|---|---|---|---|---|---|" + ("---|" if multi else ""))
     for kind in results:
         for ft in ferries:
             if ft not in results[kind]:
                 continue
-            tr, cr, ct, bd, names = [], [], [], [], []
+            tr, cr, ct, cs, ts, bd, names = [], [], [], [], [], [], []
             for i, f in enumerate(results[kind][ft]):
                 cands = [(results[kind][t][i]["throughput"] or 0, t) for t in secure
                          if t in results[kind] and i < len(results[kind][t])]
@@ -230,15 +245,18 @@ def render_vs_secure(out, results, L):
                     tr.append(f["throughput"] / b["throughput"])
                 if cpu_per_gb(b) and cpu_per_gb(f) is not None:
                     cr.append(cpu_per_gb(f) / cpu_per_gb(b))
-                if "qemu-tls" in results[kind] and i < len(results[kind]["qemu-tls"]):
-                    q = results[kind]["qemu-tls"][i]
-                    if cpu_per_gb(q) and cpu_per_gb(f) is not None:
-                        ct.append(cpu_per_gb(f) / cpu_per_gb(q))
+                for other, ratios in (("qemu-tls", ct), ("ssh", cs)):
+                    if other in results[kind] and i < len(results[kind][other]):
+                        q = results[kind][other][i]
+                        if cpu_per_gb(q) and cpu_per_gb(f) is not None:
+                            ratios.append(cpu_per_gb(f) / cpu_per_gb(q))
+                        if other == "ssh" and transport_cpu_per_gb(q) and transport_cpu_per_gb(f) is not None:
+                            ts.append(transport_cpu_per_gb(f) / transport_cpu_per_gb(q))
                 if b["blackout_ms"] is not None and f["blackout_ms"] is not None:
                     bd.append(f["blackout_ms"] - b["blackout_ms"])
-            out.append("| %s | %s%s | %s | %s | %s | %s |" % (
+            out.append("| %s | %s%s | %s | %s | %s | %s | %s | %s |" % (
                 kind, (L(ft) + " | ") if multi else "", ", ".join(names), cell(tr, d=2),
-                cell(cr, d=2), cell(ct, d=2), cell(bd)))
+                cell(cr, d=2), cell(ct, d=2), cell(cs, d=2), cell(ts, d=2), cell(bd)))
 
 
 def render_convergence(out, results, L, converge_s):

@@ -172,6 +172,15 @@ pub struct TlsSection {
     pub ca: PathBuf,
     /// Certificate revocation list from the cluster CA; re-read when it changes.
     pub crl: Option<PathBuf>,
+    /// TLS 1.3 cipher suites offered and accepted, most preferred first
+    /// (`ferry_identity::CipherPolicy`; docs/data-path.md says why
+    /// AES-128-GCM comes first).
+    #[serde(default = "default_cipher_suites")]
+    pub cipher_suites: Vec<String>,
+}
+
+fn default_cipher_suites() -> Vec<String> {
+    ferry_identity::CipherPolicy::default().suites().iter().map(|s| s.name().to_owned()).collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -350,6 +359,8 @@ impl AgentConfig {
         }
         cfg.attestation.paths(path)?;
         cfg.planes(path)?;
+        ferry_identity::CipherPolicy::from_names(&cfg.tls.cipher_suites)
+            .map_err(|e| invalid(format!("[tls] cipher_suites: {e}")))?;
         if cfg.migration.resolve_retry_ms > MAX_POSTCOPY_RECOVER_RETRY_MS {
             return Err(invalid(format!(
                 "[migration] resolve_retry_ms must be at most {MAX_POSTCOPY_RECOVER_RETRY_MS} (0 leaves resolution to the operator)"
@@ -435,6 +446,23 @@ mod tests {
         assert_eq!(c.qemu.accel, AccelChoice::Auto);
         assert_eq!(c.migration.operator_roles, ["admin", "operator"]);
         assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.tls.cipher_suites[0], "TLS_AES_128_GCM_SHA256");
+    }
+
+    #[test]
+    fn cipher_suites_are_checked_when_the_config_is_read() {
+        let only_256 = MINIMAL.replace(
+            "ca = \"ca.pem\"",
+            "ca = \"ca.pem\"\ncipher_suites = [\"TLS_AES_256_GCM_SHA384\"]",
+        );
+        let c = AgentConfig::parse(&only_256, Path::new("a.toml")).unwrap();
+        assert_eq!(c.tls.cipher_suites, ["TLS_AES_256_GCM_SHA384"]);
+        for bad in ["[]", "[\"TLS_AES_128_CCM_SHA256\"]"] {
+            let cfg = MINIMAL
+                .replace("ca = \"ca.pem\"", &format!("ca = \"ca.pem\"\ncipher_suites = {bad}"));
+            let e = AgentConfig::parse(&cfg, Path::new("a.toml")).unwrap_err().to_string();
+            assert!(e.contains("[tls] cipher_suites"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use ferry_channel::{FrameReader, FrameWriter};
 use ferry_identity::{PeerAuthenticated, PeerIdentity};
+use ferry_tls::Paced;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::agent::Agent;
 use crate::net::budget::{Admission, Budget, Caller, Ticket};
 use crate::net::plane::{PeerAddresses, Plane};
-use crate::net::{Reader, Writer, RECV_BUFFER};
+use crate::net::{Reader, Writer};
 use crate::protocol::{ApiResponse, ErrorKind, Hello, PROTOCOL_VERSION};
 use crate::report::report;
 use crate::{api, session};
@@ -276,8 +277,7 @@ async fn handshake(agent: &Agent, tcp: TcpStream) -> Result<Greeted, Refused> {
     let _ = tcp.set_nodelay(true);
     let config = agent.tls.server().map_err(|e| Refused::tls(report(&e)))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tcp = tokio::io::BufReader::with_capacity(RECV_BUFFER, tcp);
-    let tls = acceptor.accept(tcp).await.map_err(|e| {
+    let tls = acceptor.accept(Paced::new(tcp)).await.map_err(|e| {
         agent.metrics.tls_failure();
         Refused::tls(format!("TLS handshake failed: {}", ferry_identity::describe_tls_error(&e)))
     })?;
@@ -293,7 +293,8 @@ async fn handshake(agent: &Agent, tcp: TcpStream) -> Result<Greeted, Refused> {
         PeerIdentity::Operator { .. } => None,
     };
     let timeout = agent.cfg.migration.io_timeout();
-    let (r, w) = tokio::io::split(tokio_rustls::TlsStream::Server(tls));
+    let (r, w) = crate::net::take_over(tokio_rustls::TlsStream::Server(tls))
+        .map_err(|e| Refused::tls(report(&e)))?;
     let mut reader = FrameReader::new(r, HANDSHAKE_DEADLINE);
     let mut writer = FrameWriter::new(w, timeout);
     let hello: Hello = reader.read_control().await.map_err(|e| Refused::tls(report(&e)))?;

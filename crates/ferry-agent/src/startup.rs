@@ -76,7 +76,8 @@ impl Agent {
             }
         }
         let domain = identity.domain().clone();
-        let tls = TlsConfigs::new(identity)?;
+        let ciphers = ferry_identity::CipherPolicy::from_names(&cfg.tls.cipher_suites)?;
+        let tls = TlsConfigs::with_ciphers(identity, ciphers)?;
         let qemu = QemuConfig {
             binary: cfg.qemu.binary.clone(),
             swtpm: cfg.qemu.swtpm.clone(),

@@ -1,11 +1,15 @@
 //! A thin tokio driver for the codec: every read and write has a timeout,
 //! and a reader's buffer never grows past [`MAX_DATA_LEN`].
 
+use std::pin::Pin;
 use std::time::Duration;
 
+use ferry_tls::{RecordBatch, RecordWriter};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt,
+};
 
 use crate::codec::{FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN, MAX_DATA_LEN};
 
@@ -29,6 +33,12 @@ pub enum ChannelError {
     ControlTooLong(usize),
     #[error("expected a {expected} frame, got {got:?}")]
     UnexpectedFrame { expected: &'static str, got: FrameKind },
+    #[error("a whole frame was asked for in the middle of a data frame read in pieces")]
+    MidFrame,
+    #[error("{len} bytes of VM state do not fit one batch of {room}")]
+    BatchTooLong { len: usize, room: usize },
+    #[error("a batch planned with a {0}-byte prefix cannot hold a frame header")]
+    BatchPrefix(usize),
 }
 
 impl ChannelError {
@@ -42,6 +52,8 @@ impl ChannelError {
 }
 
 /// One frame as read. Data borrows the reader's buffer until the next read.
+/// From [`FrameReader::read_piece`], `Data` is part of a data frame's
+/// payload: as much as the reader had buffered, borrowed from it.
 #[derive(Debug)]
 pub enum Incoming<'a> {
     Control(&'a [u8]),
@@ -56,11 +68,16 @@ pub struct FrameReader<R> {
     /// only `buf[..n]` is handed out, so stale bytes never leak.
     buf: Vec<u8>,
     timeout: Duration,
+    /// Payload bytes of the data frame being read in pieces, not handed out yet.
+    data_left: usize,
+    /// Bytes of `inner`'s buffer handed out as the last piece, consumed at
+    /// the next read (the piece borrows them until then).
+    handed_out: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, timeout: Duration) -> Self {
-        Self { inner, buf: Vec::new(), timeout }
+        Self { inner, buf: Vec::new(), timeout, data_left: 0, handed_out: 0 }
     }
 
     pub fn set_timeout(&mut self, timeout: Duration) {
@@ -93,6 +110,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Read one frame, waiting at most the reader's timeout for each part.
     pub async fn read_frame(&mut self) -> Result<Incoming<'_>, ChannelError> {
+        if self.data_left > 0 || self.handed_out > 0 {
+            return Err(ChannelError::MidFrame);
+        }
+        self.read_whole_frame().await
+    }
+
+    async fn read_whole_frame(&mut self) -> Result<Incoming<'_>, ChannelError> {
         let mut head = [0u8; HEADER_LEN];
         Self::read_exact_timed(&mut self.inner, &mut head, self.timeout, "reading a frame header")
             .await?;
@@ -130,6 +154,70 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Err(ChannelError::UnexpectedFrame { expected: "control", got: FrameKind::DataEnd })
             }
         }
+    }
+}
+
+impl<R: AsyncBufRead + AsyncRead + Unpin> FrameReader<R> {
+    /// The next piece of the stream, without copying VM state: part of the
+    /// current data frame's payload (whatever the reader has buffered, up to
+    /// the frame's end), or a whole control frame, or the end of data. A
+    /// `Data` piece borrows the reader's buffer until the next call.
+    pub async fn read_piece(&mut self) -> Result<Incoming<'_>, ChannelError> {
+        if self.handed_out > 0 {
+            Pin::new(&mut self.inner).consume(self.handed_out);
+            self.handed_out = 0;
+        }
+        while self.data_left == 0 {
+            let mut head = [0u8; HEADER_LEN];
+            Self::read_exact_timed(
+                &mut self.inner,
+                &mut head,
+                self.timeout,
+                "reading a frame header",
+            )
+            .await?;
+            // SECURITY: as in `read_whole_frame`, the header is checked
+            // before anything is sized from it.
+            let h = FrameHeader::decode(&head)?;
+            match h.kind {
+                FrameKind::Data => self.data_left = h.len as usize,
+                FrameKind::DataEnd => return Ok(Incoming::DataEnd),
+                FrameKind::Control => {
+                    let n = h.len as usize;
+                    if self.buf.len() < n {
+                        self.buf.resize(n, 0);
+                    }
+                    Self::read_exact_timed(
+                        &mut self.inner,
+                        &mut self.buf[..n],
+                        self.timeout,
+                        "reading a frame payload",
+                    )
+                    .await?;
+                    return Ok(Incoming::Control(&self.buf[..n]));
+                }
+            }
+        }
+        let buffered = match tokio::time::timeout(self.timeout, self.inner.fill_buf()).await {
+            Err(_) => {
+                return Err(ChannelError::Timeout {
+                    doing: "reading a frame payload",
+                    after: self.timeout,
+                })
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(ChannelError::Closed)
+            }
+            Ok(Err(source)) => {
+                return Err(ChannelError::Io { doing: "reading a frame payload", source })
+            }
+            Ok(Ok([])) => return Err(ChannelError::Closed),
+            Ok(Ok(b)) => b,
+        };
+        let n = buffered.len().min(self.data_left);
+        self.data_left -= n;
+        self.handed_out = n;
+        Ok(Incoming::Data(&buffered[..n]))
     }
 }
 
@@ -229,6 +317,35 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub async fn flush(&mut self) -> Result<(), ChannelError> {
         let inner = &mut self.inner;
         timed(self.timeout, "flushing", async move { inner.flush().await }).await
+    }
+}
+
+impl<T: AsyncWrite + Unpin> FrameWriter<RecordWriter<T>> {
+    /// Send `len` bytes of VM state that sit in `batch` (planned with a
+    /// [`HEADER_LEN`]-byte prefix, see [`RecordBatch::plan`]) as one data
+    /// frame sealed where it lies: no copy. `each` sees the VM bytes of
+    /// every record just before it is sealed.
+    pub async fn write_data_batch(
+        &mut self,
+        batch: &mut RecordBatch,
+        len: usize,
+        each: impl FnMut(&[u8]),
+    ) -> Result<(), ChannelError> {
+        let room = batch.capacity().min(MAX_DATA_LEN as usize);
+        if len > room {
+            return Err(ChannelError::BatchTooLong { len, room });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let head = FrameHeader::new(FrameKind::Data, len as u32)?.encode();
+        let prefix = batch.prefix_mut();
+        if prefix.len() != HEADER_LEN {
+            return Err(ChannelError::BatchPrefix(prefix.len()));
+        }
+        prefix.copy_from_slice(&head);
+        let send = self.inner.send_batch(batch, len, each);
+        timed(self.timeout, "writing VM state", send).await
     }
 }
 
@@ -372,5 +489,44 @@ mod tests {
         let mut r = FrameReader::new(b, Duration::from_secs(1));
         let err = r.read_control::<Ping>().await.unwrap_err();
         assert!(matches!(err, ChannelError::UnexpectedFrame { .. }), "{err}");
+    }
+
+    /// Pieces come at most a buffer's worth at a time and never cross a
+    /// frame's end; control frames come whole; a whole-frame read in the
+    /// middle of a data frame is refused.
+    #[tokio::test]
+    async fn pieces_follow_the_buffer_and_stop_at_frame_ends() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut w = FrameWriter::new(a, Duration::from_secs(5));
+        w.write_data(&[1u8; 100]).await.unwrap();
+        w.write_control(&Ping { n: 4 }).await.unwrap();
+        w.write_data(&[2u8; 30]).await.unwrap();
+        w.write_data_end().await.unwrap();
+        let mut r =
+            FrameReader::new(tokio::io::BufReader::with_capacity(64, b), Duration::from_secs(5));
+        let mut data = Vec::new();
+        let mut sizes = Vec::new();
+        loop {
+            match r.read_piece().await.unwrap() {
+                Incoming::Data(d) => {
+                    sizes.push(d.len());
+                    data.extend_from_slice(d);
+                }
+                Incoming::Control(c) => {
+                    assert_eq!(serde_json::from_slice::<Ping>(c).unwrap(), Ping { n: 4 });
+                    data.push(b'|');
+                }
+                Incoming::DataEnd => break,
+            }
+            if sizes.len() == 1 {
+                let mid = r.read_frame().await.unwrap_err();
+                assert!(matches!(mid, ChannelError::MidFrame), "{mid}");
+            }
+        }
+        assert!(sizes.iter().all(|&n| n <= 64), "{sizes:?}");
+        let mut want = vec![1u8; 100];
+        want.push(b'|');
+        want.extend_from_slice(&[2u8; 30]);
+        assert_eq!(data, want);
     }
 }

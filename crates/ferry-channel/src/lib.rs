@@ -28,4 +28,6 @@ pub mod relay;
 
 pub use codec::{FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN, MAX_DATA_LEN};
 pub use io::{ChannelError, FrameReader, FrameWriter, Incoming};
-pub use relay::{ReceivePump, Received, RelayError, SendPump, StreamHasher, StreamSum};
+pub use relay::{
+    QemuSource, ReceivePump, Received, RelayError, SendPump, StreamHasher, StreamSum, SEND_RECORDS,
+};

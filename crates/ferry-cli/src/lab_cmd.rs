@@ -44,6 +44,10 @@ pub enum LabCommand {
         #[arg(long)]
         host: HostName,
     },
+    /// Measure this machine's ceilings for the data path: AES-GCM and
+    /// ChaCha20-Poly1305 (aws-lc-rs), BLAKE3 and memcpy per core, loopback
+    /// TCP. Benchmarks print them first (rates in bytes per second with --json).
+    Ceilings,
 }
 
 pub async fn run(cmd: LabCommand, json: bool) -> Result<ExitCode> {
@@ -103,6 +107,15 @@ pub async fn run(cmd: LabCommand, json: bool) -> Result<ExitCode> {
                 outln!("{}", serde_json::json!({"host": host, "pid": pid}));
             } else {
                 outln!("agent {host} started (pid {pid})");
+            }
+        }
+        LabCommand::Ceilings => {
+            let budget = ferry_ceilings::Budget::default();
+            let c = tokio::task::spawn_blocking(move || ferry_ceilings::measure(budget)).await??;
+            if json {
+                outln!("{}", serde_json::to_string(&c)?);
+            } else {
+                outln!("{c}");
             }
         }
     }

@@ -82,6 +82,8 @@ pub enum IdentityError {
         #[source]
         source: rustls::server::VerifierBuilderError,
     },
+    #[error("invalid cipher suite policy: {why}")]
+    CipherPolicy { why: String },
     #[error("the TLS handshake is not complete")]
     HandshakeIncomplete,
     #[error("the connection is not a Ferry session: {why}")]

@@ -59,12 +59,16 @@ impl Identity {
         let key_der = pem::private_key(key)?;
         // Catch a key/cert mix-up here, with both paths in the message,
         // rather than as an opaque error when the TLS config is built.
-        rustls::sign::CertifiedKey::from_der(chain.clone(), key_der.clone_key(), &tls::provider())
-            .map_err(|source| IdentityError::KeyMismatch {
-                cert: cert.to_owned(),
-                key: key.to_owned(),
-                source,
-            })?;
+        rustls::sign::CertifiedKey::from_der(
+            chain.clone(),
+            key_der.clone_key(),
+            &tls::provider(&crate::CipherPolicy::default()),
+        )
+        .map_err(|source| IdentityError::KeyMismatch {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            source,
+        })?;
 
         let mut roots = RootCertStore::empty();
         for ca_der in pem::certs(ca)? {
@@ -140,7 +144,8 @@ impl Identity {
             Ok(l) => l,
             Err(e) => return Some(ChainProblem::NotIssuedByCa(format!("{e:?}"))),
         };
-        let provider = tls::provider();
+        // Only its signature algorithms are used; the suites do not matter.
+        let provider = tls::provider(&crate::CipherPolicy::default());
         let verified = leaf.verify_for_usage(
             provider.signature_verification_algorithms.all,
             &self.roots.roots,

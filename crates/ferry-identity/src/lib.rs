@@ -15,6 +15,7 @@
 //! handshake checks the host's DNS SAN and we check the URI SAN afterwards.
 
 mod ca;
+mod ciphers;
 mod describe;
 mod error;
 mod fsutil;
@@ -25,6 +26,7 @@ mod tls;
 mod x509;
 
 pub use ca::{current_crl_number, CaDir, IssuedCert, IssuedRecord, RevokeTarget, Validity};
+pub use ciphers::{CipherPolicy, Tls13Suite};
 pub use describe::{describe_rustls_error, describe_tls_error};
 pub use error::{BoxError, IdentityError};
 pub use identity::{ChainProblem, Identity};

@@ -12,7 +12,7 @@ use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::{CertificateRevocationListDer, ServerName};
 
-use crate::{pem, Identity, IdentityError};
+use crate::{pem, CipherPolicy, Identity, IdentityError};
 
 /// The one application protocol both sides speak.
 pub const ALPN: &[u8] = b"ferry/1";
@@ -20,8 +20,12 @@ pub const ALPN: &[u8] = b"ferry/1";
 /// Ferry always uses aws-lc-rs explicitly rather than the process default
 /// provider: another crate in the same binary enabling rustls's `ring`
 /// feature must not change (or, with no default installed, panic) our TLS.
-pub(crate) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+/// Only the policy's TLS 1.3 suites are offered, in its order.
+pub(crate) fn provider(ciphers: &CipherPolicy) -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        cipher_suites: ciphers.rustls_suites(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    })
 }
 
 /// The name a client asks rustls to verify: the host's DNS SAN. The SPIFFE id
@@ -54,15 +58,20 @@ fn load_crls(id: &Identity) -> Result<Vec<CertificateRevocationListDer<'static>>
 /// - No session resumption (no tickets, no session cache): every connection
 ///   is a full handshake, so expiry and the *current* CRL are checked on every
 ///   connection, never skipped by resuming an older session.
+/// - Secret extraction is enabled so that ferry-tls can protect the
+///   connection's records after the handshake with the same keys (the data
+///   path's record layer); extracting consumes the rustls connection, and
+///   the keys never leave the process.
 pub fn server_config(id: &Identity) -> Result<Arc<ServerConfig>, IdentityError> {
-    server_config_with(id, load_crls(id)?)
+    server_config_with(id, load_crls(id)?, &CipherPolicy::default())
 }
 
 fn server_config_with(
     id: &Identity,
     crls: Vec<CertificateRevocationListDer<'static>>,
+    ciphers: &CipherPolicy,
 ) -> Result<Arc<ServerConfig>, IdentityError> {
-    let provider = provider();
+    let provider = provider(ciphers);
     let mut vb = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone());
     if !crls.is_empty() {
         vb = vb.with_crls(crls);
@@ -80,6 +89,7 @@ fn server_config_with(
     cfg.max_early_data_size = 0;
     cfg.send_tls13_tickets = 0;
     cfg.session_storage = Arc::new(NoServerSessionStorage {});
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -88,16 +98,17 @@ fn server_config_with(
 /// SECURITY invariants: TLS 1.3 only; the server is verified against the
 /// cluster CA and the CRL (EKU serverAuth required, DNS SAN = the host name
 /// given to `connect`); our own certificate is always presented; no early
-/// data and no resumption, for the same reasons as `server_config`.
+/// data and no resumption, and secret extraction, as in `server_config`.
 pub fn client_config(id: &Identity) -> Result<Arc<ClientConfig>, IdentityError> {
-    client_config_with(id, load_crls(id)?)
+    client_config_with(id, load_crls(id)?, &CipherPolicy::default())
 }
 
 fn client_config_with(
     id: &Identity,
     crls: Vec<CertificateRevocationListDer<'static>>,
+    ciphers: &CipherPolicy,
 ) -> Result<Arc<ClientConfig>, IdentityError> {
-    let provider = provider();
+    let provider = provider(ciphers);
     let mut vb = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider.clone());
     if !crls.is_empty() {
         vb = vb.with_crls(crls);
@@ -114,6 +125,7 @@ fn client_config_with(
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     cfg.enable_early_data = false;
     cfg.resumption = Resumption::disabled();
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -153,13 +165,22 @@ struct Cached {
 /// `stat`.
 pub struct TlsConfigs {
     identity: Identity,
+    ciphers: CipherPolicy,
     cached: Mutex<Cached>,
 }
 
 impl TlsConfigs {
     pub fn new(identity: Identity) -> Result<TlsConfigs, IdentityError> {
-        let cached = build(&identity)?;
-        Ok(TlsConfigs { identity, cached: Mutex::new(cached) })
+        Self::with_ciphers(identity, CipherPolicy::default())
+    }
+
+    /// Configs that negotiate only `ciphers`' suites, in its order.
+    pub fn with_ciphers(
+        identity: Identity,
+        ciphers: CipherPolicy,
+    ) -> Result<TlsConfigs, IdentityError> {
+        let cached = build(&identity, &ciphers)?;
+        Ok(TlsConfigs { identity, ciphers, cached: Mutex::new(cached) })
     }
 
     pub fn identity(&self) -> &Identity {
@@ -185,14 +206,14 @@ impl TlsConfigs {
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(path) = &self.identity.crl {
             if Some(stamp(path)?) != cached.stamp {
-                *cached = build(&self.identity)?;
+                *cached = build(&self.identity, &self.ciphers)?;
             }
         }
         Ok(cached)
     }
 }
 
-fn build(id: &Identity) -> Result<Cached, IdentityError> {
+fn build(id: &Identity, ciphers: &CipherPolicy) -> Result<Cached, IdentityError> {
     // Stamp *before* reading: a change racing with the read then shows up
     // as a stamp mismatch next time (one extra rebuild), never as a change
     // silently missed.
@@ -200,7 +221,7 @@ fn build(id: &Identity) -> Result<Cached, IdentityError> {
     let crls = load_crls(id)?;
     Ok(Cached {
         stamp,
-        server: server_config_with(id, crls.clone())?,
-        client: client_config_with(id, crls)?,
+        server: server_config_with(id, crls.clone(), ciphers)?,
+        client: client_config_with(id, crls, ciphers)?,
     })
 }

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use ferry_channel::{FrameReader, FrameWriter};
 use ferry_identity::PeerAuthenticated;
+use ferry_tls::Paced;
 use ferry_types::HostName;
 use rustls::ClientConfig;
-use tokio::io::BufReader;
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{Reader, Stream, Writer, RECV_BUFFER};
+use super::{Reader, Stream, Writer};
 use crate::protocol::{Hello, PROTOCOL_VERSION};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,12 @@ pub enum ConnectError {
     },
     #[error("{host} speaks protocol version {theirs}, this agent {ours}")]
     Version { host: HostName, theirs: u32, ours: u32 },
+    #[error("cannot take the connection to {host} over from rustls")]
+    TakeOver {
+        host: HostName,
+        #[source]
+        source: ferry_tls::TakeOverError,
+    },
 }
 
 /// TCP connect, TLS 1.3 handshake (mutual: both sides present
@@ -78,8 +84,7 @@ pub async fn connect(
     let name = ferry_identity::server_name(host)
         .map_err(|source| ConnectError::Identity { host: host.clone(), source })?;
     let connector = tokio_rustls::TlsConnector::from(config);
-    let tcp = BufReader::with_capacity(RECV_BUFFER, tcp);
-    let tls = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+    let tls = match tokio::time::timeout(timeout, connector.connect(name, Paced::new(tcp))).await {
         Err(_) => return Err(ConnectError::Timeout { host: host.clone(), addr }),
         Ok(Err(e)) => {
             let reason = ferry_identity::describe_tls_error(&e);
@@ -101,7 +106,9 @@ async fn tcp_connect(addr: SocketAddr, from: Option<IpAddr>) -> std::io::Result<
     socket.connect(addr).await
 }
 
-/// Split a connection into framed halves and exchange protocol greetings.
+/// Hand the connection's records over to ferry-tls (the caller has taken
+/// what it needs from the handshake: the proof with its binding), split it
+/// into framed halves and exchange protocol greetings.
 ///
 /// A server that refuses our client certificate only says so when we first
 /// read (TLS 1.3 sends its alert after the client's Finished), so the alert
@@ -112,7 +119,8 @@ pub async fn greet(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<(Reader, Writer), ConnectError> {
-    let (r, w) = tokio::io::split(stream);
+    let (r, w) = super::take_over(stream)
+        .map_err(|source| ConnectError::TakeOver { host: host.clone(), source })?;
     let mut reader = FrameReader::new(r, timeout);
     let mut writer = FrameWriter::new(w, timeout);
     let hello_err = |source: ferry_channel::ChannelError| match source.io_error() {

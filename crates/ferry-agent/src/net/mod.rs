@@ -7,20 +7,33 @@ pub mod listen;
 pub mod plane;
 
 use ferry_channel::{FrameReader, FrameWriter};
-use tokio::io::{BufReader, ReadHalf, WriteHalf};
+use ferry_tls::{Paced, TakeOverError, TcpReader, TcpWriter};
 use tokio::net::TcpStream;
 
 pub use client::{connect, greet, ConnectError};
 
-/// PERF: a read buffer under TLS. rustls reads at most one record (~16 KiB)
-/// per `read_tls`, so without it a receiver makes ~80k recv syscalls per GiB
-/// of VM state; with 128 KiB about a quarter of that (figures:
-/// crates/ferry-channel/examples/pump_bench.rs). Ciphertext only: TLS still
-/// authenticates every byte. Zeroed memory of this size is mapped lazily,
-/// so an unauthenticated peer costs only the pages it fills.
-pub const RECV_BUFFER: usize = 128 * 1024;
+/// Either end of an agent connection, handshaken. `Paced` keeps rustls from
+/// reading past the handshake, so that [`take_over`] can hand the
+/// connection's records to ferry-tls (large reads, records opened where
+/// they arrive and sealed where the data was read: docs/data-path.md).
+pub type Stream = tokio_rustls::TlsStream<Paced<TcpStream>>;
+pub type Reader = FrameReader<TcpReader>;
+pub type Writer = FrameWriter<TcpWriter>;
 
-/// Either end of an agent connection.
-pub type Stream = tokio_rustls::TlsStream<BufReader<TcpStream>>;
-pub type Reader = FrameReader<ReadHalf<Stream>>;
-pub type Writer = FrameWriter<WriteHalf<Stream>>;
+/// Hand a handshaken connection's records over to ferry-tls, after the
+/// caller read what it needs from rustls (peer identity, channel binding).
+///
+/// SECURITY: the halves use rustls's own traffic keys and sequence numbers,
+/// so every byte stays inside the TLS 1.3 session that was authenticated.
+pub fn take_over(stream: Stream) -> Result<(TcpReader, TcpWriter), TakeOverError> {
+    match stream {
+        tokio_rustls::TlsStream::Client(tls) => {
+            let (io, conn) = tls.into_inner();
+            ferry_tls::take_over(io, conn)
+        }
+        tokio_rustls::TlsStream::Server(tls) => {
+            let (io, conn) = tls.into_inner();
+            ferry_tls::take_over(io, conn)
+        }
+    }
+}

@@ -164,7 +164,7 @@ async fn resume_stream(out: &mut Outbound) -> Result<(), Error> {
     let (peer_tx, mut peer_rx) = mpsc::channel::<PeerWord>(4);
     let _watcher = AbortOnDrop(tokio::spawn(watch_peer(reader, peer_tx, Some(back), io_timeout)));
     tracing::info!("post-copy resumed on a new connection");
-    let mut pump = SendPump::new(qemu, io_timeout).flushing(true);
+    let mut pump = SendPump::new(qemu, io_timeout);
     loop {
         tokio::select! {
             word = peer_rx.recv() => {

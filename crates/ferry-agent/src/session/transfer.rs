@@ -104,7 +104,8 @@ pub async fn run(out: &mut Outbound) -> Result<(), Error> {
         out.started,
     )));
 
-    let mut pump = SendPump::new(qemu, io_timeout).flushing(out.plan.postcopy());
+    // Each forward is written through at once: post-copy's pages never wait.
+    let mut pump = SendPump::new(qemu, io_timeout);
     let mut joined = Vec::new();
     let mut cancel = out.cancel.clone();
     // A guest that dirties memory faster than it can be sent never
