@@ -28,6 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::lab_libvirt::{self, LabLibvirt};
 use crate::opclient::ClientConfig;
+pub use crate::procs::pid_alive;
+use crate::procs::signal;
 
 pub const GUEST_IMAGE: &str = "ferry-guest.elf";
 
@@ -436,18 +438,6 @@ pub async fn start_agent(lab: &Lab, h: &LabHost) -> Result<u32> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-pub fn pid_alive(pid: i32) -> bool {
-    // Signal 0 only checks that the process exists.
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
-}
-
-fn signal(pid: i32, sig: i32) {
-    let _ = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
 }
 
 /// Stop every agent, then every QEMU the lab's hosts run.

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::procs::{pid_alive, signal};
+
 /// Directories each libvirtd sees as its own, by where it sees them.
 const PRIVATE: &[(&str, &str)] = &[
     ("etc", "/etc/libvirt"),
@@ -76,7 +78,7 @@ pub fn start(dir: &Path) -> Result<LabLibvirt> {
     let sock = dir.join("run/libvirt-sock");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !sock.exists() {
-        if Instant::now() > deadline || !crate::lab::pid_alive(lv.pid as i32) {
+        if Instant::now() > deadline || !pid_alive(lv.pid as i32) {
             let out = std::fs::read_to_string(dir.join("libvirtd.out")).unwrap_or_default();
             bail!("libvirtd did not come up in {}:\n{out}", dir.display());
         }
@@ -92,34 +94,24 @@ pub fn stop(lv: &LabLibvirt) {
         for e in entries.flatten() {
             if e.path().extension().is_some_and(|x| x == "pid") {
                 if let Some(pid) = read_pid(&e.path()) {
-                    kill(pid, libc::SIGKILL);
+                    signal(pid, libc::SIGKILL);
                 }
             }
         }
     }
     let pid = read_pid(&lv.dir.join("run/libvirtd.pid")).unwrap_or(lv.pid as i32);
-    kill(pid, libc::SIGTERM);
+    signal(pid, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while crate::lab::pid_alive(pid) && Instant::now() < deadline {
+    while pid_alive(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    if crate::lab::pid_alive(pid) {
-        kill(pid, libc::SIGKILL);
+    if pid_alive(pid) {
+        signal(pid, libc::SIGKILL);
     }
 }
 
 fn read_pid(p: &Path) -> Option<i32> {
     std::fs::read_to_string(p).ok()?.trim().parse().ok()
-}
-
-fn kill(pid: i32, sig: i32) {
-    if pid > 1 {
-        let _ = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(pid.to_string())
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 fn which(program: &str) -> Option<PathBuf> {

@@ -23,6 +23,7 @@ pub mod lab_libvirt;
 pub mod opclient;
 pub mod ops;
 pub mod policy;
+pub mod procs;
 pub mod progress;
 
 use std::path::PathBuf;

@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::inbound::Inbound;
 use super::postcopy_destination::return_path;
-use super::receive::{read_commit, send_receipt};
 use super::streams::inline_control;
+use super::word::{read_commit, send_receipt};
 use crate::audit::Audit;
 use crate::backend::ChannelKind;
 use crate::checks;

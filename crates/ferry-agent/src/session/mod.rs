@@ -6,7 +6,8 @@
 //!
 //! * [`source`], [`handshake`], [`transfer`]: the source half (connect,
 //!   attest, offer, stream, commit, answer), with [`outbound`] its context.
-//! * [`destination`], [`receive`]: the destination half, with [`inbound`].
+//! * [`destination`], [`receive`], [`word`]: the destination half, with
+//!   [`inbound`].
 //! * [`postcopy_source`], [`postcopy_destination`], [`recover`]: post-copy.
 //! * [`control`], [`managed`]: migrations libvirt runs (its control
 //!   connection; the destination's stream, gated by QEMU's return path).
@@ -36,5 +37,6 @@ pub mod streams;
 pub mod supervisor;
 pub mod transfer;
 pub mod verdict;
+pub mod word;
 
 pub use machine::Session;
