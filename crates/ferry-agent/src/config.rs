@@ -234,6 +234,9 @@ pub struct VmmSection {
     /// mode 0700). The same path on every host: libvirt hands the source's
     /// path to the destination.
     pub migration_socket_dir: PathBuf,
+    /// Where libvirt keeps its domains' swtpm state (libvirt's
+    /// `swtpm_storage_dir`): a moved domain's state is erased there.
+    pub libvirt_swtpm_dir: PathBuf,
 }
 
 impl Default for VmmSection {
@@ -243,6 +246,7 @@ impl Default for VmmSection {
             libvirt_uri: "qemu:///system".into(),
             libvirt_run_dir: PathBuf::from("/run/libvirt"),
             migration_socket_dir: PathBuf::from("/run/ferry"),
+            libvirt_swtpm_dir: PathBuf::from(ferry_libvirt::vtpm::DEFAULT_STATE_ROOT),
         }
     }
 }

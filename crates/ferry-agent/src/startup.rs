@@ -95,12 +95,17 @@ impl Agent {
             BackendChoice::Qemu => {
                 Box::new(QemuBackend::new(qemu, cfg.departed_dir())?.probe_vtpm().await)
             }
-            BackendChoice::Libvirt => Box::new(LibvirtBackend::new(LibvirtConfig {
-                uri: cfg.vmm.libvirt_uri.clone(),
-                run_dir: cfg.vmm.libvirt_run_dir.clone(),
-                socket_dir: cfg.vmm.migration_socket_dir.clone(),
-                resume_wait: cfg.migration.commit_timeout(),
-            })?),
+            BackendChoice::Libvirt => Box::new(
+                LibvirtBackend::new(LibvirtConfig {
+                    uri: cfg.vmm.libvirt_uri.clone(),
+                    run_dir: cfg.vmm.libvirt_run_dir.clone(),
+                    socket_dir: cfg.vmm.migration_socket_dir.clone(),
+                    resume_wait: cfg.migration.commit_timeout(),
+                    swtpm_state_root: cfg.vmm.libvirt_swtpm_dir.clone(),
+                })?
+                .probe_vtpm(&cfg.qemu.swtpm, &cfg.qemu.binary)
+                .await,
+            ),
         };
         // The config was checked when parsed; this cannot fail here.
         let platform = cfg

@@ -41,6 +41,9 @@ pub struct TpmFacts {
     /// `emulator` (swtpm) or `passthrough`.
     pub backend: String,
     pub version: Option<String>,
+    /// `persistent_state='yes'`: the operator asked libvirt to keep the
+    /// state when the domain goes away from a host.
+    pub persistent_state: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +105,8 @@ impl DomainFacts {
                 model: t.attribute("model").unwrap_or("tpm-tis").to_owned(),
                 backend: backend.and_then(|b| b.attribute("type")).unwrap_or_default().to_owned(),
                 version: backend.and_then(|b| b.attribute("version")).map(str::to_owned),
+                persistent_state: backend.and_then(|b| b.attribute("persistent_state"))
+                    == Some("yes"),
             }
         });
         let serial_log = device("serial")

@@ -6,6 +6,7 @@
 //! * [`domain`]: identity, size, vTPM and labels from a domain's XML.
 //! * [`return_path`]: QEMU's return path, read so its last word can wait.
 //! * [`local`]: who may connect to a migration's local sockets.
+//! * [`vtpm`]: which vTPMs can move, where libvirt keeps their state.
 
 pub mod client;
 pub mod domain;
@@ -14,6 +15,7 @@ pub mod fuzz;
 pub mod local;
 pub mod return_path;
 pub mod rpc;
+pub mod vtpm;
 pub mod xdr;
 
 pub use client::{Libvirt, LibvirtError};

@@ -180,20 +180,26 @@ pub struct Erased {
 /// filesystems, SSDs and snapshots older blocks may survive (docs/vtpm.md).
 /// swtpm must be stopped first. Ok(None): there was no state.
 pub fn erase(dir: &Path) -> Result<Option<Erased>, VmmError> {
-    let state = state_dir(dir);
-    match std::fs::symlink_metadata(&state) {
+    erase_state(&state_dir(dir), dir)
+}
+
+/// [`erase`] for a state directory `state` kept elsewhere than in a VM
+/// directory (libvirt keeps a domain's in its own swtpm directory), whose
+/// entry in `parent` is flushed after.
+pub fn erase_state(state: &Path, parent: &Path) -> Result<Option<Erased>, VmmError> {
+    match std::fs::symlink_metadata(state) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(VmmError::io(format!("inspecting {state:?}"), e)),
         Ok(m) if !m.is_dir() => {
             // Never follow a link planted where the state should be.
-            owned::remove_if_exists(&state)?;
+            owned::remove_if_exists(state)?;
             return Ok(Some(Erased::default()));
         }
         Ok(_) => {}
     }
     let mut erased = Erased::default();
-    erase_dir(&state, &mut erased)?;
-    sync_dir(dir)?;
+    erase_dir(state, &mut erased)?;
+    sync_dir(parent)?;
     Ok(Some(erased))
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ferry_libvirt::client::State;
-use ferry_libvirt::{DomainFacts, Libvirt, LibvirtError};
+use ferry_libvirt::{vtpm, DomainFacts, Libvirt, LibvirtError};
 use ferry_policy::VmLabels;
 use ferry_session::VmFacts;
 use ferry_types::{MigrationId, VmName};
@@ -42,6 +42,8 @@ pub struct LibvirtConfig {
     /// How long the destination waits for libvirt to run the VM once the
     /// gate opened.
     pub resume_wait: Duration,
+    /// Where libvirt keeps its domains' swtpm state (a directory per UUID).
+    pub swtpm_state_root: PathBuf,
 }
 
 pub struct LibvirtBackend {
@@ -51,6 +53,8 @@ pub struct LibvirtBackend {
     held: std::sync::Mutex<HashMap<VmName, MigrationId>>,
     outgoing: Mutex<HashMap<VmName, source::Migrating>>,
     incoming: Mutex<HashMap<VmName, destination::Arriving>>,
+    /// What libvirt's swtpm and QEMU on this host can emulate.
+    vtpm: ferry_vmm::VtpmSupport,
 }
 
 impl LibvirtBackend {
@@ -66,7 +70,16 @@ impl LibvirtBackend {
             held: Default::default(),
             outgoing: Default::default(),
             incoming: Default::default(),
+            vtpm: ferry_vmm::VtpmSupport::none("not probed yet"),
         })
+    }
+
+    /// The vTPMs libvirt can give domains here: those of the swtpm and QEMU
+    /// it runs (found on the PATH, as libvirt finds them).
+    pub async fn probe_vtpm(mut self, swtpm: &std::path::Path, qemu: &std::path::Path) -> Self {
+        self.vtpm = ferry_vmm::vtpm::probe(swtpm, qemu).await;
+        tracing::info!(vtpm = %self.vtpm.summary(), "vTPM support under libvirt");
+        self
     }
 
     /// A libvirt call on a blocking thread (each is an RPC to libvirtd).
@@ -136,6 +149,10 @@ impl VmBackend for LibvirtBackend {
 
     fn managed(&self) -> bool {
         true
+    }
+
+    fn vtpm_support(&self) -> ferry_vmm::VtpmSupport {
+        self.vtpm.clone()
     }
 
     async fn list(&self) -> Vec<VmInfo> {
@@ -217,13 +234,12 @@ impl VmBackend for LibvirtBackend {
             Some(State::Running) | Some(State::Paused) => {}
             _ => return Err(BackendError::NoSuchVm(vm.clone())),
         }
-        let (_, description) = self.describe(vm).await?;
-        if description.spec.tpm != ferry_vmm::TpmModel::None {
-            // libvirt keeps a domain's vTPM state in its own swtpm directory;
-            // Ferry cannot yet promise it moves and is erased here.
-            return Err(BackendError::Domain(format!(
-                "{vm} has a vTPM, which the libvirt backend does not carry yet"
-            )));
+        let (facts, description) = self.describe(vm).await?;
+        if let ferry_vmm::Boot::Domain { uuid } = &description.spec.boot {
+            // Refused before the Offer: a vTPM whose state would not travel
+            // in the stream, or that the destination could reach anyway.
+            vtpm::check_movable(&facts, uuid, &self.cfg.swtpm_state_root)
+                .map_err(|e| BackendError::Domain(crate::report::report(&e)))?;
         }
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(other) = held.get(vm) {
@@ -262,8 +278,8 @@ impl VmBackend for LibvirtBackend {
     }
 
     async fn retire_source(&self, vm: &VmName, id: MigrationId) -> Result<Retired, BackendError> {
-        self.retire(vm, id).await?;
-        Ok(Retired { vtpm: None })
+        let vtpm = self.retire(vm, id).await?;
+        Ok(Retired { vtpm })
     }
 
     async fn reserve_incoming(&self, vm: &VmName, id: MigrationId) -> bool {

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use ferry_libvirt::client::{MigrateRequest, State};
 use ferry_libvirt::local::{self, LocalPeer};
+use ferry_libvirt::vtpm::{self, Leftover};
 use ferry_types::{MigrationId, VmName};
-use ferry_vmm::{MigrationState, MigrationStatus, RamStats};
+use ferry_vmm::{Boot, Erased, MigrationState, MigrationStatus, RamStats};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
@@ -31,6 +32,8 @@ pub(super) struct Migrating {
     id: MigrationId,
     done: watch::Receiver<Outcome>,
     acceptor: tokio::task::JoinHandle<()>,
+    /// The domain's vTPM state left here once the destination runs it.
+    leftover: Leftover,
 }
 
 impl Drop for Migrating {
@@ -77,6 +80,11 @@ impl LibvirtBackend {
             })
         };
         let (control, stream) = (bind(CONTROL_SOCK)?, bind(STREAM_SOCK)?);
+        let (facts, description) = self.describe(vm).await?;
+        let leftover = match &description.spec.boot {
+            Boot::Domain { uuid } => vtpm::leftover(&facts, uuid, &self.cfg.swtpm_state_root),
+            _ => Leftover::None,
+        };
         let name = vm.to_string();
         let persistent = self.call(move |lv| lv.is_persistent(&name)).await?;
         let request = MigrateRequest {
@@ -94,7 +102,7 @@ impl LibvirtBackend {
         let (tx, rx) = mpsc::channel(2);
         let pid_file = self.pid_file(vm);
         let acceptor = tokio::spawn(accept_all(control, stream, pid_file, done.clone(), tx));
-        self.outgoing.lock().await.insert(vm.clone(), Migrating { id, done, acceptor });
+        self.outgoing.lock().await.insert(vm.clone(), Migrating { id, done, acceptor, leftover });
         Ok(Outgoing::new(rx))
     }
 
@@ -162,8 +170,13 @@ impl LibvirtBackend {
     /// After the Receipt: libvirt finishes on its own (Finish on the
     /// destination, Confirm here); wait for it. SECURITY: the destination
     /// signed that it runs the VM, so a copy libvirt resumed here anyway
-    /// (a lost Finish reply) is stopped: never two running copies.
-    pub(super) async fn retire(&self, vm: &VmName, id: MigrationId) -> Result<(), BackendError> {
+    /// (a lost Finish reply) is stopped: never two running copies. Then
+    /// the vTPM state libvirt left here is erased, unless kept on purpose.
+    pub(super) async fn retire(
+        &self,
+        vm: &VmName,
+        id: MigrationId,
+    ) -> Result<Option<Erased>, BackendError> {
         if let Ok(mut held) = self.held.lock() {
             if held.get(vm) == Some(&id) {
                 held.remove(vm);
@@ -171,8 +184,10 @@ impl LibvirtBackend {
         }
         let migrating = self.outgoing.lock().await.remove(vm);
         let _ = std::fs::remove_dir_all(self.migration_dir(id));
+        let mut leftover = Leftover::None;
         let outcome = match migrating {
             Some(m) if m.id == id => {
+                leftover = m.leftover.clone();
                 let mut done = m.done.clone();
                 let waited = tokio::time::timeout(CONNECT_WAIT, done.wait_for(|o| o.is_some()));
                 let outcome = match waited.await {
@@ -183,18 +198,43 @@ impl LibvirtBackend {
             }
             _ => None,
         };
-        if let Some(Ok(())) = outcome {
-            return Ok(());
-        }
-        let name = vm.to_string();
-        match self.state(vm).await? {
-            Some(State::Running) | Some(State::Paused) => {
+        if !matches!(outcome, Some(Ok(()))) {
+            let name = vm.to_string();
+            if let Some(State::Running) | Some(State::Paused) = self.state(vm).await? {
                 tracing::error!(%vm, ?outcome, "libvirt kept the domain here after the receipt; stopping it");
-                self.call(move |lv| lv.destroy(&name)).await
+                self.call(move |lv| lv.destroy(&name)).await?;
             }
-            _ => Ok(()),
         }
+        erase_leftover(vm, leftover).await
     }
+}
+
+/// SECURITY: the source's vTPM state is a clone of the TPM that now runs on
+/// the destination; erased (overwritten, then removed) so it can never be
+/// started beside it. libvirt stopped this host's swtpm before its migrate
+/// call returned (Confirm), or with the domain destroyed just above. It may
+/// also have unlinked the state itself (an undefined domain without
+/// `persistent_state`): then there is nothing left to erase.
+async fn erase_leftover(vm: &VmName, leftover: Leftover) -> Result<Option<Erased>, BackendError> {
+    let state = match leftover {
+        Leftover::None => return Ok(None),
+        Leftover::Keep(dir) => {
+            tracing::warn!(%vm, dir = %dir.display(), "vTPM state kept here: persistent_state='yes'");
+            return Ok(None);
+        }
+        Leftover::Erase(dir) => dir,
+    };
+    let parent = state.parent().map(Path::to_owned).unwrap_or_default();
+    tokio::task::spawn_blocking(move || ferry_vmm::swtpm::erase_state(&state, &parent))
+        .await
+        .map_err(|e| BackendError::Io {
+            what: "joining the erase task".into(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(|e| {
+            let why = crate::report::report(&e);
+            BackendError::Libvirt(format!("erasing the source's vTPM state: {why}"))
+        })
 }
 
 /// Accept libvirt's control connection, then the stream; refuse anyone

@@ -1,0 +1,155 @@
+//! libvirt domains with a vTPM under Ferry, for real: each lab host's
+//! libvirtd runs the domain's swtpm, QEMU carries the TPM's state inside
+//! the migration stream (under Ferry's TLS and digest), the destination's
+//! TPM is the source's, and the source keeps no copy of it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use ferry_cli::{console, lab_libvirt};
+
+const EMULATED: &str = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>";
+const KEPT: &str = "<tpm model='tpm-crb'>\
+    <backend type='emulator' version='2.0' persistent_state='yes'/></tpm>";
+
+/// Define and start the test guest with the vTPM `tpm` as a persistent
+/// domain on `host`; the guest extends PCR 16 with MARKER and bumps its NV
+/// counter at boot, then re-reads both every 300 ms.
+fn start_tpm_domain(lab: &TestLab, host: &str, vm: &str, tpm: &str) -> PathBuf {
+    start_tpm_domain_as(lab, host, vm, tpm, true)
+}
+
+/// The same; a transient domain (`virsh create`) unless `persistent`.
+fn start_tpm_domain_as(
+    lab: &TestLab,
+    host: &str,
+    vm: &str,
+    tpm: &str,
+    persistent: bool,
+) -> PathBuf {
+    let console = lab.dir.path().join(format!("{vm}.console"));
+    let kernel = lab.lab.images_dir.join(&lab.lab.guest_image);
+    let cmdline = format!("fill_mib=32 dirty=16 hb_ms=20 tlbflush=1 tpm={MARKER} tpm_ms=300");
+    let xml = lab_libvirt::domain_xml(vm, &kernel, &console, 128, &cmdline)
+        .replace("</devices>", &format!("  {tpm}\n  </devices>"));
+    let path = lab.dir.path().join(format!("{vm}.xml"));
+    std::fs::write(&path, xml).expect("write domain xml");
+    let path = path.to_str().expect("utf8");
+    if persistent {
+        virsh(lab, host, &["define", path]);
+        virsh(lab, host, &["start", vm]);
+    } else {
+        virsh(lab, host, &["create", path]);
+    }
+    wait_console(&console, Duration::from_secs(120), "READY, a TPM line, a clean sweep", |l| {
+        console::is_ready(l) && !tpm_reads(l).is_empty() && console::clean_sweeps(l) >= 1
+    });
+    console
+}
+
+/// libvirt's swtpm state directory of domain `uuid` on `host`, as seen from
+/// outside the host's mount namespace (its `/var/lib/libvirt/swtpm/UUID`).
+fn swtpm_dir(lab: &TestLab, host: &str, uuid: &str) -> PathBuf {
+    libvirt(lab, host).dir.join("lib").join("swtpm").join(uuid)
+}
+
+/// Every file under `dir` with its contents, by path relative to `dir`.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() {
+                let rel = p.strip_prefix(dir).expect("under dir").to_owned();
+                found.push((rel, std::fs::read(&p).expect("read state file")));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+fn permanent_state(lab: &TestLab, host: &str, uuid: &str) -> Option<Vec<u8>> {
+    std::fs::read(swtpm_dir(lab, host, uuid).join("tpm2").join("tpm2-00.permall")).ok()
+}
+
+#[test]
+fn a_libvirt_domains_vtpm_moves_in_the_stream_and_leaves_no_copy_behind() {
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let log = start_tpm_domain(&lab, "host1", "lvt", EMULATED);
+    let uuid = virsh(&lab, "host1", &["domuuid", "lvt"]);
+    let listed = lab.vms("host1").into_iter().find(|v| v["name"] == "lvt").expect("listed");
+    assert_eq!(listed["tpm"], "crb", "vm list says the domain has a vTPM: {listed}");
+    let before = permanent_state(&lab, "host1", &uuid).expect("libvirt's swtpm keeps its state");
+    assert!(permanent_state(&lab, "host2", &uuid).is_none(), "host2 has the TPM already");
+
+    let (ok, rec) = lab.ferry_json(&["migrate", "lvt", "--to", "host2", "--host", "host1"]);
+    assert!(ok, "migration failed: {rec}");
+    assert_eq!(rec["tpm"], "crb", "the record says the VM has a vTPM: {rec}");
+    let id = rec["id"].as_str().expect("id").to_owned();
+    assert_eq!(domstate(&lab, "host2", "lvt").as_deref(), Some("running"));
+    assert_eq!(domstate(&lab, "host1", "lvt"), None, "host1 still has the domain");
+
+    // The TPM on host2 is host1's: its permanent state arrived byte for
+    // byte, and the guest reads the PCR and counter it wrote at boot.
+    let arrived = permanent_state(&lab, "host2", &uuid).expect("host2's swtpm state");
+    assert!(arrived == before, "the vTPM's permanent state differs after the move");
+    assert_vtpm_kept(&log);
+
+    // No clone left behind on host1, not even an empty directory.
+    let left = swtpm_dir(&lab, "host1", &uuid);
+    assert!(!left.exists(), "host1 kept vTPM state: {:?}", files_under(&left));
+
+    // Both agents signed for the same bytes (the TPM's state among them).
+    let (ok, dst) = lab.ferry_json(&["migrations", "show", &id, "--host", "host2"]);
+    assert!(ok, "{dst}");
+    assert_eq!((&dst["digest"], &dst["bytes"]), (&rec["digest"], &rec["bytes"]));
+
+    // And back: the same TPM again, nothing left on host2.
+    let on_host2 = files_under(&swtpm_dir(&lab, "host2", &uuid));
+    let (ok, back) = lab.ferry_json(&["migrate", "lvt", "--to", "host1", "--host", "host2"]);
+    assert!(ok, "migration back failed: {back}");
+    assert_eq!(domstate(&lab, "host1", "lvt").as_deref(), Some("running"));
+    assert_eq!(files_under(&swtpm_dir(&lab, "host1", &uuid)), on_host2);
+    assert!(!swtpm_dir(&lab, "host2", &uuid).exists(), "host2 kept vTPM state");
+    assert_vtpm_kept(&log);
+}
+
+#[test]
+fn an_operator_who_keeps_the_vtpm_state_finds_it_on_the_source() {
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let log = start_tpm_domain(&lab, "host1", "keep", KEPT);
+    let uuid = virsh(&lab, "host1", &["domuuid", "keep"]);
+    let before = permanent_state(&lab, "host1", &uuid).expect("libvirt's swtpm keeps its state");
+
+    let (ok, rec) = lab.ferry_json(&["migrate", "keep", "--to", "host2", "--host", "host1"]);
+    assert!(ok, "migration failed: {rec}");
+    assert_eq!(domstate(&lab, "host2", "keep").as_deref(), Some("running"));
+    assert_eq!(permanent_state(&lab, "host2", &uuid).as_ref(), Some(&before));
+    assert_vtpm_kept(&log);
+    // persistent_state='yes' is the operator's word: the state stays.
+    assert_eq!(permanent_state(&lab, "host1", &uuid).as_ref(), Some(&before));
+    let erased: Vec<_> =
+        audit_kinds(&lab, "host1").into_iter().filter(|e| e["kind"] == "vtpm_erased").collect();
+    assert!(erased.is_empty(), "{erased:?}");
+}
+
+#[test]
+fn a_transient_domains_vtpm_state_is_gone_from_the_source() {
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let log = start_tpm_domain_as(&lab, "host1", "tr", EMULATED, false);
+    let uuid = virsh(&lab, "host1", &["domuuid", "tr"]);
+    let before = permanent_state(&lab, "host1", &uuid).expect("libvirt's swtpm keeps its state");
+    let (ok, rec) = lab.ferry_json(&["migrate", "tr", "--to", "host2", "--host", "host1"]);
+    assert!(ok, "migration failed: {rec}");
+    assert_eq!(permanent_state(&lab, "host2", &uuid).as_ref(), Some(&before));
+    assert_vtpm_kept(&log);
+    let left = swtpm_dir(&lab, "host1", &uuid);
+    assert!(!left.exists(), "host1 kept vTPM state: {:?}", files_under(&left));
+}
