@@ -44,6 +44,9 @@ pub const ALLOWED: &[(u32, i32, &str, &str)] = &[
     (KEEPALIVE_PROGRAM, 2, "PONG", "libvirt's keepalive answer"),
 ];
 
+/// libvirt's `VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS`: QEMU's multifd
+/// channels.
+const PARALLEL_CONNECTIONS: &str = "parallel.connections";
 const PREPARE: i32 = 303;
 const FINISH: i32 = 306;
 const CONNECT_OPEN: i32 = 1;
@@ -179,6 +182,7 @@ impl ControlFilter {
         self.check_flags(flags)?;
         let mut xml = None;
         let mut uri = None;
+        let mut parallel = None;
         for Param { field, value } in &params {
             match (field.as_str(), value) {
                 ("destination_xml", ParamValue::String(s)) => xml = Some(s.clone()),
@@ -186,18 +190,19 @@ impl ControlFilter {
                 ("migrate_uri", ParamValue::String(s)) => uri = Some(s.clone()),
                 ("destination_name", ParamValue::String(s)) => self.check_name(s)?,
                 ("bandwidth", ParamValue::ULLong(_)) => {}
-                ("parallel_connections", ParamValue::Int(n)) => {
-                    if self.expected.parallel_connections != u32::try_from(*n).ok() {
-                        return Err(Check::Why(format!(
-                            "{n} parallel connections; the Offer says {:?}",
-                            self.expected.parallel_connections
-                        )));
-                    }
-                }
+                (PARALLEL_CONNECTIONS, ParamValue::Int(n)) => parallel = Some(*n),
                 (field, _) => {
                     return Err(Check::Why(format!("parameter {field:?} is not allowed")));
                 }
             }
+        }
+        // SECURITY: QEMU opens exactly the channels the Offer announced, so
+        // each one the source carries is one the destination expects.
+        if parallel.map(|n| u32::try_from(n).ok()) != self.expected.parallel_connections.map(Some) {
+            return Err(Check::Why(format!(
+                "{parallel:?} parallel connections; the Offer says {:?}",
+                self.expected.parallel_connections
+            )));
         }
         if uri.as_deref() != Some(self.expected.migrate_uri.as_str()) {
             return Err(Check::Why(format!(
@@ -222,7 +227,7 @@ impl ControlFilter {
                     self.check_xml(s)?
                 }
                 ("migrate_uri", ParamValue::String(s)) if *s == self.expected.migrate_uri => {}
-                ("bandwidth", ParamValue::ULLong(_)) | ("parallel_connections", _) => {}
+                ("bandwidth", ParamValue::ULLong(_)) | (PARALLEL_CONNECTIONS, _) => {}
                 (field, _) => {
                     return Err(Check::Why(format!("parameter {field:?} is not allowed")));
                 }

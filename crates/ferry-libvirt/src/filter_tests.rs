@@ -148,18 +148,20 @@ fn prepare_once_and_finish_once_after_it() {
 fn parallel_connections_must_match_the_offer() {
     let mut exp = expected();
     exp.parallel_connections = Some(2);
-    let with = |n: i32| {
-        prepare(
-            &[
-                string("destination_xml", XML),
-                string("migrate_uri", URI),
-                Param { field: "parallel_connections".into(), value: ParamValue::Int(n) },
-            ],
-            LIVE | PEER2PEER | PARALLEL,
-        )
+    let with = |n: Option<i32>| {
+        let mut params = vec![string("destination_xml", XML), string("migrate_uri", URI)];
+        if let Some(n) = n {
+            // libvirt's name for it, as a real Prepare carries it.
+            params.push(Param { field: "parallel.connections".into(), value: ParamValue::Int(n) });
+        }
+        prepare(&params, LIVE | PEER2PEER | PARALLEL)
     };
-    assert!(ControlFilter::new(exp.clone()).judge(&with(2)).is_ok());
-    assert!(ControlFilter::new(exp).judge(&with(5)).is_err());
+    assert!(ControlFilter::new(exp.clone()).judge(&with(Some(2))).is_ok());
+    for other in [Some(5), Some(-1), None] {
+        assert!(ControlFilter::new(exp.clone()).judge(&with(other)).is_err(), "{other:?}");
+    }
+    // Without multifd in the Offer no parallel connections are taken.
+    assert!(ControlFilter::new(expected()).judge(&with(Some(2))).is_err());
 }
 
 #[test]

@@ -190,7 +190,7 @@ mod tests {
                 value: ParamValue::String("<domain/>".into()),
             },
             Param { field: "bandwidth".into(), value: ParamValue::ULLong(7) },
-            Param { field: "parallel_connections".into(), value: ParamValue::Int(2) },
+            Param { field: "parallel.connections".into(), value: ParamValue::Int(2) },
         ];
         let mut e = Encoder::default();
         e.params(&params).opaque(b"cookie").u32(3);

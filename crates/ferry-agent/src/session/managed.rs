@@ -12,8 +12,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::inbound::Inbound;
+use super::peer_watch::AbortOnDrop;
 use super::postcopy_destination::return_path;
-use super::streams::inline_control;
+use super::streams::{self, inline_control};
 use super::word::{read_commit, send_receipt};
 use crate::audit::Audit;
 use crate::backend::ChannelKind;
@@ -27,6 +28,7 @@ pub async fn receive(
     inbound: &mut Inbound,
     reader: &mut Reader,
     writer: &mut Writer,
+    joins: Option<mpsc::Receiver<(u8, Reader)>>,
 ) -> Result<(), Error> {
     let agent = inbound.agent().clone();
     let vm = inbound.offer.vm.clone();
@@ -34,6 +36,15 @@ pub async fn receive(
     let id = inbound.offer.migration_id;
     let io_timeout = agent.cfg.migration.io_timeout();
     let main = agent.backend.connect_incoming(&vm, ChannelKind::Main).await?;
+    // QEMU 7.2 takes the first connection as the main channel: the
+    // multifd channels connect only now.
+    let n = inbound.plan.streams().get();
+    let joined = joins.map(|rx| {
+        let (agent, vm, source) = (agent.clone(), vm.clone(), source.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            streams::receive_joined(&agent, &vm, &source, n, rx).await
+        }))
+    });
     let (from_qemu, mut to_qemu) = main.into_split();
     let (_back, mut back_rx) = return_path(from_qemu);
     let link = |source| Error::Link { host: inbound.offer.source.clone(), source };
@@ -66,11 +77,19 @@ pub async fn receive(
             }
         }
     };
-    let (received, said): (StreamSum, bool) = tokio::try_join!(pump, talk)?;
+    let (main_sum, said): (StreamSum, bool) = tokio::try_join!(pump, talk)?;
     let _ = to_qemu.shutdown().await;
     if !said {
         return Err(Error::NotLoaded("the source ended the stream before QEMU loaded it".into()));
     }
+    // The source ends its multifd streams with the main one.
+    let joined = match joined {
+        Some(mut task) => {
+            (&mut task.0).await.map_err(|e| Error::Mismatch(format!("stream task: {e}")))??
+        }
+        None => Vec::new(),
+    };
+    let received = streams::combine(&streams::in_order(n, main_sum, joined)?);
     let rec = inbound.session.record_mut();
     rec.bytes = received.bytes;
     rec.digest = Some(received.digest);

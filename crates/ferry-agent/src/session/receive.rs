@@ -50,7 +50,7 @@ async fn receive(
     joins: Option<mpsc::Receiver<(u8, Reader)>>,
 ) -> Result<(), Error> {
     if inbound.agent().backend.managed() {
-        return super::managed::receive(inbound, reader, writer).await;
+        return super::managed::receive(inbound, reader, writer, joins).await;
     }
     let received = if inbound.plan.postcopy() {
         match postcopy_destination::relay(inbound, reader, writer).await? {

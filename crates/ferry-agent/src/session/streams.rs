@@ -10,7 +10,7 @@ use ferry_channel::{ReceivePump, Received, SendPump, StreamSum};
 use ferry_types::{Digest32, HostName, MigrationId, VmName};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::link;
 use crate::agent::Agent;
@@ -37,13 +37,17 @@ pub fn combine(streams: &[StreamSum]) -> StreamSum {
     StreamSum { bytes, digest: Digest32(*h.finalize().as_bytes()) }
 }
 
-/// Source side: carry one QEMU multifd channel over its own connection.
+/// Source side: carry one QEMU multifd channel over its own connection,
+/// until QEMU closes it or `stop` (libvirt's migration: its channels stay
+/// open until after the gate, so the stream ends once the destination
+/// loaded everything; nothing more is sent on them before it opens).
 pub async fn send_joined(
     agent: &Agent,
     to: &HostName,
     id: MigrationId,
     index: u8,
     qemu: UnixStream,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<StreamSum, Error> {
     let mut link = link::open(agent, to).await?;
     let join = PeerMessage::StreamJoin { migration_id: id, index };
@@ -51,8 +55,38 @@ pub async fn send_joined(
         .write_control(&join)
         .await
         .map_err(|source| Error::Link { host: to.clone(), source })?;
-    let pump = SendPump::new(qemu, agent.cfg.migration.io_timeout());
-    pump.run(&mut link.writer).await.map_err(|e| Error::relay(e, to))
+    let mut pump = SendPump::new(qemu, agent.cfg.migration.io_timeout());
+    loop {
+        tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break,
+            n = pump.read() => {
+                let n = n.map_err(|e| Error::relay(e, to))?;
+                if n == 0 {
+                    break;
+                }
+                pump.forward(n, &mut link.writer).await.map_err(|e| Error::relay(e, to))?;
+            }
+        }
+    }
+    link.writer
+        .write_data_end()
+        .await
+        .map_err(|source| Error::Link { host: to.clone(), source })?;
+    Ok(pump.sum())
+}
+
+/// Once `stop` says so; never if its sender goes away (the transfer then
+/// ends and aborts the stream's task anyway).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Destination side: one stream's data frames into QEMU, hashed, until the

@@ -74,18 +74,21 @@ pub async fn run(out: &mut Outbound) -> Result<(), Error> {
         }))
     });
     let (joined_tx, mut joined_rx) = mpsc::channel(crate::plan::MAX_STREAMS as usize);
+    let (stop_joined, stop_rx) = tokio::sync::watch::channel(false);
     let _joined = AbortOnDrop(tokio::spawn({
         let (agent, to, id) = (agent.clone(), out.to.clone(), out.id());
         async move {
             let mut senders = Vec::new();
             while let Some(channel) = channels.next().await {
                 let (agent, to, tx) = (agent.clone(), to.clone(), joined_tx.clone());
+                let stop = stop_rx.clone();
                 let sent = async move {
                     let c = channel?;
                     let ChannelKind::Multifd(index) = c.kind else {
                         return Err(Error::Mismatch(format!("QEMU opened a second {:?}", c.kind)));
                     };
-                    streams::send_joined(&agent, &to, id, index, c.stream).await.map(|s| (index, s))
+                    let sent = streams::send_joined(&agent, &to, id, index, c.stream, stop).await;
+                    sent.map(|s| (index, s))
                 };
                 senders.push(AbortOnDrop(tokio::spawn(async move {
                     let _ = tx.send(sent.await).await;
@@ -157,7 +160,9 @@ pub async fn run(out: &mut Outbound) -> Result<(), Error> {
         }
     }
     if loaded {
-        return finish_managed(out, writer, peer_rx, binding, pump.sum()).await;
+        stop_joined.send_replace(true);
+        let main = pump.sum();
+        return finish_managed(out, writer, peer_rx, binding, main, joined, &mut joined_rx).await;
     }
     // QEMU closed its stream: it must also say the migration completed,
     // otherwise the stream is incomplete and the destination must not run it.
@@ -189,17 +194,21 @@ pub async fn run(out: &mut Outbound) -> Result<(), Error> {
 
 /// libvirt's migration: the destination loaded everything it was sent.
 /// What this host forwarded is all there is (the source QEMU waits for
-/// its return path's SHUT and sends nothing more): sign for it.
+/// its return path's SHUT and sends nothing more, on any stream): sign
+/// for every stream.
 async fn finish_managed(
     out: &mut Outbound,
     mut writer: Writer,
     peer_rx: mpsc::Receiver<PeerWord>,
     binding: Digest32,
     main: StreamSum,
+    joined: Vec<(u8, StreamSum)>,
+    joined_rx: &mut mpsc::Receiver<Result<(u8, StreamSum), Error>>,
 ) -> Result<(), Error> {
     let host = out.to.clone();
     writer.write_data_end().await.map_err(|source| Error::Link { host, source })?;
-    commit(out, writer, peer_rx, binding, main).await
+    let sums = collect_joined(out, &mut writer, &binding, main, joined, joined_rx).await?;
+    commit(out, writer, peer_rx, binding, streams::combine(&sums)).await
 }
 
 /// The multifd channels end with the main one; collect what is left.

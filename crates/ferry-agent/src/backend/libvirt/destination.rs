@@ -93,7 +93,7 @@ impl LibvirtBackend {
         arriving.expected = Some(Expected {
             spec: offer.spec.clone(),
             migrate_uri: source::stream_uri(&dir),
-            parallel_connections: None,
+            parallel_connections: source::multifd_channels(admitted.plan().streams().get()),
         });
         Ok(())
     }
@@ -171,10 +171,20 @@ impl LibvirtBackend {
                 let qemu = connect_retry(&self.migration_dir(id).join("mig.sock")).await?;
                 tokio::spawn(hold_return_path(ours, qemu, load, gate))
             }
+            (ChannelKind::Multifd(_), _, _) => {
+                // The session connects these only after the main channel,
+                // which QEMU 7.2 must see first; QEMU tells them apart by
+                // the channel number in their own first packet.
+                let mut qemu = connect_retry(&self.migration_dir(id).join("mig.sock")).await?;
+                let mut ours = ours;
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut ours, &mut qemu).await;
+                })
+            }
             _ => {
                 return Err(BackendError::Unsupported {
                     backend: super::NAME,
-                    what: "carry more than one stream yet",
+                    what: "take a second main stream for one migration",
                 })
             }
         };

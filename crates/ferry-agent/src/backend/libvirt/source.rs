@@ -59,12 +59,13 @@ impl LibvirtBackend {
         vm: &VmName,
         plan: TransferPlan,
     ) -> Result<Outgoing, BackendError> {
-        if plan.streams().get() > 1 || plan.postcopy() {
+        if plan.postcopy() {
             return Err(BackendError::Unsupported {
                 backend: NAME,
-                what: "carry more than one stream or post-copy yet (use --streams 1)",
+                what: "carry a post-copy migration yet (leave out --postcopy)",
             });
         }
+        let streams = plan.streams().get();
         let id = self.held_by(vm).ok_or_else(|| BackendError::NoSuchVm(vm.clone()))?;
         let dir = self.migration_dir(id);
         let _ = std::fs::remove_dir_all(&dir);
@@ -90,7 +91,7 @@ impl LibvirtBackend {
         let request = MigrateRequest {
             dconnuri: control_uri(&dir),
             migrate_uri: stream_uri(&dir),
-            parallel_connections: None,
+            parallel_connections: multifd_channels(streams),
             persistent,
         };
         let (done_tx, done) = watch::channel::<Outcome>(None);
@@ -101,7 +102,8 @@ impl LibvirtBackend {
         });
         let (tx, rx) = mpsc::channel(2);
         let pid_file = self.pid_file(vm);
-        let acceptor = tokio::spawn(accept_all(control, stream, pid_file, done.clone(), tx));
+        let acceptor =
+            tokio::spawn(accept_all(control, stream, streams, pid_file, done.clone(), tx));
         self.outgoing.lock().await.insert(vm.clone(), Migrating { id, done, acceptor, leftover });
         Ok(Outgoing::new(rx))
     }
@@ -237,16 +239,28 @@ async fn erase_leftover(vm: &VmName, leftover: Leftover) -> Result<Option<Erased
         })
 }
 
-/// Accept libvirt's control connection, then the stream; refuse anyone
-/// else (logged) and keep waiting for the real ones.
+/// libvirt's `parallel.connections` (QEMU's multifd channels) for a
+/// migration of `streams` streams: the main channel is one of them.
+pub fn multifd_channels(streams: u8) -> Option<u32> {
+    (streams > 1).then(|| u32::from(streams) - 1)
+}
+
+/// Accept libvirt's control connection, then the stream, then (multifd)
+/// the rest of the `streams` the domain's QEMU opens on the same socket,
+/// main first (QEMU 7.2 connects its multifd channels only once the main
+/// one is up; the destination QEMU takes them in that order too). Anyone
+/// else is refused (logged) and the real ones are still awaited.
 async fn accept_all(
     control: UnixListener,
     stream: UnixListener,
+    streams: u8,
     pid_file: std::path::PathBuf,
     mut done: watch::Receiver<Outcome>,
     tx: mpsc::Sender<Result<Channel, BackendError>>,
 ) {
-    for (listener, kind) in [(&control, ChannelKind::Control), (&stream, ChannelKind::Main)] {
+    let multifd = (1..streams).map(|i| (&stream, ChannelKind::Multifd(i)));
+    let all = [(&control, ChannelKind::Control), (&stream, ChannelKind::Main)];
+    for (listener, kind) in all.into_iter().chain(multifd) {
         let accepted = tokio::select! {
             a = accept_admitted(listener, &pid_file, kind) => a,
             _ = tokio::time::sleep(CONNECT_WAIT) => Err(BackendError::NoConnection {

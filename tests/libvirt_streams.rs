@@ -1,0 +1,52 @@
+//! A libvirt domain migrated with multifd (`--streams 3`), for real: libvirt
+//! asks QEMU for two parallel channels besides the main one; each channel
+//! QEMU opens on the migration's socket becomes its own mTLS connection to
+//! the destination, joined to the migration by id, and the signed Commit
+//! and the gate cover all three streams.
+
+mod common;
+
+use common::*;
+use ferry_cli::console;
+
+#[test]
+fn a_libvirt_domain_moves_on_three_streams_and_back() {
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let log = start_domain(&lab, "host1", "lvm", "fill_mib=48 dirty=16 hb_ms=20 tlbflush=1");
+    let before = console::read_console(&log).expect("console");
+
+    let args = ["migrate", "lvm", "--to", "host2", "--host", "host1", "--streams", "3"];
+    let (ok, rec) = lab.ferry_json(&args);
+    if !ok {
+        for h in ["host1", "host2"] {
+            let l = std::fs::read_to_string(&lab.host(h).log).unwrap_or_default();
+            eprintln!("==== {h} agent\n{}", &l[l.len().saturating_sub(6000)..]);
+            let q = libvirt(&lab, h).dir.join("log/qemu/lvm.log");
+            eprintln!("==== {h} qemu\n{}", std::fs::read_to_string(q).unwrap_or_default());
+        }
+    }
+    assert!(ok, "migration failed: {rec}");
+    assert_eq!(rec["state"], "completed", "{rec}");
+    assert_eq!(rec["streams"], 3, "the record says how many streams: {rec}");
+    assert!(rec["bytes"].as_u64().unwrap_or(0) > 48 << 20, "less than the guest's memory: {rec}");
+    let id = rec["id"].as_str().expect("id").to_owned();
+    assert_eq!(domstate(&lab, "host2", "lvm").as_deref(), Some("running"));
+    assert_eq!(domstate(&lab, "host1", "lvm"), None, "host1 still has the domain");
+
+    // Both agents signed for the same three streams.
+    let (ok, dst) = lab.ferry_json(&["migrations", "show", &id, "--host", "host2"]);
+    assert!(ok, "{dst}");
+    assert_eq!(dst["state"], "completed", "{dst}");
+    assert_eq!((&dst["digest"], &dst["bytes"]), (&rec["digest"], &rec["bytes"]));
+
+    let after = sweeps_after(&log, before.len(), 2);
+    let c = console::analyze(&before, &after[before.len()..]);
+    assert!(c.heartbeat_continued, "heartbeat did not continue: {c:?}");
+    assert!(c.memory_consistent(), "guest memory check failed: {c:?}");
+
+    let args = ["migrate", "lvm", "--to", "host1", "--host", "host2", "--streams", "3"];
+    let (ok, back) = lab.ferry_json(&args);
+    assert!(ok, "migration back failed: {back}");
+    assert_eq!(domstate(&lab, "host1", "lvm").as_deref(), Some("running"));
+    assert_eq!(domstate(&lab, "host2", "lvm"), None);
+}
