@@ -9,6 +9,16 @@ mod common;
 use common::*;
 use ferry_cli::console;
 
+/// On failure: the end of each agent's log and each host's QEMU log.
+fn dump_logs(lab: &TestLab, vm: &str) {
+    for h in ["host1", "host2"] {
+        let l = std::fs::read_to_string(&lab.host(h).log).unwrap_or_default();
+        eprintln!("==== {h} agent\n{}", &l[l.len().saturating_sub(6000)..]);
+        let q = libvirt(lab, h).dir.join(format!("log/qemu/{vm}.log"));
+        eprintln!("==== {h} qemu\n{}", std::fs::read_to_string(q).unwrap_or_default());
+    }
+}
+
 #[test]
 fn a_libvirt_domain_moves_on_three_streams_and_back() {
     let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
@@ -18,12 +28,7 @@ fn a_libvirt_domain_moves_on_three_streams_and_back() {
     let args = ["migrate", "lvm", "--to", "host2", "--host", "host1", "--streams", "3"];
     let (ok, rec) = lab.ferry_json(&args);
     if !ok {
-        for h in ["host1", "host2"] {
-            let l = std::fs::read_to_string(&lab.host(h).log).unwrap_or_default();
-            eprintln!("==== {h} agent\n{}", &l[l.len().saturating_sub(6000)..]);
-            let q = libvirt(&lab, h).dir.join("log/qemu/lvm.log");
-            eprintln!("==== {h} qemu\n{}", std::fs::read_to_string(q).unwrap_or_default());
-        }
+        dump_logs(&lab, "lvm");
     }
     assert!(ok, "migration failed: {rec}");
     assert_eq!(rec["state"], "completed", "{rec}");

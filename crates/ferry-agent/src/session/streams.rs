@@ -142,7 +142,11 @@ pub async fn receive_joined(
         let qemu = agent.backend.connect_incoming(vm, ChannelKind::Multifd(index)).await?;
         let source = source.clone();
         pumps.spawn(async move {
-            pump_into(&mut reader, qemu, io_timeout, &source).await.map(|s| (index, s))
+            let pumped = pump_into(&mut reader, qemu, io_timeout, &source).await;
+            if let Err(e) = &pumped {
+                tracing::warn!(index, error = %crate::report::report(e), "a joined stream failed");
+            }
+            pumped.map(|s| (index, s))
         });
     }
     let mut sums = Vec::new();
