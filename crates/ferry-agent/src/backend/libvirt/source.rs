@@ -301,3 +301,22 @@ async fn accept_admitted(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn n_streams_are_the_main_channel_and_n_minus_one_parallel_connections() {
+        assert_eq!(multifd_channels(1), None, "one stream: no VIR_MIGRATE_PARALLEL");
+        assert_eq!(multifd_channels(3), Some(2));
+        assert_eq!(multifd_channels(u8::MAX), Some(254));
+    }
+
+    #[test]
+    fn each_migration_has_its_own_socket_uris() {
+        let dir = Path::new("/run/ferry/01a22e0d");
+        assert_eq!(stream_uri(dir), "unix:///run/ferry/01a22e0d/mig.sock");
+        assert_eq!(control_uri(dir), "qemu+unix:///system?socket=/run/ferry/01a22e0d/ctl.sock");
+    }
+}
