@@ -153,3 +153,50 @@ fn a_transient_domains_vtpm_state_is_gone_from_the_source() {
     let left = swtpm_dir(&lab, "host1", &uuid);
     assert!(!left.exists(), "host1 kept vTPM state: {:?}", files_under(&left));
 }
+
+/// A vTPM whose swtpm the operator runs outside libvirt (`backend
+/// type='external'`): its state never travels in the stream, so the move is
+/// refused before any Offer, with the reason, and the domain runs on.
+#[test]
+fn an_external_vtpm_is_refused_up_front_with_the_reason() {
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let state = lab.dir.path().join("external-tpm");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    let ctrl = state.join("ctrl.sock");
+    let mut swtpm = std::process::Command::new("swtpm")
+        .arg("socket")
+        .arg("--tpm2")
+        .arg("--tpmstate")
+        .arg(format!("dir={}", state.display()))
+        .arg("--ctrl")
+        .arg(format!("type=unixio,path={}", ctrl.display()))
+        .spawn()
+        .expect("start swtpm");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ctrl.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let external = format!(
+        "<tpm model='tpm-crb'><backend type='external'>\
+         <source type='unix' mode='connect' path='{}'/></backend></tpm>",
+        ctrl.display()
+    );
+    // The guest leaves the TPM alone; only the definition matters here.
+    let console = lab.dir.path().join("ext.console");
+    let kernel = lab.lab.images_dir.join(&lab.lab.guest_image);
+    let xml = lab_libvirt::domain_xml("ext", &kernel, &console, 128, "fill_mib=8 hb_ms=20")
+        .replace("</devices>", &format!("  {external}\n  </devices>"));
+    let path = lab.dir.path().join("ext.xml");
+    std::fs::write(&path, xml).expect("write domain xml");
+    virsh(&lab, "host1", &["create", path.to_str().expect("utf8")]);
+    wait_console(&console, Duration::from_secs(120), "READY", console::is_ready);
+
+    let (ok, rec) = lab.ferry_json(&["migrate", "ext", "--to", "host2", "--host", "host1"]);
+    let _ = swtpm.kill();
+    let _ = swtpm.wait();
+    assert!(!ok, "an external vTPM moved: {rec}");
+    let why = rec.to_string();
+    assert!(why.contains("external") && why.contains("emulator"), "no clear reason: {rec}");
+    assert_eq!(domstate(&lab, "host1", "ext").as_deref(), Some("running"));
+    assert_eq!(domstate(&lab, "host2", "ext"), None);
+}
