@@ -259,7 +259,8 @@ def main():
         # The lab also provides the guest image, so it is brought up even without ferry.
         log("lab up in %s" % labdir)
         lab_up = True
-        r = subprocess.run([args.ferry, "lab", "up", "--dir", labdir, "--hosts", "2", "--json"],
+        r = subprocess.run([args.ferry, "lab", "up", "--dir", labdir, "--hosts", "2", "--json",
+                            "--no-netns"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
         if r.returncode != 0:
             raise RuntimeError("lab up failed: %s" % r.stderr.decode())

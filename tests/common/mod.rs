@@ -46,6 +46,8 @@ impl TestLab {
     }
 
     /// A lab with extra `ferry lab up` arguments (e.g. `--backend libvirt`).
+    /// Hosts share loopback (these tests reach agents, metrics and proxies
+    /// at 127.0.0.1) unless `extra` asks for `--netns`.
     pub fn up_with(hosts: u32, bandwidth_mib_s: u64, extra: &[&str]) -> TestLab {
         let dir =
             tempfile::Builder::new().prefix("ferry-e2e-").tempdir_in("/tmp").expect("tempdir");
@@ -54,6 +56,9 @@ impl TestLab {
         args.extend(["--max-bandwidth-mib-s", &bandwidth]);
         args.extend(["--dir", dir.path().to_str().expect("utf8")]);
         args.extend(extra);
+        if !extra.contains(&"--netns") {
+            args.push("--no-netns");
+        }
         let o = run(&args, None);
         assert!(o.status.success(), "lab up failed: {}", text(&o));
         let lab: Lab = serde_json::from_slice(&o.stdout).expect("lab json");
@@ -405,6 +410,7 @@ mod attack;
 mod evidence;
 mod libvirt;
 mod mitm;
+mod netns;
 mod qemu;
 mod rogue;
 mod vtpm;
@@ -416,6 +422,8 @@ pub use evidence::*;
 pub use libvirt::*;
 #[allow(unused_imports)]
 pub use mitm::*;
+#[allow(unused_imports)]
+pub use netns::*;
 #[allow(unused_imports)]
 pub use qemu::*;
 #[allow(unused_imports)]

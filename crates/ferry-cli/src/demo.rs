@@ -109,6 +109,8 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
         tpm: true,
         two_planes: false,
         libvirt: false,
+        // Loopback, so the demo runs without root too.
+        netns: false,
     };
     let lab = lab::up(&dir, opts).await?;
     let result = demo(&lab, &args, json).await;

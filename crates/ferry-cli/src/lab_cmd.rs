@@ -31,8 +31,17 @@ pub enum LabCommand {
         /// migration listener of its own on 127.0.1.N (loopback).
         #[arg(long)]
         two_planes: bool,
+        /// Each host in a network namespace of its own, with a management
+        /// and a migration interface on two lab-owned bridges (the default
+        /// when running as root, except with --backend libvirt).
+        #[arg(long)]
+        netns: bool,
+        /// All hosts on loopback, even when running as root.
+        #[arg(long)]
+        no_netns: bool,
     },
-    /// Stop the lab's agents and every VM they run.
+    /// Stop the lab's agents and every VM they run, and delete its
+    /// network namespaces.
     Down {
         #[arg(long)]
         dir: PathBuf,
@@ -59,13 +68,22 @@ pub async fn run(cmd: LabCommand, json: bool) -> Result<ExitCode> {
             insecure_no_tpm,
             two_planes,
             backend,
+            netns,
+            no_netns,
         } => {
+            let libvirt = backend == "libvirt";
+            let is_root = crate::lab_netns::is_root();
+            let (netns, warning) = crate::lab_netns::choose(netns, no_netns, is_root, libvirt)?;
+            if let Some(w) = warning {
+                eprintln!("{w}");
+            }
             let opts = LabOptions {
                 hosts,
                 bandwidth_mib_s: max_bandwidth_mib_s,
                 tpm: !insecure_no_tpm,
-                libvirt: backend == "libvirt",
+                libvirt,
                 two_planes,
+                netns,
             };
             let lab = up(&dir, opts).await?;
             if json {
@@ -75,6 +93,14 @@ pub async fn run(cmd: LabCommand, json: bool) -> Result<ExitCode> {
                 outln!("  CA            {}", lab.ca.display());
                 outln!("  operator      {} (role admin)", lab.operator_cert.display());
                 outln!("  client config {}", lab.client_config.display());
+                if let Some(net) = &lab.net {
+                    outln!(
+                        "  networks      management {}, migration {} (namespaces {}-*)",
+                        net.mgmt_subnet,
+                        net.migration_subnet,
+                        net.prefix
+                    );
+                }
                 for h in &lab.hosts {
                     let migration = h.migration.map(|m| format!("  migration {m}"));
                     outln!(
