@@ -8,6 +8,7 @@ use clap::Subcommand;
 use ferry_types::HostName;
 
 use crate::lab::{down, start_agent, up, Lab, LabOptions};
+use crate::lab_link::{self, LinkChange};
 
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
@@ -52,6 +53,32 @@ pub enum LabCommand {
         dir: PathBuf,
         #[arg(long)]
         host: HostName,
+    },
+    /// Shape or break a host's migration link (a lab made with --netns):
+    /// exactly one of the options; each prints what it set.
+    #[command(group(clap::ArgGroup::new("change").required(true)))]
+    Link {
+        #[arg(long)]
+        dir: PathBuf,
+        host: HostName,
+        /// Both directions at this rate (tbf), e.g. 1gbit, 200mbit.
+        #[arg(long, group = "change")]
+        rate: Option<String>,
+        /// Drop this share of packets in and out at random, e.g. 2%.
+        #[arg(long, group = "change")]
+        loss: Option<String>,
+        /// Take the link down.
+        #[arg(long, group = "change")]
+        down: bool,
+        /// Bring the link back up.
+        #[arg(long, group = "change")]
+        up: bool,
+        /// Drop everything to and from this host's migration address.
+        #[arg(long, group = "change", value_name = "HOST2")]
+        partition: Option<HostName>,
+        /// Undo every shaping, drop and partition, and bring the link up.
+        #[arg(long, group = "change")]
+        clear: bool,
     },
     /// Measure this machine's ceilings for the data path: AES-GCM and
     /// ChaCha20-Poly1305 (aws-lc-rs), BLAKE3 and memcpy per core, loopback
@@ -133,6 +160,37 @@ pub async fn run(cmd: LabCommand, json: bool) -> Result<ExitCode> {
                 outln!("{}", serde_json::json!({"host": host, "pid": pid}));
             } else {
                 outln!("agent {host} started (pid {pid})");
+            }
+        }
+        LabCommand::Link { dir, host, rate, loss, down, up, partition, clear } => {
+            let lab = Lab::load(&dir)?;
+            let Some(net) = &lab.net else {
+                anyhow::bail!(
+                    "the lab in {} is on loopback: `lab link` needs --netns",
+                    dir.display()
+                );
+            };
+            let change = match (rate, loss, partition) {
+                (Some(r), _, _) => LinkChange::Rate(lab_link::parse_rate(&r)?),
+                (_, Some(l), _) => LinkChange::Loss(lab_link::parse_loss(&l)?),
+                (_, _, Some(peer)) if peer == host => {
+                    anyhow::bail!("{host} cannot be partitioned from itself")
+                }
+                (_, _, Some(peer)) => {
+                    LinkChange::Partition { addr: net.host(&peer)?.migration, peer }
+                }
+                _ if down => LinkChange::Down,
+                _ if up => LinkChange::Up,
+                _ => {
+                    debug_assert!(clear, "clap requires one change");
+                    LinkChange::Clear
+                }
+            };
+            let said = lab_link::apply(net, &host, &change)?;
+            if json {
+                outln!("{}", serde_json::json!({"host": host, "set": said}));
+            } else {
+                outln!("{said}");
             }
         }
         LabCommand::Ceilings => {
