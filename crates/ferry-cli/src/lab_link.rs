@@ -5,7 +5,9 @@
 //!   host's `mig`, and its port on the switch), so both directions run at
 //!   the rate, as on a real link. (This kernel has tbf and htb, no netem.)
 //! - `--loss`: iptables `statistic --mode random` DROP of packets in and
-//!   out of `mig`, inside the host's namespace.
+//!   out of `mig`, inside the host's namespace. Both ends of the veth first
+//!   stop passing 64 KiB GSO packets (`gso_max_segs 1`), so that what is
+//!   dropped is one frame of the MTU, as on a wire, not 45 at once.
 //! - `--partition HOST2`: DROP of everything to and from HOST2's migration
 //!   address, inside the host's namespace.
 //! - `--down` / `--up`: the host's `mig` interface.
@@ -143,10 +145,10 @@ pub fn steps(net: &LabNet, host: &HostName, change: &LinkChange) -> Result<Vec<S
         LinkChange::Loss(p) => {
             let p = format!("{p:.6}");
             let random = ["-m", "statistic", "--mode", "random", "--probability", &p];
-            vec![
-                drop_rule("INPUT", &[&["-i", MIGRATION_IF][..], &random].concat()),
-                drop_rule("OUTPUT", &[&["-o", MIGRATION_IF][..], &random].concat()),
-            ]
+            let mut all = gso_max_segs(&ends, "1");
+            all.push(drop_rule("INPUT", &[&["-i", MIGRATION_IF][..], &random].concat()));
+            all.push(drop_rule("OUTPUT", &[&["-o", MIGRATION_IF][..], &random].concat()));
+            all
         }
         LinkChange::Partition { addr, .. } => {
             let addr = addr.to_string();
@@ -159,10 +161,22 @@ pub fn steps(net: &LabNet, host: &HostName, change: &LinkChange) -> Result<Vec<S
                 .iter()
                 .map(|(ns, dev)| step(ns, &["tc", "qdisc", "del", "dev", dev, "root"], true))
                 .collect();
+            all.extend(gso_max_segs(&ends, GSO_MAX_SEGS_DEFAULT));
             all.push(step(ns, &["ip", "link", "set", MIGRATION_IF, "up"], false));
             all
         }
     })
+}
+
+/// A veth's default: GSO packets of any number of segments.
+const GSO_MAX_SEGS_DEFAULT: &str = "65535";
+
+/// Largest GSO packet (in segments) each end passes; a larger one is cut
+/// into frames of the MTU before it leaves that end.
+fn gso_max_segs(ends: &[(&str, &str)], segs: &str) -> Vec<Step> {
+    ends.iter()
+        .map(|(ns, dev)| step(ns, &["ip", "link", "set", dev, "gso_max_segs", segs], false))
+        .collect()
 }
 
 /// What `change` set, in words.
@@ -173,9 +187,11 @@ pub fn describe(host: &HostName, change: &LinkChange) -> String {
             *bits as f64 / 1e6,
             burst_bytes(*bits)
         ),
-        LinkChange::Loss(p) => {
-            format!("{host}: dropping {}% of packets in and out of its migration link", p * 100.0)
-        }
+        LinkChange::Loss(p) => format!(
+            "{host}: dropping {}% of the frames in and out of its migration link \
+             (no GSO on it, so a frame is one MTU)",
+            p * 100.0
+        ),
         LinkChange::Down => format!("{host}: migration link down"),
         LinkChange::Up => format!("{host}: migration link up"),
         LinkChange::Partition { peer, addr } => {
@@ -289,8 +305,10 @@ mod tests {
         let host: HostName = "host1".parse().unwrap();
         let loss = steps(&net, &host, &LinkChange::Loss(0.02)).unwrap();
         let text: Vec<String> = loss.iter().map(|s| s.argv.join(" ")).collect();
-        assert!(text[0].contains("-A INPUT -i mig") && text[1].contains("-A OUTPUT -o mig"));
-        assert!(text.iter().all(|t| t.contains("--probability 0.020000")));
+        assert_eq!(text[0], "ip link set mig gso_max_segs 1");
+        assert_eq!(text[1], "ip link set host1-mig gso_max_segs 1");
+        assert!(text[2].contains("-A INPUT -i mig") && text[3].contains("-A OUTPUT -o mig"));
+        assert!(text[2..].iter().all(|t| t.contains("--probability 0.020000")));
         let peer = net.hosts[1].clone();
         let change = LinkChange::Partition { peer: peer.name, addr: peer.migration };
         let part: Vec<String> =
