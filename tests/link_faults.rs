@@ -154,3 +154,29 @@ fn rate_limited_link_with_a_dirtying_guest() {
     }
     eprintln!("took {:?}", t0.elapsed());
 }
+
+/// host1 partitioned from host2's migration address: a migration cannot
+/// even connect, is refused naming host2, and the VM keeps running on
+/// host1; after `--clear` it moves.
+#[test]
+fn a_partitioned_peer_cannot_be_reached_until_cleared() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--netns"]);
+    let vm = lab.start_guest("host1", "g", 128, "fill_mib=32 dirty=1 hb_ms=10");
+    let log = PathBuf::from(vm["console_log"].as_str().expect("log"));
+    let said = lab.link("host1", &["--partition", "host2"]);
+    assert!(said.contains("partitioned from host2"), "{said}");
+
+    let o = lab.ferry(&["migrate", "g", "--to", "host2", "--host", "host1", "--json"]);
+    assert!(!o.status.success(), "migration across a partition succeeded: {}", text(&o));
+    assert!(text(&o).contains("host2"), "the error does not name host2: {}", text(&o));
+    assert!(dropped(&lab.netns("host1"), "ferry-partition-host2") > 0, "nothing was dropped");
+    assert_eq!(lab.running_on("g"), ["host1"]);
+    assert_guest_runs(&log);
+
+    lab.link("host1", &["--clear"]);
+    let (ok, rec) = lab.ferry_json(&["migrate", "g", "--to", "host2", "--host", "host1"]);
+    assert!(ok, "migration after --clear failed: {rec}");
+    assert_eq!(lab.running_on("g"), ["host2"]);
+    eprintln!("took {:?}", t0.elapsed());
+}
