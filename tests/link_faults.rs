@@ -180,3 +180,91 @@ fn a_partitioned_peer_cannot_be_reached_until_cleared() {
     assert_eq!(lab.running_on("g"), ["host2"]);
     eprintln!("took {:?}", t0.elapsed());
 }
+
+/// host2's outgoing frames with a payload on its migration link, counted
+/// by a rule tagged `tag` (the bytes it matched).
+fn matched_bytes(ns: &str, tag: &str) -> u64 {
+    let o = Command::new("ip")
+        .args(["netns", "exec", ns, "iptables", "-w", "-L", "OUTPUT", "-v", "-x", "-n"])
+        .output()
+        .expect("iptables");
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.contains(tag))
+        .filter_map(|l| l.split_whitespace().nth(1).and_then(|b| b.parse::<u64>().ok()))
+        .sum()
+}
+
+fn iptables(ns: &str, args: &[&str]) {
+    let o = Command::new("ip")
+        .args(["netns", "exec", ns, "iptables", "-w"])
+        .args(args)
+        .output()
+        .expect("ip");
+    assert!(o.status.success(), "iptables {args:?}: {}", text(&o));
+}
+
+/// The destination's last words do not cross the migration link (a
+/// one-way failure made with iptables in host2's namespace: its frames
+/// with a payload pass until a quota measured on an identical migration,
+/// minus the Receipt's, is used up). host2 gets the Commit and runs the
+/// VM; host1 never hears the Receipt and stays in doubt with its copy
+/// paused. With the link restored, `ferry migrations resolve` settles it:
+/// one copy runs, on host2.
+#[test]
+fn receipt_lost_on_the_link_is_in_doubt_until_resolved() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--netns"]);
+    quick_timeouts(&lab, "commit_timeout_ms = 1000\n");
+    let ns2 = lab.netns("host2");
+    let payload = ["-o", "mig", "-m", "length", "--length", "100:65535", "-m", "comment"];
+    // Two identical quiet guests: the first measures what host2 says in a migration.
+    let cmdline = "fill_mib=48 dirty=0 hb_ms=10";
+    lab.start_guest("host1", "probe", 128, cmdline);
+    iptables(&ns2, &[&["-A", "OUTPUT"][..], &payload, &["--comment", "ferry-test-count"]].concat());
+    let (ok, rec) = lab.ferry_json(&["migrate", "probe", "--to", "host2", "--host", "host1"]);
+    assert!(ok, "{rec}");
+    let said = matched_bytes(&ns2, "ferry-test-count");
+    lab.start_guest("host1", "g", 128, cmdline);
+    lab.link("host2", &["--clear"]);
+    let quota = (said - 150).to_string();
+    let pass = [&["-A", "OUTPUT"][..], &payload, &["--comment", "ferry-test-quota"]].concat();
+    iptables(&ns2, &[&pass[..], &["-m", "quota", "--quota", &quota, "-j", "ACCEPT"]].concat());
+    let mute = [&["-A", "OUTPUT"][..], &payload, &["--comment", "ferry-test-mute"]].concat();
+    iptables(&ns2, &[&mute[..], &["-j", "DROP"]].concat());
+
+    let o = lab.ferry(&["migrate", "g", "--to", "host2", "--host", "host1", "--json"]);
+    eprintln!(
+        "host2 said {said} B in the probe; muted {} B",
+        matched_bytes(&ns2, "ferry-test-mute")
+    );
+    assert_eq!(o.status.code(), Some(4), "expected the in-doubt exit status: {}", text(&o));
+    let (_, list) = lab.ferry_json(&["migrations", "list", "--host", "host1"]);
+    let m = list["migrations"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|m| m["state"] == "in_doubt")
+        .cloned()
+        .unwrap_or_else(|| panic!("no migration in doubt: {list}"));
+    let id = m["id"].as_str().expect("id").to_owned();
+    assert_ne!(lab.vm_state("host1", "g").as_deref(), Some("running"));
+    assert_eq!(lab.running_on("g"), ["host2"]);
+
+    // `--clear` removes every rule tagged ferry-, the test's too.
+    lab.link("host2", &["--clear"]);
+    assert_eq!(matched_bytes(&ns2, "ferry-"), 0, "rules left behind");
+    // The source agent's own retry loop may be asking at the same moment
+    // ("already being worked on") or have settled it first ("completed").
+    wait_until(Duration::from_secs(30), "resolve to settle the migration", || {
+        let (ok, v) = lab.ferry_json(&["migrations", "resolve", &id, "--host", "host1"]);
+        let message = v["message"].as_str().unwrap_or("");
+        assert!(ok || message.contains("being worked on") || message.contains("completed"), "{v}");
+        ok || message.contains("completed")
+    });
+    let (_, m) = lab.ferry_json(&["migrations", "show", &id, "--host", "host1"]);
+    assert_eq!(m["state"], "completed", "{m}");
+    assert!(lab.vm_state("host1", "g").is_none(), "the source copy was not retired");
+    assert_eq!(lab.running_on("g"), ["host2"]);
+    eprintln!("took {:?}", t0.elapsed());
+}
