@@ -177,6 +177,27 @@ impl TestLab {
         std::fs::write(p, s.replace(from, to)).expect("write config");
     }
 
+    /// Make `host` reach `peer` at `via` (a test's proxy) instead of the
+    /// peer's own address; takes effect when the agent restarts.
+    pub fn route_peer(&self, host: &str, peer: &str, via: SocketAddr) {
+        let direct = self.host(peer).addr;
+        self.edit_config(host, &format!("{peer} = \"{direct}\""), &format!("{peer} = \"{via}\""));
+    }
+
+    /// Undo [`TestLab::route_peer`]: the network heals.
+    pub fn unroute_peer(&self, host: &str, peer: &str, via: SocketAddr) {
+        let direct = self.host(peer).addr;
+        self.edit_config(host, &format!("{peer} = \"{via}\""), &format!("{peer} = \"{direct}\""));
+    }
+
+    /// Wait until `host`'s record of migration `id` says completed.
+    pub fn wait_completed(&self, host: &str, id: &str) {
+        wait_until(Duration::from_secs(30), &format!("{host} to settle migration {id}"), || {
+            let (_, m) = self.ferry_json(&["migrations", "show", id, "--host", host]);
+            m["state"] == "completed"
+        });
+    }
+
     pub fn console_lines(&self, vm_info: &Value) -> Vec<ConsoleLine> {
         console::read_console(Path::new(vm_info["console_log"].as_str().expect("console_log")))
             .expect("console")

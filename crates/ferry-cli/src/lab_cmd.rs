@@ -8,6 +8,7 @@ use clap::Subcommand;
 use ferry_types::HostName;
 
 use crate::lab::{down, start_agent, up, Lab, LabOptions};
+use crate::lab_libvirt::{self, DomainSpec};
 use crate::lab_link::{self, LinkChange};
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +80,23 @@ pub enum LabCommand {
         /// Undo every shaping, drop and partition, and bring the link up.
         #[arg(long, group = "change")]
         clear: bool,
+    },
+    /// Define the test guest as a libvirt domain on a lab host run by
+    /// libvirt (`lab up --backend libvirt`) and start it. Prints the
+    /// console file the guest appends to.
+    Domain {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        host: HostName,
+        /// The domain's name.
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u32,
+        /// The test guest's kernel command line, e.g. "fill_mib=64 dirty=16 hb_ms=10".
+        #[arg(long, default_value = "")]
+        cmdline: String,
     },
     /// Measure this machine's ceilings for the data path: AES-GCM and
     /// ChaCha20-Poly1305 (aws-lc-rs), BLAKE3 and memcpy per core, loopback
@@ -191,6 +209,27 @@ pub async fn run(cmd: LabCommand, json: bool) -> Result<ExitCode> {
                 outln!("{}", serde_json::json!({"host": host, "set": said}));
             } else {
                 outln!("{said}");
+            }
+        }
+        LabCommand::Domain { dir, host, name, memory_mib, cmdline } => {
+            let lab = Lab::load(&dir)?;
+            let Some(lv) = &lab.host(&host)?.libvirt else {
+                anyhow::bail!("{host} does not run libvirt (lab up --backend libvirt)");
+            };
+            let console = lab.dir.join(format!("{name}.console"));
+            let kernel = lab.images_dir.join(&lab.guest_image);
+            let spec = DomainSpec {
+                name: &name,
+                kernel: &kernel,
+                console: &console,
+                memory_mib,
+                cmdline: &cmdline,
+            };
+            lab_libvirt::start_domain(lv, &lab.dir, &spec)?;
+            if json {
+                outln!("{}", serde_json::json!({"host": host, "domain": name, "console": console}));
+            } else {
+                outln!("domain {name} started on {host}; console {}", console.display());
             }
         }
         LabCommand::Ceilings => {

@@ -61,6 +61,8 @@ pub fn start(dir: &Path) -> Result<LabLibvirt> {
     let _ = std::fs::remove_dir_all(dir.join("etc/qemu/networks/autostart"));
     std::fs::write(dir.join("etc/libvirtd.conf"), libvirtd_conf())?;
     std::fs::write(dir.join("etc/qemu.conf"), QEMU_CONF)?;
+    // libvirtd refuses to start when qemu.conf names a missing directory.
+    std::fs::create_dir_all(dir.join("etc/migrate-tls"))?;
     let mut script = String::from("set -e\n");
     for (own, seen) in PRIVATE {
         script.push_str(&format!("mount --bind '{}' '{seen}'\n", dir.join(own).display()));
@@ -145,9 +147,47 @@ fn libvirtd_conf() -> String {
 
 /// The lab runs QEMU as root without confinement: this machine has no
 /// SELinux/AppArmor profiles or cgroup delegation for a second libvirtd.
+/// libvirt's own `--tls` migration (which the benchmark compares Ferry
+/// with) reads its certificates from the host's `etc/migrate-tls`, empty
+/// until someone puts them there.
 const QEMU_CONF: &str = "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\n\
 remember_owner = 0\nsecurity_driver = \"none\"\ncgroup_controllers = [ ]\nnamespaces = [ ]\n\
-stdio_handler = \"file\"\nswtpm_user = \"root\"\nswtpm_group = \"root\"\n";
+stdio_handler = \"file\"\nswtpm_user = \"root\"\nswtpm_group = \"root\"\n\
+migrate_tls_x509_cert_dir = \"/etc/libvirt/migrate-tls\"\nmigrate_tls_x509_verify = 1\n";
+
+/// Define the lab's test guest as a persistent domain on a host and start
+/// it; its console appends to `console` (the same path on every host, so
+/// the guest's lines continue in one file after a migration).
+pub fn start_domain(lv: &LabLibvirt, xml_dir: &Path, domain: &DomainSpec<'_>) -> Result<()> {
+    let xml =
+        domain_xml(domain.name, domain.kernel, domain.console, domain.memory_mib, domain.cmdline);
+    let path = xml_dir.join(format!("{}.xml", domain.name));
+    std::fs::write(&path, xml).with_context(|| format!("cannot write {}", path.display()))?;
+    virsh(lv, &["define", &path.display().to_string()])?;
+    virsh(lv, &["start", domain.name])
+}
+
+/// What `ferry lab domain` defines.
+pub struct DomainSpec<'a> {
+    pub name: &'a str,
+    pub kernel: &'a Path,
+    pub console: &'a Path,
+    pub memory_mib: u32,
+    pub cmdline: &'a str,
+}
+
+fn virsh(lv: &LabLibvirt, args: &[&str]) -> Result<()> {
+    let o = std::process::Command::new("virsh")
+        .arg("-c")
+        .arg(lv.uri())
+        .args(args)
+        .output()
+        .context("cannot run virsh (apt-get install libvirt-clients)")?;
+    if !o.status.success() {
+        bail!("virsh {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+    }
+    Ok(())
+}
 
 fn uuid_v4() -> String {
     use std::io::Read;
