@@ -8,7 +8,7 @@ use std::time::Duration;
 use ferry_cli::console;
 use ferry_cli::lab_libvirt::{self, LabLibvirt};
 
-use super::{text, wait_console, TestLab};
+use super::{text, wait_console, wait_until, TestLab};
 
 pub fn libvirt<'a>(lab: &'a TestLab, host: &str) -> &'a LabLibvirt {
     lab.host(host).libvirt.as_ref().expect("the host runs libvirt")
@@ -60,4 +60,24 @@ pub fn sweeps_after(log: &Path, skip: usize, n: usize) -> Vec<console::ConsoleLi
             .count()
             >= n
     })
+}
+
+/// `ferry migrate VM --to TO --host FROM --json`: (success, output).
+pub fn migrate_domain(lab: &TestLab, vm: &str, from: &str, to: &str) -> (bool, String) {
+    let o = lab.ferry(&["migrate", vm, "--to", to, "--host", from, "--json"]);
+    (o.status.success(), text(&o))
+}
+
+/// After a failed migration of `vm` from `from` to `to`: libvirt runs the
+/// domain on `from` again (and the guest with it, memory intact), and `to`
+/// has no domain of that name, running or not.
+pub fn assert_domain_stayed(lab: &TestLab, vm: &str, from: &str, to: &str, log: &Path) {
+    wait_until(Duration::from_secs(30), "the source domain to run again", || {
+        domstate(lab, from, vm).as_deref() == Some("running")
+    });
+    wait_until(Duration::from_secs(30), "no domain left on the destination", || {
+        domstate(lab, to, vm).is_none()
+    });
+    super::assert_guest_runs(log);
+    super::assert_memory_consistent(log);
 }

@@ -1,0 +1,46 @@
+//! libvirt's domains under attack and under faults, for real (each lab host
+//! its own libvirtd, the test guest as a libvirt domain): whatever happens
+//! to the carried migration, libvirt runs exactly one copy of the domain.
+
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+
+/// A bit flipped in the carried stream (the man in the middle of
+/// tests/wire_attacks.rs, between the agents): the destination never opens
+/// the gate, libvirt fails the job, the source domain runs on and the
+/// destination has no domain. The same path without the flip migrates.
+#[test]
+fn a_flipped_bit_in_a_libvirt_stream_keeps_the_domain_on_the_source() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let log = start_domain(&lab, "host1", "lv", "fill_mib=32 dirty=16 hb_ms=20 tlbflush=1");
+    let mitm = Mitm::start(lab.host("host2").addr, Tamper::None, None);
+    route_peer_via(&lab, "host1", "host2", mitm.addr);
+    lab.restart_agent("host1");
+
+    mitm.set_tamper(Tamper::FlipBit { dir: Dir::Up, offset: 8 << 20, mask: 0x10 });
+    let (ok, out) = migrate_domain(&lab, "lv", "host1", "host2");
+    assert!(!ok, "a tampered migration succeeded: {out}");
+    let seen = mitm.log();
+    assert_eq!(seen.flipped.len(), 1, "the bit was not flipped ({seen:?}): {out}");
+    assert_domain_stayed(&lab, "lv", "host1", "host2", &log);
+    let src = records(&lab, "host1");
+    assert_eq!(src.last().map(|r| r.0.as_str()), Some("aborted"), "host1 records: {src:?}");
+    let dst = records(&lab, "host2");
+    assert_eq!(dst.last().map(|r| r.0.as_str()), Some("aborted"), "host2 records: {dst:?}");
+    // The destination never resumed it: no resuming record, no receipt.
+    let audit = std::fs::read_to_string(lab.host("host2").state_dir.join("audit.log"))
+        .expect("host2 audit log");
+    assert!(!audit.contains("\"resuming\""), "host2 opened its gate: {audit}");
+
+    // The tampering, not the proxy, failed it.
+    mitm.set_tamper(Tamper::None);
+    let (ok, out) = migrate_domain(&lab, "lv", "host1", "host2");
+    assert!(ok, "an untampered migration through the proxy failed: {out}");
+    assert_eq!(domstate(&lab, "host2", "lv").as_deref(), Some("running"));
+    assert_eq!(domstate(&lab, "host1", "lv"), None);
+    eprintln!("bit flip under libvirt: whole test {} ms", t0.elapsed().as_millis());
+}
