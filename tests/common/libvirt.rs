@@ -81,3 +81,63 @@ pub fn assert_domain_stayed(lab: &TestLab, vm: &str, from: &str, to: &str, log: 
     super::assert_guest_runs(log);
     super::assert_memory_consistent(log);
 }
+
+/// Where `host`'s agent keeps its per-migration socket directories, as seen
+/// from outside the host's namespace.
+pub fn migration_socket_dir(lab: &TestLab, host: &str) -> PathBuf {
+    libvirt(lab, host).dir.join("ferry-run")
+}
+
+/// `ferry migrate VM --to TO --host FROM --json`, running in the background.
+pub fn spawn_migrate_domain(lab: &TestLab, vm: &str, from: &str, to: &str) -> std::process::Child {
+    Command::new(super::FERRY)
+        .args(["migrate", vm, "--to", to, "--host", from, "--json"])
+        .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn migrate")
+}
+
+/// A local process (python3, so neither libvirtd nor QEMU) that connects to
+/// `sock`, writes a little and stays connected for a while. With `uid`, it
+/// runs as that user, keeping only the right to pass the socket directory's
+/// permissions, so that the agent's own check (not the directory) is tested.
+pub fn local_intruder(sock: &Path, uid: Option<u32>) -> std::process::Child {
+    const CLIENT: &str = "import socket,sys,time\n\
+        s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+        s.sendall(b'not libvirt' * 400); time.sleep(20)\n";
+    let mut c = match uid {
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            c.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
+                .args(["--inh-caps=+dac_override", "--ambient-caps=+dac_override", "python3"]);
+            c
+        }
+        None => Command::new("python3"),
+    };
+    c.args(["-c", CLIENT])
+        .arg(sock)
+        .stdin(std::process::Stdio::null())
+        // Refused, it sees its connection closed: that is the point.
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the local intruder")
+}
+
+/// The first migration directory with a stream socket that appears under
+/// `dir` (polled closely: the test races libvirt for the socket).
+pub fn wait_migration_sockets(dir: &Path) -> PathBuf {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = std::fs::read_dir(dir).into_iter().flatten().flatten().find_map(|e| {
+            let p = e.path();
+            p.join("mig.sock").exists().then_some(p)
+        });
+        if let Some(p) = found {
+            return p;
+        }
+        assert!(std::time::Instant::now() < deadline, "no migration sockets in {}", dir.display());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
