@@ -39,9 +39,27 @@ pub fn domstate(lab: &TestLab, host: &str, vm: &str) -> Option<String> {
 /// Define and start the test guest as a persistent libvirt domain on
 /// `host`; its console appends to a file in the lab directory.
 pub fn start_domain(lab: &TestLab, host: &str, vm: &str, cmdline: &str) -> PathBuf {
+    start_domain_with(lab, host, vm, 128, LAB_LABELS, cmdline)
+}
+
+/// The labels `lab_libvirt::domain_xml` gives a domain.
+pub const LAB_LABELS: &str = "tenant='lab' security-level='1'";
+
+/// [`start_domain`] with its memory and its Ferry labels (the attributes of
+/// `<ferry:labels>`, e.g. `tenant='red' security-level='1'`).
+pub fn start_domain_with(
+    lab: &TestLab,
+    host: &str,
+    vm: &str,
+    memory_mib: u32,
+    labels: &str,
+    cmdline: &str,
+) -> PathBuf {
     let console = lab.dir.path().join(format!("{vm}.console"));
     let kernel = lab.lab.images_dir.join(&lab.lab.guest_image);
-    let xml = lab_libvirt::domain_xml(vm, &kernel, &console, 128, cmdline);
+    let xml = lab_libvirt::domain_xml(vm, &kernel, &console, memory_mib, cmdline);
+    assert!(xml.contains(LAB_LABELS), "the lab's domain XML changed: {xml}");
+    let xml = xml.replace(LAB_LABELS, labels);
     let path = lab.dir.path().join(format!("{vm}.xml"));
     std::fs::write(&path, xml).expect("write domain xml");
     virsh(lab, host, &["define", path.to_str().expect("utf8")]);
