@@ -44,3 +44,62 @@ fn a_flipped_bit_in_a_libvirt_stream_keeps_the_domain_on_the_source() {
     assert_eq!(domstate(&lab, "host1", "lv"), None);
     eprintln!("bit flip under libvirt: whole test {} ms", t0.elapsed().as_millis());
 }
+
+/// A migration of `lv` (64 MiB of dirty memory at 8 MiB/s) from host1 to
+/// host2, running in the background, with the incoming domain created.
+fn migrating(lab: &TestLab) -> (std::path::PathBuf, std::process::Child) {
+    let log = start_domain(lab, "host1", "lv", "fill_mib=64 dirty=16 hb_ms=20 tlbflush=1");
+    slow_migration(lab, "host1", "lv", 8);
+    let child = spawn_migrate_domain(lab, "lv", "host1", "host2");
+    wait_domain_arriving(lab, "host2", "lv");
+    (log, child)
+}
+
+/// The migration's record on `host` reaches `state` (after a restart the
+/// agent settles what it left).
+fn wait_record(lab: &TestLab, host: &str, state: &str) {
+    wait_until(std::time::Duration::from_secs(60), "the record to settle", || {
+        records(lab, host).last().map(|r| r.0.as_str()) == Some(state)
+    });
+}
+
+/// kill -9 of the destination agent mid-transfer: libvirt's connections
+/// die with it, libvirt fails the job and resumes the domain on the source,
+/// the destination's libvirtd drops its half. One copy, on the source; the
+/// destination agent, restarted, records the migration as aborted.
+#[test]
+fn the_destination_agent_killed_mid_transfer_leaves_the_domain_on_the_source() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let (log, child) = migrating(&lab);
+    lab.kill_agent("host2");
+    let out = child.wait_with_output().expect("migrate");
+    assert!(!out.status.success(), "the migration succeeded without its destination agent");
+    assert_domain_stayed(&lab, "lv", "host1", "host2", &log);
+    lab.start_agent("host2");
+    wait_record(&lab, "host2", "aborted");
+    assert_eq!(records(&lab, "host1").last().map(|r| r.0.as_str()), Some("aborted"));
+    assert_eq!(domain_running_on(&lab, "lv"), ["host1"]);
+    eprintln!("destination agent killed: whole test {} ms", t0.elapsed().as_millis());
+}
+
+/// kill -9 of the source agent mid-transfer: libvirt's local connections
+/// die, libvirt fails the job and resumes the domain; the destination cuts
+/// its half. The source agent, restarted, settles its record: one copy,
+/// running on the source.
+#[test]
+fn the_source_agent_killed_mid_transfer_leaves_the_domain_on_the_source() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let (log, child) = migrating(&lab);
+    lab.kill_agent("host1");
+    let out = child.wait_with_output().expect("migrate");
+    assert!(!out.status.success(), "the migration succeeded without its source agent");
+    assert_domain_stayed(&lab, "lv", "host1", "host2", &log);
+    wait_record(&lab, "host2", "aborted");
+    lab.start_agent("host1");
+    wait_record(&lab, "host1", "aborted");
+    assert_eq!(domain_running_on(&lab, "lv"), ["host1"]);
+    assert_guest_runs(&log);
+    eprintln!("source agent killed: whole test {} ms", t0.elapsed().as_millis());
+}

@@ -159,3 +159,29 @@ pub fn wait_migration_sockets(dir: &Path) -> PathBuf {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// Cap libvirt's migration bandwidth for `vm` (MiB/s), so that a fault can
+/// land mid-transfer.
+pub fn slow_migration(lab: &TestLab, host: &str, vm: &str, mib_s: u32) {
+    virsh(lab, host, &["migrate-setspeed", vm, "--bandwidth", &mib_s.to_string()]);
+}
+
+/// Wait until libvirt's Prepare created the incoming domain on `to` (paused)
+/// and state has been flowing into it for a moment.
+pub fn wait_domain_arriving(lab: &TestLab, to: &str, vm: &str) {
+    wait_until(Duration::from_secs(60), "the incoming domain", || {
+        domstate(lab, to, vm).as_deref() == Some("paused")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(domstate(lab, to, vm).as_deref(), Some("paused"), "the transfer ended already");
+}
+
+/// Hosts on which libvirt runs `vm` (by `virsh domstate`).
+pub fn domain_running_on(lab: &TestLab, vm: &str) -> Vec<String> {
+    lab.lab
+        .hosts
+        .iter()
+        .map(|h| h.name.to_string())
+        .filter(|h| domstate(lab, h, vm).as_deref() == Some("running"))
+        .collect()
+}
