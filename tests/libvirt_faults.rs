@@ -103,3 +103,43 @@ fn the_source_agent_killed_mid_transfer_leaves_the_domain_on_the_source() {
     assert_guest_runs(&log);
     eprintln!("source agent killed: whole test {} ms", t0.elapsed().as_millis());
 }
+
+/// The link is lost while the destination's gate holds: the destination
+/// QEMU loaded everything and its SHUT waits, but the destination's
+/// `Loaded` never reaches the source (everything downstream is swallowed),
+/// so no Commit comes; then the link is cut. The source QEMU, stopped for
+/// its last phase, never gets SHUT: libvirt fails the job and resumes it;
+/// the destination never opens its gate and drops its half. One copy, on
+/// the source.
+#[test]
+fn a_link_cut_while_the_gate_holds_leaves_the_domain_on_the_source() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let log = start_domain(&lab, "host1", "lv", "fill_mib=32 dirty=16 hb_ms=20 tlbflush=1");
+    let proxy = Proxy::start(lab.host("host2").addr, ProxyMode::MuteDownstreamAfter(4 << 20));
+    route_peer_via(&lab, "host1", "host2", proxy.addr);
+    for host in ["host1", "host2"] {
+        append_migration_config(&lab, host, "io_timeout_ms = 5000\ncommit_timeout_ms = 3000");
+    }
+    lab.restart_agent("host1");
+    lab.restart_agent("host2");
+    let child = spawn_migrate_domain(&lab, "lv", "host1", "host2");
+    // The source domain stops for the last phase once its QEMU sent
+    // everything; the destination's QEMU holds it all, its SHUT held.
+    wait_until(std::time::Duration::from_secs(90), "the source's last phase", || {
+        domstate(&lab, "host1", "lv").as_deref() == Some("paused")
+    });
+    assert_eq!(domstate(&lab, "host2", "lv").as_deref(), Some("paused"));
+    proxy.cut();
+    let out = child.wait_with_output().expect("migrate");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "the migration succeeded over a cut link: {said}");
+    assert_domain_stayed(&lab, "lv", "host1", "host2", &log);
+    let audit = std::fs::read_to_string(lab.host("host2").state_dir.join("audit.log"))
+        .expect("host2 audit log");
+    assert!(!audit.contains("\"resuming\""), "host2 opened its gate: {audit}");
+    wait_record(&lab, "host1", "aborted");
+    wait_record(&lab, "host2", "aborted");
+    assert_eq!(domain_running_on(&lab, "lv"), ["host1"]);
+    eprintln!("link cut while the gate holds: {said}; whole test {} ms", t0.elapsed().as_millis());
+}
