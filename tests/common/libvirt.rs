@@ -185,3 +185,40 @@ pub fn domain_running_on(lab: &TestLab, vm: &str) -> Vec<String> {
         .filter(|h| domstate(lab, h, vm).as_deref() == Some("running"))
         .collect()
 }
+
+/// A rogue source with host1's identity and a real quote whose signed Offer
+/// for `vm` host2 accepted, and the control connection of that migration,
+/// joined: what it writes there goes to host2's allowlist.
+pub fn rogue_control(lab: &TestLab, vm: &str) -> (super::RogueSource, super::RogueSource) {
+    let mut rogue = super::RogueSource::connect(lab, "host1", "host2").expect("connect");
+    rogue.attest().expect("attest");
+    let offer = rogue.offer_body(vm);
+    rogue.send_offer(offer).expect("offer");
+    let accept = rogue.read().expect("answer");
+    assert_eq!(accept["type"], "accept", "{accept}");
+    let mut control = super::RogueSource::connect(lab, "host1", "host2").expect("connect");
+    let join = serde_json::json!({"type": "control_join", "migration_id": rogue.id});
+    control.send(&join).expect("join");
+    (rogue, control)
+}
+
+/// A libvirt remote-protocol call, as a data frame of the control connection.
+pub fn libvirt_call(procedure: i32, serial: u32, body: &[u8]) -> Vec<u8> {
+    use ferry_libvirt::rpc::{message, MessageType, REMOTE_PROGRAM};
+    super::frame(2, &message(REMOTE_PROGRAM, procedure, MessageType::Call, serial, body))
+}
+
+/// Wait for host2's record of migration `id` to be aborted; returns it.
+pub fn aborted_on_host2(lab: &TestLab, id: &str) -> serde_json::Value {
+    wait_until(Duration::from_secs(30), "the migration to fail", || {
+        lab.ferry_json(&["migrations", "show", id, "--host", "host2"]).1["state"] == "aborted"
+    });
+    lab.ferry_json(&["migrations", "show", id, "--host", "host2"]).1
+}
+
+/// host2's audit records of the refused control-connection calls.
+pub fn control_calls_refused(lab: &TestLab) -> Vec<String> {
+    let audit = std::fs::read_to_string(lab.host("host2").state_dir.join("audit.log"))
+        .expect("host2 audit log");
+    audit.lines().filter(|l| l.contains("\"control_call_refused\"")).map(str::to_owned).collect()
+}
