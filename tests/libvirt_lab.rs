@@ -48,6 +48,11 @@ fn lab_start_restarts_a_hosts_libvirtd() {
     assert!(pid_alive(lv.daemon()));
     assert_eq!(domstate(&lab, "host1", "lv").as_deref(), Some("running"));
     assert_eq!(lab.vm_state("host1", "lv").as_deref(), Some("running"));
+    // A domain with no job has no job statistics: libvirt answers with no
+    // parameters at all, which once aborted an agent polling a migration
+    // that had just ended.
+    let job = ferry_libvirt::Libvirt::new(&lv.uri()).job("lv").expect("job statistics");
+    assert_eq!(job.data_total, 0, "{job:?}");
     let (ok, out) = migrate_domain(&lab, "lv", "host1", "host2");
     assert!(ok, "migration after the restart failed: {out}");
     assert_eq!(domain_running_on(&lab, "lv"), ["host2"]);
