@@ -112,6 +112,9 @@ pub fn start(dir: &Path) -> Result<LabLibvirt> {
         script.push_str(&format!("mount --bind '{}' '{seen}'\n", dir.join(own).display()));
     }
     script.push_str("exec libvirtd -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid\n");
+    // A killed libvirtd leaves its socket behind: ready means a new one.
+    let sock = dir.join("run/libvirt-sock");
+    let _ = std::fs::remove_file(&sock);
     let out = std::fs::File::create(dir.join("libvirtd.out"))?;
     let child = std::process::Command::new("unshare")
         .args(["-m", "--propagation", "private", "sh", "-c", &script])
@@ -122,7 +125,6 @@ pub fn start(dir: &Path) -> Result<LabLibvirt> {
         .context("cannot start libvirtd")?;
     let lv = LabLibvirt { dir: dir.to_owned(), pid: child.id() };
     std::fs::write(dir.join(DAEMON_PID), child.id().to_string())?;
-    let sock = dir.join("run/libvirt-sock");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !sock.exists() {
         if Instant::now() > deadline || !pid_alive(lv.pid as i32) {
