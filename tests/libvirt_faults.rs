@@ -143,3 +143,32 @@ fn a_link_cut_while_the_gate_holds_leaves_the_domain_on_the_source() {
     assert_eq!(domain_running_on(&lab, "lv"), ["host1"]);
     eprintln!("link cut while the gate holds: {said}; whole test {} ms", t0.elapsed().as_millis());
 }
+
+/// kill -9 of the source agent once libvirt paused its domain for the last
+/// phase (the Commit, the gate and SHUT are moments away). Whatever libvirt
+/// then does, once the restarted source agent settled the migration exactly
+/// one copy runs, on the host its record names. (Here the kill has always
+/// landed before the Commit: libvirt resumes the paused source.)
+#[test]
+fn the_source_agent_killed_at_the_switchover_leaves_exactly_one_copy() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    start_domain(&lab, "host1", "lv", "fill_mib=32 dirty=16 hb_ms=20 tlbflush=1");
+    let child = spawn_migrate_domain(&lab, "lv", "host1", "host2");
+    wait_until(std::time::Duration::from_secs(90), "the source's last phase", || {
+        domstate(&lab, "host1", "lv").as_deref() == Some("paused")
+    });
+    lab.kill_agent("host1");
+    let _ = child.wait_with_output();
+    lab.start_agent("host1");
+    wait_until(std::time::Duration::from_secs(90), "host1 to settle the migration", || {
+        records(&lab, "host1").last().is_some_and(|r| r.0 == "completed" || r.0 == "aborted")
+    });
+    let settled = records(&lab, "host1").last().cloned().expect("a record");
+    let states: Vec<_> = ["host1", "host2"].map(|h| domstate(&lab, h, "lv")).into();
+    eprintln!("killed at the switchover: host1 record {settled:?}, domains {states:?}");
+    assert_eq!(domain_running_on(&lab, "lv").len(), 1, "domains: {states:?}");
+    let expected = if settled.0 == "completed" { "host2" } else { "host1" };
+    assert_eq!(domain_running_on(&lab, "lv"), [expected], "record {settled:?}");
+    eprintln!("source killed at the switchover: whole test {} ms", t0.elapsed().as_millis());
+}
