@@ -359,6 +359,7 @@ async fn populate(
     let tpm_ca_pem =
         if opts.tpm { Some(ferry_attest::Swtpm::manufacturer_ca_init(&tpm_ca)?) } else { None };
     let mut lab_hosts = Vec::new();
+    let mut libvirtds = lab_libvirt::Started::default();
     for (i, name) in (1..).zip(names) {
         let hdir = dir.join("hosts").join(name.as_str());
         std::fs::create_dir_all(&hdir)?;
@@ -377,6 +378,7 @@ async fn populate(
             true => Some(lab_libvirt::start(&hdir.join("libvirt"))?),
             false => None,
         };
+        libvirtds.extend(libvirt.as_ref());
         // 127.0.0.0/8 is all loopback: each host's migration listener gets
         // an address of its own, which its peers allow and it leaves from.
         let (addr, migration, metrics) = match nh {
@@ -446,6 +448,7 @@ async fn populate(
         net,
     };
     std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
+    libvirtds.keep();
     for h in &lab.hosts {
         start_agent(&lab, h).await?;
     }
@@ -473,7 +476,7 @@ pub async fn start_agent(lab: &Lab, h: &LabHost) -> Result<u32> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&h.log)?;
     let mut command = match &h.libvirt {
         Some(lv) => {
-            let enter = lv.enter();
+            let enter = lab_libvirt::ensure(lv)?.enter();
             let mut c = std::process::Command::new(&enter[0]);
             c.args(&enter[1..]).arg(exe);
             c

@@ -40,7 +40,50 @@ impl LabLibvirt {
 
     /// The command line prefix that runs a program inside this host.
     pub fn enter(&self) -> Vec<String> {
-        vec!["nsenter".into(), format!("--mount=/proc/{}/ns/mnt", self.pid), "--".into()]
+        vec!["nsenter".into(), format!("--mount=/proc/{}/ns/mnt", self.daemon()), "--".into()]
+    }
+
+    /// The libvirtd running now: `lab start` may have restarted it since
+    /// the lab was written down.
+    pub fn daemon(&self) -> i32 {
+        read_pid(&self.dir.join(DAEMON_PID)).unwrap_or(self.pid as i32)
+    }
+}
+
+/// Where the pid of the host's libvirtd (and so of its namespace) is kept.
+const DAEMON_PID: &str = "daemon.pid";
+
+/// The host's libvirtd, started again if it is not running (`lab start`
+/// after a crash or a kill). Its domains' QEMUs, if they survived, are found
+/// again by libvirt from its state directory, which is the host's own.
+pub fn ensure(lv: &LabLibvirt) -> Result<LabLibvirt> {
+    if pid_alive(lv.daemon()) {
+        return Ok(lv.clone());
+    }
+    start(&lv.dir)
+}
+
+/// The libvirtds a `lab up` started so far; unless [`Started::keep`] is
+/// called (the lab was written down, so `lab down` finds them), dropping
+/// it stops them: a failed `lab up` leaves nothing running.
+#[derive(Default)]
+pub struct Started(Vec<LabLibvirt>);
+
+impl Started {
+    pub fn extend(&mut self, lv: Option<&LabLibvirt>) {
+        self.0.extend(lv.cloned());
+    }
+
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        for lv in &self.0 {
+            stop(lv);
+        }
     }
 }
 
@@ -56,11 +99,14 @@ pub fn start(dir: &Path) -> Result<LabLibvirt> {
         // The mount points must exist outside for the bind mounts inside.
         std::fs::create_dir_all(seen).with_context(|| format!("cannot create {seen}"))?;
     }
-    copy_tree(Path::new("/etc/libvirt"), &dir.join("etc"))?;
-    // No virtual networks: a lab host must not touch this machine's bridges.
-    let _ = std::fs::remove_dir_all(dir.join("etc/qemu/networks/autostart"));
-    std::fs::write(dir.join("etc/libvirtd.conf"), libvirtd_conf())?;
-    std::fs::write(dir.join("etc/qemu.conf"), QEMU_CONF)?;
+    // A restarted host keeps its configuration, host UUID and domains.
+    if !dir.join("etc/libvirtd.conf").exists() {
+        copy_tree(Path::new("/etc/libvirt"), &dir.join("etc"))?;
+        // No virtual networks: a lab host must not touch this machine's bridges.
+        let _ = std::fs::remove_dir_all(dir.join("etc/qemu/networks/autostart"));
+        std::fs::write(dir.join("etc/qemu.conf"), QEMU_CONF)?;
+        std::fs::write(dir.join("etc/libvirtd.conf"), libvirtd_conf())?;
+    }
     // libvirtd refuses to start when qemu.conf names a missing directory.
     std::fs::create_dir_all(dir.join("etc/migrate-tls"))?;
     let mut script = String::from("set -e\n");
@@ -68,6 +114,9 @@ pub fn start(dir: &Path) -> Result<LabLibvirt> {
         script.push_str(&format!("mount --bind '{}' '{seen}'\n", dir.join(own).display()));
     }
     script.push_str("exec libvirtd -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid\n");
+    // A killed libvirtd leaves its socket behind: ready means a new one.
+    let sock = dir.join("run/libvirt-sock");
+    let _ = std::fs::remove_file(&sock);
     let out = std::fs::File::create(dir.join("libvirtd.out"))?;
     let child = std::process::Command::new("unshare")
         .args(["-m", "--propagation", "private", "sh", "-c", &script])
@@ -77,7 +126,7 @@ pub fn start(dir: &Path) -> Result<LabLibvirt> {
         .spawn()
         .context("cannot start libvirtd")?;
     let lv = LabLibvirt { dir: dir.to_owned(), pid: child.id() };
-    let sock = dir.join("run/libvirt-sock");
+    std::fs::write(dir.join(DAEMON_PID), child.id().to_string())?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !sock.exists() {
         if Instant::now() > deadline || !pid_alive(lv.pid as i32) {
@@ -101,7 +150,7 @@ pub fn stop(lv: &LabLibvirt) {
             }
         }
     }
-    let pid = read_pid(&lv.dir.join("run/libvirtd.pid")).unwrap_or(lv.pid as i32);
+    let pid = read_pid(&lv.dir.join("run/libvirtd.pid")).unwrap_or(lv.daemon());
     signal(pid, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
     while pid_alive(pid) && Instant::now() < deadline {

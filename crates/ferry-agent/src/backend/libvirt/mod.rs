@@ -9,7 +9,10 @@
 //!   the QEMU libvirt prepared, its return path held until the gate opens.
 
 mod destination;
+mod refusal;
 mod source;
+
+pub use refusal::{Refusal, RefusalKind, Refusals};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -42,6 +45,9 @@ pub struct LibvirtConfig {
     /// How long the destination waits for libvirt to run the VM once the
     /// gate opened.
     pub resume_wait: Duration,
+    /// Where connections and calls refused mid-migration are reported, for
+    /// the agent to audit and count.
+    pub refusals: Refusals,
 }
 
 pub struct LibvirtBackend {

@@ -14,7 +14,7 @@ use ferry_vmm::{MigrationState, MigrationStatus, RamStats};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
-use super::{restrict, LibvirtBackend, NAME};
+use super::{restrict, LibvirtBackend, RefusalKind, NAME};
 use crate::backend::{BackendError, Channel, ChannelKind, Outgoing};
 use crate::plan::TransferPlan;
 
@@ -93,7 +93,10 @@ impl LibvirtBackend {
         });
         let (tx, rx) = mpsc::channel(2);
         let pid_file = self.pid_file(vm);
-        let acceptor = tokio::spawn(accept_all(control, stream, pid_file, done.clone(), tx));
+        let (refusals, name) = (self.cfg.refusals.clone(), vm.clone());
+        let refused = move |why| refusals.report(id, &name, RefusalKind::LocalConnection, why);
+        let acceptor =
+            tokio::spawn(accept_all(control, stream, pid_file, done.clone(), tx, refused));
         self.outgoing.lock().await.insert(vm.clone(), Migrating { id, done, acceptor });
         Ok(Outgoing::new(rx))
     }
@@ -205,10 +208,11 @@ async fn accept_all(
     pid_file: std::path::PathBuf,
     mut done: watch::Receiver<Outcome>,
     tx: mpsc::Sender<Result<Channel, BackendError>>,
+    refused: impl Fn(String) + Send + Sync,
 ) {
     for (listener, kind) in [(&control, ChannelKind::Control), (&stream, ChannelKind::Main)] {
         let accepted = tokio::select! {
-            a = accept_admitted(listener, &pid_file, kind) => a,
+            a = accept_admitted(listener, &pid_file, kind, &refused) => a,
             _ = tokio::time::sleep(CONNECT_WAIT) => Err(BackendError::NoConnection {
                 what: format!("{kind:?} connection"),
                 after: CONNECT_WAIT,
@@ -229,6 +233,7 @@ async fn accept_admitted(
     listener: &UnixListener,
     pid_file: &Path,
     kind: ChannelKind,
+    refused: &(impl Fn(String) + Sync),
 ) -> Result<UnixStream, BackendError> {
     loop {
         let (s, _) = listener.accept().await.map_err(|source| BackendError::Io {
@@ -243,7 +248,7 @@ async fn accept_admitted(
         match local::admit(&peer, qemu) {
             Ok(_) => return Ok(s),
             // SECURITY: a refused process's bytes are never read.
-            Err(why) => tracing::warn!(?kind, %why, "local connection refused"),
+            Err(why) => refused(format!("{kind:?} socket: {why}")),
         }
     }
 }
