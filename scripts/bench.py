@@ -56,14 +56,15 @@ import tempfile  # noqa: E402
 from ferrybench import ceilings  # noqa: E402
 from ferrybench.common import DEFAULT_FERRY, HB_MS, kill_proc, log, qemu_version  # noqa: E402
 from ferrybench.ferry import FerryRunner, ferry_help  # noqa: E402
+from ferrybench.libvirt import LibvirtRunner  # noqa: E402
 from ferrybench.plain import PlainRunner  # noqa: E402
 from ferrybench.plot import svg_chart  # noqa: E402
 from ferrybench.qemutls import make_x509_dir, probe_qemu_tls  # noqa: E402
 from ferrybench.report import cpu_per_gb, fmt, render, write_md  # noqa: E402
 from ferrybench.ssh import SshServer  # noqa: E402
 from ferrybench.stunnel import stunnel_binary  # noqa: E402
-from ferrybench.transports import (FERRY, GUESTS, TLS, TRANSPORTS, X509, label,  # noqa: E402
-                                   runs_on)
+from ferrybench.transports import (FERRY, GUESTS, LIBVIRT, TLS, TRANSPORTS, X509,  # noqa: E402
+                                   label, runs_on)
 
 FAST_DIRTY = 256  # pages/ms of the fast-dirtying guest: ~1 GB/s (see BENCHMARKS.md)
 
@@ -81,7 +82,8 @@ def parse_args():
     ap.add_argument("--quick", action="store_true", help="smoke run: 256/128 MiB, 1 round")
     ap.add_argument("--guests", default=",".join(GUESTS), help="comma list of %s" % ",".join(GUESTS))
     ap.add_argument("--transports", default=None,
-                    help="comma list of %s (default: all that work here)" % ",".join(TRANSPORTS))
+                    help="comma list of %s (default: all that work here but the libvirt ones, "
+                         "which run a lab of their own)" % ",".join(TRANSPORTS))
     ap.add_argument("--streams", type=int, default=4,
                     help="multifd channels for plain-multifd, qemu-tls-multifd and ferry-multi "
                          "(ferry-multi: --streams N+1, one more for the main stream); 1..7")
@@ -110,7 +112,7 @@ def select_transports(args):
             if t not in TRANSPORTS:
                 sys.exit("unknown transport %r (known: %s)" % (t, ",".join(TRANSPORTS)))
     else:
-        transports = list(TRANSPORTS)
+        transports = [t for t in TRANSPORTS if t not in LIBVIRT]
         if not shutil.which("openssl"):
             log("openssl not found: skipping qemu-tls, qemu-tls-multifd, stunnel")
             transports = [t for t in transports if t not in X509]
@@ -125,7 +127,11 @@ def select_transports(args):
         if not os.path.exists(args.ferry):
             log("ferry binary not found at %s (run `cargo build`): skipping ferry" % args.ferry)
             transports = [t for t in transports if t not in FERRY]
-    if any(t in FERRY for t in transports) and not os.path.exists(args.ferry):
+    if any(t in LIBVIRT for t in transports) and not (shutil.which("virsh") and
+                                                      (shutil.which("libvirtd") or
+                                                       os.path.exists("/usr/sbin/libvirtd"))):
+        sys.exit("libvirt transports need libvirtd and virsh (scripts/deps.sh installs them)")
+    if any(t in FERRY + LIBVIRT for t in transports) and not os.path.exists(args.ferry):
         sys.exit("ferry binary not found at %s (run `cargo build`)" % args.ferry)
     return transports
 
@@ -220,6 +226,7 @@ def main():
     procs = []
     lab_up = False
     ferry_runner = None
+    libvirt = None
     ssh = None
     failed = 0
 
@@ -259,7 +266,8 @@ def main():
         # The lab also provides the guest image, so it is brought up even without ferry.
         log("lab up in %s" % labdir)
         lab_up = True
-        r = subprocess.run([args.ferry, "lab", "up", "--dir", labdir, "--hosts", "2", "--json"],
+        r = subprocess.run([args.ferry, "lab", "up", "--dir", labdir, "--hosts", "2", "--json",
+                            "--no-netns"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
         if r.returncode != 0:
             raise RuntimeError("lab up failed: %s" % r.stderr.decode())
@@ -276,6 +284,9 @@ def main():
             log("private sshd on 127.0.0.1:%d (pid %d)" % (ssh.port, ssh.proc.pid))
         plain = PlainRunner(workdir, image, args.memory_mib, procs, x509_dir, ssh, args.streams)
         ferry_runner = FerryRunner(args.ferry, lab, workdir, args.memory_mib)
+        if any(t in LIBVIRT for t in transports):
+            log("lab up --backend libvirt")
+            libvirt = LibvirtRunner(args.ferry, workdir, args.memory_mib, x509_dir)
 
         results = {}
         for key, kind, cmdline, ts in plan:
@@ -289,7 +300,9 @@ def main():
                     name = "b%d%s%s" % (rnd, key[0], method.replace("-", ""))
                     log("round %d %s: %s" % (rnd, kind, method))
                     try:
-                        if method in FERRY:
+                        if method in LIBVIRT:
+                            res = libvirt.run(name, cmdline, args.settle, method, args.converge_s)
+                        elif method in FERRY:
                             res = ferry_runner.run(
                                 name, cmdline, args.settle,
                                 streams=args.streams + 1 if method == "ferry-multi" else None,
@@ -322,6 +335,11 @@ def main():
             signal.signal(s, signal.SIG_IGN)
         if ssh is not None:
             ssh.close()
+        if libvirt is not None:
+            try:
+                libvirt.close()
+            except Exception as e:
+                log("cleanup of the libvirt lab: %s" % e)
         if ferry_runner is not None:
             try:
                 ferry_runner.cleanup()

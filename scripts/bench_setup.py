@@ -35,7 +35,7 @@ def main():
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="ferry-bench-setup-")
     try:
-        lab = ferry("lab", "up", "--dir", d, "--hosts", "2")
+        lab = ferry("lab", "up", "--dir", d, "--hosts", "2", "--no-netns")
         cfg = lab["client_config"]
         spec = {"name": "s", "memory_mib": 128, "vcpus": 1, "machine": "q35",
                 "boot": {"type": "kernel", "kernel": "ferry-guest.elf", "cmdline": "fill_mib=16 dirty=0 hb_ms=50"}}

@@ -72,20 +72,7 @@ fn tampered_audit_logs_and_evidence_fail_verification() {
         let (ok, out) = verify(&[log], ca);
         assert!(ok, "an untouched log does not verify: {out}");
     }
-    let o = run(
-        &[
-            "audit",
-            "verify",
-            src.to_str().expect("utf8"),
-            dst.to_str().expect("utf8"),
-            "--ca",
-            ca,
-            "--json",
-        ],
-        None,
-    );
-    assert!(o.status.success(), "cross-check failed: {}", text(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("verify json");
+    let v = verify_both_audit_logs(&lab);
     let checked = v["cross_check"]["migrations"].as_array().expect("migrations");
     assert!(
         checked.iter().any(|m| m["migration_id"] == id.as_str()),

@@ -107,13 +107,8 @@ fn destination_qemu_killed_mid_transfer() {
 #[test]
 fn connection_cut_mid_transfer() {
     let (lab, log) = slow_lab();
-    let target = lab.host("host2").addr;
-    let proxy = Proxy::start(target, ProxyMode::CutAfter(64 << 20));
-    lab.edit_config(
-        "host1",
-        &format!("host2 = \"{target}\""),
-        &format!("host2 = \"{}\"", proxy.addr),
-    );
+    let proxy = Proxy::start(lab.host("host2").addr, ProxyMode::CutAfter(64 << 20));
+    lab.route_peer("host1", "host2", proxy.addr);
     lab.restart_agent("host1");
     let (ok, out) = finish(spawn_migrate(&lab));
     assert!(!ok, "migration reported success: {out}");
@@ -129,18 +124,10 @@ fn connection_cut_mid_transfer() {
 fn a_lost_receipt_keeps_the_source_paused_until_the_destination_answers() {
     let lab = TestLab::up(2, 0);
     lab.start_guest("host1", "g", 256, "fill_mib=128 dirty=64 hb_ms=10");
-    let target = lab.host("host2").addr;
     // Everything the destination says after the bulk of the state passed is swallowed.
-    let proxy = Proxy::start(target, ProxyMode::MuteDownstreamAfter(100 << 20));
-    lab.edit_config(
-        "host1",
-        &format!("host2 = \"{target}\""),
-        &format!("host2 = \"{}\"", proxy.addr),
-    );
-    let cfg = &lab.host("host1").config;
-    let mut s = std::fs::read_to_string(cfg).expect("cfg");
-    s.push_str("\n[migration]\ncommit_timeout_ms = 1000\nio_timeout_ms = 2000\n");
-    std::fs::write(cfg, s).expect("cfg");
+    let proxy = Proxy::start(lab.host("host2").addr, ProxyMode::MuteDownstreamAfter(100 << 20));
+    lab.route_peer("host1", "host2", proxy.addr);
+    append_migration_config(&lab, "host1", "commit_timeout_ms = 1000\nio_timeout_ms = 2000");
     lab.restart_agent("host1");
 
     let o = lab.ferry(&["migrate", "g", "--to", "host2", "--host", "host1", "--json"]);
@@ -163,17 +150,10 @@ fn a_lost_receipt_keeps_the_source_paused_until_the_destination_answers() {
     assert_ne!(lab.vm_state("host1", "g").as_deref(), Some("running"));
     // The network heals (the proxy goes) and the source agent restarts
     // meanwhile: it asks the destination again by itself and settles.
-    lab.edit_config(
-        "host1",
-        &format!("host2 = \"{}\"", proxy.addr),
-        &format!("host2 = \"{target}\""),
-    );
+    lab.unroute_peer("host1", "host2", proxy.addr);
     drop(proxy);
     lab.restart_agent("host1");
-    wait_until(Duration::from_secs(30), "host1 to settle the migration by itself", || {
-        let (_, m) = lab.ferry_json(&["migrations", "show", &id, "--host", "host1"]);
-        m["state"] == "completed"
-    });
+    lab.wait_completed("host1", &id);
     assert!(lab.vm_state("host1", "g").is_none(), "source copy not removed");
     assert_eq!(lab.running_on("g"), ["host2"]);
     // Nothing is left for an operator to resolve.

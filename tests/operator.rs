@@ -154,19 +154,7 @@ fn every_json_output_parses_and_has_its_fields() {
     has(&list["migrations"][0], &["id", "role", "state"]);
     let (ok, show) = lab.ferry_json(&["migrations", "show", id, "--host", "host2"]);
     assert!(ok && show["role"] == "destination", "{show}");
-    let logs = [
-        lab.host("host1").state_dir.join("audit.log"),
-        lab.host("host2").state_dir.join("audit.log"),
-    ];
-    let (ok, v) = lab.ferry_json(&[
-        "audit",
-        "verify",
-        logs[0].to_str().expect("utf8"),
-        logs[1].to_str().expect("utf8"),
-        "--ca",
-        lab.lab.ca.to_str().expect("utf8"),
-    ]);
-    assert!(ok, "{v}");
+    let v = verify_both_audit_logs(&lab);
     has(&v, &["verified", "logs", "cross_check"]);
     let (ok, p) = lab.ferry_json(&[
         "policy",

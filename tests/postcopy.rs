@@ -70,7 +70,7 @@ fn a_guest_that_outruns_precopy_moves_with_postcopy() {
             assert!(switchover, "no switchover {kind} in {}: {records}", log.display());
         }
     }
-    audit_verifies(&lab);
+    verify_both_audit_logs(&lab);
 
     // The guest kept running with its memory intact: every page it had not
     // yet received was fetched from the source on demand.
@@ -81,13 +81,8 @@ fn a_guest_that_outruns_precopy_moves_with_postcopy() {
 /// given `[migration]` settings go into host1's config.
 fn lab_with_cuttable_link(migration: &str) -> (TestLab, Proxy) {
     let lab = TestLab::up(2, LINK_MIB_S);
-    let target = lab.host("host2").addr;
-    let proxy = Proxy::start(target, ProxyMode::CutAfter(u64::MAX));
-    lab.edit_config(
-        "host1",
-        &format!("host2 = \"{target}\""),
-        &format!("host2 = \"{}\"", proxy.addr),
-    );
+    let proxy = Proxy::start(lab.host("host2").addr, ProxyMode::CutAfter(u64::MAX));
+    lab.route_peer("host1", "host2", proxy.addr);
     lab.edit_config("host1", "[policy]", &format!("[migration]\n{migration}\n\n[policy]"));
     lab.restart_agent("host1");
     (lab, proxy)
@@ -132,27 +127,10 @@ fn cut_after_handover(lab: &TestLab, proxy: &Proxy) -> (serde_json::Value, i32, 
     (v, src_pid, id)
 }
 
-fn audit_verifies(lab: &TestLab) {
-    let logs = [
-        lab.host("host1").state_dir.join("audit.log"),
-        lab.host("host2").state_dir.join("audit.log"),
-    ];
-    let (ok, v) = lab.ferry_json(&[
-        "audit",
-        "verify",
-        logs[0].to_str().expect("utf8"),
-        logs[1].to_str().expect("utf8"),
-        "--ca",
-        lab.lab.ca.to_str().expect("utf8"),
-    ]);
-    assert!(ok, "{v}");
-}
-
 #[test]
 fn a_link_lost_after_the_handover_keeps_both_halves_until_recovered() {
     // Automatic recovery off: this is the operator's path.
     let (lab, proxy) = lab_with_cuttable_link("postcopy_recover_retry_ms = 0");
-    let target = lab.host("host2").addr;
     let (_, src_pid, id) = cut_after_handover(&lab, &proxy);
     let state = |host: &str| state(&lab, host);
 
@@ -170,11 +148,7 @@ fn a_link_lost_after_the_handover_keeps_both_halves_until_recovered() {
     let dst = dst_pid();
     assert!(dst != 0 && pid_alive(dst), "the destination's half is gone");
     // The link comes back (no proxy); both agents restart meanwhile.
-    lab.edit_config(
-        "host1",
-        &format!("host2 = \"{}\"", proxy.addr),
-        &format!("host2 = \"{target}\""),
-    );
+    lab.unroute_peer("host1", "host2", proxy.addr);
     for host in ["host1", "host2"] {
         lab.restart_agent(host);
     }
@@ -204,7 +178,7 @@ fn a_link_lost_after_the_handover_keeps_both_halves_until_recovered() {
     wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
     assert_eq!(lab.running_on("fast"), ["host2"]);
     assert_moved_intact(&lab, "fast", &id);
-    audit_verifies(&lab);
+    verify_both_audit_logs(&lab);
 }
 
 /// With automatic recovery on, attempts while the link is down fail and
@@ -253,7 +227,7 @@ fn the_source_resumes_an_interrupted_postcopy_by_itself_once_the_link_is_back() 
     wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
     assert_eq!(lab.running_on("fast"), ["host2"]);
     assert_moved_intact(&lab, "fast", &id);
-    audit_verifies(&lab);
+    verify_both_audit_logs(&lab);
 }
 
 #[test]
@@ -334,7 +308,7 @@ fn a_guest_that_converges_anyway_completes_with_postcopy_allowed() {
         records.contains("commit_sent") && !records.contains("\"switchover\""),
         "a converging guest switched to post-copy: {records}"
     );
-    audit_verifies(&lab);
+    verify_both_audit_logs(&lab);
 }
 
 /// The source's QEMU dies while the link is down: the pages only it held
@@ -391,5 +365,5 @@ fn losing_the_source_qemu_ends_the_postcopy_as_lost_on_both_sides() {
             assert!(log.contains(&format!("\"{kind}\"")), "no {kind} record in {host}'s audit log");
         }
     }
-    audit_verifies(&lab);
+    verify_both_audit_logs(&lab);
 }

@@ -137,7 +137,7 @@ fn a_whole_recorded_session_replayed_through_a_proxy_is_refused() {
     lab.start_guest("host1", "g", 256, "fill_mib=16 dirty=4 hb_ms=10");
     let cap = lab.dir.path().join("session");
     let mitm = Mitm::start(lab.host("host2").addr, Tamper::None, Some(cap.clone()));
-    route_peer_via(&lab, "host1", "host2", mitm.addr);
+    lab.route_peer("host1", "host2", mitm.addr);
     lab.restart_agent("host1");
     migrate_ok(&lab);
     drop(mitm);

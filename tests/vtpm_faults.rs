@@ -20,7 +20,7 @@ fn a_flipped_bit_aborts_and_the_source_keeps_its_vtpm() {
     let vm = start_tpm_guest_sized(&lab, "host1", "g", 128, 64);
     let log = console_path(&vm);
     let mitm = Mitm::start(lab.host("host2").addr, Tamper::None, None);
-    route_peer_via(&lab, "host1", "host2", mitm.addr);
+    lab.route_peer("host1", "host2", mitm.addr);
     // The restarted agent adopts the VM and its running swtpm.
     lab.restart_agent("host1");
 
@@ -82,13 +82,8 @@ fn a_lost_receipt_keeps_one_live_vtpm_and_one_paused_copy_until_settled() {
     let _g = serial();
     let lab = TestLab::up(2, 0);
     start_tpm_guest_sized(&lab, "host1", "g", 256, 128);
-    let target = lab.host("host2").addr;
-    let proxy = Proxy::start(target, ProxyMode::MuteDownstreamAfter(100 << 20));
-    lab.edit_config(
-        "host1",
-        &format!("host2 = \"{target}\""),
-        &format!("host2 = \"{}\"", proxy.addr),
-    );
+    let proxy = Proxy::start(lab.host("host2").addr, ProxyMode::MuteDownstreamAfter(100 << 20));
+    lab.route_peer("host1", "host2", proxy.addr);
     append_migration_config(&lab, "host1", "commit_timeout_ms = 1000\nio_timeout_ms = 2000\n");
     lab.restart_agent("host1");
 
@@ -105,17 +100,10 @@ fn a_lost_receipt_keeps_one_live_vtpm_and_one_paused_copy_until_settled() {
     assert_vtpm_kept(&console_of(&lab, "host2", "g"));
 
     // The network heals: the source settles by itself and erases its copy.
-    lab.edit_config(
-        "host1",
-        &format!("host2 = \"{}\"", proxy.addr),
-        &format!("host2 = \"{target}\""),
-    );
+    lab.unroute_peer("host1", "host2", proxy.addr);
     drop(proxy);
     lab.restart_agent("host1");
-    wait_until(Duration::from_secs(30), "host1 to settle the migration", || {
-        let (_, m) = lab.ferry_json(&["migrations", "show", &id, "--host", "host1"]);
-        m["state"] == "completed"
-    });
+    lab.wait_completed("host1", &id);
     assert!(lab.vm_state("host1", "g").is_none(), "source copy not removed");
     assert!(!vtpm_on(&lab, "host1"), "the settled source kept vTPM state");
     assert!(

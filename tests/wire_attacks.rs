@@ -31,7 +31,7 @@ fn a_passive_sniffer_never_sees_guest_memory() {
     lab.start_guest("host1", "g", 256, &append);
     let cap = lab.dir.path().join("ferry-wire");
     let mitm = Mitm::start(lab.host("host2").addr, Tamper::None, Some(cap.clone()));
-    route_peer_via(&lab, "host1", "host2", mitm.addr);
+    lab.route_peer("host1", "host2", mitm.addr);
     lab.restart_agent("host1");
     let (ok, out, took) = migrate(&lab);
     assert!(ok, "migration through the sniffer failed: {out}");
@@ -143,7 +143,7 @@ fn a_flipped_bit_anywhere_aborts_and_the_source_resumes() {
     let vm = lab.start_guest("host1", "g", 256, "fill_mib=128 dirty=64 hb_ms=10");
     let log = console_path(&vm);
     let mitm = Mitm::start(lab.host("host2").addr, Tamper::None, None);
-    route_peer_via(&lab, "host1", "host2", mitm.addr);
+    lab.route_peer("host1", "host2", mitm.addr);
     lab.restart_agent("host1");
 
     let attempt = |name: &str, tamper: Tamper| {
@@ -243,7 +243,7 @@ fn a_bit_flipped_after_the_commit_settles_itself_and_the_source_resumes() {
     let _g = serial();
     let lab = TestLab::up(2, 0);
     let mitm = Mitm::start(lab.host("host2").addr, Tamper::None, None);
-    route_peer_via(&lab, "host1", "host2", mitm.addr);
+    lab.route_peer("host1", "host2", mitm.addr);
     lab.restart_agent("host1");
     // An untampered migration of a VM of the same name length shows the
     // Commit's record: the last upstream record, after the 25-byte one.
@@ -298,7 +298,7 @@ fn truncated_or_stalled_streams_abort_and_the_source_resumes() {
     let vm = lab.start_guest("host1", "g", 256, "fill_mib=128 dirty=64 hb_ms=10");
     let log = console_path(&vm);
     let mitm = Mitm::start(lab.host("host2").addr, Tamper::None, None);
-    route_peer_via(&lab, "host1", "host2", mitm.addr);
+    lab.route_peer("host1", "host2", mitm.addr);
     let settings = format!("io_timeout_ms = {IO_MS}\nconnect_timeout_ms = {CONNECT_MS}");
     append_migration_config(&lab, "host1", &settings);
     append_migration_config(&lab, "host2", &settings);

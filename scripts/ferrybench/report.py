@@ -147,6 +147,7 @@ def render(results, meta):
     render_relative(out, results, L)
     render_vtpm(out, results)
     render_vs_secure(out, results, L)
+    render_libvirt(out, results)
     render_convergence(out, results, L, converge_s)
     render_raw(out, results)
     return "\n".join(out)
@@ -257,6 +258,47 @@ def render_vs_secure(out, results, L):
             out.append("| %s | %s%s | %s | %s | %s | %s | %s | %s |" % (
                 kind, (L(ft) + " | ") if multi else "", ", ".join(names), cell(tr, d=2),
                 cell(cr, d=2), cell(ct, d=2), cell(cs, d=2), cell(ts, d=2), cell(bd)))
+
+
+def render_libvirt(out, results):
+    """Ferry carrying libvirt against libvirt's own TLS and plain TCP, within each round."""
+    kinds = [k for k in results if "ferry-libvirt" in results[k]
+             and ("libvirt-tls" in results[k] or "libvirt-tcp" in results[k])]
+    if not kinds:
+        return
+    out.append("")
+    out.append("A libvirt domain (machine pc, the same XML for all three) between two libvirtds: "
+               "Ferry carrying libvirt's peer-to-peer migration against libvirt's own --tls and "
+               "its plain TCP, per round (ratios and differences within a round, then median "
+               "(min–max) over rounds; CPU counts both QEMUs, both libvirtds and, for Ferry, both "
+               "agents):")
+    out.append("")
+    out.append("| guest | throughput Ferry/libvirt TLS | CPU per GB Ferry/libvirt TLS "
+               "| throughput Ferry/libvirt TCP | CPU per GB Ferry/libvirt TCP "
+               "| QEMU downtime Ferry − TCP ms | guest blackout Ferry − TCP ms "
+               "| Ferry's resume gate held the loaded VM ms |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for kind in kinds:
+        cols = [[] for _ in range(6)]
+        holds = [f.get("gate_hold_ms") for f in results[kind]["ferry-libvirt"] if ok(f)]
+        for i, f in enumerate(results[kind]["ferry-libvirt"]):
+            for j, other in ((0, "libvirt-tls"), (2, "libvirt-tcp")):
+                if other not in results[kind] or i >= len(results[kind][other]):
+                    continue
+                o = results[kind][other][i]
+                if not (ok(f) and ok(o)):
+                    continue
+                if o["throughput"] and f["throughput"]:
+                    cols[j].append(f["throughput"] / o["throughput"])
+                if cpu_per_gb(o) and cpu_per_gb(f) is not None:
+                    cols[j + 1].append(cpu_per_gb(f) / cpu_per_gb(o))
+                if other == "libvirt-tcp":
+                    for c, key in ((4, "downtime_ms"), (5, "blackout_ms")):
+                        if f.get(key) is not None and o.get(key) is not None:
+                            cols[c].append(f[key] - o[key])
+        out.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            kind, cell(cols[0], d=2), cell(cols[1], d=2), cell(cols[2], d=2), cell(cols[3], d=2),
+            cell(cols[4]), cell(cols[5]), cell(holds)))
 
 
 def render_convergence(out, results, L, converge_s):

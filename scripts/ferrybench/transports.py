@@ -1,7 +1,8 @@
 """Transport names (--transports), their labels, and which guests they run on."""
 
 TRANSPORTS = ["plain-unix", "plain-tcp", "plain-multifd", "plain-postcopy", "qemu-tls",
-              "qemu-tls-multifd", "ssh", "stunnel", "ferry", "ferry-multi", "ferry-postcopy", "ferry-vtpm"]
+              "qemu-tls-multifd", "ssh", "stunnel", "ferry", "ferry-multi", "ferry-postcopy", "ferry-vtpm",
+              "libvirt-tcp", "libvirt-tls", "ferry-libvirt"]
 # existing secure transports Ferry is compared with
 SECURE = ("qemu-tls", "qemu-tls-multifd", "ssh", "stunnel")
 # Ferry's variants, each compared with the best of SECURE in its round
@@ -10,8 +11,10 @@ FERRY = ("ferry", "ferry-multi", "ferry-postcopy", "ferry-vtpm")
 POSTCOPY = ("plain-postcopy", "ferry-postcopy")
 MULTIFD = ("plain-multifd", "qemu-tls-multifd", "ferry-multi")
 TLS = ("qemu-tls", "qemu-tls-multifd")
+# a libvirt domain between two libvirtds (a lab of its own), compared among themselves
+LIBVIRT = ("libvirt-tcp", "libvirt-tls", "ferry-libvirt")
 # transports that need the x509 directory
-X509 = TLS + ("stunnel",)
+X509 = TLS + ("stunnel", "libvirt-tls")
 
 GUESTS = ("idle", "dirtying", "fast")
 
@@ -31,9 +34,14 @@ def label(t, streams):
         "ferry-multi": "Ferry, multifd ×%d (%d TLS streams)" % (streams, streams + 1),
         "ferry-postcopy": "Ferry, post-copy",
         "ferry-vtpm": "Ferry, VM with a vTPM (swtpm, tpm-crb)",
+        "libvirt-tcp": "libvirt p2p, plain TCP",
+        "libvirt-tls": "libvirt p2p --tls (x509, mutual)",
+        "ferry-libvirt": "Ferry carrying libvirt (mTLS, agents)",
     }[t]
 
 
 def runs_on(t, guest):
     """Whether transport t runs on guest kind guest (idle, dirtying, fast)."""
+    if t in LIBVIRT:
+        return guest != "fast"
     return guest == "fast" or t not in POSTCOPY

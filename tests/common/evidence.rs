@@ -29,6 +29,16 @@ pub fn ca(lab: &TestLab) -> &str {
     lab.lab.ca.to_str().expect("utf8")
 }
 
+/// `ferry audit verify` of both hosts' logs with the cross-check; asserts
+/// it succeeds and returns its JSON.
+pub fn verify_both_audit_logs(lab: &TestLab) -> Value {
+    let (h1, h2) = (audit_log(lab, "host1"), audit_log(lab, "host2"));
+    let (h1, h2) = (h1.to_str().expect("utf8"), h2.to_str().expect("utf8"));
+    let (ok, v) = lab.ferry_json(&["audit", "verify", h1, h2, "--ca", ca(lab)]);
+    assert!(ok, "the two audit logs do not verify together: {v}");
+    v
+}
+
 /// Every migration record on `host`: (id, state, bytes, error).
 pub fn migration_records(lab: &TestLab, host: &str) -> Vec<(String, String, u64, String)> {
     let (ok, list) = lab.ferry_json(&["migrations", "list", "--host", host]);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ferry_cli::console;
 use ferry_cli::lab_libvirt::{self, LabLibvirt};
 
-use super::{text, wait_console, TestLab};
+use super::{text, wait_console, wait_until, TestLab};
 
 pub fn libvirt<'a>(lab: &'a TestLab, host: &str) -> &'a LabLibvirt {
     lab.host(host).libvirt.as_ref().expect("the host runs libvirt")
@@ -39,9 +39,27 @@ pub fn domstate(lab: &TestLab, host: &str, vm: &str) -> Option<String> {
 /// Define and start the test guest as a persistent libvirt domain on
 /// `host`; its console appends to a file in the lab directory.
 pub fn start_domain(lab: &TestLab, host: &str, vm: &str, cmdline: &str) -> PathBuf {
+    start_domain_with(lab, host, vm, 128, LAB_LABELS, cmdline)
+}
+
+/// The labels `lab_libvirt::domain_xml` gives a domain.
+pub const LAB_LABELS: &str = "tenant='lab' security-level='1'";
+
+/// [`start_domain`] with its memory and its Ferry labels (the attributes of
+/// `<ferry:labels>`, e.g. `tenant='red' security-level='1'`).
+pub fn start_domain_with(
+    lab: &TestLab,
+    host: &str,
+    vm: &str,
+    memory_mib: u32,
+    labels: &str,
+    cmdline: &str,
+) -> PathBuf {
     let console = lab.dir.path().join(format!("{vm}.console"));
     let kernel = lab.lab.images_dir.join(&lab.lab.guest_image);
-    let xml = lab_libvirt::domain_xml(vm, &kernel, &console, 128, cmdline);
+    let xml = lab_libvirt::domain_xml(vm, &kernel, &console, memory_mib, cmdline);
+    assert!(xml.contains(LAB_LABELS), "the lab's domain XML changed: {xml}");
+    let xml = xml.replace(LAB_LABELS, labels);
     let path = lab.dir.path().join(format!("{vm}.xml"));
     std::fs::write(&path, xml).expect("write domain xml");
     virsh(lab, host, &["define", path.to_str().expect("utf8")]);
@@ -60,4 +78,147 @@ pub fn sweeps_after(log: &Path, skip: usize, n: usize) -> Vec<console::ConsoleLi
             .count()
             >= n
     })
+}
+
+/// `ferry migrate VM --to TO --host FROM --json`: (success, output).
+pub fn migrate_domain(lab: &TestLab, vm: &str, from: &str, to: &str) -> (bool, String) {
+    let o = lab.ferry(&["migrate", vm, "--to", to, "--host", from, "--json"]);
+    (o.status.success(), text(&o))
+}
+
+/// After a failed migration of `vm` from `from` to `to`: libvirt runs the
+/// domain on `from` again (and the guest with it, memory intact), and `to`
+/// has no domain of that name, running or not.
+pub fn assert_domain_stayed(lab: &TestLab, vm: &str, from: &str, to: &str, log: &Path) {
+    wait_until(Duration::from_secs(30), "the source domain to run again", || {
+        domstate(lab, from, vm).as_deref() == Some("running")
+    });
+    wait_until(Duration::from_secs(30), "no domain left on the destination", || {
+        domstate(lab, to, vm).is_none()
+    });
+    super::assert_guest_runs(log);
+    super::assert_memory_consistent(log);
+}
+
+/// Where `host`'s agent keeps its per-migration socket directories, as seen
+/// from outside the host's namespace.
+pub fn migration_socket_dir(lab: &TestLab, host: &str) -> PathBuf {
+    libvirt(lab, host).dir.join("ferry-run")
+}
+
+/// `ferry migrate VM --to TO --host FROM --json`, running in the background.
+pub fn spawn_migrate_domain(lab: &TestLab, vm: &str, from: &str, to: &str) -> std::process::Child {
+    Command::new(super::FERRY)
+        .args(["migrate", vm, "--to", to, "--host", from, "--json"])
+        .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn migrate")
+}
+
+/// A local process (python3, so neither libvirtd nor QEMU) that connects to
+/// `sock`, writes a little and stays connected for a while. With `uid`, it
+/// runs as that user, keeping only the right to pass the socket directory's
+/// permissions, so that the agent's own check (not the directory) is tested.
+pub fn local_intruder(sock: &Path, uid: Option<u32>) -> std::process::Child {
+    const CLIENT: &str = "import socket,sys,time\n\
+        s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+        s.sendall(b'not libvirt' * 400); time.sleep(20)\n";
+    let mut c = match uid {
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            c.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
+                .args(["--inh-caps=+dac_override", "--ambient-caps=+dac_override", "python3"]);
+            c
+        }
+        None => Command::new("python3"),
+    };
+    c.args(["-c", CLIENT])
+        .arg(sock)
+        .stdin(std::process::Stdio::null())
+        // Refused, it sees its connection closed: that is the point.
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the local intruder")
+}
+
+/// The first migration directory with a stream socket that appears under
+/// `dir` (polled closely: the test races libvirt for the socket).
+pub fn wait_migration_sockets(dir: &Path) -> PathBuf {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = std::fs::read_dir(dir).into_iter().flatten().flatten().find_map(|e| {
+            let p = e.path();
+            p.join("mig.sock").exists().then_some(p)
+        });
+        if let Some(p) = found {
+            return p;
+        }
+        assert!(std::time::Instant::now() < deadline, "no migration sockets in {}", dir.display());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Cap libvirt's migration bandwidth for `vm` (MiB/s), so that a fault can
+/// land mid-transfer.
+pub fn slow_migration(lab: &TestLab, host: &str, vm: &str, mib_s: u32) {
+    virsh(lab, host, &["migrate-setspeed", vm, "--bandwidth", &mib_s.to_string()]);
+}
+
+/// Wait until libvirt's Prepare created the incoming domain on `to` (paused)
+/// and state has been flowing into it for a moment.
+pub fn wait_domain_arriving(lab: &TestLab, to: &str, vm: &str) {
+    wait_until(Duration::from_secs(60), "the incoming domain", || {
+        domstate(lab, to, vm).as_deref() == Some("paused")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(domstate(lab, to, vm).as_deref(), Some("paused"), "the transfer ended already");
+}
+
+/// Hosts on which libvirt runs `vm` (by `virsh domstate`).
+pub fn domain_running_on(lab: &TestLab, vm: &str) -> Vec<String> {
+    lab.lab
+        .hosts
+        .iter()
+        .map(|h| h.name.to_string())
+        .filter(|h| domstate(lab, h, vm).as_deref() == Some("running"))
+        .collect()
+}
+
+/// A rogue source with host1's identity and a real quote whose signed Offer
+/// for `vm` host2 accepted, and the control connection of that migration,
+/// joined: what it writes there goes to host2's allowlist.
+pub fn rogue_control(lab: &TestLab, vm: &str) -> (super::RogueSource, super::RogueSource) {
+    let mut rogue = super::RogueSource::connect(lab, "host1", "host2").expect("connect");
+    rogue.attest().expect("attest");
+    let offer = rogue.offer_body(vm);
+    rogue.send_offer(offer).expect("offer");
+    let accept = rogue.read().expect("answer");
+    assert_eq!(accept["type"], "accept", "{accept}");
+    let mut control = super::RogueSource::connect(lab, "host1", "host2").expect("connect");
+    let join = serde_json::json!({"type": "control_join", "migration_id": rogue.id});
+    control.send(&join).expect("join");
+    (rogue, control)
+}
+
+/// A libvirt remote-protocol call, as a data frame of the control connection.
+pub fn libvirt_call(procedure: i32, serial: u32, body: &[u8]) -> Vec<u8> {
+    use ferry_libvirt::rpc::{message, MessageType, REMOTE_PROGRAM};
+    super::frame(2, &message(REMOTE_PROGRAM, procedure, MessageType::Call, serial, body))
+}
+
+/// Wait for host2's record of migration `id` to be aborted; returns it.
+pub fn aborted_on_host2(lab: &TestLab, id: &str) -> serde_json::Value {
+    wait_until(Duration::from_secs(30), "the migration to fail", || {
+        lab.ferry_json(&["migrations", "show", id, "--host", "host2"]).1["state"] == "aborted"
+    });
+    lab.ferry_json(&["migrations", "show", id, "--host", "host2"]).1
+}
+
+/// host2's audit records of the refused control-connection calls.
+pub fn control_calls_refused(lab: &TestLab) -> Vec<String> {
+    let audit = std::fs::read_to_string(lab.host("host2").state_dir.join("audit.log"))
+        .expect("host2 audit log");
+    audit.lines().filter(|l| l.contains("\"control_call_refused\"")).map(str::to_owned).collect()
 }

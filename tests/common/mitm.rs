@@ -436,12 +436,6 @@ pub fn append_migration_config(lab: &TestLab, host: &str, settings: &str) {
     std::fs::write(cfg, s).expect("cfg");
 }
 
-/// Point `host`'s [peers] entry for `peer` at `addr` (e.g. a Mitm).
-pub fn route_peer_via(lab: &TestLab, host: &str, peer: &str, addr: SocketAddr) {
-    let target = lab.host(peer).addr;
-    lab.edit_config(host, &format!("{peer} = \"{target}\""), &format!("{peer} = \"{addr}\""));
-}
-
 /// A 128-bit hex token from the OS's randomness.
 pub fn random_token() -> String {
     let mut b = [0u8; 16];

@@ -46,6 +46,8 @@ impl TestLab {
     }
 
     /// A lab with extra `ferry lab up` arguments (e.g. `--backend libvirt`).
+    /// Hosts share loopback (these tests reach agents, metrics and proxies
+    /// at 127.0.0.1) unless `extra` asks for `--netns`.
     pub fn up_with(hosts: u32, bandwidth_mib_s: u64, extra: &[&str]) -> TestLab {
         let dir =
             tempfile::Builder::new().prefix("ferry-e2e-").tempdir_in("/tmp").expect("tempdir");
@@ -54,6 +56,9 @@ impl TestLab {
         args.extend(["--max-bandwidth-mib-s", &bandwidth]);
         args.extend(["--dir", dir.path().to_str().expect("utf8")]);
         args.extend(extra);
+        if !extra.contains(&"--netns") {
+            args.push("--no-netns");
+        }
         let o = run(&args, None);
         assert!(o.status.success(), "lab up failed: {}", text(&o));
         let lab: Lab = serde_json::from_slice(&o.stdout).expect("lab json");
@@ -170,6 +175,27 @@ impl TestLab {
         let s = std::fs::read_to_string(p).expect("config");
         assert!(s.contains(from), "{from:?} not in {}", p.display());
         std::fs::write(p, s.replace(from, to)).expect("write config");
+    }
+
+    /// Make `host` reach `peer` at `via` (a test's proxy) instead of the
+    /// peer's own address; takes effect when the agent restarts.
+    pub fn route_peer(&self, host: &str, peer: &str, via: SocketAddr) {
+        let direct = self.host(peer).addr;
+        self.edit_config(host, &format!("{peer} = \"{direct}\""), &format!("{peer} = \"{via}\""));
+    }
+
+    /// Undo [`TestLab::route_peer`]: the network heals.
+    pub fn unroute_peer(&self, host: &str, peer: &str, via: SocketAddr) {
+        let direct = self.host(peer).addr;
+        self.edit_config(host, &format!("{peer} = \"{via}\""), &format!("{peer} = \"{direct}\""));
+    }
+
+    /// Wait until `host`'s record of migration `id` says completed.
+    pub fn wait_completed(&self, host: &str, id: &str) {
+        wait_until(Duration::from_secs(30), &format!("{host} to settle migration {id}"), || {
+            let (_, m) = self.ferry_json(&["migrations", "show", id, "--host", host]);
+            m["state"] == "completed"
+        });
     }
 
     pub fn console_lines(&self, vm_info: &Value) -> Vec<ConsoleLine> {
@@ -405,6 +431,7 @@ mod attack;
 mod evidence;
 mod libvirt;
 mod mitm;
+mod netns;
 mod qemu;
 mod rogue;
 mod vtpm;
@@ -416,6 +443,8 @@ pub use evidence::*;
 pub use libvirt::*;
 #[allow(unused_imports)]
 pub use mitm::*;
+#[allow(unused_imports)]
+pub use netns::*;
 #[allow(unused_imports)]
 pub use qemu::*;
 #[allow(unused_imports)]

@@ -128,6 +128,20 @@ pub enum Audit {
         migration: Option<String>,
         why: String,
     },
+    /// Source (libvirt): a process other than libvirt's daemon or the
+    /// domain's QEMU connected to a migration's local socket.
+    LocalConnectionRefused {
+        migration: String,
+        vm: String,
+        why: String,
+    },
+    /// Destination (libvirt): a call on libvirt's control connection that
+    /// the allowlist refused; the connection was cut.
+    ControlCallRefused {
+        migration: String,
+        vm: String,
+        why: String,
+    },
 }
 
 impl Audit {
@@ -170,6 +184,8 @@ impl Audit {
             Audit::VtpmPreflightFailed { .. } => "vtpm_preflight_failed",
             Audit::VtpmErased { .. } => "vtpm_erased",
             Audit::VtpmRefused { .. } => "vtpm_refused",
+            Audit::LocalConnectionRefused { .. } => "local_connection_refused",
+            Audit::ControlCallRefused { .. } => "control_call_refused",
         }
     }
 
@@ -244,6 +260,10 @@ impl Audit {
             Audit::VtpmErased { files, bytes } => json!({ "files": files, "bytes": bytes }),
             Audit::VtpmRefused { vm, dir, migration, why } => {
                 json!({ "vm": vm, "dir": dir, "migration": migration, "why": why })
+            }
+            Audit::LocalConnectionRefused { migration, vm, why }
+            | Audit::ControlCallRefused { migration, vm, why } => {
+                json!({ "migration": migration, "vm": vm, "why": why })
             }
         }
     }

@@ -31,6 +31,7 @@ pub mod plan;
 pub mod preflight;
 pub mod protocol;
 pub mod records;
+pub mod refusals;
 pub mod report;
 pub mod server;
 pub mod session;

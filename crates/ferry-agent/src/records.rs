@@ -55,6 +55,12 @@ pub struct MigrationRecord {
     /// Source, post-copy lost: the destination has acknowledged it.
     #[serde(default)]
     pub peer_told: bool,
+    /// Destination only: how long the resume gate held the VM once its
+    /// state had arrived (under libvirt: once QEMU had loaded it) while
+    /// the source's Commit was awaited, checked and the resume audited:
+    /// the gate's own share of the guest's downtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_hold_ms: Option<u64>,
     /// The VM's vTPM model (its state moved inside the stream).
     #[serde(default, skip_serializing_if = "TpmModel::is_none")]
     pub tpm: TpmModel,
@@ -94,6 +100,7 @@ impl MigrationRecord {
             streams: 1,
             postcopy: false,
             peer_told: false,
+            gate_hold_ms: None,
             tpm: TpmModel::None,
         }
     }

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::agent::Agent;
 use crate::attestation::{Attestation, Platform, Tpm};
 use crate::authz::Authz;
-use crate::backend::libvirt::{LibvirtBackend, LibvirtConfig};
+use crate::backend::libvirt::{LibvirtBackend, LibvirtConfig, Refusals};
 use crate::backend::qemu::QemuBackend;
 use crate::backend::{BackendError, VmBackend};
 use crate::config::{AgentConfig, BackendChoice, ConfigError};
@@ -91,6 +91,7 @@ impl Agent {
             },
             downtime_limit_ms: cfg.qemu.downtime_limit_ms,
         };
+        let (refusals, refused) = Refusals::new();
         let backend: Box<dyn VmBackend> = match cfg.vmm.backend {
             BackendChoice::Qemu => {
                 Box::new(QemuBackend::new(qemu, cfg.departed_dir())?.probe_vtpm().await)
@@ -102,6 +103,7 @@ impl Agent {
                     socket_dir: cfg.vmm.migration_socket_dir.clone(),
                     resume_wait: cfg.migration.commit_timeout(),
                     swtpm_state_root: cfg.vmm.libvirt_swtpm_dir.clone(),
+                    refusals,
                 })?
                 .probe_vtpm(&cfg.qemu.swtpm, &cfg.qemu.binary)
                 .await,
@@ -120,7 +122,9 @@ impl Agent {
         let log = ferry_audit::AuditLog::open(&audit_path, signer)?;
         let ca = ferry_audit::CaTrust::load(&cfg.tls.ca)?;
         let notary = Notary::new(domain, log, ca);
-        Agent::assemble(Parts { cfg, tls, backend, platform, notary }).await
+        let agent = Agent::assemble(Parts { cfg, tls, backend, platform, notary }).await?;
+        crate::refusals::spawn(agent.clone(), refused);
+        Ok(agent)
     }
 
     /// Put an agent together, adopt its VMs and settle what a restart left.

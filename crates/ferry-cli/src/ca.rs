@@ -133,6 +133,7 @@ fn write_client_config(
         crl: Some("crl.pem".into()),
         default_host,
         agents: agents.iter().cloned().collect(),
+        netns: None,
     };
     let path = out.join("client.toml");
     let text = format!(

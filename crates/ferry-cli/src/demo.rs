@@ -35,6 +35,11 @@ pub struct DemoArgs {
     /// Pages the guest dirties per millisecond while it migrates.
     #[arg(long, default_value_t = 64)]
     pub dirty: u32,
+    /// Who runs the VM: Ferry's agent ("qemu") or a libvirtd per host
+    /// ("libvirt": the guest is a libvirt domain and libvirt runs its
+    /// migration, carried by the agents).
+    #[arg(long, default_value = "qemu", value_parser = ["qemu", "libvirt"])]
+    pub backend: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,7 +113,9 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
         bandwidth_mib_s: 0,
         tpm: true,
         two_planes: false,
-        libvirt: false,
+        libvirt: args.backend == "libvirt",
+        // Loopback, so the demo runs without root too.
+        netns: false,
     };
     let lab = lab::up(&dir, opts).await?;
     let result = demo(&lab, &args, json).await;
@@ -188,19 +195,14 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
         ..GuestParams::default()
     };
     params.validate().map_err(|e| anyhow!("guest parameters: {e}"))?;
-    let spec = serde_json::from_value(serde_json::json!({
-        "name": vm, "memory_mib": args.memory, "vcpus": 1, "machine": "q35",
-        "boot": {"type": "kernel", "kernel": lab.guest_image, "cmdline": params.cmdline()},
-    }))
-    .context("demo VM spec")?;
     say(&format!(
-        "starting the test guest on {src} ({} MiB, {} MiB filled, dirtying {} pages/ms)",
-        args.memory, args.fill, args.dirty
+        "starting the test guest on {src} ({} MiB, {} MiB filled, dirtying {} pages/ms{})",
+        args.memory,
+        args.fill,
+        args.dirty,
+        if lab.host(&src)?.libvirt.is_some() { ", a libvirt domain" } else { "" }
     ));
-    let info = match client.call(&src, &ApiRequest::VmStart { spec, labels: None }).await? {
-        ApiResponse::Vm(v) => v,
-        other => return Err(anyhow!("unexpected answer {other:?}")),
-    };
+    let info = start_guest(lab, &client, &src, &vm, args.memory, &params.cmdline()).await?;
     let src_log = PathBuf::from(&info.console_log);
     console::wait_for(
         &src_log,
@@ -234,9 +236,15 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
         ApiResponse::Error { message, .. } => return Err(anyhow!("migration failed: {message}")),
         other => return Err(anyhow!("unexpected answer {other:?}")),
     };
+    // Under libvirt both QEMUs append to one console file: what it held
+    // when the migration returned is the source's part.
+    let shared_console = console::read_console(&src_log)?.len();
     let dst_vms = vms_on(&client, &dst).await?;
     let dst_info = dst_vms.iter().find(|v| v.name == vm).cloned();
-    let dst_log = dst_info.as_ref().map(|v| PathBuf::from(&v.console_log));
+    let dst_log = match lab.host(&dst)?.libvirt {
+        Some(_) => Some(src_log.clone()),
+        None => dst_info.as_ref().map(|v| PathBuf::from(&v.console_log)),
+    };
     if let Some(log) = &dst_log {
         say("waiting for two full memory sweeps on the destination");
         let _ = console::wait_for(
@@ -244,20 +252,33 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
             Duration::from_secs(60),
             "two memory sweeps on the destination",
             |l| {
-                l.iter().filter(|x| matches!(x.line, ferry_guest::GuestLine::Sweep { .. })).count()
+                let skip = if log == &src_log { shared_console } else { 0 };
+                l.iter()
+                    .skip(skip)
+                    .filter(|x| matches!(x.line, ferry_guest::GuestLine::Sweep { .. }))
+                    .count()
                     >= 2
             },
         )
         .await;
     }
-    let src_departed =
-        lab.host(&src)?.state_dir.join("departed").join(rec.id.to_string()).join("console.log");
-    let src_lines = console::read_console(&src_departed)?;
-    let dst_lines = match &dst_log {
-        Some(l) => console::read_console(l)?,
-        None => Vec::new(),
+    let (src_lines, dst_lines) = if dst_log.as_ref() == Some(&src_log) {
+        let mut all = console::read_console(&src_log)?;
+        let after = all.split_off(shared_console.min(all.len()));
+        (all, after)
+    } else {
+        let departed = lab.host(&src)?.state_dir.join("departed").join(rec.id.to_string());
+        let dst_lines = match &dst_log {
+            Some(l) => console::read_console(l)?,
+            None => Vec::new(),
+        };
+        (console::read_console(&departed.join("console.log"))?, dst_lines)
     };
-    let cont = console::analyze(&src_lines, &dst_lines);
+    let mut cont = console::analyze(&src_lines, &dst_lines);
+    if dst_log.as_ref() == Some(&src_log) {
+        // libvirt's console file has no timestamps: no blackout to report.
+        cont.guest_blackout_ms = None;
+    }
     let mut running_on = Vec::new();
     for h in [&src, &dst] {
         if vms_on(&client, h).await?.iter().any(|v| v.name == vm && v.state == "running") {
@@ -299,6 +320,43 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
 }
 
 /// Verify both hosts' audit logs offline and that they agree on this migration.
+/// Start the test guest on `host`: through the agent, or as a libvirt
+/// domain when the host runs libvirt (the agent then lists it).
+async fn start_guest(
+    lab: &Lab,
+    client: &OpClient,
+    host: &HostName,
+    vm: &VmName,
+    memory_mib: u32,
+    cmdline: &str,
+) -> Result<VmInfo> {
+    if let Some(lv) = &lab.host(host)?.libvirt {
+        let console = lab.dir.join(format!("{vm}.console"));
+        let kernel = lab.images_dir.join(&lab.guest_image);
+        let domain = crate::lab_libvirt::DomainSpec {
+            name: vm.as_str(),
+            kernel: &kernel,
+            console: &console,
+            memory_mib,
+            cmdline,
+        };
+        crate::lab_libvirt::start_domain(lv, &lab.dir, &domain)?;
+        let listed = vms_on(client, host).await?.into_iter().find(|v| &v.name == vm);
+        let mut info = listed.ok_or_else(|| anyhow!("{host} does not list domain {vm}"))?;
+        info.console_log = console.display().to_string();
+        return Ok(info);
+    }
+    let spec = serde_json::from_value(serde_json::json!({
+        "name": vm, "memory_mib": memory_mib, "vcpus": 1, "machine": "q35",
+        "boot": {"type": "kernel", "kernel": lab.guest_image, "cmdline": cmdline},
+    }))
+    .context("demo VM spec")?;
+    match client.call(host, &ApiRequest::VmStart { spec, labels: None }).await? {
+        ApiResponse::Vm(v) => Ok(v),
+        other => Err(anyhow!("unexpected answer {other:?}")),
+    }
+}
+
 fn evidence_verified(lab: &Lab, src: &HostName, dst: &HostName, id: &str) -> bool {
     let log = |h: &HostName| lab.host(h).map(|h| h.state_dir.join("audit.log"));
     let (Ok(a), Ok(b)) = (log(src), log(dst)) else { return false };

@@ -1,5 +1,7 @@
-//! `ferry lab`: a CA, N agents on loopback and an operator identity, in one
-//! directory. For trying Ferry, for the demo and for whole-system tests.
+//! `ferry lab`: a CA, N agents and an operator identity, in one directory.
+//! For trying Ferry, for the demo and for whole-system tests. Each host runs
+//! in a network namespace of its own (`--netns`, see [`crate::lab_netns`])
+//! or, as a fallback, all of them on loopback.
 //!
 //! ```text
 //! DIR/ca/                     the cluster CA (ca.pem, ca.key, crl.pem)
@@ -13,6 +15,7 @@
 //! DIR/policy/                 ferry.cedar (the example policy set) and entities.json
 //!                             (hosts in zone "lab" with trust 3, operator admin)
 //! DIR/lab.json                what `lab up` printed
+//! DIR/netns.json              the namespaces and addresses (`--netns`)
 //! ```
 
 use std::collections::BTreeMap;
@@ -27,6 +30,7 @@ use ferry_types::{HostName, OperatorName, TrustDomain};
 use serde::{Deserialize, Serialize};
 
 use crate::lab_libvirt::{self, LabLibvirt};
+use crate::lab_netns::{self, LabNet};
 use crate::opclient::ClientConfig;
 pub use crate::procs::pid_alive;
 use crate::procs::signal;
@@ -50,6 +54,8 @@ pub struct LabOptions {
     pub libvirt: bool,
     /// Separate API and migration listeners (on loopback).
     pub two_planes: bool,
+    /// Each host in a network namespace of its own (implies two planes).
+    pub netns: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +80,9 @@ pub struct LabHost {
     /// the libvirtd's mount namespace.
     #[serde(default)]
     pub libvirt: Option<LabLibvirt>,
+    /// The host's network namespace (`--netns`).
+    #[serde(default)]
+    pub netns: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,6 +101,9 @@ pub struct Lab {
     pub ak_registry: Option<PathBuf>,
     pub reference_values: Option<PathBuf>,
     pub tpm_manufacturer_ca: Option<PathBuf>,
+    /// The hosts' namespaces and networks (`--netns`).
+    #[serde(default)]
+    pub net: Option<LabNet>,
 }
 
 impl LabHost {
@@ -212,22 +224,22 @@ fn agent_toml(
     s
 }
 
-/// Give a host a provisioned, running swtpm and an enrolled AK, and add its
-/// current PCRs to the lab's reference values.
+/// Give a host a provisioned swtpm running on `port` (and its control
+/// port, port + 1) and an enrolled AK, and add its current PCRs to the
+/// lab's reference values.
 fn provision_tpm(
     dir: &Path,
     hdir: &Path,
     name: &HostName,
     tpm_ca: &Path,
     tpm_ca_pem: &Path,
+    port: u16,
 ) -> Result<LabTpm> {
     use ferry_attest::Swtpm;
     let tpm_dir = hdir.join("tpm");
     std::fs::create_dir_all(&tpm_dir)?;
     Swtpm::provision(&tpm_dir, tpm_ca)
         .with_context(|| format!("provisioning the swtpm of {name}"))?;
-    // swtpm's server port and its control port (port + 1).
-    let port = free_ports(2)?;
     let tpm =
         Swtpm::start(&tpm_dir, port).with_context(|| format!("starting the swtpm of {name}"))?;
     let tcti = tpm.tcti();
@@ -267,6 +279,24 @@ fn write_policy(dir: &Path, hosts: &[LabHost]) -> Result<()> {
 /// docs/policy/ferry.cedar, shipped with the binary for the lab.
 pub const EXAMPLE_POLICY: &str = include_str!("../../../docs/policy/ferry.cedar");
 
+/// Run `f` inside the host's namespace, or here on loopback.
+fn on_host<T: Send>(h: &LabHost, f: impl FnOnce() -> T + Send) -> Result<T> {
+    match &h.netns {
+        Some(ns) => lab_netns::in_netns(ns, f),
+        None => Ok(f()),
+    }
+}
+
+/// The agent's API listener accepts connections (probed from the operator's
+/// namespace when the lab has namespaces).
+fn listening(lab: &Lab, h: &LabHost) -> bool {
+    let timeout = Duration::from_secs(1);
+    match &lab.net {
+        Some(net) => lab_netns::connect(&net.operator, h.addr, timeout).is_ok(),
+        None => std::net::TcpStream::connect_timeout(&h.addr, timeout).is_ok(),
+    }
+}
+
 /// Make sure a host's swtpm runs (after `lab down`, or a crash).
 fn ensure_tpm(t: &LabTpm) -> Result<()> {
     if ferry_attest::Swtpm::adopt(&t.dir, t.port)?.is_none() {
@@ -276,19 +306,44 @@ fn ensure_tpm(t: &LabTpm) -> Result<()> {
 }
 
 pub async fn up(dir: &Path, opts: LabOptions) -> Result<Lab> {
-    let (hosts, bandwidth) = (opts.hosts, opts.bandwidth_mib_s);
+    let hosts = opts.hosts;
     if !(1..=16).contains(&hosts) {
         bail!("--hosts must be between 1 and 16");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    if dir.join("lab.json").exists() {
+    if dir.join("lab.json").exists() || LabNet::load(&dir)?.is_some() {
         bail!(
             "{} already holds a lab; run `ferry lab down --dir {}` and remove it first",
             dir.display(),
             dir.display()
         );
     }
+    let names = (1..=hosts).map(|i| format!("host{i}").parse()).collect::<Result<Vec<_>, _>>()?;
+    let net = opts.netns.then(|| lab_netns::plan(&dir, &names));
+    let made = match &net {
+        Some(net) => lab_netns::create(&dir, net),
+        None => Ok(()),
+    };
+    let lab = match made {
+        Ok(()) => populate(&dir, opts, names, net).await,
+        Err(e) => Err(e),
+    };
+    if lab.is_err() {
+        // Leave nothing running and no namespace behind a failed `lab up`.
+        let _ = down(&dir).await;
+    }
+    lab
+}
+
+async fn populate(
+    dir: &Path,
+    opts: LabOptions,
+    names: Vec<HostName>,
+    net: Option<LabNet>,
+) -> Result<Lab> {
+    let dir = dir.to_owned();
+    let bandwidth = opts.bandwidth_mib_s;
     let domain: TrustDomain = "ferry.lab".parse()?;
     let ca = CaDir::init(&dir.join("ca"), &domain, 30)?;
     let images = dir.join("images");
@@ -304,29 +359,48 @@ pub async fn up(dir: &Path, opts: LabOptions) -> Result<Lab> {
     let tpm_ca_pem =
         if opts.tpm { Some(ferry_attest::Swtpm::manufacturer_ca_init(&tpm_ca)?) } else { None };
     let mut lab_hosts = Vec::new();
-    for i in 1..=hosts {
-        let name: HostName = format!("host{i}").parse()?;
+    let mut libvirtds = lab_libvirt::Started::default();
+    for (i, name) in (1..).zip(names) {
         let hdir = dir.join("hosts").join(name.as_str());
         std::fs::create_dir_all(&hdir)?;
         let issued = ca.issue_host(&name, Validity::days(30), &hdir)?;
-        let tpm = match &tpm_ca_pem {
-            Some(pem) => Some(provision_tpm(&dir, &hdir, &name, &tpm_ca, pem)?),
-            None => None,
+        let nh = net.as_ref().map(|n| n.host(&name)).transpose()?;
+        let tpm = match (&tpm_ca_pem, nh) {
+            (Some(pem), Some(nh)) => Some(lab_netns::in_netns(&nh.netns, || {
+                provision_tpm(&dir, &hdir, &name, &tpm_ca, pem, lab_netns::SWTPM_PORT)
+            })??),
+            (Some(pem), None) => {
+                Some(provision_tpm(&dir, &hdir, &name, &tpm_ca, pem, free_ports(2)?)?)
+            }
+            (None, _) => None,
         };
         let libvirt = match opts.libvirt {
             true => Some(lab_libvirt::start(&hdir.join("libvirt"))?),
             false => None,
         };
+        libvirtds.extend(libvirt.as_ref());
         // 127.0.0.0/8 is all loopback: each host's migration listener gets
         // an address of its own, which its peers allow and it leaves from.
-        let migration = match opts.two_planes {
-            true => Some(SocketAddr::from(([127, 0, 1, i as u8], free_port()?))),
-            false => None,
+        let (addr, migration, metrics) = match nh {
+            Some(nh) => (
+                SocketAddr::from((nh.mgmt, lab_netns::API_PORT)),
+                Some(SocketAddr::from((nh.migration, lab_netns::MIGRATION_PORT))),
+                SocketAddr::from((nh.mgmt, lab_netns::METRICS_PORT)),
+            ),
+            None => (
+                SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+                match opts.two_planes {
+                    true => Some(SocketAddr::from(([127, 0, 1, i as u8], free_port()?))),
+                    false => None,
+                },
+                SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            ),
         };
         lab_hosts.push(LabHost {
-            addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            addr,
             migration,
-            metrics: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            metrics,
+            netns: nh.map(|n| n.netns.clone()),
             config: hdir.join("agent.toml"),
             cert: issued.cert,
             key: issued.key,
@@ -353,6 +427,7 @@ pub async fn up(dir: &Path, opts: LabOptions) -> Result<Lab> {
         crl: Some(ca.crl_path()),
         default_host: lab_hosts.first().map(|h| h.name.clone()),
         agents,
+        netns: net.as_ref().map(|n| n.operator.clone()),
     };
     let client_config = op_dir.join("client.toml");
     std::fs::write(&client_config, toml::to_string(&client)?)?;
@@ -370,14 +445,12 @@ pub async fn up(dir: &Path, opts: LabOptions) -> Result<Lab> {
         reference_values: opts.tpm.then(|| dir.join("reference-values.toml")),
         tpm_manufacturer_ca: tpm_ca_pem,
         dir: dir.clone(),
+        net,
     };
     std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
+    libvirtds.keep();
     for h in &lab.hosts {
-        if let Err(e) = start_agent(&lab, h).await {
-            // Leave nothing running behind a failed `lab up`.
-            let _ = down(&dir).await;
-            return Err(e);
-        }
+        start_agent(&lab, h).await?;
     }
     Ok(lab)
 }
@@ -387,13 +460,13 @@ pub async fn up(dir: &Path, opts: LabOptions) -> Result<Lab> {
 pub async fn start_agent(lab: &Lab, h: &LabHost) -> Result<u32> {
     use std::os::unix::process::CommandExt;
     if let Some(t) = &h.tpm {
-        ensure_tpm(t)?;
+        on_host(h, || ensure_tpm(t))??;
     }
     // A killed agent can keep its listener open for a moment after its main
     // thread is already a zombie (the other threads still exiting). Probing
     // then would find the old agent and report the new one ready too early.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(h.addr).await.is_ok() {
+    while listening(lab, h) {
         if Instant::now() > deadline {
             bail!("{} is still in use: is the agent of {} already running?", h.addr, h.name);
         }
@@ -403,31 +476,31 @@ pub async fn start_agent(lab: &Lab, h: &LabHost) -> Result<u32> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&h.log)?;
     let mut command = match &h.libvirt {
         Some(lv) => {
-            let enter = lv.enter();
+            let enter = lab_libvirt::ensure(lv)?.enter();
             let mut c = std::process::Command::new(&enter[0]);
             c.args(&enter[1..]).arg(exe);
             c
         }
         None => std::process::Command::new(exe),
     };
-    let child = command
+    command
         .args(["agent", "--config"])
         .arg(&h.config)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .process_group(0)
-        .spawn()
+        .process_group(0);
+    // The agent (and the QEMUs it starts) live in the host's namespace.
+    let child = on_host(h, || command.spawn())?
         .with_context(|| format!("cannot start the agent of {}", h.name))?;
     let pid = child.id();
     std::fs::write(&h.pid_file, pid.to_string())?;
     // Ready when it listens: the agent binds only after loading its identity
     // and settling its VMs. (A TCP probe, not a status call, so an agent
     // deliberately given a bad certificate still counts as started.)
-    let _ = lab;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if tokio::net::TcpStream::connect(h.addr).await.is_ok() {
+        if listening(lab, h) {
             return Ok(pid);
         }
         if !pid_alive(pid as i32) || Instant::now() > deadline {
@@ -440,9 +513,21 @@ pub async fn start_agent(lab: &Lab, h: &LabHost) -> Result<u32> {
     }
 }
 
-/// Stop every agent, then every QEMU the lab's hosts run.
+/// Stop every agent, then every QEMU the lab's hosts run, then delete the
+/// lab's namespaces (also those of a `lab up` that crashed half-way).
 pub async fn down(dir: &Path) -> Result<()> {
-    let lab = Lab::load(dir)?;
+    let lab = Lab::load(dir);
+    if let Ok(lab) = &lab {
+        stop_hosts(lab).await;
+    }
+    let deleted = lab_netns::destroy(dir)?;
+    match lab {
+        Err(_) if !deleted.is_empty() => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+async fn stop_hosts(lab: &Lab) {
     for h in &lab.hosts {
         if let Some(pid) =
             std::fs::read_to_string(&h.pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok())
@@ -466,13 +551,14 @@ pub async fn down(dir: &Path) -> Result<()> {
             }
         }
         if let Some(t) = &h.tpm {
-            if let Ok(Some(tpm)) = ferry_attest::Swtpm::adopt(&t.dir, t.port) {
-                tpm.stop();
-            }
+            let _ = on_host(h, || {
+                if let Ok(Some(tpm)) = ferry_attest::Swtpm::adopt(&t.dir, t.port) {
+                    tpm.stop();
+                }
+            });
         }
         if let Some(lv) = &h.libvirt {
             lab_libvirt::stop(lv);
         }
     }
-    Ok(())
 }

@@ -40,7 +40,50 @@ impl LabLibvirt {
 
     /// The command line prefix that runs a program inside this host.
     pub fn enter(&self) -> Vec<String> {
-        vec!["nsenter".into(), format!("--mount=/proc/{}/ns/mnt", self.pid), "--".into()]
+        vec!["nsenter".into(), format!("--mount=/proc/{}/ns/mnt", self.daemon()), "--".into()]
+    }
+
+    /// The libvirtd running now: `lab start` may have restarted it since
+    /// the lab was written down.
+    pub fn daemon(&self) -> i32 {
+        read_pid(&self.dir.join(DAEMON_PID)).unwrap_or(self.pid as i32)
+    }
+}
+
+/// Where the pid of the host's libvirtd (and so of its namespace) is kept.
+const DAEMON_PID: &str = "daemon.pid";
+
+/// The host's libvirtd, started again if it is not running (`lab start`
+/// after a crash or a kill). Its domains' QEMUs, if they survived, are found
+/// again by libvirt from its state directory, which is the host's own.
+pub fn ensure(lv: &LabLibvirt) -> Result<LabLibvirt> {
+    if pid_alive(lv.daemon()) {
+        return Ok(lv.clone());
+    }
+    start(&lv.dir)
+}
+
+/// The libvirtds a `lab up` started so far; unless [`Started::keep`] is
+/// called (the lab was written down, so `lab down` finds them), dropping
+/// it stops them: a failed `lab up` leaves nothing running.
+#[derive(Default)]
+pub struct Started(Vec<LabLibvirt>);
+
+impl Started {
+    pub fn extend(&mut self, lv: Option<&LabLibvirt>) {
+        self.0.extend(lv.cloned());
+    }
+
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        for lv in &self.0 {
+            stop(lv);
+        }
     }
 }
 
@@ -56,16 +99,24 @@ pub fn start(dir: &Path) -> Result<LabLibvirt> {
         // The mount points must exist outside for the bind mounts inside.
         std::fs::create_dir_all(seen).with_context(|| format!("cannot create {seen}"))?;
     }
-    copy_tree(Path::new("/etc/libvirt"), &dir.join("etc"))?;
-    // No virtual networks: a lab host must not touch this machine's bridges.
-    let _ = std::fs::remove_dir_all(dir.join("etc/qemu/networks/autostart"));
-    std::fs::write(dir.join("etc/libvirtd.conf"), libvirtd_conf())?;
-    std::fs::write(dir.join("etc/qemu.conf"), QEMU_CONF)?;
+    // A restarted host keeps its configuration, host UUID and domains.
+    if !dir.join("etc/libvirtd.conf").exists() {
+        copy_tree(Path::new("/etc/libvirt"), &dir.join("etc"))?;
+        // No virtual networks: a lab host must not touch this machine's bridges.
+        let _ = std::fs::remove_dir_all(dir.join("etc/qemu/networks/autostart"));
+        std::fs::write(dir.join("etc/qemu.conf"), QEMU_CONF)?;
+        std::fs::write(dir.join("etc/libvirtd.conf"), libvirtd_conf())?;
+    }
+    // libvirtd refuses to start when qemu.conf names a missing directory.
+    std::fs::create_dir_all(dir.join("etc/migrate-tls"))?;
     let mut script = String::from("set -e\n");
     for (own, seen) in PRIVATE {
         script.push_str(&format!("mount --bind '{}' '{seen}'\n", dir.join(own).display()));
     }
     script.push_str("exec libvirtd -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid\n");
+    // A killed libvirtd leaves its socket behind: ready means a new one.
+    let sock = dir.join("run/libvirt-sock");
+    let _ = std::fs::remove_file(&sock);
     let out = std::fs::File::create(dir.join("libvirtd.out"))?;
     let child = std::process::Command::new("unshare")
         .args(["-m", "--propagation", "private", "sh", "-c", &script])
@@ -75,7 +126,7 @@ pub fn start(dir: &Path) -> Result<LabLibvirt> {
         .spawn()
         .context("cannot start libvirtd")?;
     let lv = LabLibvirt { dir: dir.to_owned(), pid: child.id() };
-    let sock = dir.join("run/libvirt-sock");
+    std::fs::write(dir.join(DAEMON_PID), child.id().to_string())?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !sock.exists() {
         if Instant::now() > deadline || !pid_alive(lv.pid as i32) {
@@ -99,7 +150,7 @@ pub fn stop(lv: &LabLibvirt) {
             }
         }
     }
-    let pid = read_pid(&lv.dir.join("run/libvirtd.pid")).unwrap_or(lv.pid as i32);
+    let pid = read_pid(&lv.dir.join("run/libvirtd.pid")).unwrap_or(lv.daemon());
     signal(pid, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
     while pid_alive(pid) && Instant::now() < deadline {
@@ -145,9 +196,47 @@ fn libvirtd_conf() -> String {
 
 /// The lab runs QEMU as root without confinement: this machine has no
 /// SELinux/AppArmor profiles or cgroup delegation for a second libvirtd.
+/// libvirt's own `--tls` migration (which the benchmark compares Ferry
+/// with) reads its certificates from the host's `etc/migrate-tls`, empty
+/// until someone puts them there.
 const QEMU_CONF: &str = "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\n\
 remember_owner = 0\nsecurity_driver = \"none\"\ncgroup_controllers = [ ]\nnamespaces = [ ]\n\
-stdio_handler = \"file\"\nswtpm_user = \"root\"\nswtpm_group = \"root\"\n";
+stdio_handler = \"file\"\nswtpm_user = \"root\"\nswtpm_group = \"root\"\n\
+migrate_tls_x509_cert_dir = \"/etc/libvirt/migrate-tls\"\nmigrate_tls_x509_verify = 1\n";
+
+/// Define the lab's test guest as a persistent domain on a host and start
+/// it; its console appends to `console` (the same path on every host, so
+/// the guest's lines continue in one file after a migration).
+pub fn start_domain(lv: &LabLibvirt, xml_dir: &Path, domain: &DomainSpec<'_>) -> Result<()> {
+    let xml =
+        domain_xml(domain.name, domain.kernel, domain.console, domain.memory_mib, domain.cmdline);
+    let path = xml_dir.join(format!("{}.xml", domain.name));
+    std::fs::write(&path, xml).with_context(|| format!("cannot write {}", path.display()))?;
+    virsh(lv, &["define", &path.display().to_string()])?;
+    virsh(lv, &["start", domain.name])
+}
+
+/// What `ferry lab domain` defines.
+pub struct DomainSpec<'a> {
+    pub name: &'a str,
+    pub kernel: &'a Path,
+    pub console: &'a Path,
+    pub memory_mib: u32,
+    pub cmdline: &'a str,
+}
+
+fn virsh(lv: &LabLibvirt, args: &[&str]) -> Result<()> {
+    let o = std::process::Command::new("virsh")
+        .arg("-c")
+        .arg(lv.uri())
+        .args(args)
+        .output()
+        .context("cannot run virsh (apt-get install libvirt-clients)")?;
+    if !o.status.success() {
+        bail!("virsh {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+    }
+    Ok(())
+}
 
 fn uuid_v4() -> String {
     use std::io::Read;

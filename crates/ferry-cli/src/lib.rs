@@ -20,6 +20,8 @@ pub mod image;
 pub mod lab;
 pub mod lab_cmd;
 pub mod lab_libvirt;
+pub mod lab_link;
+pub mod lab_netns;
 pub mod opclient;
 pub mod ops;
 pub mod policy;

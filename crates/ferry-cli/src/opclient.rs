@@ -24,6 +24,10 @@ pub struct ClientConfig {
     /// The agent to talk to when --host is not given.
     pub default_host: Option<HostName>,
     pub agents: BTreeMap<HostName, SocketAddr>,
+    /// Connect from inside this network namespace (a lab made with
+    /// `--netns`: its operator namespace, on the management network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 pub struct OpClient {
@@ -79,16 +83,32 @@ impl OpClient {
             *self.cfg.agents.get(host).ok_or_else(|| {
                 anyhow!("host {host} is not in the client config's [agents] table")
             })?;
-        let (stream, _proof) = ferry_agent::net::connect(
-            addr,
-            None,
-            host,
-            self.tls.clone(),
-            &self.domain,
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|e| anyhow!(ferry_agent::report(&e)))?;
+        let timeout = Duration::from_secs(10);
+        let connected = match &self.cfg.netns {
+            None => {
+                ferry_agent::net::connect(addr, None, host, self.tls.clone(), &self.domain, timeout)
+                    .await
+            }
+            Some(ns) => {
+                let ns = ns.clone();
+                let tcp = tokio::task::spawn_blocking(move || {
+                    crate::lab_netns::connect(&ns, addr, timeout)
+                })
+                .await??;
+                tcp.set_nonblocking(true)?;
+                let tcp = tokio::net::TcpStream::from_std(tcp)?;
+                ferry_agent::net::handshake(
+                    tcp,
+                    addr,
+                    host,
+                    self.tls.clone(),
+                    &self.domain,
+                    timeout,
+                )
+                .await
+            }
+        };
+        let (stream, _proof) = connected.map_err(|e| anyhow!(ferry_agent::report(&e)))?;
         let (mut reader, mut writer) = ferry_agent::net::greet(stream, host, addr, REQUEST_TIMEOUT)
             .await
             .map_err(|e| anyhow!(ferry_agent::report(&e)))?;

@@ -373,6 +373,9 @@ pub fn print_record(m: &MigrationRecord) {
         opt(m.qemu_downtime_ms),
         opt(m.setup_ms)
     );
+    if let Some(ms) = m.gate_hold_ms {
+        outln!("  resume gate held the loaded VM {ms} ms (Commit awaited, checked, audited)");
+    }
     match &m.attestation {
         Some(a) if a.peer_verified => {
             outln!("  attestation: {} verified (PCRs {:?}), {} ms", m.peer(), a.peer_pcrs, a.ms)

@@ -197,7 +197,7 @@ impl Libvirt {
     }
 
     pub fn job(&self, name: &str) -> Result<JobProgress, LibvirtError> {
-        let j = self.domain(name)?.job_stats(0).map_err(|e| call("reading the job", e))?;
+        let j = job_stats(&self.domain(name)?).map_err(|e| call("reading the job", e))?;
         Ok(JobProgress {
             data_total: j.data_total.unwrap_or(0),
             data_remaining: j.data_remaining.unwrap_or(0),
@@ -263,4 +263,38 @@ fn close_dead(conn: Option<Connect>) {
     if let Some(c) = conn {
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(c)));
     }
+}
+
+/// `virDomainGetJobStats`, without the bindings' `Domain::job_stats`: that
+/// one builds a `Vec` from libvirt's pointer, which is NULL once the job has
+/// ended (no parameters), and so aborted the agent polling a migration that
+/// libvirt had just failed.
+#[allow(unsafe_code)]
+fn job_stats(d: &Domain) -> Result<virt::domain::JobStats, virt::error::Error> {
+    let (mut kind, mut nparams) = (0, 0);
+    let mut params: virt::sys::virTypedParameterPtr = std::ptr::null_mut();
+    // SAFETY: `d` owns a live domain reference for the whole call; libvirt
+    // writes a malloc'd array of `nparams` parameters (or NULL) to `params`.
+    let rc = unsafe {
+        virt::sys::virDomainGetJobStats(d.as_ptr(), &mut kind, &mut params, &mut nparams, 0)
+    };
+    if rc < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    let copied = match (params.is_null(), usize::try_from(nparams)) {
+        (false, Ok(n)) if n > 0 => {
+            // SAFETY: libvirt returned `n` initialised parameters at `params`;
+            // they are copied out (the conversion below copies their strings
+            // too) before libvirt's own free releases the array.
+            unsafe { std::slice::from_raw_parts(params, n) }.to_vec()
+        }
+        _ => Vec::new(),
+    };
+    let stats = virt::domain::JobStats::from((kind, copied));
+    if !params.is_null() {
+        // SAFETY: the array and its strings are libvirt's, freed once, here;
+        // nothing refers to them any more.
+        unsafe { virt::sys::virTypedParamsFree(params, nparams) };
+    }
+    Ok(stats)
 }

@@ -290,6 +290,54 @@ async fn a_tampered_incoming_record_stops_the_outgoing_direction_too() {
     assert!(matches!(record_error(&err), Some(RecordError::IncomingFailed)), "{err}");
 }
 
+/// SECURITY (RFC 8446 §5.2, §6): the peer learns why: the first write
+/// after a record failed to authenticate sends a fatal bad_record_mac
+/// alert (what the writer had already sealed goes before it, whole; what
+/// it had not sealed is dropped), and nothing after it.
+#[tokio::test]
+async fn a_tampered_incoming_record_is_answered_with_bad_record_mac_and_nothing_else() {
+    let mut wire = wire_of(async |w| {
+        w.write_all(b"tampered").await.unwrap();
+        w.flush().await.unwrap();
+    })
+    .await;
+    wire[HEADER_LEN + 2] ^= 1;
+    let (mut r, mut w, peer) = linked_halves(&wire).await;
+    w.write_all(b"sealed before").await.unwrap();
+    w.flush().await.unwrap();
+    w.write_all(b"never sealed").await.unwrap();
+    r.read_to_end(&mut Vec::new()).await.unwrap_err();
+    w.write_all(b"after").await.unwrap_err();
+    w.flush().await.unwrap_err();
+    w.shutdown().await.unwrap();
+    drop(w);
+    let mut got = Vec::new();
+    let err = reader(peer).read_to_end(&mut got).await.unwrap_err();
+    assert_eq!(got, b"sealed before");
+    assert!(
+        matches!(
+            tls_error(&err),
+            Some(rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac))
+        ),
+        "{err}"
+    );
+}
+
+/// A peer's own alert is not answered with one.
+#[tokio::test]
+async fn an_alert_from_the_peer_is_not_answered() {
+    let mut s = sealer();
+    let wire = raw_record(&mut s, ALERT, &[2, 20]);
+    let (mut r, mut w, peer) = linked_halves(&wire).await;
+    r.read_to_end(&mut Vec::new()).await.unwrap_err();
+    w.write_all(b"after").await.unwrap_err();
+    w.shutdown().await.unwrap();
+    drop(w);
+    let mut all = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut { peer }, &mut all).await.unwrap();
+    assert!(all.is_empty(), "{} bytes sent after the peer's alert", all.len());
+}
+
 /// The peer's close_notify ends only its direction (TLS 1.3 half-close):
 /// this side may still answer.
 #[tokio::test]

@@ -16,7 +16,9 @@
 //! TLS 1.2. Alerts are honoured: close_notify ends a stream cleanly, any
 //! other alert is an error, and a TCP end without close_notify is a
 //! truncation, never a clean end. A failed record ends the connection in
-//! both directions: the writer refuses once its reader failed.
+//! both directions: the writer sends the fatal alert RFC 8446 names
+//! (bad_record_mac for a record that does not authenticate) and then
+//! refuses.
 
 mod batch;
 mod failed;

@@ -34,6 +34,27 @@ enum Stopped {
 }
 
 impl Stopped {
+    /// The fatal alert RFC 8446 §6.2 names for this failure; None for a
+    /// clean end and for the peer's own alert.
+    fn alert(&self) -> Option<AlertDescription> {
+        match self {
+            Stopped::PeerClosed | Stopped::Alert(_) => None,
+            Stopped::Decrypt => Some(AlertDescription::BadRecordMac),
+            Stopped::Record(e) => Some(match e {
+                RecordError::RecordOverflow(_) => AlertDescription::RecordOverflow,
+                RecordError::UnexpectedRecordType(_)
+                | RecordError::UnexpectedInnerType(_)
+                | RecordError::NoContentType
+                | RecordError::PostHandshake(_) => AlertDescription::UnexpectedMessage,
+                RecordError::BadVersion(_)
+                | RecordError::RecordTooShort(_)
+                | RecordError::BadAlert(_)
+                | RecordError::Truncated => AlertDescription::DecodeError,
+                _ => AlertDescription::InternalError,
+            }),
+        }
+    }
+
     fn error(&self) -> Option<io::Error> {
         let tls = |e| io::Error::new(io::ErrorKind::InvalidData, e);
         match self {
@@ -109,8 +130,10 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         self.open_records();
         // A clean close_notify leaves the other direction open (TLS 1.3
         // half-close); anything else found in a record ends both.
-        if matches!(self.stopped, Some(Stopped::Decrypt | Stopped::Alert(_) | Stopped::Record(_))) {
-            self.failed.raise();
+        if let Some(stopped) = &self.stopped {
+            if !matches!(stopped, Stopped::PeerClosed) {
+                self.failed.raise(stopped.alert());
+            }
         }
     }
 

@@ -37,6 +37,15 @@ pub struct RecordWriter<W> {
     torn: bool,
     /// Raised by the reader of the same connection when its records fail.
     pub(crate) failed: IncomingFailed,
+    /// The fatal alert owed after `failed` is sealed (and then sent).
+    alert: AlertProgress,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AlertProgress {
+    NotYet,
+    Sealed,
+    Sent,
 }
 
 impl<W: AsyncWrite + Unpin> RecordWriter<W> {
@@ -51,6 +60,7 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
             closed: false,
             torn: false,
             failed: IncomingFailed::default(),
+            alert: AlertProgress::NotYet,
         }
     }
 
@@ -96,6 +106,38 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
         Ok(())
     }
 
+    /// After the reader failed: what was already sealed goes out whole (a
+    /// record cut short would read as garbage), plaintext not yet sealed is
+    /// dropped, then the fatal alert the reader chose, once; then the
+    /// writer refuses.
+    fn poll_alert(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(alert) = self.failed.alert() else { return Poll::Ready(Ok(())) };
+        if self.torn || self.closed || self.alert == AlertProgress::Sent {
+            return Poll::Ready(Ok(()));
+        }
+        if self.alert == AlertProgress::NotYet {
+            self.out.truncate(self.sealed);
+            // Alert level fatal (2) and its description.
+            self.out.resize(self.out.len() + HEADER_LEN, 0);
+            self.out.extend_from_slice(&[2, u8::from(alert)]);
+            self.building = true;
+            self.seal_building(ALERT)?;
+            self.alert = AlertProgress::Sealed;
+        }
+        ready!(self.poll_drain(cx))?;
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.alert = AlertProgress::Sent;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Once the reader failed: the alert, then the refusal.
+    fn poll_refuse(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        // An alert that cannot be written changes nothing: the connection
+        // is over either way.
+        let _ = ready!(self.poll_alert(cx));
+        Poll::Ready(RecordError::IncomingFailed.into())
+    }
+
     /// Write sealed records until none are left or the socket is full.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.sealed {
@@ -129,6 +171,9 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
         len: usize,
         mut each_record: impl FnMut(&[u8]),
     ) -> io::Result<()> {
+        if !self.torn && self.failed.is_raised() {
+            return Err(std::future::poll_fn(|cx| self.poll_refuse(cx)).await);
+        }
         self.usable()?;
         self.flush().await?;
         let ranges = batch.seal(len, |rec, data_from| {
@@ -157,6 +202,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for RecordWriter<W> {
         mut buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if !this.torn && this.failed.is_raised() {
+            return Poll::Ready(Err(ready!(this.poll_refuse(cx))));
+        }
         this.usable()?;
         if this.sealed - this.written >= HIGH_WATER {
             ready!(this.poll_drain(cx))?;
@@ -184,7 +232,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for RecordWriter<W> {
             return Poll::Ready(Err(RecordError::Torn.into()));
         }
         if this.failed.is_raised() {
-            return Poll::Ready(Err(RecordError::IncomingFailed.into()));
+            return Poll::Ready(Err(ready!(this.poll_refuse(cx))));
         }
         this.seal_building(APPLICATION_DATA)?;
         ready!(this.poll_drain(cx))?;
@@ -199,7 +247,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for RecordWriter<W> {
             return Poll::Ready(Err(RecordError::Torn.into()));
         }
         if this.failed.is_raised() {
-            // Nothing more is sent, not even close_notify: only the FIN.
+            // Nothing more is sent but the fatal alert, not even
+            // close_notify; then the FIN.
+            let _ = ready!(this.poll_alert(cx));
             return Pin::new(&mut this.io).poll_shutdown(cx);
         }
         if !this.closed {

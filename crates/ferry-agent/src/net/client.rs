@@ -80,6 +80,19 @@ pub async fn connect(
         }
         Ok(Ok(t)) => t,
     };
+    handshake(tcp, addr, host, config, domain, timeout).await
+}
+
+/// The TLS part of [`connect`], over a TCP connection the caller opened
+/// (e.g. from inside another network namespace, as the lab's CLI does).
+pub async fn handshake(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    host: &HostName,
+    config: Arc<ClientConfig>,
+    domain: &ferry_types::TrustDomain,
+    timeout: Duration,
+) -> Result<(Stream, PeerAuthenticated), ConnectError> {
     let _ = tcp.set_nodelay(true);
     let name = ferry_identity::server_name(host)
         .map_err(|source| ConnectError::Identity { host: host.clone(), source })?;

@@ -10,7 +10,7 @@ use ferry_channel::{FrameReader, FrameWriter};
 use ferry_tls::{Paced, TakeOverError, TcpReader, TcpWriter};
 use tokio::net::TcpStream;
 
-pub use client::{connect, greet, ConnectError};
+pub use client::{connect, greet, handshake, ConnectError};
 
 /// Either end of an agent connection, handshaken. `Paced` keeps rustls from
 /// reading past the handshake, so that [`take_over`] can hand the

@@ -64,24 +64,24 @@ pub async fn receive(
     let loaded = agent.backend.wait_loaded(&vm, agent.cfg.migration.max_transfer());
     let talk = async {
         tokio::pin!(loaded);
-        let mut said = false;
+        let mut loaded_at = None;
         loop {
             tokio::select! {
                 Some(chunk) = back_rx.recv() => forward(writer, &chunk).await.map_err(link)?,
-                r = &mut loaded, if !said => {
+                r = &mut loaded, if loaded_at.is_none() => {
                     r?;
-                    said = true;
+                    loaded_at = Some(std::time::Instant::now());
                     writer.write_control(&PeerMessage::Loaded { migration_id: id }).await.map_err(link)?;
                 }
-                _ = &mut ended_rx => return Ok::<bool, Error>(said),
+                _ = &mut ended_rx => return Ok::<_, Error>(loaded_at),
             }
         }
     };
-    let (main_sum, said): (StreamSum, bool) = tokio::try_join!(pump, talk)?;
+    let (main_sum, loaded_at): (StreamSum, _) = tokio::try_join!(pump, talk)?;
     let _ = to_qemu.shutdown().await;
-    if !said {
+    let Some(loaded_at) = loaded_at else {
         return Err(Error::NotLoaded("the source ended the stream before QEMU loaded it".into()));
-    }
+    };
     // The source ends its multifd streams with the main one.
     let joined = match joined {
         Some(mut task) => {
@@ -99,6 +99,7 @@ pub async fn receive(
     // Fail closed: a resume that cannot be audited does not happen.
     let audit = Audit::Resuming { bytes: received.bytes, digest: received.digest, postcopy: false };
     inbound.session.audit(audit, None).await?;
+    inbound.session.record_mut().gate_hold_ms = Some(loaded_at.elapsed().as_millis() as u64);
     // The gate lets SHUT go; it must reach the source while libvirt
     // finishes, so the return path keeps flowing until the VM runs here.
     opened(&agent, &vm, proof, writer, &mut back_rx).await?;

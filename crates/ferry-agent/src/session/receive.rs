@@ -60,6 +60,7 @@ async fn receive(
     } else {
         receive_streams(inbound, reader, joins).await?
     };
+    let arrived = std::time::Instant::now();
     let rec = inbound.session.record_mut();
     rec.bytes = received.bytes;
     rec.digest = Some(received.digest);
@@ -73,6 +74,7 @@ async fn receive(
     // Fail closed: a resume that cannot be audited does not happen.
     let audit = Audit::Resuming { bytes: received.bytes, digest: received.digest, postcopy: false };
     inbound.session.audit(audit, None).await?;
+    inbound.session.record_mut().gate_hold_ms = Some(arrived.elapsed().as_millis() as u64);
     agent.backend.open_gate(&vm, proof).await?;
     send_receipt(inbound, writer, received).await
 }

@@ -17,7 +17,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::{restrict, source, LibvirtBackend};
+use super::{restrict, source, LibvirtBackend, RefusalKind};
 use crate::backend::{BackendError, ChannelKind};
 use crate::checks::{AdmittedOffer, DigestsMatch};
 
@@ -138,7 +138,10 @@ impl LibvirtBackend {
                     BackendError::Io { what: format!("connecting to {}", sock.display()), source }
                 })?;
                 let filter = ControlFilter::new(expected);
-                tokio::spawn(filter_control(ours, daemon, filter, load, self.prepared(vm).await))
+                let (refusals, name) = (self.cfg.refusals.clone(), vm.clone());
+                let refused = move |why| refusals.report(id, &name, RefusalKind::ControlCall, why);
+                let prepared = self.prepared(vm).await;
+                tokio::spawn(filter_control(ours, daemon, filter, load, prepared, refused))
             }
             (ChannelKind::Main, _, Some(gate)) => {
                 // libvirt's Prepare starts the QEMU that listens there.
@@ -297,7 +300,12 @@ async fn filter_control(
     mut filter: ControlFilter,
     load: watch::Sender<Load>,
     prepared: Option<watch::Sender<bool>>,
+    refused: impl Fn(String) + Send + Sync,
 ) {
+    let refuse = |why: String| {
+        refused(why.clone());
+        load.send_replace(Load::Failed(format!("libvirt control connection refused: {why}")));
+    };
     let (mut from_source, mut to_source) = session.into_split();
     let (mut from_daemon, mut to_daemon) = daemon.into_split();
     let calls = async {
@@ -313,7 +321,7 @@ async fn filter_control(
                 let message = match framer.next_message() {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
-                    Err(e) => return refuse(&load, e.to_string()),
+                    Err(e) => return refuse(e.to_string()),
                 };
                 match filter.judge(&message) {
                     Ok(passed) => {
@@ -329,7 +337,7 @@ async fn filter_control(
                             }
                         }
                     }
-                    Err(refused) => return refuse(&load, crate::report::report(&refused)),
+                    Err(no) => return refuse(crate::report::report(&no)),
                 }
             }
         }
@@ -342,11 +350,6 @@ async fn filter_control(
         _ = calls => {}
         _ = replies => {}
     }
-}
-
-fn refuse(load: &watch::Sender<Load>, why: String) {
-    tracing::warn!(%why, "libvirt control message refused; cutting the migration");
-    load.send_replace(Load::Failed(format!("libvirt control connection refused: {why}")));
 }
 
 /// The stream into QEMU as it comes; QEMU's return path back through the

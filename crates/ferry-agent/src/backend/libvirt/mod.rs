@@ -9,7 +9,10 @@
 //!   the QEMU libvirt prepared, its return path held until the gate opens.
 
 mod destination;
+mod refusal;
 mod source;
+
+pub use refusal::{Refusal, RefusalKind, Refusals};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -44,6 +47,9 @@ pub struct LibvirtConfig {
     pub resume_wait: Duration,
     /// Where libvirt keeps its domains' swtpm state (a directory per UUID).
     pub swtpm_state_root: PathBuf,
+    /// Where connections and calls refused mid-migration are reported, for
+    /// the agent to audit and count.
+    pub refusals: Refusals,
 }
 
 pub struct LibvirtBackend {

@@ -15,7 +15,7 @@ use ferry_vmm::{Boot, Erased, MigrationState, MigrationStatus, RamStats};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
-use super::{restrict, LibvirtBackend, NAME};
+use super::{restrict, LibvirtBackend, RefusalKind, NAME};
 use crate::backend::{BackendError, Channel, ChannelKind, Outgoing};
 use crate::plan::TransferPlan;
 
@@ -102,8 +102,10 @@ impl LibvirtBackend {
         });
         let (tx, rx) = mpsc::channel(2);
         let pid_file = self.pid_file(vm);
+        let (refusals, name) = (self.cfg.refusals.clone(), vm.clone());
+        let refused = move |why| refusals.report(id, &name, RefusalKind::LocalConnection, why);
         let acceptor =
-            tokio::spawn(accept_all(control, stream, streams, pid_file, done.clone(), tx));
+            tokio::spawn(accept_all(control, stream, streams, pid_file, done.clone(), tx, refused));
         self.outgoing.lock().await.insert(vm.clone(), Migrating { id, done, acceptor, leftover });
         Ok(Outgoing::new(rx))
     }
@@ -257,12 +259,13 @@ async fn accept_all(
     pid_file: std::path::PathBuf,
     mut done: watch::Receiver<Outcome>,
     tx: mpsc::Sender<Result<Channel, BackendError>>,
+    refused: impl Fn(String) + Send + Sync,
 ) {
     let multifd = (1..streams).map(|i| (&stream, ChannelKind::Multifd(i)));
     let all = [(&control, ChannelKind::Control), (&stream, ChannelKind::Main)];
     for (listener, kind) in all.into_iter().chain(multifd) {
         let accepted = tokio::select! {
-            a = accept_admitted(listener, &pid_file, kind) => a,
+            a = accept_admitted(listener, &pid_file, kind, &refused) => a,
             _ = tokio::time::sleep(CONNECT_WAIT) => Err(BackendError::NoConnection {
                 what: format!("{kind:?} connection"),
                 after: CONNECT_WAIT,
@@ -283,6 +286,7 @@ async fn accept_admitted(
     listener: &UnixListener,
     pid_file: &Path,
     kind: ChannelKind,
+    refused: &(impl Fn(String) + Sync),
 ) -> Result<UnixStream, BackendError> {
     loop {
         let (s, _) = listener.accept().await.map_err(|source| BackendError::Io {
@@ -297,7 +301,7 @@ async fn accept_admitted(
         match local::admit(&peer, qemu) {
             Ok(_) => return Ok(s),
             // SECURITY: a refused process's bytes are never read.
-            Err(why) => tracing::warn!(?kind, %why, "local connection refused"),
+            Err(why) => refused(format!("{kind:?} socket: {why}")),
         }
     }
 }

@@ -1,0 +1,174 @@
+//! libvirt's domains under attack and under faults, for real (each lab host
+//! its own libvirtd, the test guest as a libvirt domain): whatever happens
+//! to the carried migration, libvirt runs exactly one copy of the domain.
+
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+
+/// A bit flipped in the carried stream (the man in the middle of
+/// tests/wire_attacks.rs, between the agents): the destination never opens
+/// the gate, libvirt fails the job, the source domain runs on and the
+/// destination has no domain. The same path without the flip migrates.
+#[test]
+fn a_flipped_bit_in_a_libvirt_stream_keeps_the_domain_on_the_source() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let log = start_domain(&lab, "host1", "lv", "fill_mib=32 dirty=16 hb_ms=20 tlbflush=1");
+    let mitm = Mitm::start(lab.host("host2").addr, Tamper::None, None);
+    lab.route_peer("host1", "host2", mitm.addr);
+    lab.restart_agent("host1");
+
+    mitm.set_tamper(Tamper::FlipBit { dir: Dir::Up, offset: 8 << 20, mask: 0x10 });
+    let (ok, out) = migrate_domain(&lab, "lv", "host1", "host2");
+    assert!(!ok, "a tampered migration succeeded: {out}");
+    let seen = mitm.log();
+    assert_eq!(seen.flipped.len(), 1, "the bit was not flipped ({seen:?}): {out}");
+    assert_domain_stayed(&lab, "lv", "host1", "host2", &log);
+    let src = records(&lab, "host1");
+    assert_eq!(src.last().map(|r| r.0.as_str()), Some("aborted"), "host1 records: {src:?}");
+    let dst = records(&lab, "host2");
+    assert_eq!(dst.last().map(|r| r.0.as_str()), Some("aborted"), "host2 records: {dst:?}");
+    // The destination never resumed it: no resuming record, no receipt.
+    let audit = std::fs::read_to_string(lab.host("host2").state_dir.join("audit.log"))
+        .expect("host2 audit log");
+    assert!(!audit.contains("\"resuming\""), "host2 opened its gate: {audit}");
+
+    // The tampering, not the proxy, failed it.
+    mitm.set_tamper(Tamper::None);
+    let (ok, out) = migrate_domain(&lab, "lv", "host1", "host2");
+    assert!(ok, "an untampered migration through the proxy failed: {out}");
+    assert_eq!(domstate(&lab, "host2", "lv").as_deref(), Some("running"));
+    assert_eq!(domstate(&lab, "host1", "lv"), None);
+    eprintln!("bit flip under libvirt: whole test {} ms", t0.elapsed().as_millis());
+}
+
+/// A migration of `lv` (64 MiB of dirty memory at 8 MiB/s) from host1 to
+/// host2, running in the background, with the incoming domain created.
+fn migrating(lab: &TestLab) -> (std::path::PathBuf, std::process::Child) {
+    let log = start_domain(lab, "host1", "lv", "fill_mib=64 dirty=16 hb_ms=20 tlbflush=1");
+    slow_migration(lab, "host1", "lv", 8);
+    let child = spawn_migrate_domain(lab, "lv", "host1", "host2");
+    wait_domain_arriving(lab, "host2", "lv");
+    (log, child)
+}
+
+/// The migration's record on `host` reaches `state` (after a restart the
+/// agent settles what it left).
+fn wait_record(lab: &TestLab, host: &str, state: &str) {
+    wait_until(std::time::Duration::from_secs(60), "the record to settle", || {
+        records(lab, host).last().map(|r| r.0.as_str()) == Some(state)
+    });
+}
+
+/// kill -9 of the destination agent mid-transfer: libvirt's connections
+/// die with it, libvirt fails the job and resumes the domain on the source,
+/// the destination's libvirtd drops its half. One copy, on the source; the
+/// destination agent, restarted, records the migration as aborted.
+#[test]
+fn the_destination_agent_killed_mid_transfer_leaves_the_domain_on_the_source() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let (log, child) = migrating(&lab);
+    lab.kill_agent("host2");
+    let out = child.wait_with_output().expect("migrate");
+    assert!(!out.status.success(), "the migration succeeded without its destination agent");
+    assert_domain_stayed(&lab, "lv", "host1", "host2", &log);
+    lab.start_agent("host2");
+    wait_record(&lab, "host2", "aborted");
+    assert_eq!(records(&lab, "host1").last().map(|r| r.0.as_str()), Some("aborted"));
+    assert_eq!(domain_running_on(&lab, "lv"), ["host1"]);
+    eprintln!("destination agent killed: whole test {} ms", t0.elapsed().as_millis());
+}
+
+/// kill -9 of the source agent mid-transfer: libvirt's local connections
+/// die, libvirt fails the job and resumes the domain; the destination cuts
+/// its half. The source agent, restarted, settles its record: one copy,
+/// running on the source.
+#[test]
+fn the_source_agent_killed_mid_transfer_leaves_the_domain_on_the_source() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let (log, child) = migrating(&lab);
+    lab.kill_agent("host1");
+    let out = child.wait_with_output().expect("migrate");
+    assert!(!out.status.success(), "the migration succeeded without its source agent");
+    assert_domain_stayed(&lab, "lv", "host1", "host2", &log);
+    wait_record(&lab, "host2", "aborted");
+    lab.start_agent("host1");
+    wait_record(&lab, "host1", "aborted");
+    assert_eq!(domain_running_on(&lab, "lv"), ["host1"]);
+    assert_guest_runs(&log);
+    eprintln!("source agent killed: whole test {} ms", t0.elapsed().as_millis());
+}
+
+/// The link is lost while the destination's gate holds: the destination
+/// QEMU loaded everything and its SHUT waits, but the destination's
+/// `Loaded` never reaches the source (everything downstream is swallowed),
+/// so no Commit comes; then the link is cut. The source QEMU, stopped for
+/// its last phase, never gets SHUT: libvirt fails the job and resumes it;
+/// the destination never opens its gate and drops its half. One copy, on
+/// the source.
+#[test]
+fn a_link_cut_while_the_gate_holds_leaves_the_domain_on_the_source() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let log = start_domain(&lab, "host1", "lv", "fill_mib=32 dirty=16 hb_ms=20 tlbflush=1");
+    let proxy = Proxy::start(lab.host("host2").addr, ProxyMode::MuteDownstreamAfter(4 << 20));
+    lab.route_peer("host1", "host2", proxy.addr);
+    for host in ["host1", "host2"] {
+        append_migration_config(&lab, host, "io_timeout_ms = 5000\ncommit_timeout_ms = 3000");
+    }
+    lab.restart_agent("host1");
+    lab.restart_agent("host2");
+    let child = spawn_migrate_domain(&lab, "lv", "host1", "host2");
+    // The source domain stops for the last phase once its QEMU sent
+    // everything; the destination's QEMU holds it all, its SHUT held.
+    wait_until(std::time::Duration::from_secs(90), "the source's last phase", || {
+        domstate(&lab, "host1", "lv").as_deref() == Some("paused")
+    });
+    assert_eq!(domstate(&lab, "host2", "lv").as_deref(), Some("paused"));
+    proxy.cut();
+    let out = child.wait_with_output().expect("migrate");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "the migration succeeded over a cut link: {said}");
+    assert_domain_stayed(&lab, "lv", "host1", "host2", &log);
+    let audit = std::fs::read_to_string(lab.host("host2").state_dir.join("audit.log"))
+        .expect("host2 audit log");
+    assert!(!audit.contains("\"resuming\""), "host2 opened its gate: {audit}");
+    wait_record(&lab, "host1", "aborted");
+    wait_record(&lab, "host2", "aborted");
+    assert_eq!(domain_running_on(&lab, "lv"), ["host1"]);
+    eprintln!("link cut while the gate holds: {said}; whole test {} ms", t0.elapsed().as_millis());
+}
+
+/// kill -9 of the source agent once libvirt paused its domain for the last
+/// phase (the Commit, the gate and SHUT are moments away). Whatever libvirt
+/// then does, once the restarted source agent settled the migration exactly
+/// one copy runs, on the host its record names. (Here the kill has always
+/// landed before the Commit: libvirt resumes the paused source.)
+#[test]
+fn the_source_agent_killed_at_the_switchover_leaves_exactly_one_copy() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    start_domain(&lab, "host1", "lv", "fill_mib=32 dirty=16 hb_ms=20 tlbflush=1");
+    let child = spawn_migrate_domain(&lab, "lv", "host1", "host2");
+    wait_until(std::time::Duration::from_secs(90), "the source's last phase", || {
+        domstate(&lab, "host1", "lv").as_deref() == Some("paused")
+    });
+    lab.kill_agent("host1");
+    let _ = child.wait_with_output();
+    lab.start_agent("host1");
+    wait_until(std::time::Duration::from_secs(90), "host1 to settle the migration", || {
+        records(&lab, "host1").last().is_some_and(|r| r.0 == "completed" || r.0 == "aborted")
+    });
+    let settled = records(&lab, "host1").last().cloned().expect("a record");
+    let states: Vec<_> = ["host1", "host2"].map(|h| domstate(&lab, h, "lv")).into();
+    eprintln!("killed at the switchover: host1 record {settled:?}, domains {states:?}");
+    assert_eq!(domain_running_on(&lab, "lv").len(), 1, "domains: {states:?}");
+    let expected = if settled.0 == "completed" { "host2" } else { "host1" };
+    assert_eq!(domain_running_on(&lab, "lv"), [expected], "record {settled:?}");
+    eprintln!("source killed at the switchover: whole test {} ms", t0.elapsed().as_millis());
+}
