@@ -58,19 +58,14 @@ fn swtpm_dir(lab: &TestLab, host: &str, uuid: &str) -> PathBuf {
 
 /// Every file under `dir` with its contents, by path relative to `dir`.
 fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.is_file() {
-                let rel = p.strip_prefix(dir).expect("under dir").to_owned();
-                found.push((rel, std::fs::read(&p).expect("read state file")));
-            }
-        }
-    }
+    let mut found: Vec<_> = entries_below(dir)
+        .into_iter()
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let bytes = std::fs::read(&p).expect("read state file");
+            (p.strip_prefix(dir).expect("under dir").to_owned(), bytes)
+        })
+        .collect();
     found.sort();
     found
 }

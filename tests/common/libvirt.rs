@@ -222,3 +222,28 @@ pub fn control_calls_refused(lab: &TestLab) -> Vec<String> {
         .expect("host2 audit log");
     audit.lines().filter(|l| l.contains("\"control_call_refused\"")).map(str::to_owned).collect()
 }
+
+/// After `ferry migrate` of domain `vm` (its record `rec`) from `from` to
+/// `to`: one copy, on `to`; both agents' records agree on the bytes and
+/// digest they signed for; the guest's heartbeat went on and its memory
+/// checks clean after the move (`before`: the console before migrating).
+pub fn assert_domain_moved(
+    lab: &TestLab,
+    vm: &str,
+    (from, to): (&str, &str),
+    rec: &serde_json::Value,
+    (log, before): (&Path, &[console::ConsoleLine]),
+) {
+    assert_eq!(rec["state"], "completed", "{rec}");
+    assert_eq!(domstate(lab, to, vm).as_deref(), Some("running"));
+    assert_eq!(domstate(lab, from, vm), None, "{from} still has the domain");
+    let id = rec["id"].as_str().expect("id");
+    let (ok, dst) = lab.ferry_json(&["migrations", "show", id, "--host", to]);
+    assert!(ok, "{dst}");
+    assert_eq!(dst["state"], "completed", "{dst}");
+    assert_eq!((&dst["digest"], &dst["bytes"]), (&rec["digest"], &rec["bytes"]));
+    let after = sweeps_after(log, before.len(), 2);
+    let c = console::analyze(before, &after[before.len()..]);
+    assert!(c.heartbeat_continued, "heartbeat did not continue: {c:?}");
+    assert!(c.memory_consistent(), "guest memory check failed: {c:?}");
+}

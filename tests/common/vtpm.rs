@@ -91,6 +91,14 @@ pub fn assert_vtpm_kept(log: &Path) {
 
 /// vTPM state files (any entry under a `vtpm` directory) below `dir`.
 pub fn vtpm_state_under(dir: &Path) -> Vec<PathBuf> {
+    entries_below(dir)
+        .into_iter()
+        .filter(|p| p.parent().is_some_and(|parent| parent.ends_with("vtpm")))
+        .collect()
+}
+
+/// Every entry below `dir` that is not a directory, at any depth.
+pub fn entries_below(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -98,7 +106,7 @@ pub fn vtpm_state_under(dir: &Path) -> Vec<PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.parent().is_some_and(|parent| parent.ends_with("vtpm")) {
+            } else {
                 found.push(p);
             }
         }
