@@ -85,7 +85,10 @@ class CpuSampler(threading.Thread):
             key = (pid, start)
             if key not in self.first:
                 self.first[key] = 0 if (self.scans > 0 or pid in self.zero) else ticks
-                self.names[key] = os.path.basename((read_cmdline(pid) or ["?"])[0])
+                argv = read_cmdline(pid) or ["?"]
+                # the two QEMUs apart, to tell which end is the bottleneck
+                role = " (dst)" if "-incoming" in argv else ""
+                self.names[key] = os.path.basename(argv[0]) + role
             self.last[key] = ticks
         self.scans += 1
 
