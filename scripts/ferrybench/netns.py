@@ -190,36 +190,43 @@ def render_link(results, meta):
 
 
 ROLES = {"qemu-system-x86_64": "source QEMU", "qemu-system-x86_64 (dst)": "destination QEMU",
-         "ferry": "both agents (ferry)", "sshd": "sshd", "sshd: root": "sshd session"}
+         "agent host1": "source agent", "agent host2": "destination agent",
+         "stunnel4": "both stunnels", "sshd: root": "sshd session"}
 
 
-def busiest(results):
-    """{(guest, transport): [(process, median share of one core)]}, the two
-    busiest processes first: CPU seconds over the wall time the sampler ran
-    (migrate command to destination running), so 1.0 is one core saturated."""
-    out = {}
-    for kind in results:
-        for t in [t for t in results[kind] if t != "raw"]:
-            shares = {}
-            for r in results[kind][t]:
-                if ok(r) and r.get("cpu_by") and r.get("wall_ms"):
-                    for name, s in r["cpu_by"].items():
-                        shares.setdefault(name, []).append(s / (r["wall_ms"] / 1000.0))
-            meds = sorted(((sorted(v)[len(v) // 2], n) for n, v in shares.items()), reverse=True)
-            if meds:
-                out[(kind, t)] = [(ROLES.get(n, n), share) for share, n in meds[:2]]
-    return out
+def role(name):
+    """A display name: process, or process/thread."""
+    proc, _, thread = name.partition("/")
+    return ROLES.get(proc, proc) + ("/" + thread if thread else "")
+
+
+def top_shares(rs, key, n):
+    """[(name, median share of one core)] of the n busiest entries of r[key]
+    ({name: CPU seconds}) over runs rs, per second of wall time."""
+    shares = {}
+    for r in rs:
+        if ok(r) and r.get(key) and r.get("wall_ms"):
+            for name, s in r[key].items():
+                shares.setdefault(name, []).append(s / (r["wall_ms"] / 1000.0))
+    meds = sorted(((sorted(v)[len(v) // 2], name) for name, v in shares.items()), reverse=True)
+    return [(role(name), share) for share, name in meds[:n]]
 
 
 def render_busiest(results, streams):
-    rows = busiest(results)
-    if not rows:
-        return ""
-    out = ["", "The two busiest processes per migration (median CPU seconds over the wall time "
-           "from the migrate command to the destination running; 1.00 = one core saturated, "
-           "the machine has %d):" % (os.cpu_count() or 0), "",
-           "| guest | transport | busiest | second |", "|---|---|---|---|"]
-    for (kind, t), top in rows.items():
-        cells = ["%s %.2f" % (n, s) for n, s in top] + ["n/a"] * (2 - len(top))
-        out.append("| %s | %s | %s |" % (kind, label(t, streams, True), " | ".join(cells)))
+    """The two busiest processes and the busiest thread, which name the
+    bottleneck: CPU seconds over the wall time the sampler ran (migrate
+    command to destination running), so 1.00 is one core saturated."""
+    out = ["", "The two busiest processes and the busiest thread per migration (median CPU "
+           "seconds over the wall time from the migrate command to the destination running; "
+           "1.00 = one core saturated; the machine has %d):" % (os.cpu_count() or 0), "",
+           "| guest | transport | busiest process | second | busiest thread |",
+           "|---|---|---|---|---|"]
+    for kind in results:
+        for t in [t for t in results[kind] if t != "raw"]:
+            procs = top_shares(results[kind][t], "cpu_by", 2)
+            thread = top_shares(results[kind][t], "cpu_threads", 1)
+            cells = ["%s %.2f" % (n, s) for n, s in procs + thread]
+            cells = (cells[:len(procs)] + ["n/a"] * (2 - len(procs))
+                     + (cells[len(procs):] or ["n/a"]))
+            out.append("| %s | %s | %s |" % (kind, label(t, streams, True), " | ".join(cells)))
     return "\n".join(out)

@@ -46,7 +46,8 @@ class PlainRunner:
         for p in (qmp, ser):
             if os.path.exists(p):
                 os.unlink(p)
-        argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max",
+        argv = ["qemu-system-x86_64", "-name", "bench,debug-threads=on",
+                "-machine", "q35", "-accel", "tcg", "-cpu", "max",
                 "-m", str(self.memory_mib), "-display", "none", "-nodefaults",
                 "-kernel", self.image, "-append", cmdline,
                 "-qmp", "unix:%s,server=on,wait=off" % qmp,
@@ -183,6 +184,7 @@ class PlainRunner:
                 dq.cmd("cont")
                 wall_ms = (time.time() - t0) * 1000.0
             cpu_s, cpu_by = sampler.stop()
+            threads = sampler.threads
             sampler = None
             status = dq.cmd("query-status")
             if status.get("status") != "running":
@@ -197,6 +199,7 @@ class PlainRunner:
             res = migration_result(ram.get("transferred"), src_info.get("total-time"), wall_ms,
                                    src_info.get("downtime"), srcc, dstc, cpu_s, cpu_by,
                                    passes=ram.get("dirty-sync-count"))
+            res["cpu_threads"] = threads
             if postcopy:
                 # migrate-start-postcopy only asks; a migration that completes
                 # in the same pass never enters post-copy
