@@ -38,6 +38,11 @@ modules are in scripts/ferrybench/.  Usage:
     python3 scripts/bench.py --quick
     python3 scripts/bench.py --transports plain-unix,qemu-tls,ferry --guests idle
     python3 scripts/bench.py --from-json /tmp/bench.json --plot /tmp/bench.svg
+    python3 scripts/bench.py --netns --link 1gbit --transports plain-tcp,qemu-tls,ssh,ferry
+
+--netns runs every transport between the namespaced lab hosts host1 and
+host2 over their migration network (ferrybench/netns.py); --link shapes
+host1's migration link for the batch (`ferry lab link`).
 """
 
 import sys
@@ -57,6 +62,7 @@ from ferrybench import ceilings  # noqa: E402
 from ferrybench.common import DEFAULT_FERRY, HB_MS, kill_proc, log, qemu_version  # noqa: E402
 from ferrybench.ferry import FerryRunner, ferry_help  # noqa: E402
 from ferrybench.libvirt import LibvirtRunner  # noqa: E402
+from ferrybench import netns  # noqa: E402
 from ferrybench.plain import PlainRunner  # noqa: E402
 from ferrybench.plot import svg_chart  # noqa: E402
 from ferrybench.qemutls import make_x509_dir, probe_qemu_tls  # noqa: E402
@@ -97,7 +103,16 @@ def parse_args():
     ap.add_argument("--ferry", default=DEFAULT_FERRY)
     ap.add_argument("--write", action="store_true", help="update the spine section of BENCHMARKS.md")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--netns", action="store_true",
+                    help="run every transport between two namespaced lab hosts over their "
+                         "migration network (needs root)")
+    ap.add_argument("--link", default=None, choices=sorted(netns.PROFILES),
+                    help="with --netns: the link profile of host1's migration link")
     args = ap.parse_args()
+    if args.link and not args.netns:
+        sys.exit("--link shapes a namespaced lab's migration link: add --netns")
+    if args.netns and not args.from_json and os.geteuid() != 0:
+        sys.exit("--netns needs root (the lab creates network namespaces)")
     if args.quick:
         args.memory_mib, args.fill_mib, args.rounds = 256, 128, 1
     if not 1 <= args.streams <= 7:
@@ -133,6 +148,12 @@ def select_transports(args):
         sys.exit("libvirt transports need libvirtd and virsh (scripts/deps.sh installs them)")
     if any(t in FERRY + LIBVIRT for t in transports) and not os.path.exists(args.ferry):
         sys.exit("ferry binary not found at %s (run `cargo build`)" % args.ferry)
+    if args.netns:
+        transports, skipped = netns.unsupported(transports)
+        for line in skipped:
+            log(line)
+        if not transports:
+            sys.exit("nothing to run between namespaced hosts")
     return transports
 
 
@@ -183,6 +204,8 @@ def describe(res):
 def output(results, meta, machine, argv, args):
     """Print the tables; write --plot and, with --write, BENCHMARKS.md."""
     table = render(results, meta)
+    if meta.get("link"):
+        table += "\n" + netns.render_link(results, meta) + "\n" + netns.render_busiest(results, meta["streams"])
     rss = meta.get("agent_rss_mib") or {}
     if rss:
         table += "\n\nAgents' peak resident memory (VmHWM) over the whole batch: %s." % ", ".join(
@@ -192,13 +215,16 @@ def output(results, meta, machine, argv, args):
         title = "%s, nproc=%s: %d MiB guest, %d MiB filled, TCG, %d round(s)" % (
             machine["measured"], machine["nproc"], meta["memory_mib"], meta["fill_mib"], meta["rounds"])
         with open(args.plot, "w") as f:
-            f.write(svg_chart(results, meta["converge_s"], title, lambda t: label(t, meta["streams"])))
+            f.write(svg_chart(results, meta["converge_s"], title, lambda t: label(t, meta["streams"], bool(meta.get("link")))))
         log("wrote %s" % args.plot)
     if args.write:
         note = ("Plot (SVG, not committed): add `--plot FILE` to the command above, or redraw it "
                 "from the run's `--raw-json` file with "
                 "`python3 scripts/bench.py --from-json RAW.json --plot FILE`.")
-        write_md(table, machine, argv, note)
+        profile = (meta.get("link") or {}).get("profile")
+        marks = ("<!-- bench:netns-%s:start -->" % profile,
+                 "<!-- bench:netns-%s:end -->" % profile) if profile else None
+        write_md(table, machine, argv, note, *([marks] if marks else []))
 
 
 def from_json(args):
@@ -228,6 +254,7 @@ def main():
     ferry_runner = None
     libvirt = None
     ssh = None
+    shaped = False
     failed = 0
 
     def on_signal(signum, frame):
@@ -267,12 +294,25 @@ def main():
         log("lab up in %s" % labdir)
         lab_up = True
         r = subprocess.run([args.ferry, "lab", "up", "--dir", labdir, "--hosts", "2", "--json",
-                            "--no-netns"],
+                            "--netns" if args.netns else "--no-netns"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
         if r.returncode != 0:
             raise RuntimeError("lab up failed: %s" % r.stderr.decode())
         lab = json.loads(r.stdout)
         image = os.path.join(lab["images_dir"], lab["guest_image"])
+        place = link = None
+        if args.netns:
+            place = netns.placement(lab, labdir)
+            log("between namespaced hosts: %s" % place.describe())
+            profile = args.link or "unshaped"
+            rate = netns.PROFILES[profile]
+            if rate:
+                shaped = True
+                log(netns.lab_link(args.ferry, labdir, "host1", "--rate", profile))
+            capacity = netns.link_capacity(place)
+            log("link %s: one TCP stream carries %.2f Gbit/s" % (profile, capacity * 8e-9))
+            link = {"profile": profile, "rate_bps": rate, "capacity_Bps": capacity,
+                    "placement": place.describe()}
         x509_dir = tls_info = None
         if any(t in X509 for t in transports):
             x509_dir = make_x509_dir(workdir)
@@ -280,9 +320,10 @@ def main():
             tls_info = probe_qemu_tls(workdir, x509_dir, procs)
             log("QEMU TLS probe: %s" % tls_info)
         if "ssh" in transports:
-            ssh = SshServer(workdir)
-            log("private sshd on 127.0.0.1:%d (pid %d)" % (ssh.port, ssh.proc.pid))
-        plain = PlainRunner(workdir, image, args.memory_mib, procs, x509_dir, ssh, args.streams)
+            ssh = SshServer(workdir, place)
+            log("private sshd on %s:%d (pid %d)" % (ssh.place.dst_addr, ssh.port, ssh.proc.pid))
+        plain = PlainRunner(workdir, image, args.memory_mib, procs, x509_dir, ssh, args.streams,
+                            place)
         ferry_runner = FerryRunner(args.ferry, lab, workdir, args.memory_mib)
         if any(t in LIBVIRT for t in transports):
             log("lab up --backend libvirt")
@@ -299,6 +340,7 @@ def main():
                 for method in order:
                     name = "b%d%s%s" % (rnd, key[0], method.replace("-", ""))
                     log("round %d %s: %s" % (rnd, kind, method))
+                    link_tx = netns.mig_tx_bytes(place) if place is not None else None
                     try:
                         if method in LIBVIRT:
                             res = libvirt.run(name, cmdline, args.settle, method, args.converge_s)
@@ -313,6 +355,8 @@ def main():
                     except Exception as e:
                         failed += 1
                         res = failed_result(e)
+                    if place is not None:
+                        res["link_bytes"] = netns.mig_tx_bytes(place) - link_tx
                     log("  " + describe(res))
                     results[kind][method].append(res)
                     raw = dict(res)
@@ -321,7 +365,7 @@ def main():
         meta = {"memory_mib": args.memory_mib, "fill_mib": args.fill_mib, "rounds": args.rounds,
                 "streams": args.streams, "converge_s": args.converge_s, "tls_info": tls_info,
                 "agent_rss_mib": ferry_runner.agent_peak_rss_mib() if lab_up else {},
-                "ceilings": machine_ceilings}
+                "ceilings": machine_ceilings, "link": link}
         machine = {"measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    "nproc": os.cpu_count() or 0, "qemu": qemu_version()}
         if args.raw_json:
@@ -347,6 +391,11 @@ def main():
                 log("cleanup of Ferry VMs: %s" % e)
         for p in procs:
             kill_proc(p)
+        if shaped:
+            try:
+                log(netns.lab_link(args.ferry, labdir, "host1", "--clear"))
+            except Exception as e:
+                log("lab link --clear: %s" % e)
         if lab_up:
             subprocess.run([args.ferry, "lab", "down", "--dir", labdir], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=120)

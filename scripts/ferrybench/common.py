@@ -60,8 +60,11 @@ def free_port():
     return port
 
 
-def tcp_listening(port):
-    for fn in ("/proc/net/tcp", "/proc/net/tcp6"):
+def tcp_listening(port, pid=None):
+    """Whether something listens on TCP port in the network namespace of
+    process pid (None: this process's), as /proc/PID/net shows it."""
+    base = "/proc/%d/net" % pid if pid is not None else "/proc/net"
+    for fn in (base + "/tcp", base + "/tcp6"):
         try:
             with open(fn) as f:
                 next(f)
@@ -75,8 +78,11 @@ def tcp_listening(port):
 
 
 def wait_listening(port, what, proc=None, timeout=20):
+    """Waits for a listener on port in proc's network namespace (it may run
+    in a lab host's namespace, through `ip netns exec`, which execs in place
+    and keeps the pid)."""
     deadline = time.time() + timeout
-    while not tcp_listening(port):
+    while not tcp_listening(port, proc.pid if proc is not None else None):
         if proc is not None and proc.poll() is not None:
             raise RuntimeError("%s exited (rc=%s) before listening on %d" % (what, proc.returncode, port))
         if time.time() > deadline:

@@ -7,10 +7,11 @@ import threading
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def read_stat(pid):
-    """(ppid, utime+stime ticks, starttime) of a process, or None if it is gone."""
+def read_stat(pid, path=None):
+    """(ppid, utime+stime ticks, starttime) of a process (or of the thread at
+    path, /proc/PID/task/TID/stat), or None if it is gone."""
     try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
+        with open(path or "/proc/%d/stat" % pid, "rb") as f:
             data = f.read().decode("ascii", "replace")
     except OSError:
         return None
@@ -33,13 +34,14 @@ class CpuSampler(threading.Thread):
     roots   pids counted with all their descendants;
     match   optional predicate on a process's argv, for processes outside the
             tree (QEMU daemonizes, so the agents' QEMUs are reparented to init);
-    zero    pids counted from their start (baseline 0) rather than from now.
+    zero    pids counted from their start (baseline 0) rather than from now;
+    names   {pid: name} for processes whose argv[0] would not tell them apart.
     Processes that appear after the first scan are counted from their start.
     /proc is scanned every `interval` s; a process that exits loses at most
     the CPU it used since the last scan.
     """
 
-    def __init__(self, roots, match=None, zero=(), interval=0.1):
+    def __init__(self, roots, match=None, zero=(), interval=0.1, names=None):
         super().__init__(daemon=True)
         self.roots = set(p for p in roots if p)
         self.match = match
@@ -48,6 +50,10 @@ class CpuSampler(threading.Thread):
         self.first = {}   # (pid, starttime) -> ticks at first sighting
         self.last = {}    # (pid, starttime) -> latest ticks
         self.names = {}
+        self.given_names = dict(names or {})
+        # per thread: a process at 0.6 of a core may have one thread at 1.0
+        self.thread_first, self.thread_last, self.thread_names = {}, {}, {}
+        self.threads = {}
         self.cmd_cache = {}
         self.stop_flag = threading.Event()
         self.scans = 0
@@ -85,9 +91,33 @@ class CpuSampler(threading.Thread):
             key = (pid, start)
             if key not in self.first:
                 self.first[key] = 0 if (self.scans > 0 or pid in self.zero) else ticks
-                self.names[key] = os.path.basename((read_cmdline(pid) or ["?"])[0])
+                argv = read_cmdline(pid) or ["?"]
+                # the two QEMUs apart, to tell which end is the bottleneck
+                role = " (dst)" if "-incoming" in argv else ""
+                self.names[key] = self.given_names.get(pid) or os.path.basename(argv[0]) + role
             self.last[key] = ticks
+            self.scan_threads(pid, key, pid in self.zero)
         self.scans += 1
+
+    def scan_threads(self, pid, key, zero):
+        try:
+            tids = os.listdir("/proc/%d/task" % pid)
+        except OSError:
+            return
+        for tid in tids:
+            st = read_stat(pid, "/proc/%d/task/%s/stat" % (pid, tid))
+            if st is None:
+                continue
+            tkey = key + (tid,)
+            if tkey not in self.thread_first:
+                self.thread_first[tkey] = 0 if (self.scans > 0 or zero) else st[1]
+                try:
+                    with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = "?"
+                self.thread_names[tkey] = "%s/%s" % (self.names[key], comm)
+            self.thread_last[tkey] = st[1]
 
     def start(self):
         self.scan()
@@ -108,4 +138,9 @@ class CpuSampler(threading.Thread):
             d = t - self.first[key]
             total += d
             by_name[self.names[key]] = by_name.get(self.names[key], 0) + d / CLK_TCK
+        # {process/thread: seconds}; of threads with the same name, the busiest
+        self.threads = {}
+        for tkey, t in self.thread_last.items():
+            name, s = self.thread_names[tkey], (t - self.thread_first[tkey]) / CLK_TCK
+            self.threads[name] = max(s, self.threads.get(name, 0))
         return total / CLK_TCK, by_name

@@ -30,15 +30,19 @@ class FerryRunner:
         self.live = []  # (vm, host) to stop on failure
         self.migrating = None  # a running `ferry migrate`, killed on failure
 
-    def agent_pids(self):
-        pids = []
+    def agent_names(self):
+        """{pid: "agent HOST"} of the lab's agents."""
+        names = {}
         for h in self.lab["hosts"]:
             try:
                 with open(h["pid_file"]) as f:
-                    pids.append(int(f.read().strip()))
+                    names[int(f.read().strip())] = "agent %s" % h["name"]
             except (OSError, ValueError, KeyError):
                 log("warning: no agent pid for %s; its CPU is not counted" % h.get("name"))
-        return pids
+        return names
+
+    def agent_pids(self):
+        return list(self.agent_names())
 
     def agent_peak_rss_mib(self):
         """{host: VmHWM in MiB}: each agent's peak resident memory so far,
@@ -160,8 +164,13 @@ class FerryRunner:
             src_log = vm["console_log"]
             wait_ready(lambda: read_console_file(src_log), name + " (ferry src)")
             time.sleep(settle_s)
+            # -name guest=NAME,debug-threads=on (older agents: guest=NAME)
             guest_arg = "guest=" + name
-            sampler = CpuSampler(self.agent_pids(), match=lambda argv: guest_arg in argv)
+            is_guest = lambda argv: any(a == guest_arg or a.startswith(guest_arg + ",")
+                                        for a in argv)
+            # the source's and the destination's agent apart, to name a bottleneck
+            names = self.agent_names()
+            sampler = CpuSampler(list(names), match=is_guest, names=names)
             sampler.start()
             t0 = time.time()
             try:
@@ -207,7 +216,7 @@ class FerryRunner:
                                     mig.get("qemu_downtime_ms"), srcc, dstc, cpu_s, cpu_by,
                                     id=mig["id"], streams=mig.get("streams"),
                                     postcopy_allowed=mig.get("postcopy"), start_ms=start_ms,
-                                    setup_ms=mig.get("setup_ms"))
+                                    setup_ms=mig.get("setup_ms"), cpu_threads=sampler.threads)
         except Exception:
             self.cleanup()
             raise

@@ -10,6 +10,7 @@ from .common import (DOWNTIME_LIMIT_MS, MAX_BW, MIGRATE_TIMEOUT_S, NotConverged,
                      kill_proc, log, wait_listening)
 from .console import SerialReader, migration_result, parse_console, wait_hbs, wait_ready
 from .cpu import CpuSampler
+from .netns import Placement
 from .qmp import QMP
 from .stunnel import Stunnel
 from .transports import MULTIFD, POSTCOPY, TLS
@@ -28,7 +29,8 @@ def not_converged_result(info, cpu_s, cpu_by):
 class PlainRunner:
     """Plain QEMU-to-QEMU migrations: every transport but Ferry's."""
 
-    def __init__(self, workdir, image, memory_mib, procs, x509_dir=None, ssh=None, streams=4):
+    def __init__(self, workdir, image, memory_mib, procs, x509_dir=None, ssh=None, streams=4,
+                 place=None):
         self.workdir = workdir
         self.image = image
         self.memory_mib = memory_mib
@@ -36,6 +38,7 @@ class PlainRunner:
         self.x509_dir = x509_dir
         self.ssh = ssh
         self.streams = streams  # multifd channels
+        self.place = place or Placement()  # where the source and destination sides run
 
     def launch(self, tag, cmdline, incoming, extra=()):
         qmp = os.path.join(self.workdir, tag + ".qmp")
@@ -43,7 +46,8 @@ class PlainRunner:
         for p in (qmp, ser):
             if os.path.exists(p):
                 os.unlink(p)
-        argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max",
+        argv = ["qemu-system-x86_64", "-name", "bench,debug-threads=on",
+                "-machine", "q35", "-accel", "tcg", "-cpu", "max",
                 "-m", str(self.memory_mib), "-display", "none", "-nodefaults",
                 "-kernel", self.image, "-append", cmdline,
                 "-qmp", "unix:%s,server=on,wait=off" % qmp,
@@ -52,6 +56,7 @@ class PlainRunner:
         if incoming:
             argv += ["-incoming", "defer", "-S"]
         argv += list(extra)
+        argv = self.place.dst(argv) if incoming else self.place.src(argv)
         errf = open(os.path.join(self.workdir, tag + ".stderr"), "wb")
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errf, start_new_session=True)
         errf.close()
@@ -116,15 +121,17 @@ class PlainRunner:
                 uri = "unix:" + sock
             else:
                 port = free_port()
-                dq.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:%d" % port})
+                listen = "%s:%d" % (self.place.dst_addr, port)
+                dq.cmd("migrate-incoming", {"uri": "tcp:" + listen})
                 wait_listening(port, "destination QEMU", dp)
-                uri = "tcp:127.0.0.1:%d" % port
+                uri = "tcp:" + listen
+                # the tunnels' source ends listen on the source side's loopback
                 if transport == "ssh":
                     lport = free_port()
                     tunnel = self.ssh.forward(lport, port)
                     uri = "tcp:127.0.0.1:%d" % lport
                 if transport == "stunnel":
-                    stun = Stunnel(self.workdir, self.x509_dir, name, port)
+                    stun = Stunnel(self.workdir, self.x509_dir, name, port, self.place)
                     uri = "tcp:127.0.0.1:%d" % stun.port
             if caps:
                 sq.cmd("migrate-set-capabilities", {"capabilities": caps})
@@ -177,6 +184,7 @@ class PlainRunner:
                 dq.cmd("cont")
                 wall_ms = (time.time() - t0) * 1000.0
             cpu_s, cpu_by = sampler.stop()
+            threads = sampler.threads
             sampler = None
             status = dq.cmd("query-status")
             if status.get("status") != "running":
@@ -191,6 +199,7 @@ class PlainRunner:
             res = migration_result(ram.get("transferred"), src_info.get("total-time"), wall_ms,
                                    src_info.get("downtime"), srcc, dstc, cpu_s, cpu_by,
                                    passes=ram.get("dirty-sync-count"))
+            res["cpu_threads"] = threads
             if postcopy:
                 # migrate-start-postcopy only asks; a migration that completes
                 # in the same pass never enters post-copy

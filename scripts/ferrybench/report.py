@@ -92,7 +92,7 @@ def render(results, meta):
     """meta: memory_mib, fill_mib, rounds, streams, converge_s, tls_info."""
     MB = 1e-6
     streams, converge_s = meta["streams"], meta["converge_s"]
-    L = lambda t: label(t, streams)
+    L = lambda t: label(t, streams, bool(meta.get("link")))
     every = [t for kind in results for t in transports_of(results[kind])]
     out = []
     if meta.get("ceilings"):
@@ -365,9 +365,10 @@ def render_raw(out, results):
                 val(r["sweep_errors"]), fmt(r.get("cpu_s"), 2), by))
 
 
-def write_md(table, machine, argv, plot_note=None):
+def write_md(table, machine, argv, plot_note=None, marks=(START_MARK, END_MARK)):
     """Replace the section between the markers in BENCHMARKS.md.  machine:
     {"measured": UTC time, "nproc": N, "qemu": version line}."""
+    start_mark, end_mark = marks
     header = "\n".join([
         "Measured %s on a machine with nproc=%d, %s." % (machine["measured"], machine["nproc"],
                                                          machine["qemu"]),
@@ -377,11 +378,11 @@ def write_md(table, machine, argv, plot_note=None):
     ])
     if plot_note:
         table = table + "\n\n" + plot_note
-    section = START_MARK + "\n" + header + "\n" + table + "\n" + END_MARK
+    section = start_mark + "\n" + header + "\n" + table + "\n" + end_mark
     text = open(BENCH_MD).read() if os.path.exists(BENCH_MD) else ""
-    if START_MARK in text and END_MARK in text:
-        a = text.index(START_MARK)
-        b = text.index(END_MARK) + len(END_MARK)
+    if start_mark in text and end_mark in text:
+        a = text.index(start_mark)
+        b = text.index(end_mark) + len(end_mark)
         text = text[:a] + section + text[b:]
     else:
         text = text + ("\n" if text and not text.endswith("\n") else "") + section + "\n"

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 from .common import free_port, kill_proc, log, wait_listening
+from .netns import Placement
 
 
 def stunnel_binary():
@@ -15,7 +16,9 @@ def stunnel_binary():
 
 
 class Stunnel:
-    def __init__(self, workdir, x509_dir, name, qemu_port):
+    def __init__(self, workdir, x509_dir, name, qemu_port, place=None):
+        place = place or Placement()
+        dst = place.dst_addr
         self.binary = stunnel_binary()
         self.d = os.path.join(workdir, "stunnel-" + name)
         os.makedirs(self.d)
@@ -23,20 +26,21 @@ class Stunnel:
         self.tls_port, self.port = free_port(), free_port()
         common = ["foreground = yes", "pid =", "debug = 6", "sslVersionMin = TLSv1.3",
                   "CAfile = %s" % x("ca-cert.pem"), "verifyChain = yes"]
-        server = common + ["[migration]", "accept = 127.0.0.1:%d" % self.tls_port,
-                           "connect = 127.0.0.1:%d" % qemu_port,
+        server = common + ["[migration]", "accept = %s:%d" % (dst, self.tls_port),
+                           "connect = %s:%d" % (dst, qemu_port),
                            "cert = %s" % x("server-cert.pem"), "key = %s" % x("server-key.pem"),
                            "requireCert = yes"]
         client = common + ["[migration]", "client = yes", "accept = 127.0.0.1:%d" % self.port,
-                           "connect = 127.0.0.1:%d" % self.tls_port, "checkHost = localhost",
+                           "connect = %s:%d" % (dst, self.tls_port), "checkHost = localhost",
                            "cert = %s" % x("client-cert.pem"), "key = %s" % x("client-key.pem")]
         self.procs = []
-        for role, conf, port in (("server", server, self.tls_port), ("client", client, self.port)):
+        for role, conf, port, side in (("server", server, self.tls_port, place.dst),
+                                       ("client", client, self.port, place.src)):
             path = os.path.join(self.d, role + ".conf")
             with open(path, "w") as f:
                 f.write("\n".join(conf) + "\n")
             errf = open(os.path.join(self.d, role + ".log"), "wb")
-            p = subprocess.Popen([self.binary, path], stdout=errf, stderr=subprocess.STDOUT,
+            p = subprocess.Popen(side([self.binary, path]), stdout=errf, stderr=subprocess.STDOUT,
                                  start_new_session=True)
             errf.close()
             self.procs.append(p)

@@ -19,11 +19,12 @@ X509 = TLS + ("stunnel", "libvirt-tls")
 GUESTS = ("idle", "dirtying", "fast")
 
 
-def label(t, streams):
-    """Table label of a transport; streams = QEMU multifd channels (--streams)."""
+def label(t, streams, netns=False):
+    """Table label of a transport; streams = QEMU multifd channels (--streams);
+    netns: between namespaced hosts rather than on loopback."""
     return {
         "plain-unix": "plain QEMU, unix socket",
-        "plain-tcp": "plain QEMU, TCP loopback",
+        "plain-tcp": "plain QEMU, TCP" + ("" if netns else " loopback"),
         "plain-multifd": "plain QEMU, multifd ×%d (TCP)" % streams,
         "plain-postcopy": "plain QEMU, post-copy (TCP)",
         "qemu-tls": "QEMU native TLS (x509, mutual)",

@@ -165,7 +165,9 @@ pub fn qemu_args(
         s.push(suffix);
         s
     };
-    push(&[&"-name", &format!("guest={}", spec.name)]);
+    // Named threads (live_migration, CPU 0/TCG, multifdsend_N) let an
+    // operator or the benchmark see which thread of QEMU is busy.
+    push(&[&"-name", &format!("guest={},debug-threads=on", spec.name)]);
     push(&[&"-no-user-config", &"-nodefaults", &"-display", &"none"]);
     push(&[&"-machine", &spec.machine.qemu_name()]);
     push(&[&"-accel", &accel.qemu_name(), &"-cpu", &accel.cpu_model()]);

@@ -79,6 +79,7 @@ fn cmdline_is_one_argument_and_incoming_adds_defer() {
     assert_eq!(value_of(&args, "-cpu"), Some("host"));
     assert_eq!(value_of(&args, "-incoming"), Some("defer"));
     assert!(args.iter().any(|a| a == "-S"));
+    assert_eq!(value_of(&args, "-name"), Some("guest=vm1,debug-threads=on"));
 }
 
 #[test]
