@@ -13,9 +13,10 @@ fn pid_in(file: &Path) -> Option<i32> {
 }
 
 /// host2's libvirt cannot start (its directory is taken by a file): `lab
-/// up` fails, and host1's libvirtd, already started, is stopped.
+/// up` fails, and what it had started (host1's libvirtd, both swtpms) is
+/// stopped.
 #[test]
-fn a_failed_lab_up_stops_the_libvirtds_it_started() {
+fn a_failed_lab_up_stops_what_it_started() {
     let dir = tempfile::Builder::new().prefix("ferry-e2e-").tempdir_in("/tmp").expect("tempdir");
     std::fs::create_dir_all(dir.path().join("hosts/host2")).expect("mkdir");
     std::fs::write(dir.path().join("hosts/host2/libvirt"), "not a directory").expect("write");
@@ -27,6 +28,12 @@ fn a_failed_lab_up_stops_the_libvirtds_it_started() {
     wait_until(Duration::from_secs(10), "host1's libvirtd to stop", || !pid_alive(pid));
     if let Some(p) = pid_in(&host1.join("run/libvirtd.pid")) {
         assert!(!pid_alive(p), "libvirtd {p} of host1 still runs");
+    }
+    // Both hosts' swtpms were started before host2's libvirtd failed.
+    for host in ["host1", "host2"] {
+        let tpm = dir.path().join("hosts").join(host).join("tpm");
+        let pid = pid_in(&tpm.join("swtpm.pid")).unwrap_or_else(|| panic!("{host}'s swtpm"));
+        wait_until(Duration::from_secs(10), "the swtpms to stop", || !pid_alive(pid));
     }
 }
 

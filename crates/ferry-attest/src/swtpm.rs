@@ -198,6 +198,12 @@ impl Swtpm {
         Err(last)
     }
 
+    /// The pid a daemon started on `state_dir` recorded, whether or not it
+    /// still runs (and whichever network namespace it listens in).
+    pub fn recorded_pid(state_dir: &Path) -> Option<u32> {
+        std::fs::read_to_string(state_dir.join(PID_FILE)).ok()?.trim().parse().ok()
+    }
+
     /// Take over a daemon started earlier (e.g. by `ferry lab up`) from its
     /// pid file, if it is still running. The result is detached: dropping it
     /// leaves the daemon running.

@@ -33,7 +33,7 @@ use crate::lab_libvirt::{self, LabLibvirt};
 use crate::lab_netns::{self, LabNet};
 use crate::opclient::ClientConfig;
 pub use crate::procs::pid_alive;
-use crate::procs::signal;
+use crate::procs::{signal, StartedTpms};
 
 pub const GUEST_IMAGE: &str = "ferry-guest.elf";
 
@@ -359,7 +359,7 @@ async fn populate(
     let tpm_ca_pem =
         if opts.tpm { Some(ferry_attest::Swtpm::manufacturer_ca_init(&tpm_ca)?) } else { None };
     let mut lab_hosts = Vec::new();
-    let mut libvirtds = lab_libvirt::Started::default();
+    let (mut libvirtds, mut tpms) = (lab_libvirt::Started::default(), StartedTpms::default());
     for (i, name) in (1..).zip(names) {
         let hdir = dir.join("hosts").join(name.as_str());
         std::fs::create_dir_all(&hdir)?;
@@ -374,6 +374,7 @@ async fn populate(
             }
             (None, _) => None,
         };
+        tpms.extend(tpm.as_ref().map(|t| t.dir.clone()));
         let libvirt = match opts.libvirt {
             true => Some(lab_libvirt::start(&hdir.join("libvirt"))?),
             false => None,
@@ -449,6 +450,7 @@ async fn populate(
     };
     std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
     libvirtds.keep();
+    tpms.keep();
     for h in &lab.hosts {
         start_agent(&lab, h).await?;
     }

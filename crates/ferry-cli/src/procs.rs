@@ -1,5 +1,6 @@
 //! Processes the lab starts and stops, by pid.
 
+use std::path::PathBuf;
 use std::process::Stdio;
 
 /// The process exists and is not a zombie.
@@ -18,5 +19,35 @@ pub fn signal(pid: i32, sig: i32) {
             .arg(pid.to_string())
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// The swtpms a `lab up` started, by state directory, until the lab is
+/// written down (`keep`: from then on `lab down` finds them). Dropped
+/// before that, because the `lab up` failed, it kills them: a failed `lab
+/// up` leaves nothing running.
+#[derive(Default)]
+pub struct StartedTpms(Vec<PathBuf>);
+
+impl StartedTpms {
+    pub fn extend(&mut self, state_dir: Option<PathBuf>) {
+        self.0.extend(state_dir);
+    }
+
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for StartedTpms {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let Some(pid) = ferry_attest::Swtpm::recorded_pid(dir) else { continue };
+            // Only the swtpm of this directory: a recycled pid is left alone.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
+                signal(pid as i32, libc::SIGKILL);
+            }
+        }
     }
 }
