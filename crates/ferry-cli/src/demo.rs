@@ -181,10 +181,12 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
     let client = OpClient::load(&lab.client_config)?;
     let (src, dst) = (lab.hosts[0].name.clone(), lab.hosts[1].name.clone());
     let vm: VmName = "demo".parse()?;
-    let on_tcg = match client.call(&src, &ApiRequest::Status).await? {
-        ApiResponse::Status(s) => s.accel == "tcg",
-        _ => true,
-    };
+    // The lab's libvirt domains run under TCG (type='qemu') on any host.
+    let on_tcg = lab.host(&src)?.libvirt.is_some()
+        || match client.call(&src, &ApiRequest::Status).await? {
+            ApiResponse::Status(s) => s.accel == "tcg",
+            _ => true,
+        };
     let params = GuestParams {
         fill_mib: args.fill,
         dirty_pages_per_ms: args.dirty,
