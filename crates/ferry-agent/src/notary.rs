@@ -152,30 +152,63 @@ impl Notary {
         about: Option<About<'_>>,
         signed: Option<Signed>,
     ) -> Result<(), AuditFailed> {
-        let kind = audit.kind();
-        let event = AuditEvent {
-            kind: kind.to_owned(),
-            migration_id: about.map(|a| a.id.to_string()),
-            vm: about.map(|a| a.vm.to_string()),
-            peer: about.map(|a| a.peer.to_string()),
-            detail: audit.detail(),
-            signed,
-        };
+        self.begin(vec![(audit, signed)], about).finish().await
+    }
+
+    /// Start appending `records` (in order, one write and one fdatasync)
+    /// and return at once: the caller does other durable work meanwhile
+    /// and must [`finish`](PendingAudit::finish) before anything that the
+    /// records guard happens.
+    pub fn begin(
+        &self,
+        records: Vec<(Audit, Option<Signed>)>,
+        about: Option<About<'_>>,
+    ) -> PendingAudit {
+        let mut kinds = Vec::with_capacity(records.len());
+        let events: Vec<AuditEvent> = records
+            .into_iter()
+            .map(|(audit, signed)| {
+                kinds.push((audit.kind(), audit.mandatory()));
+                AuditEvent {
+                    kind: audit.kind().to_owned(),
+                    migration_id: about.map(|a| a.id.to_string()),
+                    vm: about.map(|a| a.vm.to_string()),
+                    peer: about.map(|a| a.peer.to_string()),
+                    detail: audit.detail(),
+                    signed,
+                }
+            })
+            .collect();
         let log = self.log.clone();
-        let written = tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             let mut log = log.lock().map_err(|_| AuditWriteError::Poisoned)?;
-            log.append(&event).map(drop).map_err(AuditWriteError::Log)
-        })
-        .await
-        .unwrap_or(Err(AuditWriteError::Task));
-        match written {
-            Ok(()) => Ok(()),
-            Err(source) if audit.mandatory() => Err(AuditFailed { kind, source }),
-            Err(e) => {
-                let e = AuditFailed { kind, source: e };
-                tracing::error!(error = %crate::report::report(&e), "audit record not written");
-                Ok(())
-            }
+            log.append_all(&events).map(drop).map_err(AuditWriteError::Log)
+        });
+        PendingAudit { kinds, task }
+    }
+}
+
+/// Audit records being written (see [`Notary::begin`]).
+#[must_use = "the records are durable only once `finish` returned Ok"]
+pub struct PendingAudit {
+    kinds: Vec<(&'static str, bool)>,
+    task: tokio::task::JoinHandle<Result<(), AuditWriteError>>,
+}
+
+impl PendingAudit {
+    /// Wait until the records are durable. Err only if a
+    /// [`mandatory`](Audit::mandatory) one is among them (none was written:
+    /// the step they guard must not happen); otherwise a failure is logged.
+    pub async fn finish(self) -> Result<(), AuditFailed> {
+        let written = self.task.await.unwrap_or(Err(AuditWriteError::Task));
+        let Err(source) = written else { return Ok(()) };
+        let mandatory = self.kinds.iter().find(|(_, m)| *m);
+        let kind = mandatory.or(self.kinds.first()).map_or("none", |(k, _)| k);
+        let e = AuditFailed { kind, source };
+        if mandatory.is_some() {
+            return Err(e);
         }
+        tracing::error!(error = %crate::report::report(&e), "audit record not written");
+        Ok(())
     }
 }

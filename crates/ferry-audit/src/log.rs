@@ -151,29 +151,46 @@ impl AuditLog {
     /// Append `event` and make it durable. Returns its seq. On error nothing
     /// may be assumed recorded: the caller must fail closed.
     pub fn append(&mut self, event: &AuditEvent) -> Result<u64, AuditError> {
+        self.append_all(std::slice::from_ref(event)).map(|seqs| seqs.start)
+    }
+
+    /// Append `events` in order, chained as if appended one by one, with one
+    /// write and one fdatasync: all are durable when it returns. Returns
+    /// their seqs. On error none may be assumed recorded.
+    pub fn append_all(
+        &mut self,
+        events: &[AuditEvent],
+    ) -> Result<std::ops::Range<u64>, AuditError> {
         if self.poisoned {
             self.heal()?;
         }
-        check_kind(&event.kind)
-            .map_err(|why| AuditError::BadKind { kind: event.kind.clone(), why })?;
-        let seq = self.next_seq;
-        let record = Record {
-            seq,
-            prev: hex::encode(self.prev_hash),
-            ts: OffsetDateTime::now_utc(),
-            host: self.signer.spiffe().to_owned(),
-            cert: self.needs_cert.then(|| B64.encode(self.signer.cert_der())),
-            event,
-        };
-        let raw = serde_json::to_string(&record)
-            .map_err(|source| AuditError::Encode { what: "an audit record", source })?;
-        let sig = self.signer.sign(&signing_input(RECORD_KIND, raw.as_bytes()));
-        let line = render_line(&raw, &sig);
-        let mut bytes = Vec::with_capacity(line.len() + 1);
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.push(b'\n');
-        // One write of the whole line (O_APPEND), then fdatasync: the record
-        // is on stable storage before we report it recorded.
+        for event in events {
+            check_kind(&event.kind)
+                .map_err(|why| AuditError::BadKind { kind: event.kind.clone(), why })?;
+        }
+        let (first, mut prev_hash, mut needs_cert) =
+            (self.next_seq, self.prev_hash, self.needs_cert);
+        let mut bytes = Vec::new();
+        for (seq, event) in (first..).zip(events) {
+            let record = Record {
+                seq,
+                prev: hex::encode(prev_hash),
+                ts: OffsetDateTime::now_utc(),
+                host: self.signer.spiffe().to_owned(),
+                cert: needs_cert.then(|| B64.encode(self.signer.cert_der())),
+                event,
+            };
+            let raw = serde_json::to_string(&record)
+                .map_err(|source| AuditError::Encode { what: "an audit record", source })?;
+            let sig = self.signer.sign(&signing_input(RECORD_KIND, raw.as_bytes()));
+            let line = render_line(&raw, &sig);
+            bytes.extend_from_slice(line.as_bytes());
+            bytes.push(b'\n');
+            prev_hash = line_hash(line.as_bytes());
+            needs_cert = false;
+        }
+        // One write of all the lines (O_APPEND), then fdatasync: the records
+        // are on stable storage before we report them recorded.
         let result = self.file.write_all(&bytes).and_then(|()| self.file.sync_data());
         if let Err(source) = result {
             self.poisoned = true;
@@ -185,10 +202,10 @@ impl AuditLog {
             return Err(AuditError::Write { path: self.path.clone(), source });
         }
         self.len += bytes.len() as u64;
-        self.next_seq += 1;
-        self.prev_hash = line_hash(line.as_bytes());
-        self.needs_cert = false;
-        Ok(seq)
+        self.next_seq = first + events.len() as u64;
+        self.prev_hash = prev_hash;
+        self.needs_cert = needs_cert;
+        Ok(first..self.next_seq)
     }
 
     /// After a failed append: reopen and re-read the file; un-poison only if

@@ -38,6 +38,30 @@ fn failure(path: &Path, c: &Cluster) -> (u64, Option<u64>, RecordFault) {
     }
 }
 
+/// A batch is chained exactly as one-by-one appends: the log verifies,
+/// seqs run on, and a reopened log appends after it; a bad kind in a batch
+/// writes none of it.
+#[test]
+fn a_batch_appends_in_order_with_one_write() {
+    let c = cluster();
+    let path = log_with(&c, "batch.log", 4);
+    let mut log = AuditLog::open(&path, c.src_signer()).unwrap();
+    assert_eq!(log.append_all(&[note(5), note(6), note(7)]).unwrap(), 5..8);
+    let mut bad = note(8);
+    bad.kind = "Not A Kind".into();
+    assert!(matches!(log.append_all(&[note(8), bad]), Err(AuditError::BadKind { .. })));
+    assert_eq!(log.append_all(&[]).unwrap(), 8..8);
+    drop(log);
+    let mut log = AuditLog::open(&path, c.src_signer()).unwrap();
+    assert_eq!(log.append(&note(8)).unwrap(), 8);
+    drop(log);
+    assert_eq!(verify_log(&path, &c.ca).unwrap().records, 9);
+    let lines = read_lines(&path);
+    for (i, line) in lines.iter().enumerate().skip(1) {
+        assert!(line.contains(&format!("record-{i:03}")), "line {i}: {line}");
+    }
+}
+
 #[test]
 fn append_reopen_append_verifies() {
     let c = cluster();

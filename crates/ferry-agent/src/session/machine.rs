@@ -60,6 +60,16 @@ impl Session {
         self.agent.notary.record(audit, Some(self.about()), signed).await.map_err(Error::Audit)
     }
 
+    /// Start appending audit records about this migration (one write, one
+    /// fdatasync) while the caller does other durable work; see
+    /// [`Notary::begin`](crate::notary::Notary::begin).
+    pub fn begin_audit(
+        &self,
+        records: Vec<(Audit, Option<ferry_audit::Signed>)>,
+    ) -> crate::notary::PendingAudit {
+        self.agent.notary.begin(records, Some(self.about()))
+    }
+
     /// Take `event`: the table says where it leads (or that it is a bug),
     /// undo effects run first (each is idempotent, and the old state redoes
     /// it after a crash), then the new state is recorded durably, then the

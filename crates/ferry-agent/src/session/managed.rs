@@ -7,7 +7,6 @@
 //! [`DigestsMatch`](crate::checks::DigestsMatch) lets SHUT go.
 
 use ferry_channel::{ReceivePump, Received, StreamSum};
-use ferry_session::Event;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
@@ -15,8 +14,7 @@ use super::inbound::Inbound;
 use super::peer_watch::AbortOnDrop;
 use super::postcopy_destination::return_path;
 use super::streams::{self, inline_control};
-use super::word::{read_commit, send_receipt};
-use crate::audit::Audit;
+use super::word::{pass_gate, read_commit, send_receipt};
 use crate::backend::ChannelKind;
 use crate::checks;
 use crate::error::Error;
@@ -93,12 +91,8 @@ pub async fn receive(
     let rec = inbound.session.record_mut();
     rec.bytes = received.bytes;
     rec.digest = Some(received.digest);
-    let committed = read_commit(inbound, reader).await?;
-    let proof = checks::resume_verdict(committed, received, Ok(())).map_err(Error::Mismatch)?;
-    inbound.session.apply(Event::DigestsMatched, None).await?;
-    // Fail closed: a resume that cannot be audited does not happen.
-    let audit = Audit::Resuming { bytes: received.bytes, digest: received.digest, postcopy: false };
-    inbound.session.audit(audit, None).await?;
+    let commit = read_commit(inbound, reader).await?;
+    let proof = pass_gate(inbound, commit, received, Ok(())).await?;
     inbound.session.record_mut().gate_hold_ms = Some(loaded_at.elapsed().as_millis() as u64);
     // The gate lets SHUT go; it must reach the source while libvirt
     // finishes, so the return path keeps flowing until the VM runs here.

@@ -10,10 +10,8 @@ use tokio::sync::mpsc;
 use super::inbound::Inbound;
 use super::postcopy_destination::{self, Relayed};
 use super::streams;
-use super::word::{read_commit, send_receipt};
-use crate::audit::Audit;
+use super::word::{pass_gate, read_commit, send_receipt};
 use crate::backend::ChannelKind;
-use crate::checks;
 use crate::error::Error;
 
 use crate::net::{Reader, Writer};
@@ -64,16 +62,11 @@ async fn receive(
     let rec = inbound.session.record_mut();
     rec.bytes = received.bytes;
     rec.digest = Some(received.digest);
-    let committed = read_commit(inbound, reader).await?;
+    let commit = read_commit(inbound, reader).await?;
     let agent = inbound.agent().clone();
     let vm = inbound.offer.vm.clone();
     let loaded = agent.backend.wait_loaded(&vm, agent.cfg.migration.commit_timeout()).await;
-    let proof = checks::resume_verdict(committed, received, loaded.map_err(|e| report(&e)))
-        .map_err(Error::Mismatch)?;
-    inbound.session.apply(Event::DigestsMatched, None).await?;
-    // Fail closed: a resume that cannot be audited does not happen.
-    let audit = Audit::Resuming { bytes: received.bytes, digest: received.digest, postcopy: false };
-    inbound.session.audit(audit, None).await?;
+    let proof = pass_gate(inbound, commit, received, loaded.map_err(|e| report(&e))).await?;
     inbound.session.record_mut().gate_hold_ms = Some(arrived.elapsed().as_millis() as u64);
     agent.backend.open_gate(&vm, proof).await?;
     send_receipt(inbound, writer, received).await

@@ -251,17 +251,23 @@ async fn commit(
     rec.bytes = total.bytes;
     rec.digest = Some(total.digest);
     let signed = agent.notary.sign(evidence::COMMIT, &out.stream_body(binding, total))?;
-    // SECURITY (R6): the commit is in the audit log before it leaves; if it
-    // cannot be written, the migration is aborted and the source resumes.
-    if let Err(e) = out.session.audit(Audit::CommitSent(Phase::Whole), Some(signed.clone())).await {
+    // Past this point the migration cannot be cancelled, only settled.
+    agent.sessions.uncancellable(&out.id()).await;
+    // SECURITY (R6): the commit is in the audit log before it leaves, and
+    // it is recorded durably (after a crash this host must know it may no
+    // longer resume its copy on its own). Two files, written at once; the
+    // Commit waits for both. If the audit record fails, the Commit is
+    // withheld and the destination told to abort: the record already says
+    // committed, so the source settles as after any failure past the
+    // Commit, on the destination's word (it answers `aborted`).
+    let audit =
+        out.session.begin_audit(vec![(Audit::CommitSent(Phase::Whole), Some(signed.clone()))]);
+    let recorded = out.session.apply(Event::Committed, None).await;
+    if let Err(e) = audit.finish().await.map_err(Error::Audit) {
         out.send_abort(&mut writer, &binding, "the source cannot write its audit log".into()).await;
         return Err(e);
     }
-    // Past this point the migration cannot be cancelled, only settled.
-    agent.sessions.uncancellable(&out.id()).await;
-    // SECURITY: the commit is recorded durably before it is sent, so after
-    // a crash this host knows it may no longer resume its copy on its own.
-    out.session.apply(Event::Committed, None).await?;
+    recorded?;
     out.set_phase("commit");
     let host = out.to.clone();
     writer

@@ -5,16 +5,25 @@
 use ferry_channel::StreamSum;
 use ferry_session::Event;
 
+use ferry_audit::Signed;
+
 use super::inbound::Inbound;
 use crate::audit::{Audit, Phase};
+use crate::checks::{self, DigestsMatch};
 use crate::error::Error;
 use crate::evidence::{self, StreamBody};
 use crate::net::{Reader, Writer};
 use crate::protocol::PeerMessage;
 use crate::report::report;
 
-/// The source's Commit, verified and recorded before it is acted on.
-pub async fn read_commit(inbound: &Inbound, reader: &mut Reader) -> Result<StreamSum, Error> {
+/// The source's Commit, its signature checked; [`pass_gate`] records it.
+pub struct CommitRead {
+    sum: StreamSum,
+    signed: Signed,
+}
+
+/// Read the source's Commit and verify its signature and address.
+pub async fn read_commit(inbound: &Inbound, reader: &mut Reader) -> Result<CommitRead, Error> {
     let agent = inbound.agent();
     let source = inbound.offer.source.clone();
     let message = reader.read_control::<PeerMessage>().await;
@@ -24,8 +33,7 @@ pub async fn read_commit(inbound: &Inbound, reader: &mut Reader) -> Result<Strea
                 .notary
                 .verify_from::<StreamBody>(&signed, evidence::COMMIT, &source, &inbound.expect())
                 .map_err(|e| Error::Evidence { host: source.clone(), kind: "commit", source: e })?;
-            inbound.session.audit(Audit::CommitReceived(Phase::Whole), Some(signed)).await?;
-            Ok(StreamSum { bytes: body.bytes, digest: body.digest })
+            Ok(CommitRead { sum: StreamSum { bytes: body.bytes, digest: body.digest }, signed })
         }
         PeerMessage::Abort { reason, signed, .. } => {
             let _ = inbound
@@ -36,6 +44,38 @@ pub async fn read_commit(inbound: &Inbound, reader: &mut Reader) -> Result<Strea
         }
         other => Err(Error::Unexpected { host: source, step: "stream", got: other.name() }),
     }
+}
+
+/// The resume gate's decision on a verified Commit: the proof that lets
+/// the VM run here, or why not.
+///
+/// SECURITY: the proof is returned only once the Commit's and the resume's
+/// audit records and the `resuming` state are all durable (fail closed).
+/// The audit records (one batched append) and the state record are written
+/// at once: they are different files and none depends on another, and the
+/// gate holds the loaded VM, paused, for as long as they take.
+pub async fn pass_gate(
+    inbound: &mut Inbound,
+    commit: CommitRead,
+    received: StreamSum,
+    loaded: Result<(), String>,
+) -> Result<DigestsMatch, Error> {
+    let committed = Audit::CommitReceived(Phase::Whole);
+    let proof = match checks::resume_verdict(commit.sum, received, loaded) {
+        Ok(proof) => proof,
+        Err(why) => {
+            inbound.session.audit(committed, Some(commit.signed)).await?;
+            return Err(Error::Mismatch(why));
+        }
+    };
+    let resuming =
+        Audit::Resuming { bytes: received.bytes, digest: received.digest, postcopy: false };
+    let audits =
+        inbound.session.begin_audit(vec![(committed, Some(commit.signed)), (resuming, None)]);
+    let applied = inbound.session.apply(Event::DigestsMatched, None).await;
+    audits.finish().await.map_err(Error::Audit)?;
+    applied?;
+    Ok(proof)
 }
 
 /// The VM runs here: sign for what arrived and tell the source.
