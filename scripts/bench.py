@@ -39,6 +39,8 @@ modules are in scripts/ferrybench/.  Usage:
     python3 scripts/bench.py --transports plain-unix,qemu-tls,ferry --guests idle
     python3 scripts/bench.py --from-json /tmp/bench.json --plot /tmp/bench.svg
     python3 scripts/bench.py --netns --link 1gbit --transports plain-tcp,qemu-tls,ssh,ferry
+    python3 scripts/bench.py --netns --link 1gbit --guests dirtying,fast --dirty 16 \\
+        --transports plain-tcp,plain-postcopy,ferry,ferry-postcopy
 
 --netns runs every transport between the namespaced lab hosts host1 and
 host2 over their migration network (ferrybench/netns.py); --link shapes

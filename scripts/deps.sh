@@ -13,6 +13,10 @@ dpkg -s libvirt-dev >/dev/null 2>&1 || need+=(libvirt-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v libvirtd >/dev/null || [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system libvirt-daemon-driver-qemu)
 command -v virsh >/dev/null || need+=(libvirt-clients)
+# As root the lab (and so the demo) puts hosts in network namespaces: ip
+# makes them, tc and iptables shape and break their links (`ferry lab link`).
+command -v ip >/dev/null || need+=(iproute2)
+command -v iptables >/dev/null || need+=(iptables)
 command -v gcc >/dev/null || need+=(gcc)
 command -v ld >/dev/null || need+=(binutils)
 # Everything the installation prints goes to stderr: the callers' stdout is

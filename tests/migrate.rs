@@ -70,9 +70,34 @@ fn a_dirtying_guest_migrates_keeps_running_and_runs_once() {
     assert_eq!(lab.running_on("g1"), ["host1"]);
 }
 
+/// As root the demo's hosts get network namespaces, as with `lab up`: the
+/// VM crosses only the migration network, and the demo leaves no
+/// namespace, veth or bridge behind.
 #[test]
 fn demo_json_reports_a_verified_migration() {
-    demo_verifies("qemu");
+    let (v, lab) = demo_verifies("qemu", &[]);
+    let network = &v["network"];
+    assert_eq!(network["kind"], "netns", "{v}");
+    assert_eq!(network["subnet"], "10.77.2.0/24", "{v}");
+    assert_eq!(network["destination_addr"], "10.77.2.12:7444", "{v}");
+    let bytes = v["bytes"].as_u64().expect("bytes");
+    let mig = network["source_sent_migration_bytes"].as_u64().expect("migration bytes");
+    let mgmt = network["source_sent_management_bytes"].as_u64().expect("management bytes");
+    assert!(mig >= bytes, "{mig} B on the migration interface for {bytes} B moved: {v}");
+    assert!(mgmt < 1 << 20, "{mgmt} B on the management interface during the migration");
+    let prefix = &lab.net.expect("lab.json names the networks").prefix;
+    assert!(namespaces_named(prefix).is_empty(), "{:?} left", namespaces_named(prefix));
+    let links = lab_links_in_root_namespace();
+    assert!(links.is_empty(), "links named like the lab's in the root namespace: {links:?}");
+}
+
+/// `--no-netns` keeps both hosts on loopback, also as root.
+#[test]
+fn demo_with_no_netns_stays_on_loopback() {
+    let (v, lab) = demo_verifies("qemu", &["--no-netns"]);
+    assert_eq!(v["network"]["kind"], "loopback", "{v}");
+    assert_eq!(v["network"]["source_addr"], "127.0.0.1", "{v}");
+    assert!(lab.net.is_none() && lab.hosts.iter().all(|h| h.netns.is_none()), "{v}");
 }
 
 /// The same story with the guest as a libvirt domain: libvirt runs the
@@ -80,27 +105,22 @@ fn demo_json_reports_a_verified_migration() {
 /// has no timestamps, so the field is there but null).
 #[test]
 fn demo_with_libvirt_reports_a_verified_migration() {
-    demo_verifies("libvirt");
+    let (v, _) = demo_verifies("libvirt", &[]);
+    // libvirtd's QEMUs would run outside a host's namespace.
+    assert_eq!(v["network"]["kind"], "loopback", "{v}");
+    assert!(v["network"]["source_sent_migration_bytes"].is_null(), "{v}");
 }
 
-fn demo_verifies(backend: &str) {
+/// Run the demo with `backend` and `extra` arguments; returns its JSON and
+/// the lab it made.
+fn demo_verifies(backend: &str, extra: &[&str]) -> (serde_json::Value, ferry_cli::lab::Lab) {
     let dir = tempfile::Builder::new().prefix("ferry-demo-").tempdir_in("/tmp").expect("tmp");
     let lab_dir = dir.path().join("lab");
-    let o = run(
-        &[
-            "demo",
-            "--json",
-            "--backend",
-            backend,
-            "--memory",
-            "256",
-            "--fill",
-            "128",
-            "--dir",
-            lab_dir.to_str().expect("utf8"),
-        ],
-        None,
-    );
+    let lab_dir_arg = lab_dir.to_str().expect("utf8");
+    let mut args = vec!["demo", "--json", "--backend", backend, "--memory", "256"];
+    args.extend(["--fill", "128", "--dir", lab_dir_arg]);
+    args.extend(extra);
+    let o = run(&args, None);
     let out = text(&o);
     assert!(o.status.success(), "demo failed: {out}");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
@@ -114,6 +134,7 @@ fn demo_verifies(backend: &str) {
         "total_ms",
         "downtime_ms",
         "guest_blackout_ms",
+        "network",
         "checks",
     ] {
         assert!(v.get(field).is_some(), "demo JSON lacks {field}: {v}");
@@ -128,6 +149,7 @@ fn demo_verifies(backend: &str) {
     for lv in lab.hosts.iter().filter_map(|h| h.libvirt.as_ref()) {
         assert!(!pid_alive(lv.pid as i32), "demo left libvirtd {} running", lv.pid);
     }
+    (v, lab)
 }
 
 #[test]

@@ -35,7 +35,9 @@ fn installing_packages_prints_nothing_on_stdout() {
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "deps.sh failed: {err}");
     assert!(out.is_empty(), "deps.sh printed on stdout: {out:?}");
-    for said in ["==> installing", "apt-get update", "apt-get install -y", "qemu-system-x86"] {
+    for said in
+        ["==> installing", "apt-get update", "apt-get install -y", "qemu-system-x86", "iproute2"]
+    {
         assert!(err.contains(said), "{said:?} not on stderr: {err}");
     }
 }

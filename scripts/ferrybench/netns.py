@@ -13,7 +13,7 @@ import subprocess
 
 from .common import kill_proc, log
 from .report import cell, cpu_per_gb, ok
-from .transports import LIBVIRT, label
+from .transports import LIBVIRT, POSTCOPY, label
 
 # What cannot run between two hosts' namespaces, and why.
 UNSUPPORTED = {
@@ -142,10 +142,17 @@ def link_capacity(place, seconds=3.0, port=5999):
         kill_proc(sink)
 
 
+def baseline(t):
+    """The plain QEMU transport t is compared with: post-copy with plain
+    post-copy (a guest that needs post-copy never converges over plain TCP,
+    so there is no plain TCP figure to compare with), the rest with TCP."""
+    return "plain-postcopy" if t in POSTCOPY else "plain-tcp"
+
+
 def render_link(results, meta):
     """Per transport: throughput as a fraction of the link rate and as a
-    ratio to plain QEMU TCP of the same round, CPU s per GB, blackout and
-    blackout minus plain's."""
+    ratio to its plain QEMU baseline of the same round, CPU s per GB,
+    blackout and blackout minus the baseline's."""
     link = meta["link"]
     rate = link.get("rate_bps")
     cap = link.get("capacity_Bps")
@@ -158,20 +165,22 @@ def render_link(results, meta):
     denom = rate if rate else (cap * 8 if cap else None)
     what = "the link rate" if rate else "the measured single-stream TCP capacity"
     out.append("")
-    out.append("Throughput against %s and against plain QEMU TCP (ratios and differences "
-               "within a round, then median (min–max) over rounds):" % what)
+    out.append("Throughput against %s and against plain QEMU TCP (post-copy: against plain "
+               "QEMU post-copy; ratios and differences within a round, then median (min–max) "
+               "over rounds):" % what)
     out.append("")
-    out.append("| guest | transport | fraction of link | throughput / plain TCP "
-               "| CPU s per GB | guest blackout ms | blackout − plain TCP ms "
+    out.append("| guest | transport | fraction of link | throughput / plain "
+               "| CPU s per GB | guest blackout ms | blackout − plain ms "
                "| bytes out of host1's mig / bytes migrated |")
     out.append("|---|---|---|---|---|---|---|---|")
     for kind in results:
-        base = results[kind].get("plain-tcp")
         for t in [t for t in results[kind] if t != "raw"]:
             rs = results[kind][t]
+            is_base = t == baseline(t)
+            base = results[kind].get(baseline(t))
             frac = [r["throughput"] * 8 / denom for r in rs if ok(r) and r["throughput"] and denom]
             tr, bd = [], []
-            if base is not None and t != "plain-tcp":
+            if base is not None and not is_base:
                 for p, f in zip(base, rs):
                     if ok(p) and ok(f) and p["throughput"] and f["throughput"]:
                         tr.append(f["throughput"] / p["throughput"])
@@ -182,10 +191,10 @@ def render_link(results, meta):
                     if ok(r) and r.get("link_bytes") and r.get("bytes")]
             out.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 kind, label(t, meta["streams"], True), cell(frac, d=3),
-                cell(tr, d=2) if t != "plain-tcp" else "1",
+                cell(tr, d=2) if not is_base else "1",
                 cell([cpu_per_gb(r) for r in rs if ok(r)], d=2),
                 cell([r["blackout_ms"] for r in rs if ok(r)]),
-                cell(bd) if t != "plain-tcp" else "0", cell(sent, d=2)))
+                cell(bd) if not is_base else "0", cell(sent, d=2)))
     return "\n".join(out)
 
 

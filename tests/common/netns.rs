@@ -45,6 +45,25 @@ pub fn namespaces_named(prefix: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Links in this (the machine's root) namespace named as the lab names
+/// its bridges and veths: there must never be any.
+pub fn lab_links_in_root_namespace() -> Vec<String> {
+    let o = Command::new("ip").args(["-j", "link", "show"]).output().expect("run ip");
+    assert!(o.status.success(), "ip link show: {}", text(&o));
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).expect("ip -j output");
+    let lab_named = |n: &str| {
+        ["br-mgmt", "br-mig", "mgmt", "mig"].contains(&n)
+            || n.ends_with("-mgmt")
+            || n.ends_with("-mig")
+    };
+    links
+        .iter()
+        .filter_map(|l| l["ifname"].as_str())
+        .filter(|n| lab_named(n))
+        .map(str::to_owned)
+        .collect()
+}
+
 impl TestLab {
     /// The host's network namespace.
     pub fn netns(&self, host: &str) -> String {

@@ -2,6 +2,7 @@
 //! migrated live to the second, and everything checked: where it runs, that
 //! it kept running, that its memory is intact, and the blackout it saw.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use serde::Serialize;
 
 use crate::console;
 use crate::lab::{self, Lab};
+use crate::lab_netns;
 use crate::opclient::OpClient;
 
 #[derive(Debug, Args)]
@@ -40,6 +42,14 @@ pub struct DemoArgs {
     /// migration, carried by the agents).
     #[arg(long, default_value = "qemu", value_parser = ["qemu", "libvirt"])]
     pub backend: String,
+    /// Each host in a network namespace of its own, the migration on a
+    /// network of its own (the default when running as root, except with
+    /// --backend libvirt).
+    #[arg(long)]
+    pub netns: bool,
+    /// Both hosts on loopback, even when running as root.
+    #[arg(long)]
+    pub no_netns: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,8 +66,27 @@ pub struct DemoReport {
     pub guest_blackout_ms: Option<u64>,
     /// Connect, TLS handshake and mutual attestation, before any VM byte.
     pub setup_ms: Option<u64>,
+    pub network: Network,
     pub checks: Checks,
     pub lab_dir: PathBuf,
+}
+
+/// The network the migration crossed.
+#[derive(Debug, Serialize)]
+pub struct Network {
+    /// "netns" (each host in a namespace of its own, with a management and
+    /// a migration interface) or "loopback".
+    pub kind: &'static str,
+    /// The migration network's subnet (namespaces only).
+    pub subnet: Option<String>,
+    /// The address the source's connections leave from.
+    pub source_addr: IpAddr,
+    /// The destination's migration listener.
+    pub destination_addr: SocketAddr,
+    /// Bytes the source sent on its migration and its management interface
+    /// while the VM moved (namespaces only: loopback has one interface).
+    pub source_sent_migration_bytes: Option<u64>,
+    pub source_sent_management_bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,15 +136,29 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
             eprintln!("==> {s}");
         }
     };
-    say(&format!("creating a lab of two hosts in {}", dir.display()));
+    let libvirt = args.backend == "libvirt";
+    // The same choice as `lab up`: namespaces as root, else loopback.
+    let (netns, warning) =
+        lab_netns::choose(args.netns, args.no_netns, lab_netns::is_root(), libvirt)?;
+    if let Some(w) = warning {
+        eprintln!("{w}");
+    }
+    say(&format!(
+        "creating a lab of two hosts in {}, {}",
+        dir.display(),
+        if netns {
+            "each in a network namespace of its own with a management and a migration network"
+        } else {
+            "both on loopback"
+        }
+    ));
     let opts = lab::LabOptions {
         hosts: 2,
         bandwidth_mib_s: 0,
         tpm: true,
         two_planes: false,
-        libvirt: args.backend == "libvirt",
-        // Loopback, so the demo runs without root too.
-        netns: false,
+        libvirt,
+        netns,
     };
     let lab = lab::up(&dir, opts).await?;
     let result = demo(&lab, &args, json).await;
@@ -148,6 +191,33 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
             fmt(report.downtime_ms),
             fmt(report.guest_blackout_ms)
         );
+        let n = &report.network;
+        match &n.subnet {
+            Some(subnet) => outln!(
+                "  over the migration network {subnet}: {} {} -> {} {}",
+                report.source,
+                n.source_addr,
+                report.destination,
+                n.destination_addr
+            ),
+            None => outln!(
+                "  over loopback: {} {} -> {} {}",
+                report.source,
+                n.source_addr,
+                report.destination,
+                n.destination_addr
+            ),
+        }
+        if let (Some(mig), Some(mgmt)) =
+            (n.source_sent_migration_bytes, n.source_sent_management_bytes)
+        {
+            outln!(
+                "  {} sent {:.1} MiB on its migration interface, {:.1} KiB on its management one",
+                report.source,
+                mig as f64 / 1048576.0,
+                mgmt as f64 / 1024.0
+            );
+        }
         outln!("  runs on: {:?}", report.running_on.iter().map(|h| h.as_str()).collect::<Vec<_>>());
         let c = &report.checks;
         for (name, v) in [
@@ -213,7 +283,14 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
         |l| console::is_ready(l) && console::clean_sweeps(l) >= 1,
     )
     .await?;
-    say(&format!("migrating {vm} {src} -> {dst}"));
+    let (src_host, dst_host) = (lab.host(&src)?, lab.host(&dst)?);
+    say(&format!(
+        "migrating {vm} {src} -> {dst} ({} -> {})",
+        src_host.peer_addr().ip(),
+        dst_host.peer_addr()
+    ));
+    let sent = || source_sent(lab, &src);
+    let sent_before = sent()?;
     let mut view = crate::progress::ProgressView::new();
     let resp = client
         .request(
@@ -233,6 +310,7 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
         )
         .await?;
     view.finish();
+    let sent_after = sent()?;
     let rec = match resp {
         ApiResponse::Migration(m) => m,
         ApiResponse::Error { message, .. } => return Err(anyhow!("migration failed: {message}")),
@@ -302,6 +380,14 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
         downtime_ms: rec.qemu_downtime_ms,
         guest_blackout_ms: cont.guest_blackout_ms,
         setup_ms: rec.setup_ms,
+        network: Network {
+            kind: if lab.net.is_some() { "netns" } else { "loopback" },
+            subnet: lab.net.as_ref().map(|n| n.migration_subnet.clone()),
+            source_addr: src_host.peer_addr().ip(),
+            destination_addr: dst_host.peer_addr(),
+            source_sent_migration_bytes: sent_before.zip(sent_after).map(|(b, a)| a.0 - b.0),
+            source_sent_management_bytes: sent_before.zip(sent_after).map(|(b, a)| a.1 - b.1),
+        },
         checks: Checks {
             mutual_tls: migrated,
             mutual_attestation: migrated
@@ -321,7 +407,15 @@ async fn demo(lab: &Lab, args: &DemoArgs, json: bool) -> Result<DemoReport> {
     })
 }
 
-/// Verify both hosts' audit logs offline and that they agree on this migration.
+/// Bytes the host has sent on its (migration, management) interfaces, when
+/// it has a namespace of its own.
+fn source_sent(lab: &Lab, host: &HostName) -> Result<Option<(u64, u64)>> {
+    let Some(ns) = &lab.host(host)?.netns else { return Ok(None) };
+    let (_, mig) = lab_netns::if_bytes(ns, lab_netns::MIGRATION_IF)?;
+    let (_, mgmt) = lab_netns::if_bytes(ns, lab_netns::MGMT_IF)?;
+    Ok(Some((mig, mgmt)))
+}
+
 /// Start the test guest on `host`: through the agent, or as a libvirt
 /// domain when the host runs libvirt (the agent then lists it).
 async fn start_guest(
@@ -359,6 +453,7 @@ async fn start_guest(
     }
 }
 
+/// Verify both hosts' audit logs offline and that they agree on this migration.
 fn evidence_verified(lab: &Lab, src: &HostName, dst: &HostName, id: &str) -> bool {
     let log = |h: &HostName| lab.host(h).map(|h| h.state_dir.join("audit.log"));
     let (Ok(a), Ok(b)) = (log(src), log(dst)) else { return false };

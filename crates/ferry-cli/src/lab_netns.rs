@@ -183,7 +183,10 @@ pub fn create(dir: &Path, net: &LabNet) -> Result<()> {
     }
     std::fs::write(dir.join(RECORD), serde_json::to_vec_pretty(net)?)?;
     for ns in net.namespaces() {
-        ip(&["netns", "add", &ns])?;
+        // In a container without CAP_SYS_ADMIN even root cannot make one.
+        ip(&["netns", "add", &ns]).context(
+            "cannot create the lab's network namespaces (--no-netns keeps hosts on loopback)",
+        )?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
     }
     let sw = net.switch.as_str();
@@ -236,6 +239,24 @@ fn pids(ns: &str) -> Vec<i32> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Bytes (received, sent) on interface `iface` inside namespace `ns`.
+pub fn if_bytes(ns: &str, iface: &str) -> Result<(u64, u64)> {
+    let o = Command::new("ip")
+        .args(["-n", ns, "-j", "-s", "link", "show", "dev", iface])
+        .output()
+        .context("cannot run `ip`")?;
+    if !o.status.success() {
+        bail!("no interface {iface} in {ns}: {}", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).context("`ip -j` output")?;
+    let bytes = |dir: &str| {
+        v[0]["stats64"][dir]["bytes"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("`ip -s link show {iface}` in {ns} has no {dir} byte count"))
+    };
+    Ok((bytes("rx")?, bytes("tx")?))
 }
 
 /// Run `f` on a thread of its own inside namespace `ns`: sockets it opens
