@@ -11,7 +11,11 @@ and reports medians and min-max of:
 
   * throughput   bytes / total migration time
                  QEMU transports: ram.transferred / total-time from query-migrate
-                 ferry: bytes / total_ms from the migration record
+                 ferry: bytes / qemu_total_ms from the source's migration record
+                 (the source QEMU's own total-time, the same clock; until
+                 issue 15's rerun it was the record's end-to-end total_ms,
+                 which also holds setup, the destination QEMU's launch, the
+                 gate and the Receipt: kept as record_total_ms in --raw-json)
   * wall         wall-clock from issuing the migrate command to the destination
                  running (QEMU transports: migrate QMP -> `cont` returned, or for
                  post-copy the destination seen running;

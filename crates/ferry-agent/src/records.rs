@@ -34,7 +34,13 @@ pub struct MigrationRecord {
     pub error: Option<String>,
     /// Source only: QEMU's own figure for the VM's downtime.
     pub qemu_downtime_ms: Option<u64>,
+    /// Record creation to its final state: setup, the destination's
+    /// launch, the transfer, the gate and the Receipt.
     pub total_ms: Option<u64>,
+    /// Source only: QEMU's own figure for the whole migration (migrate
+    /// command to completed), the figure plain QEMU reports for itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_total_ms: Option<u64>,
     /// Connect to "both platforms attested", in ms.
     #[serde(default)]
     pub setup_ms: Option<u64>,
@@ -92,6 +98,7 @@ impl MigrationRecord {
             digest: None,
             error: None,
             qemu_downtime_ms: None,
+            qemu_total_ms: None,
             total_ms: None,
             setup_ms: None,
             attestation: None,

@@ -373,6 +373,9 @@ pub fn print_record(m: &MigrationRecord) {
         opt(m.qemu_downtime_ms),
         opt(m.setup_ms)
     );
+    if let Some(ms) = m.qemu_total_ms {
+        outln!("  QEMU's own migration time {ms} ms");
+    }
     if let Some(ms) = m.gate_hold_ms {
         outln!("  resume gate held the loaded VM {ms} ms (Commit awaited, checked, audited)");
     }

@@ -179,6 +179,7 @@ pub async fn run(out: &mut Outbound) -> Result<(), Error> {
         return Err(Error::SourceQemu(why));
     }
     out.session.record_mut().qemu_downtime_ms = status.downtime;
+    out.session.record_mut().qemu_total_ms = status.total_time;
     if postcopy_source::handed_over(out, &binding, &mut switch, &mut peer_rx).await? {
         // QEMU completes a post-copy only after the destination closed its
         // return path, i.e. loaded every page: the VM is whole there now.
