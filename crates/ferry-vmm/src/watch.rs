@@ -26,8 +26,11 @@ pub enum Poll<T> {
     Again,
 }
 
-/// Poll `query-migrate` every `every` until `decide` returns [`Poll::Done`],
-/// or fail with [`VmmError::Timeout`] naming the last status after `timeout`.
+/// Poll `query-migrate` until `decide` returns [`Poll::Done`], or fail with
+/// [`VmmError::Timeout`] naming the last status after `timeout`. The first
+/// polls follow each other after 1 ms, doubling up to `every`: callers wait
+/// for a migration that is about to end while the guest is paused, and a
+/// full interval would be guest downtime.
 pub async fn poll_migration<T>(
     qmp: &Mutex<Qmp>,
     every: Duration,
@@ -35,6 +38,7 @@ pub async fn poll_migration<T>(
     mut decide: impl FnMut(&MigrationStatus) -> Poll<T>,
 ) -> Result<T, VmmError> {
     let deadline = Instant::now() + timeout;
+    let mut pause = FIRST_POLL_GAP.min(every);
     loop {
         let status = qmp.lock().await.query_migrate().await?;
         if let Poll::Done(v) = decide(&status) {
@@ -46,9 +50,12 @@ pub async fn poll_migration<T>(
                 after: timeout,
             });
         }
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(every);
     }
 }
+
+const FIRST_POLL_GAP: Duration = Duration::from_millis(1);
 
 /// Wait until QEMU's migration is over: `completed` is Ok, `failed` and
 /// `cancelled` are errors. Works on both ends: a destination reports

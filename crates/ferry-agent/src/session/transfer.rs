@@ -350,6 +350,8 @@ fn peer_failure(out: &Outbound, word: Option<PeerWord>, committed: Option<&Diges
 async fn wait_terminal(out: &Outbound) -> Result<ferry_vmm::MigrationStatus, Error> {
     let agent = out.agent();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // The guest is paused: look again soon, then back off to 20 ms.
+    let mut pause = Duration::from_millis(1);
     loop {
         let s = agent.backend.outgoing_status(&out.vm).await?;
         if s.status.is_terminal() {
@@ -361,7 +363,8 @@ async fn wait_terminal(out: &Outbound) -> Result<ferry_vmm::MigrationStatus, Err
                 s.status
             )));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 
