@@ -30,7 +30,10 @@ and reports medians and min-max of:
                  bytes transferred (GB = 10^9 bytes).  The source QEMU and the
                  helpers count from the migrate command on; the destination QEMU
                  counts from its launch (for Ferry it is launched by the agent
-                 inside the migration).
+                 inside the migration).  Of the agents' CPU, their console
+                 logging threads (`ferry-console`) are also shown apart, since
+                 the other transports' consoles are read by this script,
+                 uncounted.
 
 A migration not completed --converge-s seconds after the migrate command is
 cancelled and reported as "did not converge".  Post-copy transports run only

@@ -41,3 +41,14 @@ fn installing_packages_prints_nothing_on_stdout() {
         assert!(err.contains(said), "{said:?} not on stderr: {err}");
     }
 }
+
+/// bench.py's accounting (which CPU is whose) has unit tests of its own,
+/// in Python like the script; they run here so that the suite runs them.
+#[test]
+fn bench_accounting_unit_tests_pass() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test_ferrybench.py");
+    let o = Command::new("python3").arg(&script).output().expect("run python3");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "scripts/test_ferrybench.py failed: {err}");
+    assert!(err.contains("OK"), "no test ran: {err}");
+}

@@ -53,7 +53,7 @@ class CpuSampler(threading.Thread):
         self.given_names = dict(names or {})
         # per thread: a process at 0.6 of a core may have one thread at 1.0
         self.thread_first, self.thread_last, self.thread_names = {}, {}, {}
-        self.threads = {}
+        self.threads, self.thread_sums = {}, {}
         self.cmd_cache = {}
         self.stop_flag = threading.Event()
         self.scans = 0
@@ -138,9 +138,30 @@ class CpuSampler(threading.Thread):
             d = t - self.first[key]
             total += d
             by_name[self.names[key]] = by_name.get(self.names[key], 0) + d / CLK_TCK
-        # {process/thread: seconds}; of threads with the same name, the busiest
-        self.threads = {}
-        for tkey, t in self.thread_last.items():
-            name, s = self.thread_names[tkey], (t - self.thread_first[tkey]) / CLK_TCK
-            self.threads[name] = max(s, self.threads.get(name, 0))
+        self.threads, self.thread_sums = thread_totals(self.thread_first, self.thread_last,
+                                                       self.thread_names)
         return total / CLK_TCK, by_name
+
+
+def thread_totals(first, last, names):
+    """({process/thread: seconds} of the busiest thread of each name (a
+    bottleneck is one thread), {process/thread: seconds} of all threads of
+    each name), from the ticks at first sighting and at the last scan."""
+    busiest, sums = {}, {}
+    for tkey, t in last.items():
+        name, s = names[tkey], (t - first[tkey]) / CLK_TCK
+        busiest[name] = max(s, busiest.get(name, 0))
+        sums[name] = sums.get(name, 0) + s
+    return busiest, sums
+
+
+# The agents' console logger thread (crates/ferry-agent/src/backend/qemu/console.rs)
+CONSOLE_THREAD = "ferry-console"
+
+
+def agents_console_seconds(thread_sums):
+    """CPU seconds of the agents' console logging threads, from thread_sums
+    ({"agent HOST/comm": seconds}).  The other transports' consoles are read
+    by this script, uncounted, so a like-for-like comparison leaves it out."""
+    return sum(s for name, s in thread_sums.items()
+               if name.startswith("agent ") and name.endswith("/" + CONSOLE_THREAD))

@@ -7,7 +7,7 @@ import time
 
 from .common import MIGRATE_TIMEOUT_S, kill_proc, log
 from .console import migration_result, parse_console, read_console_file, wait_hbs, wait_ready
-from .cpu import CpuSampler
+from .cpu import CpuSampler, agents_console_seconds
 from .plain import not_converged_result
 
 
@@ -221,7 +221,8 @@ class FerryRunner:
                                     id=mig["id"], streams=mig.get("streams"),
                                     postcopy_allowed=mig.get("postcopy"), start_ms=start_ms,
                                     setup_ms=mig.get("setup_ms"), cpu_threads=sampler.threads,
-                                    record_total_ms=mig.get("total_ms"))
+                                    record_total_ms=mig.get("total_ms"),
+                                    cpu_console_s=agents_console_seconds(sampler.thread_sums))
         except Exception:
             self.cleanup()
             raise

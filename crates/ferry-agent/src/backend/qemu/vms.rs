@@ -10,7 +10,7 @@ use ferry_types::MigrationId;
 use ferry_vmm::{swtpm, Erased, LaunchMode, QemuConfig, QemuProcess, SharedQmp, VmSpec, VmmError};
 use tokio::sync::Mutex;
 
-use super::console::{console_logger, CONSOLE_LOG};
+use super::console::{ConsoleLogger, CONSOLE_LOG};
 use crate::protocol::VmInfo;
 use crate::records::write_durably;
 use crate::vtpm::{check_adoption, Departure, StaleVtpm, VtpmOrigin, ORIGIN_FILE};
@@ -30,13 +30,8 @@ pub struct VmEntry {
     pub qmp: SharedQmp,
     /// The migration that owns this VM; no other operation may touch it.
     pub busy: Option<MigrationId>,
-    console: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for VmEntry {
-    fn drop(&mut self) {
-        self.console.abort();
-    }
+    /// Stops with the entry.
+    _console: ConsoleLogger,
 }
 
 impl VmEntry {
@@ -102,9 +97,10 @@ async fn attach(
         save_json(&proc.dir.join(SPEC_FILE), &spec)?;
         save_json(&proc.dir.join(LABELS_FILE), &labels)?;
     }
-    let console = tokio::spawn(console_logger(proc.serial_path(), proc.dir.join(CONSOLE_LOG)));
+    let console = ConsoleLogger::start(proc.serial_path(), proc.dir.join(CONSOLE_LOG));
     let qmp = proc.qmp().await?;
-    Ok(VmEntry { spec, labels, proc, qmp: Arc::new(Mutex::new(qmp)), busy: None, console })
+    let qmp = Arc::new(Mutex::new(qmp));
+    Ok(VmEntry { spec, labels, proc, qmp, busy: None, _console: console })
 }
 
 fn save_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), VmmError> {

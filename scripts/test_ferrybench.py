@@ -1,0 +1,103 @@
+"""Unit tests of bench.py's accounting (run: python3 scripts/test_ferrybench.py;
+tests/scripts.rs runs them in the suite)."""
+
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from ferrybench import report  # noqa: E402
+from ferrybench.cpu import CLK_TCK, agents_console_seconds, thread_totals  # noqa: E402
+
+
+def run(cpu_by, console=None, nbytes=1e9, throughput=100e6, blackout=50):
+    r = {"bytes": nbytes, "throughput": throughput, "blackout_ms": blackout, "cpu_by": cpu_by,
+         "cpu_s": sum(cpu_by.values()), "converged": True}
+    if console is not None:
+        r["cpu_console_s"] = console
+    return r
+
+
+QEMUS = {"qemu-system-x86_64": 3.0, "qemu-system-x86_64 (dst)": 1.0}
+
+
+class ThreadAccounting(unittest.TestCase):
+    def test_threads_of_one_name_are_summed_and_the_busiest_kept(self):
+        names = {(1, 0, "11"): "agent host1/ferry-console", (1, 0, "12"): "agent host1/ferry-console",
+                 (1, 0, "13"): "agent host1/tokio-runtime-w"}
+        first = {k: 0 for k in names}
+        last = {(1, 0, "11"): CLK_TCK, (1, 0, "12"): 3 * CLK_TCK, (1, 0, "13"): 2 * CLK_TCK}
+        busiest, sums = thread_totals(first, last, names)
+        self.assertEqual(busiest["agent host1/ferry-console"], 3.0)
+        self.assertEqual(sums["agent host1/ferry-console"], 4.0)
+        self.assertEqual(sums["agent host1/tokio-runtime-w"], 2.0)
+
+    def test_only_the_agents_console_threads_count_as_console_logging(self):
+        sums = {"agent host1/ferry-console": 0.25, "agent host2/ferry-console": 0.125,
+                "agent host1/tokio-runtime-w": 2.0, "qemu-system-x86_64/ferry-console": 9.0,
+                "agent host1/ferry-consoles": 9.0, "ssh/ssh": 9.0}
+        self.assertEqual(agents_console_seconds(sums), 0.375)
+        self.assertEqual(agents_console_seconds({}), 0)
+
+
+class TransportCpu(unittest.TestCase):
+    def test_console_logging_comes_off_the_agents_only_when_asked(self):
+        ferry = run(dict(QEMUS, **{"agent host1": 0.6, "agent host2": 0.4}), console=0.2,
+                    nbytes=2e9)
+        self.assertAlmostEqual(report.transport_cpu_per_gb(ferry), 0.5)
+        self.assertAlmostEqual(report.transport_cpu_per_gb(ferry, console=False), 0.4)
+        self.assertAlmostEqual(report.console_cpu_per_gb(ferry), 0.1)
+        # all processes, as before: the console logging stays in
+        self.assertAlmostEqual(report.cpu_per_gb(ferry), 5.0 / 2)
+
+    def test_other_transports_carry_no_console_logging(self):
+        ssh = run(dict(QEMUS, ssh=0.5, sshd=0.5))
+        self.assertAlmostEqual(report.transport_cpu_per_gb(ssh), 1.0)
+        self.assertAlmostEqual(report.transport_cpu_per_gb(ssh, console=False), 1.0)
+        self.assertIsNone(report.console_cpu_per_gb(ssh))
+
+    def test_a_ferry_run_without_the_split_is_not_taken_for_one_without_logging(self):
+        old = run(dict(QEMUS, **{"agent host1": 0.6, "agent host2": 0.4}))
+        self.assertAlmostEqual(report.transport_cpu_per_gb(old), 1.0)
+        self.assertIsNone(report.transport_cpu_per_gb(old, console=False))
+        self.assertIsNone(report.console_cpu_per_gb(old))
+
+
+class VsSecureTable(unittest.TestCase):
+    def render(self, consoles):
+        rounds = []
+        for i, console in enumerate(consoles):
+            rounds.append((run(dict(QEMUS, ssh=0.5, sshd=0.5)),
+                           run(dict(QEMUS, **{"agent host1": 0.6, "agent host2": 0.4}),
+                               console=console, throughput=(120 + i) * 1e6)))
+        results = {"idle": {"ssh": [s for s, _ in rounds], "ferry": [f for _, f in rounds]}}
+        out = []
+        report.render_vs_secure(out, results, lambda t: t)
+        return out
+
+    def test_both_ratios_and_the_console_share_are_printed(self):
+        out = self.render([0.2, 0.3, 0.1])
+        header = next(line for line in out if line.startswith("| guest"))
+        self.assertIn("| transport CPU per GB Ferry agents/(ssh + sshd) "
+                      "| the same without the agents' console logging |", header)
+        row = next(line for line in out if line.startswith("| idle"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        # guest, best, throughput, CPU/best, CPU/QEMU TLS, CPU/SSH, transport, without, blackout
+        self.assertEqual(cells[6], "1.00 (1.00–1.00)")
+        self.assertEqual(cells[7], "0.80 (0.70–0.90)")
+        note = next(line for line in out if "console logging (their `ferry-console`" in line)
+        self.assertIn("idle, ferry: 0.200 (0.100–0.300)", note)
+        self.assertIn("do not carry", note)
+
+    def test_no_console_note_without_the_split(self):
+        out = self.render([None, None])
+        row = next(line for line in out if line.startswith("| idle"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        self.assertEqual(cells[6], "1.00 (1.00–1.00)")
+        self.assertEqual(cells[7], "n/a")
+        self.assertFalse(any("ferry-console" in line for line in out))
+
+
+if __name__ == "__main__":
+    unittest.main()
