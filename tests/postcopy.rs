@@ -88,33 +88,17 @@ fn lab_with_cuttable_link(migration: &str) -> (TestLab, Proxy) {
     (lab, proxy)
 }
 
-/// The state of a host's only migration.
-fn state(lab: &TestLab, host: &str) -> serde_json::Value {
-    let (_, list) = lab.ferry_json(&["migrations", "list", "--host", host]);
-    list["migrations"]
-        .as_array()
-        .and_then(|m| m.first())
-        .map(|m| m["state"].clone())
-        .unwrap_or_default()
-}
-
 /// Start a post-copy migration of a fast guest and cut the link once the
 /// destination has taken over. Returns what `ferry migrate` answered, the
 /// source QEMU's pid and the migration id.
 fn cut_after_handover(lab: &TestLab, proxy: &Proxy) -> (serde_json::Value, i32, String) {
     let src = lab.start_guest("host1", "fast", 512, FAST);
     let src_pid = src["pid"].as_i64().expect("pid") as i32;
-    let child = std::process::Command::new(FERRY)
-        .args(["migrate", "fast", "--to", "host2", "--host", "host1", "--postcopy", "--json"])
-        .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn migrate");
+    let child = lab.spawn_postcopy_to_host2("fast");
     // The post-copy phase sends what is left at the link's 100 MiB/s: the
     // link fails while the destination runs the VM and still lacks pages.
     wait_until(Duration::from_secs(90), "the hand-over", || {
-        state(lab, "host1") == "postcopy_active"
+        lab.only_migration_state("host1") == "postcopy_active"
     });
     proxy.cut();
     let out = child.wait_with_output().expect("wait migrate");
@@ -132,7 +116,7 @@ fn a_link_lost_after_the_handover_keeps_both_halves_until_recovered() {
     // Automatic recovery off: this is the operator's path.
     let (lab, proxy) = lab_with_cuttable_link("postcopy_recover_retry_ms = 0");
     let (_, src_pid, id) = cut_after_handover(&lab, &proxy);
-    let state = |host: &str| state(&lab, host);
+    let state = |host: &str| lab.only_migration_state(host);
 
     // Neither half was stopped or resumed, now or after both agents restart.
     let dst_pid = || {
@@ -205,7 +189,7 @@ fn the_source_resumes_an_interrupted_postcopy_by_itself_once_the_link_is_back() 
             .count()
             >= 2
     });
-    assert_eq!(state(&lab, "host1"), "postcopy_active");
+    assert_eq!(lab.only_migration_state("host1"), "postcopy_active");
     assert!(
         metric(&scrape(lab.host("host1").metrics), "ferry_postcopy_recovery_failures_total") >= 2
     );
@@ -218,11 +202,12 @@ fn the_source_resumes_an_interrupted_postcopy_by_itself_once_the_link_is_back() 
 
     // The source agent restarts meanwhile: the new one takes up the retries.
     lab.restart_agent("host1");
-    assert_eq!(state(&lab, "host1"), "postcopy_active");
+    assert_eq!(lab.only_migration_state("host1"), "postcopy_active");
     assert!(pid_alive(src_pid), "the restart stopped the source's half");
     proxy.heal();
     wait_until(Duration::from_secs(90), "recovery on both hosts", || {
-        state(&lab, "host1") == "completed" && state(&lab, "host2") == "completed"
+        lab.only_migration_state("host1") == "completed"
+            && lab.only_migration_state("host2") == "completed"
     });
     wait_until(Duration::from_secs(10), "source QEMU to exit", || !pid_alive(src_pid));
     assert_eq!(lab.running_on("fast"), ["host2"]);
@@ -328,10 +313,10 @@ fn losing_the_source_qemu_ends_the_postcopy_as_lost_on_both_sides() {
         .expect("destination half") as i32;
     let _ = std::process::Command::new("kill").args(["-9", &src_pid.to_string()]).status();
     wait_until(Duration::from_secs(30), "host1 to record the lost half", || {
-        state(&lab, "host1") == "postcopy_lost"
+        lab.only_migration_state("host1") == "postcopy_lost"
     });
     // While the link is down host2 keeps its half exactly as it is.
-    assert_eq!(state(&lab, "host2"), "postcopy_active");
+    assert_eq!(lab.only_migration_state("host2"), "postcopy_active");
     assert!(pid_alive(dst_pid), "the destination's half was stopped");
     assert!(
         lab.vms("host1").iter().all(|v| v["name"] != "fast"),
@@ -348,7 +333,7 @@ fn losing_the_source_qemu_ends_the_postcopy_as_lost_on_both_sides() {
 
     proxy.heal();
     wait_until(Duration::from_secs(90), "host2 to learn the source half is lost", || {
-        state(&lab, "host2") == "postcopy_lost"
+        lab.only_migration_state("host2") == "postcopy_lost"
     });
     assert!(pid_alive(dst_pid), "the destination's half was stopped without the operator");
     let (_, shown) = lab.ferry_json(&["migrations", "show", &id, "--host", "host2"]);

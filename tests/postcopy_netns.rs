@@ -31,16 +31,6 @@ fn shaped_lab(migration: &str) -> (TestLab, Value) {
     (lab, vm)
 }
 
-/// The state of a host's only migration.
-fn state(lab: &TestLab, host: &str) -> Value {
-    let (_, list) = lab.ferry_json(&["migrations", "list", "--host", host]);
-    list["migrations"]
-        .as_array()
-        .and_then(|m| m.first())
-        .map(|m| m["state"].clone())
-        .unwrap_or_default()
-}
-
 /// Both audit logs hold the switchover: commit sent by host1 before host2
 /// resumed the VM, receipt (the handover) sent back by host2.
 fn assert_switched_over(lab: &TestLab, id: &str) {
@@ -111,16 +101,10 @@ fn postcopy_link_down_recovers_by_itself_after_up() {
     let t0 = Instant::now();
     let (lab, vm) = shaped_lab("postcopy_recover_retry_ms = 500\n");
     let src_pid = vm["pid"].as_i64().expect("pid") as i32;
-    let child = std::process::Command::new(FERRY)
-        .args(["migrate", "g", "--to", "host2", "--host", "host1", "--postcopy", "--json"])
-        .env("FERRY_CLIENT_CONFIG", &lab.lab.client_config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn migrate");
+    let child = lab.spawn_postcopy_to_host2("g");
     // 128 MiB of dirty pages take seconds at 200 Mbit/s after the hand-over.
     wait_until(Duration::from_secs(120), "the hand-over", || {
-        state(&lab, "host1") == "postcopy_active"
+        lab.only_migration_state("host1") == "postcopy_active"
     });
     let said = lab.link("host1", &["--down"]);
     assert!(said.contains("down"), "{said}");
@@ -139,7 +123,7 @@ fn postcopy_link_down_recovers_by_itself_after_up() {
             .count()
             >= 2
     });
-    assert_eq!(state(&lab, "host1"), "postcopy_active");
+    assert_eq!(lab.only_migration_state("host1"), "postcopy_active");
     assert!(pid_alive(src_pid), "the source's half (holding pages) was stopped");
     assert_ne!(
         lab.vm_state("host1", "g").as_deref(),
@@ -151,7 +135,8 @@ fn postcopy_link_down_recovers_by_itself_after_up() {
     let said = lab.link("host1", &["--up"]);
     assert!(said.contains("up"), "{said}");
     wait_until(Duration::from_secs(120), "recovery on both hosts", || {
-        state(&lab, "host1") == "completed" && state(&lab, "host2") == "completed"
+        lab.only_migration_state("host1") == "completed"
+            && lab.only_migration_state("host2") == "completed"
     });
     assert_completed_once(&lab, &id, src_pid);
     eprintln!("took {:?}", t0.elapsed());

@@ -177,6 +177,28 @@ impl TestLab {
         std::fs::write(p, s.replace(from, to)).expect("write config");
     }
 
+    /// The state of a host's only migration (null if it has none).
+    pub fn only_migration_state(&self, host: &str) -> serde_json::Value {
+        let (_, list) = self.ferry_json(&["migrations", "list", "--host", host]);
+        list["migrations"]
+            .as_array()
+            .and_then(|m| m.first())
+            .map(|m| m["state"].clone())
+            .unwrap_or_default()
+    }
+
+    /// `ferry migrate VM --to host2 --host host1 --postcopy --json`, in the
+    /// background, its output piped.
+    pub fn spawn_postcopy_to_host2(&self, vm: &str) -> std::process::Child {
+        std::process::Command::new(FERRY)
+            .args(["migrate", vm, "--to", "host2", "--host", "host1", "--postcopy", "--json"])
+            .env("FERRY_CLIENT_CONFIG", &self.lab.client_config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn migrate")
+    }
+
     /// Make `host` reach `peer` at `via` (a test's proxy) instead of the
     /// peer's own address; takes effect when the agent restarts.
     pub fn route_peer(&self, host: &str, peer: &str, via: SocketAddr) {
