@@ -100,6 +100,19 @@ pub fn assert_domain_stayed(lab: &TestLab, vm: &str, from: &str, to: &str, log: 
     super::assert_memory_consistent(log);
 }
 
+/// After a migration from `from` to `to` that the destination's gate
+/// refused: both agents' records of it end aborted, and `to` never opened
+/// its gate (no `resuming` in its audit log, so no Receipt either).
+pub fn assert_refused_at_the_gate(lab: &TestLab, from: &str, to: &str) {
+    for host in [from, to] {
+        let recs = super::records(lab, host);
+        assert_eq!(recs.last().map(|r| r.0.as_str()), Some("aborted"), "{host} records: {recs:?}");
+    }
+    let audit = std::fs::read_to_string(lab.host(to).state_dir.join("audit.log"))
+        .expect("destination audit log");
+    assert!(!audit.contains("\"resuming\""), "{to} opened its gate: {audit}");
+}
+
 /// Where `host`'s agent keeps its per-migration socket directories, as seen
 /// from outside the host's namespace.
 pub fn migration_socket_dir(lab: &TestLab, host: &str) -> PathBuf {

@@ -75,6 +75,9 @@ pub struct MitmLog {
     /// (direction, stream offset) of each bit actually flipped since the
     /// tamper mode was last set, on any connection.
     pub flipped: Vec<(Dir, u64)>,
+    /// For each entry of `flipped`, the connection it was flipped on: its
+    /// number in accept order (1 is the first `connections` counted).
+    pub flipped_on: Vec<u64>,
     /// When the last stall or truncation took effect.
     pub fault_at: Option<Instant>,
     pub bytes_up: u64,
@@ -130,7 +133,7 @@ impl Mitm {
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 let mode = *t.lock().expect("tamper");
-                {
+                let connection = {
                     let mut g = lg.lock().expect("log");
                     g.connections += 1;
                     g.records_up.clear();
@@ -138,7 +141,8 @@ impl Mitm {
                     g.fault_at = None;
                     g.bytes_up = 0;
                     g.bytes_down = 0;
-                }
+                    g.connections
+                };
                 {
                     let mut s = socks.lock().expect("sockets");
                     s.push(client.try_clone().expect("clone"));
@@ -150,6 +154,7 @@ impl Mitm {
                 let up = MitmPump {
                     dir: Dir::Up,
                     mode,
+                    connection,
                     log: lg.clone(),
                     stop: st.clone(),
                     stalled: stalled.clone(),
@@ -170,7 +175,9 @@ impl Mitm {
     /// Tamper with connections from now on; forgets the bits flipped before.
     pub fn set_tamper(&self, t: Tamper) {
         *self.tamper.lock().expect("tamper") = t;
-        self.log.lock().expect("log").flipped.clear();
+        let mut g = self.log.lock().expect("log");
+        g.flipped.clear();
+        g.flipped_on.clear();
     }
 
     pub fn log(&self) -> MitmLog {
@@ -197,6 +204,7 @@ impl Drop for Mitm {
 struct MitmPump {
     dir: Dir,
     mode: Tamper,
+    connection: u64,
     log: Arc<std::sync::Mutex<MitmLog>>,
     stop: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
@@ -239,7 +247,15 @@ impl MitmPump {
                 return;
             }
             let mut n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) if self.stalled.load(Ordering::Relaxed) => break,
+                Ok(0) => {
+                    // A half-close travels as one, and only in this
+                    // direction: the peer may still answer (libvirt's
+                    // streams end their data and wait for the other side).
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                    return;
+                }
+                Err(_) => break,
                 Ok(n) => n,
             };
             if self.stalled.load(Ordering::Relaxed) {
@@ -272,7 +288,9 @@ impl MitmPump {
                 flip_pending = false;
                 tracker.arm = None;
                 tracker.armed_target = None;
-                self.log.lock().expect("log").flipped.push((self.dir, pos + i as u64));
+                let mut g = self.log.lock().expect("log");
+                g.flipped.push((self.dir, pos + i as u64));
+                g.flipped_on.push(self.connection);
             }
             if let Some(f) = &self.capture {
                 let _ = f.lock().expect("capture").write_all(chunk);
@@ -305,6 +323,7 @@ impl MitmPump {
             }
             return;
         }
+        // A reset or a failed write: the connection is gone both ways.
         let _ = from.shutdown(std::net::Shutdown::Both);
         let _ = to.shutdown(std::net::Shutdown::Both);
     }
