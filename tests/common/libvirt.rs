@@ -255,6 +255,14 @@ pub fn assert_domain_moved(
     assert!(ok, "{dst}");
     assert_eq!(dst["state"], "completed", "{dst}");
     assert_eq!((&dst["digest"], &dst["bytes"]), (&rec["digest"], &rec["bytes"]));
+    // The guest's downtime, measured by the destination's libvirt (the
+    // source's is gone with its copy) and signed into the Receipt, is in
+    // both records.
+    let downtime = dst["qemu_downtime_ms"].as_u64();
+    assert!(downtime.is_some(), "no downtime in {to}'s record: {dst}");
+    let (ok, src) = lab.ferry_json(&["migrations", "show", id, "--host", from]);
+    assert!(ok, "{src}");
+    assert_eq!(src["qemu_downtime_ms"].as_u64(), downtime, "{from}'s record: {src}");
     let after = sweeps_after(log, before.len(), 2);
     let c = console::analyze(before, &after[before.len()..]);
     assert!(c.heartbeat_continued, "heartbeat did not continue: {c:?}");
