@@ -169,3 +169,38 @@ fn the_source_agent_killed_at_the_switchover_leaves_exactly_one_copy() {
     assert_eq!(domain_running_on(&lab, "lv"), [expected], "record {settled:?}");
     eprintln!("source killed at the switchover: whole test {} ms", t0.elapsed().as_millis());
 }
+
+/// kill -9 of the destination agent once its gate opened (its audit log
+/// says `resuming`: the digests matched and SHUT is on its way) and before
+/// its Receipt: libvirt's control connection dies with it, so libvirt
+/// cannot finish on the destination. Once host2's agent is back and the
+/// agents settled the migration, exactly one copy runs, on the host the
+/// records name: never none, never two.
+#[test]
+fn the_destination_agent_killed_after_its_gate_opened_leaves_exactly_one_copy() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    start_domain(&lab, "host1", "lv", "fill_mib=32 dirty=16 hb_ms=20 tlbflush=1");
+    let child = spawn_migrate_domain(&lab, "lv", "host1", "host2");
+    wait_gate_opened(&lab, "host2");
+    lab.kill_agent("host2");
+    let audit = lab.host("host2").state_dir.join("audit.log");
+    let said = std::fs::read_to_string(&audit).expect("host2 audit log");
+    assert!(!said.contains("\"receipt_sent\""), "the kill came after the Receipt: {said}");
+    lab.start_agent("host2");
+    let out = child.wait_with_output().expect("migrate");
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let settled = |h: &str| {
+        records(&lab, h).last().map(|r| r.0.clone()).filter(|s| s == "completed" || s == "aborted")
+    };
+    wait_until(std::time::Duration::from_secs(120), "both agents to settle", || {
+        settled("host1").is_some() && settled("host2").is_some()
+    });
+    let (src, dst) = (settled("host1"), settled("host2"));
+    let states: Vec<_> = ["host1", "host2"].map(|h| domstate(&lab, h, "lv")).into();
+    eprintln!("destination killed after its gate: migrate said {out}; records {src:?} {dst:?}; domains {states:?}");
+    assert_eq!(src, dst, "the agents disagree; domains {states:?}");
+    let expected = if src.as_deref() == Some("completed") { "host2" } else { "host1" };
+    assert_eq!(domain_running_on(&lab, "lv"), [expected], "records {src:?}, domains {states:?}");
+    eprintln!("destination killed after its gate: whole test {} ms", t0.elapsed().as_millis());
+}

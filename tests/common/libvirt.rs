@@ -113,6 +113,18 @@ pub fn assert_refused_at_the_gate(lab: &TestLab, from: &str, to: &str) {
     assert!(!audit.contains("\"resuming\""), "{to} opened its gate: {audit}");
 }
 
+/// Wait (polling closely) until `host` audits that its gate opened for a
+/// migration: the digests matched and SHUT is about to go; the Receipt
+/// comes only once libvirt runs the domain there.
+pub fn wait_gate_opened(lab: &TestLab, host: &str) {
+    let audit = lab.host(host).state_dir.join("audit.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !std::fs::read_to_string(&audit).unwrap_or_default().contains("\"resuming\"") {
+        assert!(std::time::Instant::now() < deadline, "{host}'s gate never opened");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Where `host`'s agent keeps its per-migration socket directories, as seen
 /// from outside the host's namespace.
 pub fn migration_socket_dir(lab: &TestLab, host: &str) -> PathBuf {

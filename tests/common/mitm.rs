@@ -96,6 +96,7 @@ pub struct Mitm {
     log: Arc<std::sync::Mutex<MitmLog>>,
     stop: Arc<AtomicBool>,
     sockets: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    muted: Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
 impl Mitm {
@@ -108,6 +109,7 @@ impl Mitm {
         let log = Arc::new(std::sync::Mutex::new(MitmLog::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let sockets = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let muted = Arc::new(std::sync::Mutex::new(Vec::new()));
         let files = capture.map(|base| {
             let open = |sfx: &str| {
                 let mut p = base.clone().into_os_string();
@@ -117,6 +119,7 @@ impl Mitm {
             (open(".up"), open(".down"))
         });
         let (t, lg, st, socks) = (tamper.clone(), log.clone(), stop.clone(), sockets.clone());
+        let mu = muted.clone();
         std::thread::spawn(move || {
             for client in l.incoming() {
                 if st.load(Ordering::Relaxed) {
@@ -158,6 +161,7 @@ impl Mitm {
                     log: lg.clone(),
                     stop: st.clone(),
                     stalled: stalled.clone(),
+                    muted: mu.clone(),
                     capture: files.as_ref().map(|f| f.0.clone()),
                 };
                 let down = MitmPump {
@@ -169,7 +173,14 @@ impl Mitm {
                 std::thread::spawn(move || down.run(s2, c2));
             }
         });
-        Mitm { addr, tamper, log, stop, sockets }
+        Mitm { addr, tamper, log, stop, sockets, muted }
+    }
+
+    /// From now on, swallow whatever the destination sends on connection
+    /// `connection` (its number in accept order), keeping it open: a reply
+    /// lost on the way while both ends still wait.
+    pub fn mute_down(&self, connection: u64) {
+        self.muted.lock().expect("muted").push(connection);
     }
 
     /// Tamper with connections from now on; forgets the bits flipped before.
@@ -208,6 +219,7 @@ struct MitmPump {
     log: Arc<std::sync::Mutex<MitmLog>>,
     stop: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
+    muted: Arc<std::sync::Mutex<Vec<u64>>>,
     capture: Option<Arc<std::sync::Mutex<std::fs::File>>>,
 }
 
@@ -263,6 +275,10 @@ impl MitmPump {
             }
             if cut {
                 continue; // truncated: swallow
+            }
+            if self.dir == Dir::Down && self.muted.lock().expect("muted").contains(&self.connection)
+            {
+                continue;
             }
             let limit = match self.mode {
                 Tamper::Stall { after } | Tamper::Truncate { after } if self.dir == Dir::Up => {
