@@ -13,6 +13,8 @@ dpkg -s libvirt-dev >/dev/null 2>&1 || need+=(libvirt-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v libvirtd >/dev/null || [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system libvirt-daemon-driver-qemu)
 command -v virsh >/dev/null || need+=(libvirt-clients)
+# A real FUSE mount for the test that refuses vTPM state on a cluster filesystem.
+command -v bindfs >/dev/null || need+=(bindfs)
 command -v gcc >/dev/null || need+=(gcc)
 command -v ld >/dev/null || need+=(binutils)
 # Everything the installation prints goes to stderr: the callers' stdout is

@@ -250,3 +250,23 @@ fn a_vtpm_clone_libvirt_keeps_after_a_lost_finish_reply_is_erased_by_ferry() {
     // The planted file and libvirt's own state (its permanent state at least).
     assert!(bytes > planted.len() as u64, "not every state file was erased: {erased:?}");
 }
+
+/// A vTPM whose state directory is on a network or cluster filesystem: a
+/// destination that reaches the same files would hold the TPM twice. A real
+/// FUSE mount (as GlusterFS or cephfs-fuse are) over libvirt's swtpm
+/// directory on host1: the move is refused before any Offer, with the
+/// reason, and the domain runs on.
+#[test]
+fn a_vtpm_on_a_fuse_filesystem_is_refused_before_the_offer() {
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let _fuse = FuseMount::over(&lab, "host1", "/var/lib/libvirt/swtpm");
+    let log = start_tpm_domain(&lab, "host1", "shared", EMULATED);
+    let (ok, rec) = lab.ferry_json(&["migrate", "shared", "--to", "host2", "--host", "host1"]);
+    assert!(!ok, "a vTPM on FUSE moved: {rec}");
+    let why = rec.to_string();
+    assert!(why.contains("shared filesystem") && why.contains("fuse"), "no clear reason: {rec}");
+    assert_eq!(domstate(&lab, "host1", "shared").as_deref(), Some("running"));
+    assert_eq!(domstate(&lab, "host2", "shared"), None);
+    assert!(records(&lab, "host2").is_empty(), "host2 heard of it: {:?}", records(&lab, "host2"));
+    assert_guest_runs(&log);
+}

@@ -125,6 +125,47 @@ pub fn wait_gate_opened(lab: &TestLab, host: &str) {
     }
 }
 
+/// A FUSE filesystem (bindfs, passing through to a directory beside it)
+/// mounted over `path` inside a lab host's mount namespace, for as long as
+/// it lives: a real FUSE mount, as GlusterFS or cephfs-fuse would be.
+pub struct FuseMount {
+    daemon: std::process::Child,
+}
+
+impl FuseMount {
+    pub fn over(lab: &TestLab, host: &str, path: &str) -> FuseMount {
+        let lv = libvirt(lab, host);
+        let backing = format!("{path}.backing");
+        let enter = lv.enter();
+        let inside = |args: &[&str]| {
+            let o = Command::new(&enter[0]).args(&enter[1..]).args(args).output().expect("nsenter");
+            assert!(o.status.success(), "{args:?} inside {host}: {}", text(&o));
+            String::from_utf8_lossy(&o.stdout).trim().to_owned()
+        };
+        inside(&["mkdir", "-p", path, &backing]);
+        let daemon = Command::new(&enter[0])
+            .args(&enter[1..])
+            .args(["bindfs", "-f", "-o", "allow_other", &backing, path])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start bindfs (apt-get install bindfs)");
+        let fuse = FuseMount { daemon };
+        // FUSE_SUPER_MAGIC, as statfs reports it inside the host.
+        wait_until(Duration::from_secs(10), "the FUSE mount", || {
+            inside(&["stat", "-f", "-c", "%t", path]) == "65735546"
+        });
+        fuse
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        // The mount dies with its daemon (and the namespace with the lab).
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
 /// Where `host`'s agent keeps its per-migration socket directories, as seen
 /// from outside the host's namespace.
 pub fn migration_socket_dir(lab: &TestLab, host: &str) -> PathBuf {
