@@ -308,7 +308,7 @@ pub fn assert_domain_moved(
     assert!(ok, "{dst}");
     assert_eq!(dst["state"], "completed", "{dst}");
     assert_eq!((&dst["digest"], &dst["bytes"]), (&rec["digest"], &rec["bytes"]));
-    // The guest's downtime, measured by the destination's libvirt (the
+    // The guest's downtime, as the destination's libvirt reports it (the
     // source's is gone with its copy) and signed into the Receipt, is in
     // both records.
     let downtime = dst["qemu_downtime_ms"].as_u64();

@@ -209,7 +209,7 @@ pub trait VmBackend: Send + Sync {
     /// source's signed Commit; this is the only way to let it run.
     async fn open_gate(&self, vm: &VmName, proof: DigestsMatch) -> Result<(), BackendError>;
     /// Once the VM runs here: the guest's downtime as this host's
-    /// hypervisor measured it, for backends whose source cannot read it.
+    /// hypervisor reports it, for backends whose source cannot read it.
     async fn arrival_downtime(&self, _vm: &VmName) -> Option<u64> {
         None
     }

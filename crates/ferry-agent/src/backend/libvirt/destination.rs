@@ -250,7 +250,7 @@ impl LibvirtBackend {
         }
     }
 
-    /// The downtime libvirt measured for the migration that just arrived.
+    /// The downtime libvirt reports for the migration that just arrived.
     /// Its Finish stores the job's statistics when it ends, which may be a
     /// moment after the domain runs: asked a few times.
     pub(super) async fn arrived_downtime(&self, vm: &VmName) -> Option<u64> {
