@@ -171,7 +171,7 @@ fn the_source_agent_killed_at_the_switchover_leaves_exactly_one_copy() {
 }
 
 /// kill -9 of the destination agent once its gate opened (its audit log
-/// says `resuming`: the digests matched and SHUT is on its way) and before
+/// says `resuming`: the digests matched and SHUT is about to go) and before
 /// its Receipt: libvirt's control connection dies with it, so libvirt
 /// cannot finish on the destination. Once host2's agent is back and the
 /// agents settled the migration, exactly one copy runs, on the host the
@@ -188,19 +188,62 @@ fn the_destination_agent_killed_after_its_gate_opened_leaves_exactly_one_copy() 
     let said = std::fs::read_to_string(&audit).expect("host2 audit log");
     assert!(!said.contains("\"receipt_sent\""), "the kill came after the Receipt: {said}");
     lab.start_agent("host2");
-    let out = child.wait_with_output().expect("migrate");
+    let settled = settled_with_one_copy(&lab, child);
+    eprintln!("destination killed at its gate: {settled}, {} ms", t0.elapsed().as_millis());
+}
+
+/// kill -9 of the destination agent after SHUT reached the source and
+/// libvirt finished (the domain runs on host2, the source's copy is gone)
+/// but before the source had the Receipt: the man in the middle lets the
+/// small frames (SHUT) through once host2's gate opened and swallows the
+/// Receipt (a signed message: kilobytes). The source is in doubt; once
+/// host2's agent is back it asks, and both records say completed: one
+/// copy, on host2.
+#[test]
+fn the_destination_agent_killed_before_its_receipt_arrived_leaves_one_copy_there() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    start_domain(&lab, "host1", "lv", "fill_mib=32 dirty=16 hb_ms=20 tlbflush=1");
+    let mitm = Mitm::start(lab.host("host2").addr, Tamper::None, None);
+    lab.route_peer("host1", "host2", mitm.addr);
+    lab.restart_agent("host1");
+    // The migration's first connection carries its session: SHUT, then
+    // the Receipt.
+    let session = mitm.log().connections + 1;
+    let child = spawn_migrate_domain(&lab, "lv", "host1", "host2");
+    wait_gate_opened(&lab, "host2");
+    mitm.mute_down_from_record(session, 512);
+    wait_until(std::time::Duration::from_secs(60), "libvirt to run the domain on host2", || {
+        domstate(&lab, "host2", "lv").as_deref() == Some("running")
+    });
+    lab.kill_agent("host2");
+    let audit = std::fs::read_to_string(lab.host("host1").state_dir.join("audit.log"))
+        .expect("host1 audit log");
+    assert!(!audit.contains("\"receipt_received\""), "the Receipt got through: {audit}");
+    lab.start_agent("host2");
+    let settled = settled_with_one_copy(&lab, child);
+    assert_eq!(settled, "completed", "the domain runs on host2");
+    eprintln!("destination killed before its Receipt: {} ms", t0.elapsed().as_millis());
+}
+
+/// After a fault: wait for `ferry migrate` and for both agents to settle
+/// the migration of `lv`; they agree, and exactly one copy runs, on the
+/// host their records name. Returns the settled state.
+fn settled_with_one_copy(lab: &TestLab, migrate: std::process::Child) -> String {
+    let out = migrate.wait_with_output().expect("migrate");
     let out = String::from_utf8_lossy(&out.stdout).into_owned();
     let settled = |h: &str| {
-        records(&lab, h).last().map(|r| r.0.clone()).filter(|s| s == "completed" || s == "aborted")
+        records(lab, h).last().map(|r| r.0.clone()).filter(|s| s == "completed" || s == "aborted")
     };
     wait_until(std::time::Duration::from_secs(120), "both agents to settle", || {
         settled("host1").is_some() && settled("host2").is_some()
     });
     let (src, dst) = (settled("host1"), settled("host2"));
-    let states: Vec<_> = ["host1", "host2"].map(|h| domstate(&lab, h, "lv")).into();
-    eprintln!("destination killed after its gate: migrate said {out}; records {src:?} {dst:?}; domains {states:?}");
+    let states: Vec<_> = ["host1", "host2"].map(|h| domstate(lab, h, "lv")).into();
+    eprintln!("migrate said {out}; records {src:?} {dst:?}; domains {states:?}");
     assert_eq!(src, dst, "the agents disagree; domains {states:?}");
-    let expected = if src.as_deref() == Some("completed") { "host2" } else { "host1" };
-    assert_eq!(domain_running_on(&lab, "lv"), [expected], "records {src:?}, domains {states:?}");
-    eprintln!("destination killed after its gate: whole test {} ms", t0.elapsed().as_millis());
+    let src = src.expect("settled");
+    let expected = if src == "completed" { "host2" } else { "host1" };
+    assert_eq!(domain_running_on(lab, "lv"), [expected], "records {src:?}, domains {states:?}");
+    src
 }

@@ -96,8 +96,12 @@ pub struct Mitm {
     log: Arc<std::sync::Mutex<MitmLog>>,
     stop: Arc<AtomicBool>,
     sockets: Arc<std::sync::Mutex<Vec<TcpStream>>>,
-    muted: Arc<std::sync::Mutex<Vec<u64>>>,
+    muted: Muted,
 }
+
+/// Connections whose downstream the [`Mitm`] swallows: (connection, from
+/// the first application record at least this long; 0: everything now).
+type Muted = Arc<std::sync::Mutex<Vec<(u64, u16)>>>;
 
 impl Mitm {
     /// Relay to `target`. With `capture`, every byte relayed is appended to
@@ -180,7 +184,15 @@ impl Mitm {
     /// `connection` (its number in accept order), keeping it open: a reply
     /// lost on the way while both ends still wait.
     pub fn mute_down(&self, connection: u64) {
-        self.muted.lock().expect("muted").push(connection);
+        self.muted.lock().expect("muted").push((connection, 0));
+    }
+
+    /// From now on, relay what the destination sends on `connection` up to
+    /// the first TLS application record of at least `min_len` bytes, and
+    /// swallow that record and everything after it (small control frames
+    /// pass; a signed message, which carries a certificate, does not).
+    pub fn mute_down_from_record(&self, connection: u64, min_len: u16) {
+        self.muted.lock().expect("muted").push((connection, min_len));
     }
 
     /// Tamper with connections from now on; forgets the bits flipped before.
@@ -219,7 +231,7 @@ struct MitmPump {
     log: Arc<std::sync::Mutex<MitmLog>>,
     stop: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
-    muted: Arc<std::sync::Mutex<Vec<u64>>>,
+    muted: Muted,
     capture: Option<Arc<std::sync::Mutex<std::fs::File>>>,
 }
 
@@ -238,6 +250,10 @@ struct RecordTracker {
     prev_len: Option<u16>,
     armed_target: Option<u64>,
     tail: Vec<RecordSeen>,
+    /// Mitm::mute_down_from_record: the length that cuts, and where in the
+    /// last chunk walked the first such record began.
+    cut_len: Option<u16>,
+    cut_at: Option<usize>,
 }
 
 impl MitmPump {
@@ -276,9 +292,13 @@ impl MitmPump {
             if cut {
                 continue; // truncated: swallow
             }
-            if self.dir == Dir::Down && self.muted.lock().expect("muted").contains(&self.connection)
-            {
-                continue;
+            if self.dir == Dir::Down {
+                let muted = self.muted.lock().expect("muted");
+                match muted.iter().find(|m| m.0 == self.connection) {
+                    Some((_, 0)) => continue,
+                    Some(&(_, min_len)) => tracker.cut_len = Some(min_len),
+                    None => {}
+                }
             }
             let limit = match self.mode {
                 Tamper::Stall { after } | Tamper::Truncate { after } if self.dir == Dir::Up => {
@@ -308,6 +328,13 @@ impl MitmPump {
                 g.flipped.push((self.dir, pos + i as u64));
                 g.flipped_on.push(self.connection);
             }
+            if let Some(at) = tracker.cut_at.take() {
+                n = at;
+                let mut muted = self.muted.lock().expect("muted");
+                muted.retain(|m| m.0 != self.connection);
+                muted.push((self.connection, 0));
+            }
+            let chunk = &chunk[..n];
             if let Some(f) = &self.capture {
                 let _ = f.lock().expect("capture").write_all(chunk);
             }
@@ -384,6 +411,10 @@ impl RecordTracker {
                     let len = u16::from_be_bytes([self.header[3], self.header[4]]);
                     self.body_left = u64::from(len);
                     if self.body_type == 0x17 {
+                        if self.cut_len.is_some_and(|min| len >= min) && self.cut_at.is_none() {
+                            // (a header split across two reads: cut from this one's start)
+                            self.cut_at = Some(i.saturating_sub(5));
+                        }
                         if let Some((after, (lo, hi))) = self.arm {
                             let fits = (lo..=hi).contains(&len);
                             if self.prev_len == Some(after) && fits && self.armed_target.is_none() {
