@@ -117,10 +117,16 @@ pub fn assert_refused_at_the_gate(lab: &TestLab, from: &str, to: &str) {
 /// migration: the digests matched and SHUT is about to go; the Receipt
 /// comes only once libvirt runs the domain there.
 pub fn wait_gate_opened(lab: &TestLab, host: &str) {
+    wait_audited(lab, host, "resuming");
+}
+
+/// Wait (polling closely) until `host`'s audit log has a `kind` record.
+pub fn wait_audited(lab: &TestLab, host: &str, kind: &str) {
     let audit = lab.host(host).state_dir.join("audit.log");
+    let quoted = format!("\"{kind}\"");
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while !std::fs::read_to_string(&audit).unwrap_or_default().contains("\"resuming\"") {
-        assert!(std::time::Instant::now() < deadline, "{host}'s gate never opened");
+    while !std::fs::read_to_string(&audit).unwrap_or_default().contains(&quoted) {
+        assert!(std::time::Instant::now() < deadline, "{host} never audited {kind}");
         std::thread::sleep(Duration::from_millis(2));
     }
 }
