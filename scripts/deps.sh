@@ -17,6 +17,8 @@ command -v virsh >/dev/null || need+=(libvirt-clients)
 # makes them, tc and iptables shape and break their links (`ferry lab link`).
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
+# A real FUSE mount for the test that refuses vTPM state on a cluster filesystem.
+command -v bindfs >/dev/null || need+=(bindfs)
 command -v gcc >/dev/null || need+=(gcc)
 command -v ld >/dev/null || need+=(binutils)
 # Everything the installation prints goes to stderr: the callers' stdout is

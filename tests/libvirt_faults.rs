@@ -27,14 +27,7 @@ fn a_flipped_bit_in_a_libvirt_stream_keeps_the_domain_on_the_source() {
     let seen = mitm.log();
     assert_eq!(seen.flipped.len(), 1, "the bit was not flipped ({seen:?}): {out}");
     assert_domain_stayed(&lab, "lv", "host1", "host2", &log);
-    let src = records(&lab, "host1");
-    assert_eq!(src.last().map(|r| r.0.as_str()), Some("aborted"), "host1 records: {src:?}");
-    let dst = records(&lab, "host2");
-    assert_eq!(dst.last().map(|r| r.0.as_str()), Some("aborted"), "host2 records: {dst:?}");
-    // The destination never resumed it: no resuming record, no receipt.
-    let audit = std::fs::read_to_string(lab.host("host2").state_dir.join("audit.log"))
-        .expect("host2 audit log");
-    assert!(!audit.contains("\"resuming\""), "host2 opened its gate: {audit}");
+    assert_refused_at_the_gate(&lab, "host1", "host2");
 
     // The tampering, not the proxy, failed it.
     mitm.set_tamper(Tamper::None);
@@ -175,4 +168,87 @@ fn the_source_agent_killed_at_the_switchover_leaves_exactly_one_copy() {
     let expected = if settled.0 == "completed" { "host2" } else { "host1" };
     assert_eq!(domain_running_on(&lab, "lv"), [expected], "record {settled:?}");
     eprintln!("source killed at the switchover: whole test {} ms", t0.elapsed().as_millis());
+}
+
+/// kill -9 of the destination agent once its gate opened (its audit log
+/// says `resuming`: the digests matched and SHUT is about to go) and before
+/// its Receipt: libvirt's control connection dies with it, so libvirt
+/// cannot finish on the destination. Once host2's agent is back and the
+/// agents settled the migration, exactly one copy runs, on the host the
+/// records name: never none, never two.
+#[test]
+fn the_destination_agent_killed_after_its_gate_opened_leaves_exactly_one_copy() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    start_domain(&lab, "host1", "lv", "fill_mib=32 dirty=16 hb_ms=20 tlbflush=1");
+    let child = spawn_migrate_domain(&lab, "lv", "host1", "host2");
+    wait_gate_opened(&lab, "host2");
+    lab.kill_agent("host2");
+    let audit = lab.host("host2").state_dir.join("audit.log");
+    let said = std::fs::read_to_string(&audit).expect("host2 audit log");
+    assert!(!said.contains("\"receipt_sent\""), "the kill came after the Receipt: {said}");
+    lab.start_agent("host2");
+    let settled = settled_with_one_copy(&lab, child);
+    eprintln!("destination killed at its gate: {settled}, {} ms", t0.elapsed().as_millis());
+}
+
+/// kill -9 of the destination agent after libvirt ran the domain there and
+/// it signed its Receipt, which never reached the source: the man in the
+/// middle lets the small frames (SHUT) through once host2's gate opened and
+/// swallows the Receipt (a signed message: kilobytes). The source, in
+/// doubt, asks host2 (before or after its restart) and both records say
+/// completed: one copy, on host2.
+#[test]
+fn the_destination_agent_killed_before_its_receipt_arrived_leaves_one_copy_there() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    start_domain(&lab, "host1", "lv", "fill_mib=32 dirty=16 hb_ms=20 tlbflush=1");
+    let mitm = Mitm::start(lab.host("host2").addr, Tamper::None, None);
+    lab.route_peer("host1", "host2", mitm.addr);
+    lab.restart_agent("host1");
+    // The migration's first connection carries its session: SHUT, then
+    // the Receipt.
+    let session = mitm.log().connections + 1;
+    let child = spawn_migrate_domain(&lab, "lv", "host1", "host2");
+    wait_gate_opened(&lab, "host2");
+    mitm.mute_down_from_record(session, 512);
+    wait_audited(&lab, "host2", "receipt_sent");
+    lab.kill_agent("host2");
+    lab.start_agent("host2");
+    let settled = settled_with_one_copy(&lab, child);
+    assert_eq!(settled, "completed", "the domain runs on host2");
+    // The Receipt never came on the session: the source had it by asking,
+    // and took host2's downtime from it too.
+    let received: Vec<_> = audit_events(&lab, "host1", "receipt_received");
+    assert!(!received.is_empty(), "host1 settled without a receipt");
+    assert!(received.iter().all(|e| e["detail"]["via"] == "resolve"), "{received:?}");
+    let (_, list) = lab.ferry_json(&["migrations", "list", "--host", "host1"]);
+    let rec = list["migrations"].as_array().and_then(|m| m.last()).cloned().unwrap_or_default();
+    assert!(rec["qemu_downtime_ms"].as_u64().is_some(), "no downtime on host1: {rec}");
+    eprintln!("destination killed before its Receipt: {} ms", t0.elapsed().as_millis());
+}
+
+/// After a fault: wait for `ferry migrate` and for both agents to settle
+/// the migration of `lv`; they agree, and exactly one copy runs, on the
+/// host their records name. Returns the settled state.
+fn settled_with_one_copy(lab: &TestLab, migrate: std::process::Child) -> String {
+    let out = migrate.wait_with_output().expect("migrate");
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let settled = |h: &str| {
+        records(lab, h).last().map(|r| r.0.clone()).filter(|s| s == "completed" || s == "aborted")
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while settled("host1").is_none() || settled("host2").is_none() {
+        let (src, dst) = (records(lab, "host1"), records(lab, "host2"));
+        assert!(Instant::now() < deadline, "unsettled: host1 {src:?}, host2 {dst:?}; {out}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let (src, dst) = (settled("host1"), settled("host2"));
+    let states: Vec<_> = ["host1", "host2"].map(|h| domstate(lab, h, "lv")).into();
+    eprintln!("migrate said {out}; records {src:?} {dst:?}; domains {states:?}");
+    assert_eq!(src, dst, "the agents disagree; domains {states:?}");
+    let src = src.expect("settled");
+    let expected = if src == "completed" { "host2" } else { "host1" };
+    assert_eq!(domain_running_on(lab, "lv"), [expected], "records {src:?}, domains {states:?}");
+    src
 }

@@ -41,3 +41,51 @@ fn a_libvirt_domain_moves_on_three_streams_and_back() {
     assert_eq!(domstate(&lab, "host1", "lvm").as_deref(), Some("running"));
     assert_eq!(domstate(&lab, "host2", "lvm"), None);
 }
+
+/// A bit flipped in one of the joined multifd streams (the man in the
+/// middle between the agents, which relays each half-close as one, as
+/// libvirt's streams need): its TLS record fails, so the destination never
+/// opens the gate; libvirt fails the job, the source domain runs on, host2
+/// has no domain, both records end aborted. The same path untampered
+/// migrates on three streams.
+#[test]
+fn a_flipped_bit_in_a_joined_multifd_stream_keeps_the_domain_on_the_source() {
+    let t0 = std::time::Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let log = start_domain(&lab, "host1", "lvm", "fill_mib=48 dirty=16 hb_ms=20 tlbflush=1");
+    let mitm = Mitm::start(lab.host("host2").addr, Tamper::None, None);
+    lab.route_peer("host1", "host2", mitm.addr);
+    lab.restart_agent("host1");
+    let args = ["migrate", "lvm", "--to", "host2", "--host", "host1", "--streams", "3"];
+
+    // The migration's first connection carries its session and QEMU's main
+    // channel; the control connection and the multifd streams join later.
+    let session = mitm.log().connections + 1;
+    mitm.set_tamper(Tamper::FlipBit { dir: Dir::Up, offset: 8 << 20, mask: 0x10 });
+    let (ok, rec) = lab.ferry_json(&args);
+    let seen = mitm.log();
+    if ok {
+        dump_logs(&lab, "lvm");
+    }
+    assert!(!ok, "a tampered migration succeeded: {rec}");
+    assert!(!seen.flipped.is_empty(), "no bit was flipped ({seen:?}): {rec}");
+    assert!(
+        seen.flipped_on.iter().all(|&c| c > session),
+        "a flip landed outside the joined streams (session {session}, {seen:?})"
+    );
+    assert_domain_stayed(&lab, "lvm", "host1", "host2", &log);
+    assert_refused_at_the_gate(&lab, "host1", "host2");
+    eprintln!("flipped {:?} on connections {:?}: {rec}", seen.flipped, seen.flipped_on);
+
+    // The tampering, not the proxy, failed it.
+    mitm.set_tamper(Tamper::None);
+    let before = console::read_console(&log).expect("console");
+    let (ok, rec) = lab.ferry_json(&args);
+    if !ok {
+        dump_logs(&lab, "lvm");
+    }
+    assert!(ok, "an untampered multifd migration through the proxy failed: {rec}");
+    assert_eq!(rec["streams"], 3, "{rec}");
+    assert_domain_moved(&lab, "lvm", ("host1", "host2"), &rec, (&log, &before));
+    eprintln!("bit flip in a multifd stream: whole test {} ms", t0.elapsed().as_millis());
+}

@@ -195,3 +195,78 @@ fn an_external_vtpm_is_refused_up_front_with_the_reason() {
     assert_eq!(domstate(&lab, "host1", "ext").as_deref(), Some("running"));
     assert_eq!(domstate(&lab, "host2", "ext"), None);
 }
+
+/// libvirt removes the source's vTPM state itself when the domain leaves;
+/// it keeps it when its Finish reply is lost (libvirt's Confirm is then
+/// cancelled: the domain stays defined here, and libvirt resumes it). The
+/// reply is lost for real here: once host2's gate opened, the man in the
+/// middle swallows everything host2 sends on libvirt's control connection.
+/// host2 runs the domain and signs its Receipt; host1's agent stops the
+/// copy libvirt kept and erases the clone of the TPM: a stale file planted
+/// in the state directory (linked from outside it) reads back as zeros, the
+/// directory is gone, and the erase is audited.
+#[test]
+fn a_vtpm_clone_libvirt_keeps_after_a_lost_finish_reply_is_erased_by_ferry() {
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let log = start_tpm_domain(&lab, "host1", "lost", EMULATED);
+    let uuid = virsh(&lab, "host1", &["domuuid", "lost"]);
+    let mitm = Mitm::start(lab.host("host2").addr, Tamper::None, None);
+    lab.route_peer("host1", "host2", mitm.addr);
+    lab.restart_agent("host1");
+    let state = swtpm_dir(&lab, "host1", &uuid);
+    let planted = permanent_state(&lab, "host1", &uuid).expect("libvirt's swtpm keeps its state");
+    let stale = state.join("tpm2").join("stale-copy.permall");
+    std::fs::write(&stale, &planted).expect("plant a stale state file");
+    let witness = libvirt(&lab, "host1").dir.join("lib").join("stale-witness");
+    std::fs::hard_link(&stale, &witness).expect("link the stale file from outside");
+
+    // The migration's first connection is its session, the second
+    // libvirt's control connection (joined right after the Accept).
+    let control = mitm.log().connections + 2;
+    let child = spawn_migrate_domain(&lab, "lost", "host1", "host2");
+    wait_gate_opened(&lab, "host2");
+    mitm.mute_down(control);
+    let out = child.wait_with_output().expect("migrate");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "the migration did not complete: {said}");
+    wait_until(Duration::from_secs(90), "host1 to erase the vTPM clone", || {
+        audit_kinds(&lab, "host1").iter().any(|e| e["kind"] == "vtpm_erased")
+    });
+    eprintln!(
+        "lost Finish reply: migrate said {said}; host1 {:?}",
+        domstate(&lab, "host1", "lost")
+    );
+
+    assert_eq!(domain_running_on(&lab, "lost"), ["host2"]);
+    assert_vtpm_kept(&log);
+    assert!(!state.exists(), "host1 kept vTPM state: {:?}", files_under(&state));
+    let read_back = std::fs::read(&witness).expect("the witness link");
+    assert_eq!(read_back.len(), planted.len(), "the stale file changed size");
+    assert!(read_back.iter().all(|&b| b == 0), "the stale state was removed but not overwritten");
+    let erased: Vec<_> =
+        audit_kinds(&lab, "host1").into_iter().filter(|e| e["kind"] == "vtpm_erased").collect();
+    assert_eq!(erased.len(), 1, "{erased:?}");
+    let bytes = erased[0]["detail"]["bytes"].as_u64().unwrap_or(0);
+    // The planted file and libvirt's own state (its permanent state at least).
+    assert!(bytes > planted.len() as u64, "not every state file was erased: {erased:?}");
+}
+
+/// A vTPM whose state directory is on a network or cluster filesystem: a
+/// destination that reaches the same files would hold the TPM twice. A real
+/// FUSE mount (as GlusterFS or cephfs-fuse are) over libvirt's swtpm
+/// directory on host1: the move is refused before any Offer, with the
+/// reason, and the domain runs on.
+#[test]
+fn a_vtpm_on_a_fuse_filesystem_is_refused_before_the_offer() {
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    let _fuse = FuseMount::over(&lab, "host1", "/var/lib/libvirt/swtpm");
+    let log = start_tpm_domain(&lab, "host1", "shared", EMULATED);
+    let (ok, rec) = lab.ferry_json(&["migrate", "shared", "--to", "host2", "--host", "host1"]);
+    assert!(!ok, "a vTPM on FUSE moved: {rec}");
+    let why = rec.to_string();
+    assert!(why.contains("shared filesystem") && why.contains("fuse"), "no clear reason: {rec}");
+    assert_eq!(domstate(&lab, "host1", "shared").as_deref(), Some("running"));
+    assert_eq!(domstate(&lab, "host2", "shared"), None);
+    assert!(records(&lab, "host2").is_empty(), "host2 heard of it: {:?}", records(&lab, "host2"));
+    assert_guest_runs(&log);
+}

@@ -21,6 +21,15 @@ pub fn migrate_ok(lab: &TestLab) -> Value {
     rec
 }
 
+/// The events of `kind` in `host`'s audit log.
+pub fn audit_events(lab: &TestLab, host: &str, kind: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(audit_log(lab, host)).expect("audit log");
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("log line")["record"]["event"].clone())
+        .filter(|e| e["kind"] == kind)
+        .collect()
+}
+
 pub fn audit_log(lab: &TestLab, host: &str) -> PathBuf {
     lab.host(host).state_dir.join("audit.log")
 }

@@ -100,6 +100,78 @@ pub fn assert_domain_stayed(lab: &TestLab, vm: &str, from: &str, to: &str, log: 
     super::assert_memory_consistent(log);
 }
 
+/// After a migration from `from` to `to` that the destination's gate
+/// refused: both agents' records of it end aborted, and `to` never opened
+/// its gate (no `resuming` in its audit log, so no Receipt either).
+pub fn assert_refused_at_the_gate(lab: &TestLab, from: &str, to: &str) {
+    for host in [from, to] {
+        let recs = super::records(lab, host);
+        assert_eq!(recs.last().map(|r| r.0.as_str()), Some("aborted"), "{host} records: {recs:?}");
+    }
+    let audit = std::fs::read_to_string(lab.host(to).state_dir.join("audit.log"))
+        .expect("destination audit log");
+    assert!(!audit.contains("\"resuming\""), "{to} opened its gate: {audit}");
+}
+
+/// Wait (polling closely) until `host` audits that its gate opened for a
+/// migration: the digests matched and SHUT is about to go; the Receipt
+/// comes only once libvirt runs the domain there.
+pub fn wait_gate_opened(lab: &TestLab, host: &str) {
+    wait_audited(lab, host, "resuming");
+}
+
+/// Wait (polling closely) until `host`'s audit log has a `kind` record.
+pub fn wait_audited(lab: &TestLab, host: &str, kind: &str) {
+    let audit = lab.host(host).state_dir.join("audit.log");
+    let quoted = format!("\"{kind}\"");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !std::fs::read_to_string(&audit).unwrap_or_default().contains(&quoted) {
+        assert!(std::time::Instant::now() < deadline, "{host} never audited {kind}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A FUSE filesystem (bindfs, passing through to a directory beside it)
+/// mounted over `path` inside a lab host's mount namespace, for as long as
+/// it lives: a real FUSE mount, as GlusterFS or cephfs-fuse would be.
+pub struct FuseMount {
+    daemon: std::process::Child,
+}
+
+impl FuseMount {
+    pub fn over(lab: &TestLab, host: &str, path: &str) -> FuseMount {
+        let lv = libvirt(lab, host);
+        let backing = format!("{path}.backing");
+        let enter = lv.enter();
+        let inside = |args: &[&str]| {
+            let o = Command::new(&enter[0]).args(&enter[1..]).args(args).output().expect("nsenter");
+            assert!(o.status.success(), "{args:?} inside {host}: {}", text(&o));
+            String::from_utf8_lossy(&o.stdout).trim().to_owned()
+        };
+        inside(&["mkdir", "-p", path, &backing]);
+        let daemon = Command::new(&enter[0])
+            .args(&enter[1..])
+            .args(["bindfs", "-f", "-o", "allow_other", &backing, path])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start bindfs (apt-get install bindfs)");
+        let fuse = FuseMount { daemon };
+        // FUSE_SUPER_MAGIC, as statfs reports it inside the host.
+        wait_until(Duration::from_secs(10), "the FUSE mount", || {
+            inside(&["stat", "-f", "-c", "%t", path]) == "65735546"
+        });
+        fuse
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        // The mount dies with its daemon (and the namespace with the lab).
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
 /// Where `host`'s agent keeps its per-migration socket directories, as seen
 /// from outside the host's namespace.
 pub fn migration_socket_dir(lab: &TestLab, host: &str) -> PathBuf {
@@ -242,6 +314,14 @@ pub fn assert_domain_moved(
     assert!(ok, "{dst}");
     assert_eq!(dst["state"], "completed", "{dst}");
     assert_eq!((&dst["digest"], &dst["bytes"]), (&rec["digest"], &rec["bytes"]));
+    // The guest's downtime, as the destination's libvirt reports it (the
+    // source's is gone with its copy) and signed into the Receipt, is in
+    // both records.
+    let downtime = dst["qemu_downtime_ms"].as_u64();
+    assert!(downtime.is_some(), "no downtime in {to}'s record: {dst}");
+    let (ok, src) = lab.ferry_json(&["migrations", "show", id, "--host", from]);
+    assert!(ok, "{src}");
+    assert_eq!(src["qemu_downtime_ms"].as_u64(), downtime, "{from}'s record: {src}");
     let after = sweeps_after(log, before.len(), 2);
     let c = console::analyze(before, &after[before.len()..]);
     assert!(c.heartbeat_continued, "heartbeat did not continue: {c:?}");

@@ -75,6 +75,9 @@ pub struct MitmLog {
     /// (direction, stream offset) of each bit actually flipped since the
     /// tamper mode was last set, on any connection.
     pub flipped: Vec<(Dir, u64)>,
+    /// For each entry of `flipped`, the connection it was flipped on: its
+    /// number in accept order (1 is the first `connections` counted).
+    pub flipped_on: Vec<u64>,
     /// When the last stall or truncation took effect.
     pub fault_at: Option<Instant>,
     pub bytes_up: u64,
@@ -93,7 +96,12 @@ pub struct Mitm {
     log: Arc<std::sync::Mutex<MitmLog>>,
     stop: Arc<AtomicBool>,
     sockets: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    muted: Muted,
 }
+
+/// Connections whose downstream the [`Mitm`] swallows: (connection, from
+/// the first application record at least this long; 0: everything now).
+type Muted = Arc<std::sync::Mutex<Vec<(u64, u16)>>>;
 
 impl Mitm {
     /// Relay to `target`. With `capture`, every byte relayed is appended to
@@ -105,6 +113,7 @@ impl Mitm {
         let log = Arc::new(std::sync::Mutex::new(MitmLog::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let sockets = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let muted = Arc::new(std::sync::Mutex::new(Vec::new()));
         let files = capture.map(|base| {
             let open = |sfx: &str| {
                 let mut p = base.clone().into_os_string();
@@ -114,6 +123,7 @@ impl Mitm {
             (open(".up"), open(".down"))
         });
         let (t, lg, st, socks) = (tamper.clone(), log.clone(), stop.clone(), sockets.clone());
+        let mu = muted.clone();
         std::thread::spawn(move || {
             for client in l.incoming() {
                 if st.load(Ordering::Relaxed) {
@@ -130,7 +140,7 @@ impl Mitm {
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 let mode = *t.lock().expect("tamper");
-                {
+                let connection = {
                     let mut g = lg.lock().expect("log");
                     g.connections += 1;
                     g.records_up.clear();
@@ -138,7 +148,8 @@ impl Mitm {
                     g.fault_at = None;
                     g.bytes_up = 0;
                     g.bytes_down = 0;
-                }
+                    g.connections
+                };
                 {
                     let mut s = socks.lock().expect("sockets");
                     s.push(client.try_clone().expect("clone"));
@@ -150,9 +161,11 @@ impl Mitm {
                 let up = MitmPump {
                     dir: Dir::Up,
                     mode,
+                    connection,
                     log: lg.clone(),
                     stop: st.clone(),
                     stalled: stalled.clone(),
+                    muted: mu.clone(),
                     capture: files.as_ref().map(|f| f.0.clone()),
                 };
                 let down = MitmPump {
@@ -164,13 +177,30 @@ impl Mitm {
                 std::thread::spawn(move || down.run(s2, c2));
             }
         });
-        Mitm { addr, tamper, log, stop, sockets }
+        Mitm { addr, tamper, log, stop, sockets, muted }
+    }
+
+    /// From now on, swallow whatever the destination sends on connection
+    /// `connection` (its number in accept order), keeping it open: a reply
+    /// lost on the way while both ends still wait.
+    pub fn mute_down(&self, connection: u64) {
+        self.muted.lock().expect("muted").push((connection, 0));
+    }
+
+    /// From now on, relay what the destination sends on `connection` up to
+    /// the first TLS application record of at least `min_len` bytes, and
+    /// swallow that record and everything after it (small control frames
+    /// pass; a signed message, which carries a certificate, does not).
+    pub fn mute_down_from_record(&self, connection: u64, min_len: u16) {
+        self.muted.lock().expect("muted").push((connection, min_len));
     }
 
     /// Tamper with connections from now on; forgets the bits flipped before.
     pub fn set_tamper(&self, t: Tamper) {
         *self.tamper.lock().expect("tamper") = t;
-        self.log.lock().expect("log").flipped.clear();
+        let mut g = self.log.lock().expect("log");
+        g.flipped.clear();
+        g.flipped_on.clear();
     }
 
     pub fn log(&self) -> MitmLog {
@@ -197,9 +227,11 @@ impl Drop for Mitm {
 struct MitmPump {
     dir: Dir,
     mode: Tamper,
+    connection: u64,
     log: Arc<std::sync::Mutex<MitmLog>>,
     stop: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
+    muted: Muted,
     capture: Option<Arc<std::sync::Mutex<std::fs::File>>>,
 }
 
@@ -218,6 +250,10 @@ struct RecordTracker {
     prev_len: Option<u16>,
     armed_target: Option<u64>,
     tail: Vec<RecordSeen>,
+    /// Mitm::mute_down_from_record: the length that cuts, and where in the
+    /// last chunk walked the first such record began.
+    cut_len: Option<u16>,
+    cut_at: Option<usize>,
 }
 
 impl MitmPump {
@@ -239,7 +275,15 @@ impl MitmPump {
                 return;
             }
             let mut n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) if self.stalled.load(Ordering::Relaxed) => break,
+                Ok(0) => {
+                    // A half-close travels as one, and only in this
+                    // direction: the peer may still answer (libvirt's
+                    // streams end their data and wait for the other side).
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                    return;
+                }
+                Err(_) => break,
                 Ok(n) => n,
             };
             if self.stalled.load(Ordering::Relaxed) {
@@ -247,6 +291,14 @@ impl MitmPump {
             }
             if cut {
                 continue; // truncated: swallow
+            }
+            if self.dir == Dir::Down {
+                let muted = self.muted.lock().expect("muted");
+                match muted.iter().find(|m| m.0 == self.connection) {
+                    Some((_, 0)) => continue,
+                    Some(&(_, min_len)) => tracker.cut_len = Some(min_len),
+                    None => {}
+                }
             }
             let limit = match self.mode {
                 Tamper::Stall { after } | Tamper::Truncate { after } if self.dir == Dir::Up => {
@@ -272,8 +324,17 @@ impl MitmPump {
                 flip_pending = false;
                 tracker.arm = None;
                 tracker.armed_target = None;
-                self.log.lock().expect("log").flipped.push((self.dir, pos + i as u64));
+                let mut g = self.log.lock().expect("log");
+                g.flipped.push((self.dir, pos + i as u64));
+                g.flipped_on.push(self.connection);
             }
+            if let Some(at) = tracker.cut_at.take() {
+                n = at;
+                let mut muted = self.muted.lock().expect("muted");
+                muted.retain(|m| m.0 != self.connection);
+                muted.push((self.connection, 0));
+            }
+            let chunk = &chunk[..n];
             if let Some(f) = &self.capture {
                 let _ = f.lock().expect("capture").write_all(chunk);
             }
@@ -305,6 +366,7 @@ impl MitmPump {
             }
             return;
         }
+        // A reset or a failed write: the connection is gone both ways.
         let _ = from.shutdown(std::net::Shutdown::Both);
         let _ = to.shutdown(std::net::Shutdown::Both);
     }
@@ -349,6 +411,10 @@ impl RecordTracker {
                     let len = u16::from_be_bytes([self.header[3], self.header[4]]);
                     self.body_left = u64::from(len);
                     if self.body_type == 0x17 {
+                        if self.cut_len.is_some_and(|min| len >= min) && self.cut_at.is_none() {
+                            // (a header split across two reads: cut from this one's start)
+                            self.cut_at = Some(i.saturating_sub(5));
+                        }
                         if let Some((after, (lo, hi))) = self.arm {
                             let fits = (lo..=hi).contains(&len);
                             if self.prev_len == Some(after) && fits && self.armed_target.is_none() {

@@ -74,6 +74,11 @@ pub struct StreamBody {
     pub log_head: LogHead,
     pub bytes: u64,
     pub digest: Digest32,
+    /// In a Receipt: how long the guest was stopped, as the destination's
+    /// hypervisor reports it for the switchover (libvirt's completed job), when
+    /// only it knows. Absent in Commits and in older bodies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_downtime_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

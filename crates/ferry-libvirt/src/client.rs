@@ -197,7 +197,7 @@ impl Libvirt {
     }
 
     pub fn job(&self, name: &str) -> Result<JobProgress, LibvirtError> {
-        let j = job_stats(&self.domain(name)?).map_err(|e| call("reading the job", e))?;
+        let j = job_stats(&self.domain(name)?, 0).map_err(|e| call("reading the job", e))?;
         Ok(JobProgress {
             data_total: j.data_total.unwrap_or(0),
             data_remaining: j.data_remaining.unwrap_or(0),
@@ -206,6 +206,16 @@ impl Libvirt {
             iterations: j.mem_iteration.unwrap_or(0),
             downtime_ms: j.downtime,
         })
+    }
+
+    /// The guest's downtime in the domain's last completed job, if libvirt
+    /// kept one. On a migration's destination, libvirt's Finish keeps the
+    /// incoming job's statistics (the source's own are gone with its copy).
+    pub fn completed_downtime_ms(&self, name: &str) -> Result<Option<u64>, LibvirtError> {
+        let completed = virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED;
+        let j = job_stats(&self.domain(name)?, completed)
+            .map_err(|e| call("reading the completed job", e))?;
+        Ok(j.downtime)
     }
 
     /// Abort the domain's running job (a migration): libvirt resumes the
@@ -270,13 +280,13 @@ fn close_dead(conn: Option<Connect>) {
 /// ended (no parameters), and so aborted the agent polling a migration that
 /// libvirt had just failed.
 #[allow(unsafe_code)]
-fn job_stats(d: &Domain) -> Result<virt::domain::JobStats, virt::error::Error> {
+fn job_stats(d: &Domain, flags: u32) -> Result<virt::domain::JobStats, virt::error::Error> {
     let (mut kind, mut nparams) = (0, 0);
     let mut params: virt::sys::virTypedParameterPtr = std::ptr::null_mut();
     // SAFETY: `d` owns a live domain reference for the whole call; libvirt
     // writes a malloc'd array of `nparams` parameters (or NULL) to `params`.
     let rc = unsafe {
-        virt::sys::virDomainGetJobStats(d.as_ptr(), &mut kind, &mut params, &mut nparams, 0)
+        virt::sys::virDomainGetJobStats(d.as_ptr(), &mut kind, &mut params, &mut nparams, flags)
     };
     if rc < 0 {
         return Err(virt::error::Error::last_error());

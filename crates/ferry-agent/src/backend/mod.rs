@@ -208,6 +208,11 @@ pub trait VmBackend: Send + Sync {
     /// SECURITY: the VM may run here only once the stream matched the
     /// source's signed Commit; this is the only way to let it run.
     async fn open_gate(&self, vm: &VmName, proof: DigestsMatch) -> Result<(), BackendError>;
+    /// Once the VM runs here: the guest's downtime as this host's
+    /// hypervisor reports it, for backends whose source cannot read it.
+    async fn arrival_downtime(&self, _vm: &VmName) -> Option<u64> {
+        None
+    }
     /// Undo: the incoming VM must never run here.
     async fn discard_incoming(&self, vm: &VmName, id: MigrationId) -> Result<(), BackendError>;
 

@@ -50,6 +50,7 @@ impl Inbound {
             log_head: self.agent().notary.log_head(),
             bytes,
             digest,
+            qemu_downtime_ms: None,
         }
     }
 

@@ -97,6 +97,7 @@ pub async fn receive(
     // The gate lets SHUT go; it must reach the source while libvirt
     // finishes, so the return path keeps flowing until the VM runs here.
     opened(&agent, &vm, proof, writer, &mut back_rx).await?;
+    inbound.session.record_mut().qemu_downtime_ms = agent.backend.arrival_downtime(&vm).await;
     send_receipt(inbound, writer, received).await
 }
 

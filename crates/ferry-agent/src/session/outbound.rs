@@ -81,6 +81,7 @@ impl Outbound {
             log_head: self.agent().notary.log_head(),
             bytes: sum.bytes,
             digest: sum.digest,
+            qemu_downtime_ms: None,
         }
     }
 

@@ -233,6 +233,7 @@ fn handover_body(offer: &crate::evidence::OfferBody) -> StreamBody {
         log_head: ferry_audit::LogHead { seq: 0, hash: String::new() },
         bytes: 0,
         digest: ferry_types::Digest32([0; 32]),
+        qemu_downtime_ms: None,
     }
 }
 

@@ -368,6 +368,7 @@ async fn finish(
                 log_head: agent.notary.log_head(),
                 bytes: whole.bytes,
                 digest: whole.digest,
+                qemu_downtime_ms: None,
             };
             agent.notary.sign(evidence::RECEIPT, &body).ok()
         }

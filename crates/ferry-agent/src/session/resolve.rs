@@ -76,9 +76,13 @@ async fn ask(session: &mut Session) -> Result<(), Error> {
         Expect { id: &rec.id, source: &agent.host, destination: &to, vm: &rec.vm, binding: None };
     let this_query = Expect { binding: Some(&query_binding), ..any_connection };
     let notary = &agent.notary;
+    // What a verified Receipt says of the downtime (libvirt's source has none).
+    let downtime = std::cell::Cell::new(None);
     let checks = ReplyChecks {
         receipt: |s: &Signed| {
-            notary.verify_from::<StreamBody>(s, evidence::RECEIPT, &to, &any_connection)
+            let body = notary.verify_from::<StreamBody>(s, evidence::RECEIPT, &to, &any_connection);
+            downtime.set(body.as_ref().ok().and_then(|b| b.qemu_downtime_ms));
+            body
         },
         handover: |s: &Signed| {
             notary.verify_from::<StreamBody>(s, evidence::HANDOVER, &to, &any_connection)
@@ -90,7 +94,11 @@ async fn ask(session: &mut Session) -> Result<(), Error> {
         (DestinationOutcome::Completed, Some(s)) => {
             let audit = Audit::ReceiptReceived { phase: Phase::Whole, via: Some("resolve") };
             let _ = session.audit(audit, Some(s.clone())).await;
-            session.record_mut().receipt = Some(s);
+            let rec = session.record_mut();
+            rec.receipt = Some(s);
+            if rec.qemu_downtime_ms.is_none() {
+                rec.qemu_downtime_ms = downtime.get();
+            }
         }
         (DestinationOutcome::PostcopyActive, Some(s)) => {
             let audit = Audit::ReceiptReceived { phase: Phase::Switchover, via: Some("resolve") };

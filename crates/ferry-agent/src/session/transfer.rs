@@ -298,10 +298,16 @@ pub async fn settle(
         |s| agent.notary.verify_from::<AbortBody>(s, evidence::ABORT, &host, &expect),
     );
     match verdict {
-        Verdict::Completed(signed) => {
+        Verdict::Completed { signed, body } => {
             let audit = Audit::ReceiptReceived { phase: Phase::Whole, via: None };
             let _ = out.session.audit(audit, Some(signed.clone())).await;
-            out.session.record_mut().receipt = Some(signed);
+            let rec = out.session.record_mut();
+            rec.receipt = Some(signed);
+            // libvirt's source returns before its QEMU's downtime can be
+            // read; the destination's libvirt kept it and signed for it.
+            if rec.qemu_downtime_ms.is_none() {
+                rec.qemu_downtime_ms = body.qemu_downtime_ms;
+            }
             out.session.apply(Event::ReceiptVerified, None).await?;
             Ok(())
         }

@@ -29,8 +29,8 @@ pub enum Answer {
 /// What the source may do with its copy.
 #[derive(Debug)]
 pub enum Verdict {
-    /// A valid Receipt for exactly what was committed.
-    Completed(Signed),
+    /// A valid Receipt for exactly what was committed, and what it says.
+    Completed { signed: Signed, body: StreamBody },
     /// A valid signed Abort: the destination will never run the VM.
     Aborted { reason: String, signed: Signed },
     /// Neither: the copy stays paused and the destination is asked again.
@@ -49,7 +49,7 @@ pub fn after_commit(
     match answer {
         Answer::Message(PeerMessage::Receipt { signed }) => match check_receipt(&signed) {
             Ok(body) => match same_sum(&body, committed) {
-                Ok(()) => Verdict::Completed(signed),
+                Ok(()) => Verdict::Completed { signed, body },
                 Err(e) => Verdict::InDoubt(evidence("receipt", e)),
             },
             Err(e) => Verdict::InDoubt(evidence("receipt", e)),

@@ -32,6 +32,7 @@ fn body(s: StreamSum) -> StreamBody {
         log_head: LogHead { seq: 1, hash: "00".repeat(32) },
         bytes: s.bytes,
         digest: s.digest,
+        qemu_downtime_ms: None,
     }
 }
 
@@ -74,9 +75,27 @@ fn abort(signed_abort: bool) -> Answer {
     })
 }
 
+/// libvirt's source cannot read its guest's downtime; the destination
+/// signs it into its Receipt and the source takes it from there. A Commit
+/// (or an older agent's Receipt) has no such field and still reads.
+#[test]
+fn a_receipts_downtime_reaches_the_source_and_bodies_without_it_still_read() {
+    let mut with = body(sum(100, 7));
+    let without = serde_json::to_value(&with).unwrap();
+    assert!(without.get("qemu_downtime_ms").is_none(), "{without}");
+    assert_eq!(serde_json::from_value::<StreamBody>(without).unwrap(), with);
+    with.qemu_downtime_ms = Some(42);
+    let text = serde_json::to_string(&with).unwrap();
+    assert_eq!(serde_json::from_str::<StreamBody>(&text).unwrap(), with);
+    let check = |_: &Signed| Ok(with.clone());
+    let v = after_commit(&host(), receipt(), sum(100, 7), check, |_| Ok(abort_body()));
+    let Verdict::Completed { body, .. } = v else { panic!("{v:?}") };
+    assert_eq!(body.qemu_downtime_ms, Some(42));
+}
+
 #[test]
 fn only_a_valid_receipt_for_exactly_what_was_committed_completes() {
-    assert!(matches!(verdict(receipt(), Some(sum(100, 7)), false), Verdict::Completed(_)));
+    assert!(matches!(verdict(receipt(), Some(sum(100, 7)), false), Verdict::Completed { .. }));
     let short = verdict(receipt(), Some(sum(99, 7)), false);
     assert!(
         matches!(short, Verdict::InDoubt(Error::Evidence { kind: "receipt", .. })),

@@ -85,8 +85,9 @@ pub async fn send_receipt(
     received: StreamSum,
 ) -> Result<(), Error> {
     let agent = inbound.agent().clone();
-    let receipt =
-        agent.notary.sign(evidence::RECEIPT, &inbound.stream_body(received.bytes, received.digest));
+    let mut body = inbound.stream_body(received.bytes, received.digest);
+    body.qemu_downtime_ms = inbound.session.record().qemu_downtime_ms;
+    let receipt = agent.notary.sign(evidence::RECEIPT, &body);
     inbound.session.record_mut().receipt = receipt.as_ref().ok().cloned();
     inbound.session.apply(Event::Resumed, None).await?;
     match receipt {

@@ -260,6 +260,25 @@ impl LibvirtBackend {
         }
     }
 
+    /// The downtime libvirt reports for the migration that just arrived.
+    /// Its Finish stores the job's statistics when it ends, which may be a
+    /// moment after the domain runs: asked a few times.
+    pub(super) async fn arrived_downtime(&self, vm: &VmName) -> Option<u64> {
+        for _ in 0..20 {
+            let name = vm.to_string();
+            match self.call(move |lv| lv.completed_downtime_ms(&name)).await {
+                Ok(Some(ms)) => return Some(ms),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(%vm, error = %crate::report::report(&e), "no downtime from libvirt");
+                    return None;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
     /// Cut every connection (libvirt then abandons the incoming domain) and
     /// stop whatever libvirt created here for it.
     pub(super) async fn discard_arrival(

@@ -315,4 +315,8 @@ impl VmBackend for LibvirtBackend {
     async fn discard_incoming(&self, vm: &VmName, id: MigrationId) -> Result<(), BackendError> {
         self.discard_arrival(vm, id).await
     }
+
+    async fn arrival_downtime(&self, vm: &VmName) -> Option<u64> {
+        self.arrived_downtime(vm).await
+    }
 }
