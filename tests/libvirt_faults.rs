@@ -228,6 +228,49 @@ fn the_destination_agent_killed_before_its_receipt_arrived_leaves_one_copy_there
     eprintln!("destination killed before its Receipt: {} ms", t0.elapsed().as_millis());
 }
 
+/// kill -9 of the destination agent after libvirt ran the domain there and
+/// *before* it signed its Receipt: its record says `resuming`, and the
+/// restarted agent, finding the domain running, settles it completed and
+/// signs the Receipt then, so the source (in doubt) settles by asking, on
+/// its own. The window is forced by stopping host2's agent (SIGSTOP) the
+/// moment libvirt reports the domain resumed there (its lifecycle event);
+/// the agent polls for that every 100 ms, so it rarely signed first, and
+/// an attempt where it did is retried the other way round.
+#[test]
+fn the_destination_agent_killed_before_signing_its_receipt_signs_it_after_restart() {
+    let t0 = Instant::now();
+    let lab = TestLab::up_with(2, 0, &["--backend", "libvirt"]);
+    start_domain(&lab, "host1", "lv", "fill_mib=32 dirty=16 hb_ms=20 tlbflush=1");
+    let (mut from, mut to) = ("host1", "host2");
+    for attempt in 1..=3 {
+        let signed_before = audit_events(&lab, to, "receipt_sent").len();
+        let events = lifecycle_events(&lab, to);
+        let child = spawn_migrate_domain(&lab, "lv", from, to);
+        stop_agent_when_resumed(&lab, to, "lv", events);
+        if audit_events(&lab, to, "receipt_sent").len() > signed_before {
+            // It signed before it was stopped: not this test's window.
+            signal_agent(&lab, to, "-CONT");
+            settled_with_one_copy(&lab, child);
+            eprintln!("attempt {attempt}: {to} signed before it stopped; again the other way");
+            (from, to) = (to, from);
+            continue;
+        }
+        lab.kill_agent(to);
+        lab.start_agent(to);
+        let settled = settled_with_one_copy(&lab, child);
+        assert_eq!(settled, "completed", "the domain runs on {to}");
+        let signed_after = audit_events(&lab, to, "receipt_sent").len();
+        assert_eq!(signed_after, signed_before + 1, "{to} signed no receipt after its restart");
+        let received = audit_events(&lab, from, "receipt_received");
+        let via = received.last().map(|e| e["detail"]["via"].clone());
+        assert_eq!(via, Some("resolve".into()), "{from} settled without the receipt: {received:?}");
+        let ms = t0.elapsed().as_millis();
+        eprintln!("destination killed before signing: attempt {attempt}, {ms} ms");
+        return;
+    }
+    panic!("three attempts, and each time the destination signed before it could be stopped");
+}
+
 /// After a fault: wait for `ferry migrate` and for both agents to settle
 /// the migration of `lv`; they agree, and exactly one copy runs, on the
 /// host their records name. Returns the settled state.
@@ -251,4 +294,44 @@ fn settled_with_one_copy(lab: &TestLab, migrate: std::process::Child) -> String 
     let expected = if src == "completed" { "host2" } else { "host1" };
     assert_eq!(domain_running_on(lab, "lv"), [expected], "records {src:?}, domains {states:?}");
     src
+}
+
+/// `virsh event --loop` on `host`: every domain's lifecycle, line-buffered
+/// (the incoming domain does not exist yet).
+fn lifecycle_events(lab: &TestLab, host: &str) -> std::process::Child {
+    let uri = common::libvirt(lab, host).uri();
+    std::process::Command::new("stdbuf")
+        .args(["-oL", "virsh", "-c", &uri, "event", "--event", "lifecycle"])
+        .arg("--loop")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("virsh event")
+}
+
+/// SIGSTOP `host`'s agent the moment libvirt says `vm` resumed there.
+fn stop_agent_when_resumed(lab: &TestLab, host: &str, vm: &str, mut events: std::process::Child) {
+    use std::io::BufRead;
+    let out = events.stdout.take().expect("virsh event stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let domain = format!("'{vm}'");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains(&domain) && line.contains("Resumed") && tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let resumed = rx.recv_timeout(std::time::Duration::from_secs(120));
+    if resumed.is_ok() {
+        signal_agent(lab, host, "-STOP");
+    }
+    let _ = events.kill();
+    let _ = events.wait();
+    assert!(resumed.is_ok(), "libvirt on {host} never reported the domain resumed");
+}
+
+fn signal_agent(lab: &TestLab, host: &str, signal: &str) {
+    let pid = lab.agent_pid(host).to_string();
+    let ok = std::process::Command::new("kill").args([signal, &pid]).status().expect("kill");
+    assert!(ok.success(), "kill {signal} {pid}");
 }

@@ -67,6 +67,10 @@ pub struct MigrationRecord {
     /// the gate's own share of the guest's downtime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate_hold_ms: Option<u64>,
+    /// Destination only, from the gate on: the Offer's channel binding, so
+    /// that an agent restarted before its Receipt can still sign one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_binding: Option<Digest32>,
     /// The VM's vTPM model (its state moved inside the stream).
     #[serde(default, skip_serializing_if = "TpmModel::is_none")]
     pub tpm: TpmModel,
@@ -109,6 +113,7 @@ impl MigrationRecord {
             peer_told: false,
             gate_hold_ms: None,
             tpm: TpmModel::None,
+            channel_binding: None,
         }
     }
 

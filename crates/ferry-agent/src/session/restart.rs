@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::report::report;
 
 pub async fn recover(agent: &Arc<Agent>) -> Result<(), Error> {
+    use MigrationState::{Completed, Resuming};
     let records = agent.records.all()?;
     let adopted = agent.backend.adopt(&crate::vtpm::departures(&records)).await?;
     for stale in adopted.refused {
@@ -44,11 +45,19 @@ pub async fn recover(agent: &Arc<Agent>) -> Result<(), Error> {
             // effects let go of it where the migration ends.
             agent.backend.claim(&rec.vm, id).await;
         }
-        let note = note(rec.role, state, facts);
+        let role = rec.role;
+        let note = note(role, state, facts);
         let mut session = Session::new(agent.clone(), rec);
         match session.apply(Event::Restarted(facts), note).await {
             Ok(step) => {
-                tracing::warn!(from = %state, to = %step.to, ?facts, "migration settled after a restart")
+                tracing::warn!(from = %state, to = %step.to, ?facts, "migration settled after a restart");
+                let unsigned = session.record().receipt.is_none();
+                if (role, state, step.to) == (Role::Destination, Resuming, Completed) && unsigned {
+                    // Sent when the source asks (it is in doubt until then).
+                    if let Err(e) = super::word::receipt_after_restart(&mut session).await {
+                        tracing::error!(error = %report(&e), "no receipt after a restart");
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %report(&e), "cannot settle a migration after a restart")

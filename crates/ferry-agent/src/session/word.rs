@@ -8,6 +8,7 @@ use ferry_session::Event;
 use ferry_audit::Signed;
 
 use super::inbound::Inbound;
+use super::machine::Session;
 use crate::audit::{Audit, Phase};
 use crate::checks::{self, DigestsMatch};
 use crate::error::Error;
@@ -68,6 +69,12 @@ pub async fn pass_gate(
             return Err(Error::Mismatch(why));
         }
     };
+    // Durable with `resuming`: what a Receipt needs if this agent restarts
+    // after the VM runs here and before it signed one (see `receipt_after_restart`).
+    let rec = inbound.session.record_mut();
+    rec.bytes = received.bytes;
+    rec.digest = Some(received.digest);
+    rec.channel_binding = Some(inbound.offer.channel_binding);
     let resuming =
         Audit::Resuming { bytes: received.bytes, digest: received.digest, postcopy: false };
     let audits =
@@ -101,5 +108,43 @@ pub async fn send_receipt(
         // resolves by query, which reports completion.
         Err(e) => tracing::error!(error = %report(&e), "cannot sign the receipt"),
     }
+    Ok(())
+}
+
+/// A restarted destination found the VM it had let through the gate
+/// running, and settled the migration completed without having signed its
+/// Receipt: sign it now from the record, so the source's query gets a
+/// signed answer and its paused copy can be retired.
+///
+/// SECURITY: the record reached `resuming` only after the source's signed
+/// Commit matched every byte that arrived (the gate), and the VM runs here:
+/// exactly what a Receipt attests. The binding is the original Offer's;
+/// the source checks a queried Receipt's counts against its own Commit.
+pub async fn receipt_after_restart(session: &mut Session) -> Result<(), Error> {
+    let agent = session.agent.clone();
+    let rec = session.record();
+    let (Some(channel_binding), Some(digest)) = (rec.channel_binding, rec.digest) else {
+        return Err(Error::Mismatch("the record has no gate facts to sign a receipt from".into()));
+    };
+    let vm = rec.vm.clone();
+    let qemu_downtime_ms = agent.backend.arrival_downtime(&vm).await;
+    let rec = session.record();
+    let body = StreamBody {
+        migration_id: rec.id,
+        source: rec.source.clone(),
+        destination: rec.destination.clone(),
+        vm,
+        channel_binding,
+        log_head: agent.notary.log_head(),
+        bytes: rec.bytes,
+        digest,
+        qemu_downtime_ms,
+    };
+    let signed = agent.notary.sign(evidence::RECEIPT, &body).map_err(Error::Sign)?;
+    let rec = session.record_mut();
+    rec.receipt = Some(signed.clone());
+    rec.qemu_downtime_ms = rec.qemu_downtime_ms.or(qemu_downtime_ms);
+    session.save()?;
+    let _ = session.audit(Audit::ReceiptSent(Phase::Whole), Some(signed)).await;
     Ok(())
 }
