@@ -8,6 +8,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ferrybench import report  # noqa: E402
+from ferrybench.plot import text_bars  # noqa: E402
 from ferrybench.cpu import CLK_TCK, agents_console_seconds, thread_totals  # noqa: E402
 
 
@@ -97,6 +98,19 @@ class VsSecureTable(unittest.TestCase):
         self.assertEqual(cells[6], "1.00 (1.00–1.00)")
         self.assertEqual(cells[7], "n/a")
         self.assertFalse(any("ferry-console" in line for line in out))
+
+
+class TextChart(unittest.TestCase):
+    def test_a_bar_runs_to_the_median_and_dots_to_the_maximum(self):
+        chart = text_bars([("plain", [0.5, 0.7, 0.6]), ("ferry", [0.25, 0.25, 1.5])], 1.0, width=10)
+        plain, ferry = chart.split("\n")
+        self.assertEqual(plain, "plain  ██████·   | 0.60 (0.50–0.70)")
+        # Beyond the scale the dots stop at its end.
+        self.assertEqual(ferry, "ferry  ███·······| 0.25 (0.25–1.50)")
+
+    def test_rows_without_values_say_so_and_no_scale_draws_nothing(self):
+        self.assertTrue(text_bars([("x", [None])], 1.0, width=4).endswith("n/a"))
+        self.assertEqual(text_bars([("x", [1.0])], 0), "")
 
 
 if __name__ == "__main__":

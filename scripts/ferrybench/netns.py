@@ -14,6 +14,7 @@ import subprocess
 from .common import kill_proc, log
 from .report import cell, cpu_per_gb, ok
 from .transports import LIBVIRT, POSTCOPY, label
+from .plot import text_bars
 
 # What cannot run between two hosts' namespaces, and why.
 UNSUPPORTED = {
@@ -195,6 +196,14 @@ def render_link(results, meta):
                 cell([cpu_per_gb(r) for r in rs if ok(r)], d=2),
                 cell([r["blackout_ms"] for r in rs if ok(r)]),
                 cell(bd) if not is_base else "0", cell(sent, d=2)))
+    chart = [(kind + ", " + label(t, meta["streams"], True),
+              [r["throughput"] * 8 / denom for r in results[kind][t]
+               if ok(r) and r["throughput"] and denom])
+             for kind in results for t in results[kind] if t != "raw"]
+    if denom and chart:
+        out += ["", "Throughput as a fraction of %s (bar: median; `·`: to the round's "
+                "maximum; the whole width is 1.0):" % what, "", "```",
+                text_bars(chart, 1.0), "```"]
     return "\n".join(out)
 
 

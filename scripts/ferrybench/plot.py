@@ -3,6 +3,7 @@ guest and transport, median with min–max whiskers, for throughput and for
 CPU seconds per GB."""
 
 import math
+import statistics
 from xml.sax.saxutils import escape
 
 from .report import cpu_per_gb, outcome, transports_of
@@ -133,3 +134,27 @@ def svg_chart(results, converge_s, subtitle, label):
         svg.append('<text x="%d" y="%d" font-size="11" %s>%s</text>' % (lx + 17, ly + 10, FONT, escape(lab)))
     svg.append("</svg>")
     return "\n".join(svg) + "\n"
+
+
+def text_bars(rows, scale, width=40):
+    """A bar chart in plain text, for BENCHMARKS.md (an image there would be
+    a generated file): rows are (label, [values]); each bar runs to the
+    median, `·` marks the rest of the min–max range, `|` the scale's end.
+    Values are drawn as fractions of `scale` (bars longer than it stop there)."""
+    if not rows or not scale or scale <= 0:
+        return ""
+    name_w = max(len(label) for label, _ in rows)
+    out = []
+    for label, values in rows:
+        vs = sorted(v for v in values if v is not None)
+        if not vs:
+            out.append("%s  %s  n/a" % (label.ljust(name_w), " " * width))
+            continue
+        lo, med, hi = vs[0], statistics.median(vs), vs[-1]
+        cells = lambda v: max(0, min(width, int(v / scale * width + 0.5)))  # noqa: E731
+        bar = ["█" if i < cells(med) else " " for i in range(width)]
+        for i in range(cells(lo), cells(hi)):
+            if bar[i] == " ":
+                bar[i] = "·"
+        out.append("%s  %s| %.2f (%.2f–%.2f)" % (label.ljust(name_w), "".join(bar), med, lo, hi))
+    return "\n".join(out)
