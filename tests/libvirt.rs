@@ -30,6 +30,14 @@ fn a_libvirt_domain_moves_through_ferry_and_runs_once() {
     // Exactly one copy (a persistent domain's definition moved with it),
     // both agents signed for the same bytes, and the guest went on.
     assert_domain_moved(&lab, "lv", ("host1", "host2"), &rec, (&log, &before));
+    // The downtime in the source's record is libvirt's, read by host2's
+    // agent, which leaves the statistics to the operator as libvirt kept them.
+    let kept = virsh(&lab, "host2", &["domjobinfo", "lv", "--completed"]);
+    let downtime = kept.lines().find(|l| l.starts_with("Total downtime:")).unwrap_or_default();
+    let libvirt_ms: u64 =
+        downtime.split_whitespace().nth(2).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(libvirt_ms > 0, "host2's libvirt no longer has the job's statistics: {kept}");
+    assert_eq!(rec["qemu_downtime_ms"].as_u64(), Some(libvirt_ms), "{rec}\n{kept}");
 
     // And it comes back the same way.
     let (ok, back) = lab.ferry_json(&["migrate", "lv", "--to", "host1", "--host", "host2"]);

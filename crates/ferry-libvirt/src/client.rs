@@ -212,7 +212,10 @@ impl Libvirt {
     /// kept one. On a migration's destination, libvirt's Finish keeps the
     /// incoming job's statistics (the source's own are gone with its copy).
     pub fn completed_downtime_ms(&self, name: &str) -> Result<Option<u64>, LibvirtError> {
-        let completed = virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED;
+        // KEEP_COMPLETED: libvirt otherwise forgets the statistics once read,
+        // and they are the operator's too (`virsh domjobinfo --completed`).
+        let completed = virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED
+            | virt::sys::VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED;
         let j = job_stats(&self.domain(name)?, completed)
             .map_err(|e| call("reading the completed job", e))?;
         Ok(j.downtime)
