@@ -181,15 +181,7 @@ fn the_source_resumes_an_interrupted_postcopy_by_itself_once_the_link_is_back() 
         .expect("destination half") as i32;
 
     // Attempts at 0.5, 1.5 and 3.5 s all meet the cut link.
-    let audit1 = lab.host("host1").state_dir.join("audit.log");
-    wait_until(Duration::from_secs(30), "failed recovery attempts", || {
-        std::fs::read_to_string(&audit1)
-            .unwrap_or_default()
-            .matches("postcopy_recover_failed")
-            .count()
-            >= 2
-    });
-    assert_eq!(lab.only_migration_state("host1"), "postcopy_active");
+    lab.wait_failed_recoveries("host1", 2);
     assert!(
         metric(&scrape(lab.host("host1").metrics), "ferry_postcopy_recovery_failures_total") >= 2
     );

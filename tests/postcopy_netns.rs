@@ -115,15 +115,7 @@ fn postcopy_link_down_recovers_by_itself_after_up() {
     assert_eq!(v["kind"], "in_doubt", "{}", text(&o));
     let (_, list) = lab.ferry_json(&["migrations", "list", "--host", "host1"]);
     let id = list["migrations"][0]["id"].as_str().expect("id").to_owned();
-    let audit1 = lab.host("host1").state_dir.join("audit.log");
-    wait_until(Duration::from_secs(30), "failed recovery attempts", || {
-        std::fs::read_to_string(&audit1)
-            .unwrap_or_default()
-            .matches("postcopy_recover_failed")
-            .count()
-            >= 2
-    });
-    assert_eq!(lab.only_migration_state("host1"), "postcopy_active");
+    lab.wait_failed_recoveries("host1", 2);
     assert!(pid_alive(src_pid), "the source's half (holding pages) was stopped");
     assert_ne!(
         lab.vm_state("host1", "g").as_deref(),

@@ -187,6 +187,21 @@ impl TestLab {
             .unwrap_or_default()
     }
 
+    /// Wait until `host` audited at least `n` failed post-copy recovery
+    /// attempts; its only migration is still `postcopy_active` (failed
+    /// attempts change nothing).
+    pub fn wait_failed_recoveries(&self, host: &str, n: usize) {
+        let audit = self.host(host).state_dir.join("audit.log");
+        wait_until(Duration::from_secs(30), "failed recovery attempts", || {
+            std::fs::read_to_string(&audit)
+                .unwrap_or_default()
+                .matches("postcopy_recover_failed")
+                .count()
+                >= n
+        });
+        assert_eq!(self.only_migration_state(host), "postcopy_active");
+    }
+
     /// `ferry migrate VM --to host2 --host host1 --postcopy --json`, in the
     /// background, its output piped.
     pub fn spawn_postcopy_to_host2(&self, vm: &str) -> std::process::Child {
