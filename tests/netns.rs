@@ -24,9 +24,10 @@ fn peer_asks_api(lab: &TestLab) -> Result<Value, String> {
                 .expect("host1 identity");
             let cfg = ferry_identity::client_config(&id).expect("client config");
             let t = Duration::from_secs(10);
-            let (stream, _) = ferry_agent::net::connect(addr, None, &h2.name, cfg, id.domain(), t)
-                .await
-                .map_err(|e| ferry_agent::report(&e))?;
+            let (stream, _) =
+                ferry_agent::net::connect(addr, None, None, &h2.name, cfg, id.domain(), t)
+                    .await
+                    .map_err(|e| ferry_agent::report(&e))?;
             let (mut reader, mut writer) = ferry_agent::net::greet(stream, &h2.name, addr, t)
                 .await
                 .map_err(|e| ferry_agent::report(&e))?;

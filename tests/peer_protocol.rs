@@ -83,9 +83,10 @@ fn exchange(
         let cfg = ferry_identity::client_config(&id).expect("client config");
         let h2 = lab.host("host2");
         let t = Duration::from_secs(10);
-        let (stream, _) = ferry_agent::net::connect(h2.addr, None, &h2.name, cfg, id.domain(), t)
-            .await
-            .expect("mTLS to host2");
+        let (stream, _) =
+            ferry_agent::net::connect(h2.addr, None, None, &h2.name, cfg, id.domain(), t)
+                .await
+                .expect("mTLS to host2");
         let (r, w) = ferry_agent::net::take_over(stream).expect("take the records over");
         let mut reader = ferry_agent::net::Reader::new(r, t);
         let mut writer = ferry_agent::net::Writer::new(w, t);

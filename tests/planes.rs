@@ -283,9 +283,10 @@ fn first_answer(
         let cfg = ferry_identity::client_config(&id).expect("client config");
         let h2 = lab.host("host2");
         let t = Duration::from_secs(10);
-        let (stream, _) = ferry_agent::net::connect(addr, from, &h2.name, cfg, id.domain(), t)
-            .await
-            .map_err(|e| ferry_agent::report(&e))?;
+        let (stream, _) =
+            ferry_agent::net::connect(addr, from, None, &h2.name, cfg, id.domain(), t)
+                .await
+                .map_err(|e| ferry_agent::report(&e))?;
         let (mut reader, mut writer) = ferry_agent::net::greet(stream, &h2.name, addr, t)
             .await
             .map_err(|e| ferry_agent::report(&e))?;

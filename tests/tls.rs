@@ -225,7 +225,8 @@ fn a_destination_refuses_sources_with_bad_certificates() {
         let result = rt.block_on(async {
             let timeout = std::time::Duration::from_secs(5);
             let (stream, _) =
-                ferry_agent::net::connect(h2.addr, None, &h2.name, cfg, &domain, timeout).await?;
+                ferry_agent::net::connect(h2.addr, None, None, &h2.name, cfg, &domain, timeout)
+                    .await?;
             ferry_agent::net::greet(stream, &h2.name, h2.addr, timeout).await.map(drop)
         });
         match (causes.is_empty(), result) {

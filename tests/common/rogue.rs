@@ -81,7 +81,7 @@ impl RogueSource {
         let (exporter, reader, writer) = rt.block_on(async move {
             let timeout = Duration::from_secs(10);
             let (stream, peer) =
-                ferry_agent::net::connect(addr, None, &name, cfg, &domain, timeout)
+                ferry_agent::net::connect(addr, None, None, &name, cfg, &domain, timeout)
                     .await
                     .map_err(|e| ferry_agent::report(&e))?;
             let exporter = *peer.binding().as_bytes();

@@ -283,7 +283,13 @@ pub struct MigrationSection {
     /// How long `ferry migrate` waits for a migration in doubt to settle
     /// before it answers "in doubt" (exit status 4).
     pub resolve_wait_ms: u64,
+    /// Most bytes (KiB) a peer connection keeps queued unsent in the
+    /// kernel (TCP_NOTSENT_LOWAT); 0 leaves the kernel's (up to 4 MiB).
+    pub unsent_limit_kib: u32,
 }
+
+/// Highest `unsent_limit_kib`: 64 MiB, more than any link needs queued.
+pub const MAX_UNSENT_LIMIT_KIB: u32 = 64 * 1024;
 
 /// Longest pause between automatic post-copy recovery attempts.
 pub const MAX_POSTCOPY_RECOVER_RETRY_MS: u64 = 60_000;
@@ -304,6 +310,7 @@ impl Default for MigrationSection {
             postcopy_recover_retry_ms: 5_000,
             resolve_retry_ms: 1_000,
             resolve_wait_ms: 15_000,
+            unsent_limit_kib: 128,
         }
     }
 }
@@ -327,6 +334,10 @@ impl MigrationSection {
     }
     pub fn resolve_wait(&self) -> Duration {
         Duration::from_millis(self.resolve_wait_ms)
+    }
+    /// The unsent-queue limit in bytes; None: the kernel's own.
+    pub fn unsent_limit(&self) -> Option<u32> {
+        (self.unsent_limit_kib > 0).then(|| self.unsent_limit_kib.saturating_mul(1024))
     }
     /// None when automatic post-copy recovery is off.
     pub fn postcopy_recover_retry(&self) -> Option<Duration> {
@@ -373,6 +384,11 @@ impl AgentConfig {
         if cfg.migration.postcopy_recover_retry_ms > MAX_POSTCOPY_RECOVER_RETRY_MS {
             return Err(invalid(format!(
                 "[migration] postcopy_recover_retry_ms must be at most {MAX_POSTCOPY_RECOVER_RETRY_MS} (0 turns automatic recovery off)"
+            )));
+        }
+        if cfg.migration.unsent_limit_kib > MAX_UNSENT_LIMIT_KIB {
+            return Err(invalid(format!(
+                "[migration] unsent_limit_kib must be at most {MAX_UNSENT_LIMIT_KIB} (0 leaves the kernel's limit)"
             )));
         }
         Ok(cfg)
@@ -451,6 +467,7 @@ mod tests {
         assert_eq!(c.migration.operator_roles, ["admin", "operator"]);
         assert_eq!(c.peers.len(), 1);
         assert_eq!(c.tls.cipher_suites[0], "TLS_AES_128_GCM_SHA256");
+        assert_eq!(c.migration.unsent_limit(), Some(128 * 1024));
     }
 
     #[test]
@@ -494,6 +511,12 @@ mod tests {
                 .postcopy_recover_retry(),
             None
         );
+        let huge = format!("{MINIMAL}\n[migration]\nunsent_limit_kib = 4194304\n");
+        let e = AgentConfig::parse(&huge, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(e.contains("unsent_limit_kib must be at most 65536"), "{e}");
+        let kernels = format!("{MINIMAL}\n[migration]\nunsent_limit_kib = 0\n");
+        let c = AgentConfig::parse(&kernels, Path::new("a.toml")).unwrap();
+        assert_eq!(c.migration.unsent_limit(), None);
     }
 
     #[test]

@@ -216,6 +216,9 @@ struct Greeted {
 
 async fn handle_connection(agent: &Arc<Agent>, slot: Slot, tcp: TcpStream) -> Result<(), Refused> {
     let plane = slot.gate.plane;
+    if plane != Plane::Api {
+        crate::net::limit_unsent(&tcp, agent.cfg.migration.unsent_limit());
+    }
     let greeted = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_DEADLINE, handshake(agent, tcp)) => match r {
             Err(_) => {

@@ -61,8 +61,9 @@ async fn server_speaking(c: &Cluster, version: u32) -> (SocketAddr, tokio::task:
 async fn greet(c: &Cluster, addr: SocketAddr) -> Result<(), ConnectError> {
     let host2: HostName = "host2".parse().expect("host name");
     let config = ferry_identity::client_config(&c.client).expect("client config");
-    let (stream, _proof) =
-        client::connect(addr, None, &host2, config, &c.domain, TIMEOUT).await.expect("connect");
+    let (stream, _proof) = client::connect(addr, None, None, &host2, config, &c.domain, TIMEOUT)
+        .await
+        .expect("connect");
     client::greet(stream, &host2, addr, TIMEOUT).await.map(drop)
 }
 

@@ -86,8 +86,16 @@ impl OpClient {
         let timeout = Duration::from_secs(10);
         let connected = match &self.cfg.netns {
             None => {
-                ferry_agent::net::connect(addr, None, host, self.tls.clone(), &self.domain, timeout)
-                    .await
+                ferry_agent::net::connect(
+                    addr,
+                    None,
+                    None,
+                    host,
+                    self.tls.clone(),
+                    &self.domain,
+                    timeout,
+                )
+                .await
             }
             Some(ns) => {
                 let ns = ns.clone();

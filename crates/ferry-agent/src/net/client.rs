@@ -61,10 +61,12 @@ pub enum ConnectError {
 /// TCP connect, TLS 1.3 handshake (mutual: both sides present
 /// certificates), a check that the peer's certificate names exactly `host`
 /// and this connection's channel binding, in the proof. With `from`, the
-/// connection leaves from that address (a peer's migration address).
+/// connection leaves from that address (a peer's migration address);
+/// `unsent_limit` bounds its unsent queue ([`super::limit_unsent`]).
 pub async fn connect(
     addr: SocketAddr,
     from: Option<IpAddr>,
+    unsent_limit: Option<u32>,
     host: &HostName,
     config: Arc<ClientConfig>,
     domain: &ferry_types::TrustDomain,
@@ -80,6 +82,7 @@ pub async fn connect(
         }
         Ok(Ok(t)) => t,
     };
+    super::limit_unsent(&tcp, unsent_limit);
     handshake(tcp, addr, host, config, domain, timeout).await
 }
 

@@ -29,8 +29,10 @@ pub async fn open(agent: &Agent, to: &HostName) -> Result<Link, Error> {
     // Peers accept migration connections only from the addresses in their
     // [peers] tables: leave from ours.
     let from = agent.cfg.migration_source().map_err(Error::MigrationAddress)?;
+    let limit = mig.unsent_limit();
+    let timeout = mig.connect_timeout();
     let (stream, peer) =
-        crate::net::connect(addr, from, to, config, &agent.domain, mig.connect_timeout()).await?;
+        crate::net::connect(addr, from, limit, to, config, &agent.domain, timeout).await?;
     let (reader, writer) = crate::net::greet(stream, to, addr, mig.io_timeout()).await?;
     Ok(Link { peer, reader, writer })
 }

@@ -23,18 +23,22 @@ pub fn rusage(who: libc::c_int) -> f64 {
 }
 
 pub fn set_buf(fd: &impl std::os::fd::AsRawFd, opt: libc::c_int, size: usize) {
-    let v = size as libc::c_int;
+    set_opt(fd, libc::SOL_SOCKET, opt, size);
+}
+
+pub fn set_opt(fd: &impl std::os::fd::AsRawFd, level: libc::c_int, opt: libc::c_int, value: usize) {
+    let v = value as libc::c_int;
     // SAFETY: a valid fd and a c_int option value of the stated length.
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             opt,
             (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    assert_eq!(r, 0, "setsockopt {opt}");
+    assert_eq!(r, 0, "setsockopt {level}/{opt}");
 }
 
 /// The source QEMU: connects to `path` and writes `total` bytes of `data`

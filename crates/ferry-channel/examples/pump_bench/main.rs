@@ -30,6 +30,7 @@
 //! workers=N      worker threads per agent runtime (default 2; 0 = a
 //!                current-thread runtime, driven by a thread of its own)
 //! tcpbuf=BYTES   SO_SNDBUF and SO_RCVBUF on both TCP ends (default: kernel autotuning)
+//! lowat=BYTES    TCP_NOTSENT_LOWAT on both TCP ends (default: none; the agents' `[migration] unsent_limit_kib`)
 //! qsndbuf=BYTES  SO_SNDBUF of the fake source QEMU's socket (default: kernel's)
 //! rbuf=BYTES     largest socket read of the destination's record reader (default 256 KiB)
 //! hash=first     the source hashes each batch in a pass of its own, then seals it
@@ -64,6 +65,7 @@ fn parse_variant(spec: &str) -> Variant {
         suite: "TLS_AES_128_GCM_SHA256".into(),
         records: ferry_channel::SEND_RECORDS,
         tcp_buf: None,
+        lowat: None,
         workers: 2,
         qemu_sndbuf: None,
         read_size: None,
@@ -77,6 +79,7 @@ fn parse_variant(spec: &str) -> Variant {
             "records" => k.records = n(),
             "workers" => k.workers = n(),
             "tcpbuf" => k.tcp_buf = Some(n()),
+            "lowat" => k.lowat = Some(n()),
             "qsndbuf" => k.qemu_sndbuf = Some(n()),
             "rbuf" => k.read_size = Some(n()),
             "hash" if v == "first" => k.hash_first = true,

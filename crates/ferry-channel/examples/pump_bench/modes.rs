@@ -11,7 +11,7 @@ use ferry_tls::{take_over, Paced};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-use crate::fake_qemu::set_buf;
+use crate::fake_qemu::{set_buf, set_opt};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -52,6 +52,7 @@ pub struct Knobs {
     pub suite: String,
     pub records: usize,
     pub tcp_buf: Option<usize>,
+    pub lowat: Option<usize>,
     pub workers: usize,
     pub qemu_sndbuf: Option<usize>,
     pub read_size: Option<usize>,
@@ -104,6 +105,9 @@ fn tcp_setup(tcp: &TcpStream, k: &Knobs) {
     if let Some(size) = k.tcp_buf {
         set_buf(tcp, libc::SO_SNDBUF, size);
         set_buf(tcp, libc::SO_RCVBUF, size);
+    }
+    if let Some(lowat) = k.lowat {
+        set_opt(tcp, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, lowat);
     }
 }
 
