@@ -3,6 +3,7 @@ tests/scripts.rs runs them in the suite)."""
 
 import os
 import sys
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -115,3 +116,24 @@ class TextChart(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class PlainCompletion(unittest.TestCase):
+    class Qmp:
+        def __init__(self, answers):
+            self.answers = list(answers)
+            self.asked = 0
+
+        def cmd(self, name, args=None):
+            self.asked += 1
+            return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+    def test_a_completed_status_without_its_times_is_asked_again(self):
+        from ferrybench.plain import PlainRunner
+        sq = self.Qmp([{"status": "active", "ram": {}},
+                       {"status": "completed", "total-time": 0},
+                       {"status": "completed", "total-time": 4321, "downtime": 7}])
+        info, switched, t_run, entered = PlainRunner._wait_source(
+            None, sq, None, time.time(), False, None)
+        self.assertEqual(info["total-time"], 4321)
+        self.assertEqual(sq.asked, 3)

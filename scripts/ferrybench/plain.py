@@ -232,13 +232,20 @@ class PlainRunner:
         budget = t0 + converge_s if converge_s else None
         deadline = t0 + MIGRATE_TIMEOUT_S
         switched_ms = t_run = None
-        cancelled_info = cancelled_at = None
+        cancelled_info = cancelled_at = completed_at = None
         entered = False
         while True:
             info = sq.cmd("query-migrate")
             st = info.get("status")
             now = time.time()
             if st == "completed":
+                # QEMU 7.2 reports `completed` a moment before it fills in the
+                # total and down times (migration_iteration_finish): a poll in
+                # between read total-time 0 once. Ask again, for up to 2 s.
+                completed_at = completed_at or now
+                if not info.get("total-time") and now < completed_at + 2:
+                    time.sleep(0.002)
+                    continue
                 if cancelled_info is not None:
                     log("  completed while being cancelled at the convergence budget")
                 return info, switched_ms, t_run, entered
