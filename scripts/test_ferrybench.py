@@ -85,9 +85,10 @@ class VsSecureTable(unittest.TestCase):
                       "| the same without the agents' console logging |", header)
         row = next(line for line in out if line.startswith("| idle"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        # guest, best, throughput, CPU/best, CPU/QEMU TLS, CPU/SSH, transport, without, blackout
-        self.assertEqual(cells[6], "1.00 (1.00–1.00)")
-        self.assertEqual(cells[7], "0.80 (0.70–0.90)")
+        # guest, best, throughput, CPU/best, CPU/QEMU TLS, CPU/SSH, without vCPUs,
+        # transport, without console, blackout
+        self.assertEqual(cells[7], "1.00 (1.00–1.00)")
+        self.assertEqual(cells[8], "0.80 (0.70–0.90)")
         note = next(line for line in out if "console logging (their `ferry-console`" in line)
         self.assertIn("idle, ferry: 0.200 (0.100–0.300)", note)
         self.assertIn("do not carry", note)
@@ -96,8 +97,25 @@ class VsSecureTable(unittest.TestCase):
         out = self.render([None, None])
         row = next(line for line in out if line.startswith("| idle"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        self.assertEqual(cells[6], "1.00 (1.00–1.00)")
-        self.assertEqual(cells[7], "n/a")
+        self.assertEqual(cells[7], "1.00 (1.00–1.00)")
+        self.assertEqual(cells[8], "n/a")
+        self.assertEqual(cells[6], "n/a")  # no per-thread split
+
+    def test_the_guests_vcpus_come_off_both_sides(self):
+        threads = {"qemu-system-x86_64/CPU 0/TCG": 2.0, "qemu-system-x86_64/live_migration": 0.5,
+                   "qemu-system-x86_64 (dst)/CPU 0/TCG": 0.5, "ssh/ssh": 0.5}
+        ssh = run(dict(QEMUS, ssh=0.5, sshd=0.5))
+        ssh["cpu_threads"] = dict(threads, **{"qemu-system-x86_64/CPU 0/TCG": 1.0})
+        ferry = run(dict(QEMUS, **{"agent host1": 0.6, "agent host2": 0.4}))
+        ferry["cpu_threads"] = threads
+        # ssh: 5.0 - 1.0 - 0.5 = 3.5; ferry: 5.0 - 2.0 - 0.5 = 2.5
+        self.assertAlmostEqual(report.migration_cpu_per_gb(ferry), 2.5)
+        out = []
+        report.render_vs_secure(out, {"idle": {"ssh": [ssh], "ferry": [ferry]}}, lambda t: t)
+        row = next(line for line in out if line.startswith("| idle"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        self.assertEqual(cells[5], "1.00")
+        self.assertEqual(cells[6], "0.71")
         self.assertFalse(any("ferry-console" in line for line in out))
 
 
