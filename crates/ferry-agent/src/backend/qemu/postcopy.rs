@@ -19,6 +19,8 @@ const MAX_PRECOPY_PASSES: u64 = 8;
 const PAUSE_WAIT: Duration = Duration::from_secs(15);
 const RESUME_WAIT: Duration = Duration::from_secs(10);
 /// Long enough for any migration that is still worth switching.
+/// How long a stopped source may take to say `postcopy-active`.
+const SWITCH_SETTLE: Duration = Duration::from_secs(2);
 const SWITCH_WATCH: Duration = Duration::from_secs(24 * 3600);
 
 /// Why pre-copy should give way to post-copy now, if it should. Only after
@@ -71,16 +73,26 @@ impl PostcopyBackend for QemuBackend {
 
     async fn switch_state(&self, vm: &VmName) -> Result<SwitchState, BackendError> {
         let qmp = self.qmp(vm).await?;
-        let mut q = qmp.lock().await;
-        let status = q.query_migrate().await.map_err(BackendError::qemu("query-migrate"))?;
-        if status.status == MigrationState::Completed {
-            return Ok(SwitchState::Completed);
-        }
-        let run = q.status().await.map_err(BackendError::qemu("query-status"))?;
-        if status.status == MigrationState::PostcopyActive && run != RunState::Running {
-            Ok(SwitchState::Switched)
-        } else {
-            Ok(SwitchState::Not(format!("{:?}, {:?}", status.status, run)))
+        let settle = tokio::time::Instant::now() + SWITCH_SETTLE;
+        loop {
+            let mut q = qmp.lock().await;
+            let status = q.query_migrate().await.map_err(BackendError::qemu("query-migrate"))?;
+            if status.status == MigrationState::Completed {
+                return Ok(SwitchState::Completed);
+            }
+            let run = q.status().await.map_err(BackendError::qemu("query-status"))?;
+            drop(q);
+            if status.status == MigrationState::PostcopyActive && run != RunState::Running {
+                return Ok(SwitchState::Switched);
+            }
+            // QEMU stops the VM and sends the switchover package before it
+            // says `postcopy-active`: the destination can report ready first.
+            let switching =
+                status.status == MigrationState::Active && run == RunState::FinishMigrate;
+            if !switching || tokio::time::Instant::now() >= settle {
+                return Ok(SwitchState::Not(format!("{:?}, {:?}", status.status, run)));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
