@@ -18,10 +18,27 @@ const MAX_PRECOPY_PASSES: u64 = 8;
 /// How long a QEMU may take to notice the broken link and pause.
 const PAUSE_WAIT: Duration = Duration::from_secs(15);
 const RESUME_WAIT: Duration = Duration::from_secs(10);
-/// Long enough for any migration that is still worth switching.
 /// How long a stopped source may take to say `postcopy-active`.
 const SWITCH_SETTLE: Duration = Duration::from_secs(2);
+/// Long enough for any migration that is still worth switching.
 const SWITCH_WATCH: Duration = Duration::from_secs(24 * 3600);
+
+/// What the source's QEMU says about the switch; None while it is between
+/// states: QEMU stops the VM and sends the switchover package before it
+/// says `postcopy-active`, so the destination can report ready first.
+///
+/// SECURITY: `Switched` (the destination may run the VM) needs
+/// `postcopy-active` with the VM not running here.
+fn switch_state(status: &MigrationState, run: &RunState) -> Option<SwitchState> {
+    match (status, run) {
+        (MigrationState::Completed, _) => Some(SwitchState::Completed),
+        (MigrationState::PostcopyActive, run) if *run != RunState::Running => {
+            Some(SwitchState::Switched)
+        }
+        (MigrationState::Active, RunState::FinishMigrate) => None,
+        (status, run) => Some(SwitchState::Not(format!("{status:?}, {run:?}"))),
+    }
+}
 
 /// Why pre-copy should give way to post-copy now, if it should. Only after
 /// the first pass (QEMU knows the dirty rate from its second bitmap sync
@@ -77,20 +94,14 @@ impl PostcopyBackend for QemuBackend {
         loop {
             let mut q = qmp.lock().await;
             let status = q.query_migrate().await.map_err(BackendError::qemu("query-migrate"))?;
-            if status.status == MigrationState::Completed {
-                return Ok(SwitchState::Completed);
-            }
             let run = q.status().await.map_err(BackendError::qemu("query-status"))?;
             drop(q);
-            if status.status == MigrationState::PostcopyActive && run != RunState::Running {
-                return Ok(SwitchState::Switched);
-            }
-            // QEMU stops the VM and sends the switchover package before it
-            // says `postcopy-active`: the destination can report ready first.
-            let switching =
-                status.status == MigrationState::Active && run == RunState::FinishMigrate;
-            if !switching || tokio::time::Instant::now() >= settle {
-                return Ok(SwitchState::Not(format!("{:?}, {:?}", status.status, run)));
+            match switch_state(&status.status, &run) {
+                Some(known) => return Ok(known),
+                None if tokio::time::Instant::now() >= settle => {
+                    return Ok(SwitchState::Not(format!("{:?}, {:?}", status.status, run)))
+                }
+                None => {}
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -180,6 +191,18 @@ mod tests {
             page_size: 4096,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn only_a_stopped_postcopy_source_is_switched_and_finish_migrate_waits() {
+        use MigrationState::{Active, Completed, PostcopyActive};
+        let st = |m, r| switch_state(&m, &r).map(|s| format!("{s:?}"));
+        assert_eq!(st(PostcopyActive, RunState::FinishMigrate).as_deref(), Some("Switched"));
+        assert_eq!(st(PostcopyActive, RunState::PostMigrate).as_deref(), Some("Switched"));
+        assert!(st(PostcopyActive, RunState::Running).unwrap().starts_with("Not"));
+        assert_eq!(st(Completed, RunState::Running).as_deref(), Some("Completed"));
+        assert_eq!(st(Active, RunState::FinishMigrate), None, "stopped, not yet switched: wait");
+        assert!(st(Active, RunState::Running).unwrap().starts_with("Not"));
     }
 
     #[test]
